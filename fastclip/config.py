@@ -1,0 +1,448 @@
+"""Run configuration: nested dataclasses, a YAML file, ``--section.field value`` overrides.
+
+Every field is documented in one line beside it. Structural checks run in ``__post_init__`` (cheap, no
+I/O); :func:`check_inputs` touches the filesystem (shards exist and open) and runs in every rank before
+any model is built. :func:`deepspeed_config` derives the DeepSpeed JSON from the run config, or checks a
+user-given one against it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+DEMO_DIR = os.environ.get("FASTCLIP_DEMO_DIR", ".cache/fastclip-demo")
+
+
+class ConfigError(ValueError):
+    """A configuration or input problem the user must fix; the message names the field and the fix."""
+
+
+def _require(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {message}")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "fastclip-tiny"  # open_clip architecture (see open_clip.list_models()) or a model-config JSON path
+    pretrained: Optional[str] = None  # local checkpoint file to start from (state_dict or {'state_dict': ...})
+    force_image_size: Optional[int] = None  # override the architecture's input resolution
+
+    def __post_init__(self):
+        _require(bool(self.name), "model.name", "must name an open_clip architecture or a model-config JSON file")
+        _require(
+            self.force_image_size is None or self.force_image_size > 0,
+            "model.force_image_size",
+            f"must be a positive number of pixels, got {self.force_image_size}",
+        )
+
+
+@dataclass
+class DataConfig:
+    train_shards: Optional[str] = None  # webdataset tars: a glob, a brace range ({000..099}) or '::'-joined list
+    val_shards: Optional[str] = None  # same syntax; empty disables evaluation
+    batch_size: int = 64  # samples per GPU (rank) per micro step
+    zeroshot_classnames: Optional[str] = None  # JSON list of class names; index = the sample's .cls
+    zeroshot_templates: Optional[str] = None  # JSON list of prompt templates with one '{}'
+    demo_dir: str = DEMO_DIR  # with no train_shards, the synthetic demo world is generated (once) here
+    num_threads: int = 2  # DALI CPU threads per rank
+    shuffle_buffer: int = 1024  # samples in DALI's shuffle buffer (per rank)
+    decode_device: str = "auto"  # 'auto' (GPU decode when CUDA exists), 'mixed' (nvJPEG) or 'cpu'
+    crop_scale: tuple[float, float] = (0.9, 1.0)  # random-resized-crop area range, as open_clip's default
+
+    def __post_init__(self):
+        _require(self.batch_size > 0, "data.batch_size", f"must be a positive integer, got {self.batch_size}")
+        _require(self.num_threads > 0, "data.num_threads", f"must be positive, got {self.num_threads}")
+        _require(self.shuffle_buffer > 0, "data.shuffle_buffer", f"must be positive, got {self.shuffle_buffer}")
+        _require(
+            self.decode_device in ("auto", "mixed", "cpu"),
+            "data.decode_device",
+            f"must be 'auto', 'mixed' or 'cpu', got {self.decode_device!r}",
+        )
+        lo, hi = self.crop_scale
+        _require(0 < lo <= hi <= 1, "data.crop_scale", f"must be [lo, hi] with 0 < lo <= hi <= 1, got {self.crop_scale}")
+
+    @property
+    def demo(self) -> bool:
+        """True when no shards were given: train on the generated synthetic world."""
+        return not self.train_shards
+
+
+@dataclass
+class LossConfig:
+    local_loss: bool = True  # each rank computes its rows against all columns (open_clip's --local-loss)
+    gather_with_grad: bool = True  # all-gather features with gradient (open_clip's --gather-with-grad)
+    backend: str = "torch"  # contrastive loss implementation: 'torch' (the fused op arrives with its issue)
+
+    def __post_init__(self):
+        _require(self.backend in ("torch",), "loss.backend", f"must be 'torch', got {self.backend!r}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # peak learning rate after warmup
+    weight_decay: float = 0.1  # AdamW decay; never applied to biases, norms, embeddings or the logit scale
+    betas: tuple[float, float] = (0.9, 0.98)  # AdamW betas (open_clip's ViT defaults)
+    eps: float = 1e-6  # AdamW epsilon
+    warmup_steps: int = 50  # linear warmup from 0 to lr, in optimizer steps
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
+
+    def __post_init__(self):
+        _require(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
+        _require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(all(0 <= b < 1 for b in self.betas), "optim.betas", f"must be two numbers in [0, 1), got {self.betas}")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _require(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables), got {self.grad_clip}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 0  # optimizer steps to run; 0 means train.epochs passes over the train shards
+    epochs: int = 1  # passes over the train shards, used when train.steps is 0
+    grad_accum: int = 1  # micro batches per optimizer step
+    zero_stage: int = 2  # DeepSpeed ZeRO stage, 0 to 3
+    precision: str = "bf16"  # 'bf16' or 'fp32'
+    seed: int = 0  # seeds model init and data order (offset by rank for the data)
+
+    def __post_init__(self):
+        _require(self.steps >= 0, "train.steps", f"must be >= 0 (0 means use train.epochs), got {self.steps}")
+        _require(self.epochs > 0, "train.epochs", f"must be positive, got {self.epochs}")
+        _require(self.grad_accum > 0, "train.grad_accum", f"must be positive, got {self.grad_accum}")
+        _require(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        _require(self.precision in ("bf16", "fp32"), "train.precision", f"must be 'bf16' or 'fp32', got {self.precision!r}")
+
+
+@dataclass
+class LogConfig:
+    dir: str = "runs/demo"  # metrics.jsonl (appended), the resolved config, TensorBoard events
+    every: int = 10  # optimizer steps between log lines; the only steps that copy numbers to the host
+    progress: bool = True  # tqdm progress bar on rank 0
+    tensorboard: bool = False  # also write TensorBoard scalars to log.dir/tensorboard
+    wandb: bool = False  # also log to Weights & Biases (needs `pip install wandb` and a login)
+    wandb_project: str = "fastclip"  # W&B project name
+
+    def __post_init__(self):
+        _require(self.every > 0, "log.every", f"must be a positive number of steps, got {self.every}")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "runs/demo/checkpoints"  # DeepSpeed checkpoints (one folder per step) and open_clip.pt
+    every: int = 0  # optimizer steps between checkpoints; 0 saves only at the end
+    resume: Optional[str] = None  # 'latest' or a checkpoint folder to resume the engine from
+    export_open_clip: bool = True  # at the end, write open_clip.pt that open_clip.create_model(pretrained=) loads
+
+    def __post_init__(self):
+        _require(self.every >= 0, "checkpoint.every", f"must be >= 0 (0 saves at the end only), got {self.every}")
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0  # optimizer steps between evaluations; 0 evaluates only at the end
+    zeroshot: bool = True  # zero-shot top-1 when class names and templates are known
+    batch_size: int = 0  # eval batch per rank; 0 uses data.batch_size
+
+    def __post_init__(self):
+        _require(self.every >= 0, "eval.every", f"must be >= 0, got {self.every}")
+        _require(self.batch_size >= 0, "eval.batch_size", f"must be >= 0 (0 uses data.batch_size), got {self.batch_size}")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    deepspeed_config: Optional[str] = None  # a DeepSpeed JSON that replaces the derived one (batch sizes must agree)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Turn a YAML value into the field's declared type, or say which field wants what."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, name)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{name}: expected {_type_name(tp)}, got {value!r}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{name}: expected a list of {len(args)} values like [0.9, 1.0], got {value!r}")
+        return tuple(_coerce(v, a, f"{name}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{name}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{name}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{name}: expected a string, got {value!r}")
+    return value
+
+
+def _unknown(kind: str, name: str, choices: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(name.split(".")[-1], choices, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return ConfigError(f"unknown {kind} {name!r}.{hint} Known: {', '.join(sorted(choices))}")
+
+
+def _apply(tree: dict[str, Any], section: str, key: str, value: Any) -> None:
+    tree.setdefault(section, {})[key] = value
+
+
+def build_config(tree: dict[str, Any]) -> Config:
+    """Build a validated Config from a nested dict ({'data': {'batch_size': 64}, ...})."""
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    kwargs: dict[str, Any] = {}
+    hints = typing.get_type_hints(Config)
+    for section, body in tree.items():
+        if section not in sections:
+            raise _unknown("config section", section, list(sections))
+        tp = hints[section]
+        if not dataclasses.is_dataclass(tp):
+            kwargs[section] = _coerce(body, tp, section)
+            continue
+        if not isinstance(body, dict):
+            raise ConfigError(f"{section}: expected a mapping of fields, got {body!r}")
+        field_types = typing.get_type_hints(tp)
+        values = {}
+        for key, value in body.items():
+            if key not in field_types:
+                raise _unknown("config field", f"{section}.{key}", [f"{section}.{k}" for k in field_types])
+            values[key] = _coerce(value, field_types[key], f"{section}.{key}")
+        kwargs[section] = tp(**values)
+    return Config(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    value = yaml.safe_load(text)
+    return text if value is None and text not in ("null", "~", "None", "none") else value
+
+
+def parse_args(argv: list[str]) -> Config:
+    """``[--config FILE] [--section.field VALUE | --section.field=VALUE ...] [--deepspeed_config FILE]``.
+
+    ``--local_rank`` / ``--local-rank`` (added by the deepspeed launcher) and ``--deepspeed`` are accepted.
+    """
+    tree: dict[str, Any] = {}
+    overrides: list[tuple[str, str]] = []
+    config_file = None
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"unexpected argument {arg!r}: options look like --section.field VALUE")
+        key, eq, value = arg[2:].partition("=")
+        if key in ("deepspeed",):  # a flag with no value
+            i += 1
+            continue
+        if not eq:
+            if i + 1 >= len(argv):
+                raise ConfigError(f"--{key} needs a value")
+            value = argv[i + 1]
+            i += 1
+        i += 1
+        if key in ("local_rank", "local-rank"):
+            continue  # the launcher's; LOCAL_RANK in the environment says the same
+        if key == "config":
+            config_file = value
+        elif key in ("deepspeed_config", "deepspeed-config"):
+            tree["deepspeed_config"] = value
+        else:
+            overrides.append((key, value))
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"--config: no such file {config_file!r}")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config {config_file}: not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config {config_file}: expected a mapping of sections, got {type(loaded).__name__}")
+        for section, body in loaded.items():
+            if isinstance(body, dict):
+                for k, v in body.items():
+                    _apply(tree, section, k, v)
+            else:
+                tree[section] = body
+    for key, value in overrides:
+        section, dot, name = key.partition(".")
+        if not dot:
+            raise _unknown("option", f"--{key}", ["--config", "--deepspeed_config", "--section.field"])
+        _apply(tree, section, name, _parse_value(value))
+    return build_config(tree)
+
+
+# ------------------------------------------------------------------------------ inputs and derived values
+
+
+def check_inputs(cfg: Config) -> None:
+    """Filesystem checks, run by every rank before any model is built: shards exist and open, files parse."""
+    from fastclip.data.shards import resolve_shards
+
+    if cfg.data.train_shards:
+        resolve_shards(cfg.data.train_shards, field="data.train_shards")
+    if cfg.data.val_shards:
+        resolve_shards(cfg.data.val_shards, field="data.val_shards")
+    for name in ("zeroshot_classnames", "zeroshot_templates"):
+        path = getattr(cfg.data, name)
+        if path is None:
+            continue
+        try:
+            items = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"data.{name}: cannot read a JSON list from {path!r}: {e}") from e
+        if not isinstance(items, list) or not items or not all(isinstance(x, str) for x in items):
+            raise ConfigError(f"data.{name}: {path!r} must hold a non-empty JSON list of strings")
+    if cfg.model.pretrained is not None and not Path(cfg.model.pretrained).is_file():
+        raise ConfigError(f"model.pretrained: no such file {cfg.model.pretrained!r} (only local files are loaded)")
+    if cfg.deepspeed_config is not None and not Path(cfg.deepspeed_config).is_file():
+        raise ConfigError(f"--deepspeed_config: no such file {cfg.deepspeed_config!r}")
+
+
+def use_demo_world(cfg: Config) -> Config:
+    """With no train shards, point the data config at the synthetic demo world (generating it if needed)."""
+    if not cfg.data.demo:
+        return cfg
+    from fastclip.data.synthetic import generate
+
+    root = generate(cfg.data.demo_dir)
+    data = dataclasses.replace(
+        cfg.data,
+        train_shards=str(root / "train" / "*.tar"),
+        val_shards=cfg.data.val_shards or str(root / "val" / "*.tar"),
+        zeroshot_classnames=cfg.data.zeroshot_classnames or str(root / "classnames.json"),
+        zeroshot_templates=cfg.data.zeroshot_templates or str(root / "templates.json"),
+    )
+    return dataclasses.replace(cfg, data=data)
+
+
+def deepspeed_config(cfg: Config, *, world_size: int, total_steps: int, cuda: bool) -> dict[str, Any]:
+    """The DeepSpeed config for this run, derived from ``cfg`` or read from ``cfg.deepspeed_config``."""
+    micro, accum = cfg.data.batch_size, cfg.train.grad_accum
+    derived: dict[str, Any] = {
+        "train_batch_size": micro * accum * world_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "steps_per_print": 10**9,  # fastclip logs on its own cadence, without extra host syncs
+        "wall_clock_breakdown": False,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.optim.lr,
+                "betas": list(cfg.optim.betas),
+                "eps": cfg.optim.eps,
+                "weight_decay": cfg.optim.weight_decay,
+                # DeepSpeed's FusedAdam is a CUDA extension; torch's AdamW is used where it cannot build
+                "torch_adam": not cuda,
+            },
+        },
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": max(total_steps, cfg.optim.warmup_steps + 1),
+                "warmup_num_steps": cfg.optim.warmup_steps,
+                "warmup_min_ratio": 0.0,
+                "cos_min_ratio": cfg.optim.min_lr_ratio,
+                "warmup_type": "linear",
+            },
+        },
+    }
+    if cfg.deepspeed_config is None:
+        return derived
+    path = cfg.deepspeed_config
+    try:
+        given = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--deepspeed_config: cannot read JSON from {path!r}: {e}") from e
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        if key in given and given[key] != derived[key]:
+            raise ConfigError(
+                f"--deepspeed_config {path}: {key}={given[key]} disagrees with the run config, which gives "
+                f"{derived[key]} (data.batch_size={micro}, train.grad_accum={accum}, world size {world_size}). "
+                "Change one so they agree, or drop the key from the JSON."
+            )
+        given.setdefault(key, derived[key])
+    return given
+
+
+def total_steps(cfg: Config, *, samples_per_epoch: int, world_size: int) -> tuple[int, int]:
+    """(optimizer steps to run, optimizer steps per epoch) for ``samples_per_epoch`` training samples."""
+    global_batch = cfg.data.batch_size * cfg.train.grad_accum * world_size
+    per_epoch = samples_per_epoch // global_batch
+    if per_epoch == 0:
+        raise ConfigError(
+            f"data.train_shards hold {samples_per_epoch} samples, fewer than one global batch of {global_batch} "
+            f"(data.batch_size={cfg.data.batch_size} x train.grad_accum={cfg.train.grad_accum} x {world_size} ranks). "
+            "Lower data.batch_size or add shards."
+        )
+    steps = cfg.train.steps or cfg.train.epochs * per_epoch
+    return steps, per_epoch
+
+
+__all__ = [
+    "CheckpointConfig",
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "EvalConfig",
+    "LogConfig",
+    "LossConfig",
+    "ModelConfig",
+    "OptimConfig",
+    "TrainConfig",
+    "build_config",
+    "check_inputs",
+    "deepspeed_config",
+    "parse_args",
+    "total_steps",
+    "use_demo_world",
+]
+

@@ -1,0 +1,78 @@
+"""Process-group helpers and the all-gather whose backward reduce-scatters (gather with grad)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> World:
+    """Join the process group the launcher describes (deepspeed, torchrun), or run as one rank under python."""
+    import deepspeed
+
+    if "RANK" not in os.environ:  # plain `python -m fastclip.train`: a world of one, no MPI discovery
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return World(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device)
+
+
+def close_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """Forward: all-gather along dim 0. Backward: sum the gradients of every rank, keep this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        world = dist.get_world_size(group)
+        out = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))
+        dist.all_gather_into_tensor(out, tensor.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        world = dist.get_world_size(ctx.group)
+        grad = grad.contiguous()
+        local = grad.new_empty((grad.shape[0] // world, *grad.shape[1:]))
+        if dist.get_backend(ctx.group) == "nccl":
+            dist.reduce_scatter_tensor(local, grad, group=ctx.group)
+        else:  # gloo has no reduce-scatter: all-reduce, then keep this rank's block
+            dist.all_reduce(grad, group=ctx.group)
+            local.copy_(grad.chunk(world)[dist.get_rank(ctx.group)])
+        return local, None
+
+
+def all_gather_with_grad(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """``cat`` of every rank's ``tensor`` (same shape on all ranks) along dim 0, differentiable."""
+    return _GatherWithGrad.apply(tensor, group)
+
+
+def all_gather_no_grad(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    world = dist.get_world_size(group)
+    out = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))
+    dist.all_gather_into_tensor(out, tensor.detach().contiguous(), group=group)
+    return out

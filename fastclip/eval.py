@@ -1,0 +1,109 @@
+"""Evaluation on the val shards: val loss, zero-shot top-1 over class prompts, image<->text R@1.
+
+Each rank encodes its part of the val set; features are gathered so that retrieval and zero-shot are
+scored over the whole set, the same numbers on every rank.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as dist
+
+from fastclip.data.dali import DaliLoader
+from fastclip.loss import contrastive_loss_local
+
+
+def _gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` [n_r, ...] over ranks, where n_r may differ from rank to rank."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    world = dist.get_world_size()
+    size = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    sizes = [int(s) for s in sizes]  # note: a host sync, at eval time only
+    padded = x.new_zeros((max(sizes), *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+
+def _recall_at_1(queries: torch.Tensor, keys: torch.Tensor, chunk: int = 4096) -> float:
+    """Fraction of rows i whose nearest key is key i; row chunks keep memory at chunk x M."""
+    hits = 0
+    for start in range(0, queries.shape[0], chunk):
+        sims = queries[start : start + chunk] @ keys.T
+        target = torch.arange(start, start + sims.shape[0], device=sims.device)
+        hits += int((sims.argmax(dim=1) == target).sum())
+    return hits / max(queries.shape[0], 1)
+
+
+@torch.no_grad()
+def zeroshot_classifier(
+    model: torch.nn.Module,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    classnames: list[str],
+    templates: list[str],
+    *,
+    device: torch.device,
+) -> torch.Tensor:
+    """[C, D] unit class embeddings: the mean of each class's normalized prompt embeddings, renormalized."""
+    weights = []
+    for name in classnames:
+        texts = tokenizer([t.format(name) for t in templates]).to(device)
+        emb = model.encode_text(texts, normalize=True).float()
+        weights.append(torch.nn.functional.normalize(emb.mean(dim=0), dim=-1))
+    return torch.stack(weights)
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    loader: DaliLoader,
+    *,
+    tokenizer: Callable[[list[str]], torch.Tensor],
+    classnames: Optional[list[str]],
+    templates: Optional[list[str]],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> dict[str, float]:
+    was_training = model.training
+    model.eval()
+    image_feats, text_feats, labels = [], [], []
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    for batch in loader:
+        out = model(batch.images.to(dtype), batch.texts)
+        img, txt = out["image_features"].float(), out["text_features"].float()
+        scale = out["logit_scale"].float().reshape(()).clamp(max=100)
+        loss_sum += contrastive_loss_local(img, txt, img, txt, scale, row_offset=0).double() * img.shape[0]
+        count += img.shape[0]
+        image_feats.append(img)
+        text_feats.append(txt)
+        if batch.labels is not None:
+            labels.append(batch.labels.to(device))
+    d = model.text_projection.shape[-1] if hasattr(model, "text_projection") else 0
+    empty = torch.zeros((0, d), device=device)
+    images = _gather_rows(torch.cat(image_feats) if image_feats else empty)
+    texts = _gather_rows(torch.cat(text_feats) if text_feats else empty)
+    all_labels = _gather_rows(torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device))
+    totals = torch.stack([loss_sum, count])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals)
+    loss_total, n = totals.tolist()  # note: a host sync, at eval time only
+
+    metrics = {"val/samples": float(images.shape[0]), "val/clip_loss": loss_total / n if n else float("nan")}
+    if images.shape[0]:
+        metrics["val/image_to_text_R@1"] = _recall_at_1(images, texts)
+        metrics["val/text_to_image_R@1"] = _recall_at_1(texts, images)
+    known = all_labels >= 0
+    if classnames and templates and images.shape[0] and bool(known.any()):
+        weights = zeroshot_classifier(model, tokenizer, classnames, templates, device=device)
+        pred = (images[known] @ weights.T).argmax(dim=1)
+        metrics["val/zeroshot_top1"] = float((pred == all_labels[known]).float().mean())
+        metrics["val/zeroshot_chance"] = 1.0 / len(classnames)
+    model.train(was_training)
+    return metrics

@@ -1,0 +1,107 @@
+"""``ClipLoss``: a drop-in for ``open_clip.loss.ClipLoss`` (same arguments, values and gradients).
+
+Loss = 1/2 (mean_i CE(L_i:, i) + mean_j CE(L_:j, j)) with L = s * a b^T. Across ranks, features are
+all-gathered (with gradient if ``gather_with_grad``); with ``local_loss`` each rank scores only its own rows
+against every column, labels offset by ``rank * n``, so the mean of the ranks' losses is the global loss.
+The ``torch`` backend computes in fp32 whatever the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from fastclip.distributed import all_gather_no_grad, all_gather_with_grad
+
+
+def gather_features(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    *,
+    gather_with_grad: bool,
+    rank: int,
+    world_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's features, rank-major. Without grad, this rank's block is the local (differentiable) one."""
+    if gather_with_grad:
+        return all_gather_with_grad(image_features), all_gather_with_grad(text_features)
+    images = list(all_gather_no_grad(image_features).chunk(world_size))
+    texts = list(all_gather_no_grad(text_features).chunk(world_size))
+    images[rank], texts[rank] = image_features, text_features
+    return torch.cat(images), torch.cat(texts)
+
+
+def contrastive_loss_local(
+    image_rows: torch.Tensor,
+    text_rows: torch.Tensor,
+    image_all: torch.Tensor,
+    text_all: torch.Tensor,
+    logit_scale: torch.Tensor,
+    *,
+    row_offset: int,
+) -> torch.Tensor:
+    """1/2 (CE(s a_r b_all^T, r + off) + CE(s b_r a_all^T, r + off)), fp32, mean over the local rows."""
+    scale = logit_scale.float()
+    labels = torch.arange(image_rows.shape[0], device=image_rows.device) + row_offset
+    logits_per_image = scale * image_rows.float() @ text_all.float().T
+    logits_per_text = scale * text_rows.float() @ image_all.float().T
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+class ClipLoss(torch.nn.Module):
+    """Same constructor and ``forward`` as ``open_clip.loss.ClipLoss``; ``use_horovod`` is not supported."""
+
+    def __init__(
+        self,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
+        cache_labels: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        use_horovod: bool = False,
+    ):
+        super().__init__()
+        if use_horovod:
+            raise ValueError("ClipLoss(use_horovod=True): fastclip runs on torch.distributed only; drop use_horovod")
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        self.cache_labels = cache_labels  # accepted for compatibility: labels are made on the fly, no cache needed
+        self.rank = rank
+        self.world_size = world_size
+
+    def _check(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> None:
+        if image_features.ndim != 2 or text_features.shape != image_features.shape:
+            raise ValueError(
+                f"ClipLoss: image_features and text_features must both be [N, D]; got {tuple(image_features.shape)} "
+                f"and {tuple(text_features.shape)}"
+            )
+        if image_features.shape[0] == 0:
+            raise ValueError("ClipLoss: image_features has N=0 rows; a contrastive loss needs at least one pair")
+        if torch.as_tensor(logit_scale).numel() != 1:
+            raise ValueError(f"ClipLoss: logit_scale must be a scalar, got shape {tuple(logit_scale.shape)}")
+        if self.world_size > 1 and not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(f"ClipLoss(world_size={self.world_size}) needs an initialized torch.distributed group")
+
+    def forward(self, image_features, text_features, logit_scale, output_dict: bool = False):
+        self._check(image_features, text_features, logit_scale)
+        if self.world_size > 1:
+            image_all, text_all = gather_features(
+                image_features,
+                text_features,
+                gather_with_grad=self.gather_with_grad,
+                rank=self.rank,
+                world_size=self.world_size,
+            )
+            if self.local_loss:
+                n = image_features.shape[0]
+                loss = contrastive_loss_local(
+                    image_features, text_features, image_all, text_all, logit_scale, row_offset=self.rank * n
+                )
+            else:
+                loss = contrastive_loss_local(image_all, text_all, image_all, text_all, logit_scale, row_offset=0)
+        else:
+            loss = contrastive_loss_local(
+                image_features, text_features, image_features, text_features, logit_scale, row_offset=0
+            )
+        return {"contrastive_loss": loss} if output_dict else loss

@@ -1,0 +1,94 @@
+"""open_clip models by architecture name or model-config JSON, and AdamW parameter groups for them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from fastclip.config import ConfigError, ModelConfig
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    size: int  # square side fed to the model
+    mean: Sequence[float]  # per-channel, in [0, 1] units (open_clip's preprocess_cfg)
+    std: Sequence[float]
+
+SCALAR_PARAMS = ("logit_scale", "logit_bias")  # 0-dim parameters of open_clip models
+_BUILTIN_CONFIGS = Path(__file__).parent / "model_configs"
+_registered = False
+
+
+def resolve_model_name(name: str) -> str:
+    """The open_clip registry name for ``name``: an architecture, a shipped fastclip config, or a JSON path."""
+    import open_clip
+
+    global _registered
+    if not _registered:
+        open_clip.add_model_config(_BUILTIN_CONFIGS)
+        _registered = True
+    if name.endswith(".json"):
+        path = Path(name)
+        if not path.is_file():
+            raise ConfigError(f"model.name: model-config JSON {name!r} does not exist")
+        open_clip.add_model_config(path)
+        return path.stem
+    if name not in open_clip.list_models():
+        import difflib
+
+        close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
+        hint = f" Close: {', '.join(close)}." if close else ""
+        raise ConfigError(f"model.name: {name!r} is not an open_clip architecture nor a .json model config.{hint}")
+    return name
+
+
+def build_model(model: ModelConfig) -> torch.nn.Module:
+    """An fp32 open_clip CLIP model on the CPU that returns a dict of features and the logit scale."""
+    import open_clip
+
+    name = resolve_model_name(model.name)
+    clip = open_clip.create_model(name, force_image_size=model.force_image_size, output_dict=True)
+    if model.pretrained is not None:
+        try:
+            open_clip.load_checkpoint(clip, model.pretrained)
+        except (RuntimeError, KeyError, ValueError) as e:
+            raise ConfigError(f"model.pretrained: {model.pretrained!r} does not fit {name}: {e}") from e
+    for attr in SCALAR_PARAMS:
+        param = getattr(clip, attr, None)
+        if isinstance(param, torch.nn.Parameter) and param.ndim == 0:
+            # DeepSpeed broadcasts parameters as byte views, impossible for a 0-dim bf16 tensor: hold them as [1]
+            setattr(clip, attr, torch.nn.Parameter(param.detach().reshape(1)))
+    return clip
+
+
+def open_clip_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with the scalar parameters back in open_clip's 0-dim shape."""
+    return {k: (v.reshape(()) if k in SCALAR_PARAMS and v.numel() == 1 else v) for k, v in state.items()}
+
+
+def image_spec(clip: torch.nn.Module) -> ImageSpec:
+    import open_clip
+
+    cfg = open_clip.get_model_preprocess_cfg(clip)
+    size = cfg["size"]
+    size = size[0] if isinstance(size, (tuple, list)) else size
+    return ImageSpec(size=int(size), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+
+
+def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
+    # open_clip's rule: biases, norm gains (all 1-d), embeddings and the logit scale/bias are not decayed
+    return param.ndim < 2 or any(key in name for key in ("bn", "ln", "bias", "logit_scale", "embedding"))
+
+
+def param_groups(clip: torch.nn.Module, *, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, param in clip.named_parameters():
+        if param.requires_grad:
+            (no_decay if _no_decay(name, param) else decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
+        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+    ]

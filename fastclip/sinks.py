@@ -1,0 +1,74 @@
+"""Where logged numbers go: metrics.jsonl, the console, TensorBoard and wandb. Rank 0 writes; others no-op."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from fastclip.config import Config, ConfigError, LogConfig
+
+
+def _fmt(key: str, value: Any) -> str:
+    if isinstance(value, float):
+        if key == "lr":
+            return f"{key} {value:.3e}"
+        if math.isfinite(value) and abs(value) >= 100:
+            return f"{key} {value:.1f}"
+        return f"{key} {value:.4f}"
+    return f"{key} {value}"
+
+
+class MetricSinks:
+    def __init__(self, log: LogConfig, *, enabled: bool, config: Config):
+        self.enabled = enabled
+        self.tb = None
+        self.wandb = None
+        self.file = None
+        if not enabled:
+            return
+        root = Path(log.dir)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "config.json").write_text(json.dumps(config.to_dict(), indent=1))
+        self.file = open(root / "metrics.jsonl", "a", buffering=1)  # appended: earlier runs' lines stay
+        if log.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                raise ConfigError("log.tensorboard: needs the tensorboard package (pip install tensorboard)") from e
+            self.tb = SummaryWriter(str(root / "tensorboard"))
+        if log.wandb:
+            try:
+                import wandb
+            except ImportError as e:
+                raise ConfigError("log.wandb: needs the wandb package (pip install wandb; wandb login)") from e
+            self.wandb = wandb.init(project=log.wandb_project, dir=str(root), config=config.to_dict())
+
+    def write(self, record: dict[str, Any], *, console: Optional[str] = None) -> None:
+        """Append ``record`` (which has a 'step') to every sink; print ``console`` or the record."""
+        if not self.enabled:
+            return
+        record = {"time": round(time.time(), 3), **record}
+        self.file.write(json.dumps(record) + "\n")
+        step = record["step"]
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
+        if self.tb is not None:
+            for key, value in scalars.items():
+                self.tb.add_scalar(key if "/" in key else f"train/{key}", value, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+        line = console or " | ".join(_fmt(k, v) for k, v in record.items() if k != "time")
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stdout)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()

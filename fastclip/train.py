@@ -1,0 +1,49 @@
+"""Train a CLIP model: ``deepspeed [--num_gpus K] fastclip/train.py [--config FILE] [--section.field VALUE ...]``.
+
+With no arguments it trains the small demo model on the synthetic world (generated once). Also runs as
+``python -m fastclip.train`` (one rank) and under ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)  # run as a script: fastclip/ itself must not shadow top-level modules
+
+from fastclip.config import ConfigError, check_inputs, parse_args, use_demo_world  # noqa: E402
+
+
+def _fail(message: str) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        print(f"fastclip: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    try:
+        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        check_inputs(cfg)  # every rank, before any process group, model or pipeline exists
+        cfg = use_demo_world(cfg)
+    except ConfigError as e:
+        _fail(str(e))
+
+    from fastclip.distributed import close_distributed, init_distributed
+    from fastclip.trainer import Trainer
+
+    world = init_distributed()
+    trainer = None
+    try:
+        trainer = Trainer(cfg, world)
+        return trainer.train()
+    except ConfigError as e:
+        _fail(str(e))
+    finally:
+        if trainer is not None:
+            trainer.close()
+        close_distributed()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""The training loop: build (data, steps, model, engine), then step, log, evaluate, checkpoint.
+
+A step reads top to bottom: fetch batch, forward, loss, backward, optimizer step, meters. Only logging,
+eval and checkpoint steps copy numbers to the host; every such place is marked ``note: host sync``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+import torch
+
+from fastclip.config import Config, ConfigError, deepspeed_config, total_steps
+from fastclip.data.dali import Batch, build_loader
+from fastclip.data.tokenizer import build_tokenizer
+from fastclip.distributed import World
+from fastclip.eval import evaluate
+from fastclip.loss import ClipLoss
+from fastclip.meters import Meters
+from fastclip.model import build_model, image_spec, open_clip_state_dict, param_groups
+from fastclip.sinks import MetricSinks
+
+log = logging.getLogger("fastclip")
+
+MAX_LOGIT_SCALE = 100.0  # open_clip clamps exp(logit_scale) to 100
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _read_list(path: Optional[str]) -> Optional[list[str]]:
+    return json.loads(Path(path).read_text()) if path else None
+
+
+class Trainer:
+    def __init__(self, cfg: Config, world: World):
+        import deepspeed
+
+        self.cfg, self.world = cfg, world
+        self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+        seed_everything(cfg.train.seed)
+
+        self.clip = build_model(cfg.model)
+        self.image = image_spec(self.clip)
+        self.tokenizer = build_tokenizer(cfg.model.name)
+        self.train_loader = build_loader(
+            data=cfg.data,
+            image=self.image,
+            tokenizer=self.tokenizer,
+            train=True,
+            rank=world.rank,
+            world_size=world.world_size,
+            seed=cfg.train.seed * 1009 + world.rank,
+            device=world.device,
+        )
+        self.val_loader = None
+        if cfg.data.val_shards:
+            eval_data = cfg.data
+            if cfg.eval.batch_size:
+                import dataclasses
+
+                eval_data = dataclasses.replace(cfg.data, batch_size=cfg.eval.batch_size)
+            self.val_loader = build_loader(
+                data=eval_data,
+                image=self.image,
+                tokenizer=self.tokenizer,
+                train=False,
+                rank=world.rank,
+                world_size=world.world_size,
+                seed=cfg.train.seed,
+                device=world.device,
+            )
+        self.classnames = _read_list(cfg.data.zeroshot_classnames) if cfg.eval.zeroshot else None
+        self.templates = _read_list(cfg.data.zeroshot_templates) if cfg.eval.zeroshot else None
+
+        self.total_steps, self.steps_per_epoch = total_steps(
+            cfg, samples_per_epoch=self.train_loader.samples_per_epoch, world_size=world.world_size
+        )
+        self.global_batch = cfg.data.batch_size * cfg.train.grad_accum * world.world_size
+        ds_config = deepspeed_config(
+            cfg, world_size=world.world_size, total_steps=self.total_steps, cuda=world.device.type == "cuda"
+        )
+        self.engine, _, _, self.scheduler = deepspeed.initialize(
+            model=self.clip,
+            model_parameters=param_groups(self.clip, weight_decay=cfg.optim.weight_decay),
+            config=ds_config,
+        )
+        self.loss_fn = ClipLoss(
+            local_loss=cfg.loss.local_loss,
+            gather_with_grad=cfg.loss.gather_with_grad,
+            rank=world.rank,
+            world_size=world.world_size,
+        )
+        self.meters = Meters(["loss", "logit_scale"], device=world.device)
+        self.sinks = MetricSinks(cfg.log, enabled=world.is_main, config=cfg)
+        self.step = 0
+        self.samples_seen = 0
+        if cfg.checkpoint.resume:
+            self.resume(cfg.checkpoint.resume)
+
+    # ------------------------------------------------------------------------------------------ the step
+
+    def fetch(self, batches: Iterator[Batch]) -> Batch:
+        return next(batches)
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        return self.engine(batch.images.to(self.dtype), batch.texts)
+
+    def compute_loss(self, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        # clamped in the forward rather than in place after the step: the same loss and gradient as
+        # open_clip's clamp_, and it holds for ZeRO-partitioned and low-precision master weights alike
+        scale = out["logit_scale"].float().reshape(()).clamp(max=MAX_LOGIT_SCALE)
+        return self.loss_fn(out["image_features"], out["text_features"], scale), scale
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)
+
+    def optimizer_step(self) -> None:
+        self.engine.step()  # applies the update at the accumulation boundary, with clipping and the LR schedule
+
+    def update_meters(self, loss: torch.Tensor, scale: torch.Tensor) -> None:
+        self.meters["loss"].update(loss)
+        self.meters["logit_scale"].update(scale)
+
+    def train_step(self, batches: Iterator[Batch]) -> float:
+        """One optimizer step over ``train.grad_accum`` micro batches; returns host seconds spent waiting for data."""
+        data_time = 0.0
+        for _ in range(self.cfg.train.grad_accum):
+            start = time.perf_counter()
+            batch = self.fetch(batches)
+            data_time += time.perf_counter() - start
+            out = self.forward(batch)
+            loss, scale = self.compute_loss(out)
+            self.backward(loss)
+            self.optimizer_step()
+            self.update_meters(loss, scale)
+        self.step += 1
+        self.samples_seen += self.global_batch
+        return data_time
+
+    # ---------------------------------------------------------------------------------------- the loop
+
+    def train(self) -> dict[str, float]:
+        cfg = self.cfg
+        self.engine.train()
+        batches = iter(self.train_loader)
+        self._announce()
+        bar = self._progress_bar()
+        interval_start, interval_steps, interval_data = time.perf_counter(), 0, 0.0
+        metrics: dict[str, float] = {}
+        try:
+            while self.step < self.total_steps:
+                interval_data += self.train_step(batches)
+                interval_steps += 1
+                if bar is not None:
+                    bar.update(1)
+                last = self.step == self.total_steps
+                if self.step % cfg.log.every == 0 or last:
+                    self.log_train(time.perf_counter() - interval_start, interval_steps, interval_data, bar)
+                    interval_start, interval_steps, interval_data = time.perf_counter(), 0, 0.0
+                if cfg.eval.every and self.step % cfg.eval.every == 0 and not last:
+                    self.evaluate()
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and not last:
+                    self.save()
+            metrics = self.evaluate()
+            self.save()
+            if cfg.checkpoint.export_open_clip:
+                self.export_open_clip()
+        finally:
+            if bar is not None:
+                bar.close()
+            batches.close()
+        return metrics
+
+    def _progress_bar(self):
+        if not (self.world.is_main and self.cfg.log.progress):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+
+    def _announce(self) -> None:
+        if not self.world.is_main:
+            return
+        n_params = sum(p.numel() for p in self.clip.parameters())
+        print(
+            f"fastclip: {self.cfg.model.name} ({n_params / 1e6:.1f}M params), {self.world.world_size} rank(s) on "
+            f"{self.world.device.type}, {self.cfg.train.precision}, ZeRO-{self.cfg.train.zero_stage}, global batch "
+            f"{self.global_batch}, {self.total_steps} steps ({self.steps_per_epoch}/epoch, "
+            f"{self.train_loader.samples_per_epoch} samples/epoch)",
+            flush=True,
+        )
+
+    def log_train(self, elapsed: float, steps: int, data_time: float, bar) -> None:
+        means = self.meters.collect()  # note: the host sync of a logging step (one all-reduce, one copy)
+        samples_per_second = steps * self.global_batch / elapsed
+        record = {
+            "step": self.step,
+            "epoch": round(self.step / self.steps_per_epoch, 4),
+            "samples_seen": self.samples_seen,
+            "loss": means["loss"],
+            "lr": float(self.scheduler.get_last_lr()[0]),
+            "logit_scale": means["logit_scale"],
+            "samples_per_second": samples_per_second,
+            "samples_per_second_per_gpu": samples_per_second / self.world.world_size,
+            "data_time": data_time / steps,
+            "batch_time": elapsed / steps,
+        }
+        if bar is not None:
+            bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{samples_per_second:.0f}", refresh=False)
+        self.sinks.write(
+            record,
+            console=(
+                f"step {self.step}/{self.total_steps} | epoch {record['epoch']:.2f} | loss {record['loss']:.4f} | "
+                f"lr {record['lr']:.3e} | logit_scale {record['logit_scale']:.2f} | {samples_per_second:.1f} samples/s "
+                f"({record['samples_per_second_per_gpu']:.1f}/GPU) | data {1e3 * record['data_time']:.1f} ms | "
+                f"batch {1e3 * record['batch_time']:.1f} ms"
+            ),
+        )
+
+    # -------------------------------------------------------------------------------- eval, checkpoints
+
+    def _full_params(self):
+        """Under ZeRO-3 the module's parameters are partitioned; gather them for whole-model work."""
+        if self.cfg.train.zero_stage == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
+        return nullcontext()
+
+    def evaluate(self) -> dict[str, float]:
+        if self.val_loader is None:
+            return {}
+        start = time.perf_counter()
+        with self._full_params():
+            metrics = evaluate(
+                self.engine.module,
+                self.val_loader,
+                tokenizer=self.tokenizer,
+                classnames=self.classnames,
+                templates=self.templates,
+                device=self.world.device,
+                dtype=self.dtype,
+            )
+        metrics["val/time"] = time.perf_counter() - start
+        record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), **metrics}
+        parts = [f"{k[4:]} {v:.4f}" for k, v in metrics.items() if k not in ("val/samples", "val/time")]
+        self.sinks.write(record, console=f"eval step {self.step} ({int(metrics['val/samples'])} samples): " + " | ".join(parts))
+        self.engine.train()
+        return metrics
+
+    def client_state(self) -> dict[str, Any]:
+        return {"step": self.step, "samples_seen": self.samples_seen, "config": self.cfg.to_dict()}
+
+    def save(self) -> None:
+        """A DeepSpeed checkpoint in its own folder; 'latest' moves only after it is complete."""
+        tag = f"step_{self.step:08d}"
+        self.engine.save_checkpoint(self.cfg.checkpoint.dir, tag=tag, client_state=self.client_state())
+        if self.world.is_main:
+            print(f"checkpoint: {Path(self.cfg.checkpoint.dir) / tag}", flush=True)
+
+    def resume(self, where: str) -> None:
+        directory, tag = self.cfg.checkpoint.dir, None
+        if where != "latest":
+            path = Path(where)
+            if not path.is_dir():
+                raise ConfigError(f"checkpoint.resume: {where!r} is not a checkpoint folder (or say 'latest')")
+            directory, tag = str(path.parent), path.name
+        elif not (Path(directory) / "latest").is_file():
+            if self.world.is_main:
+                print(f"checkpoint.resume=latest: no checkpoint in {directory} yet, starting from step 0", flush=True)
+            return
+        loaded, state = self.engine.load_checkpoint(directory, tag=tag)
+        if loaded is None:
+            raise ConfigError(f"checkpoint.resume: could not load a checkpoint from {where!r} (dir {directory})")
+        self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
+        if self.world.is_main:
+            print(f"resumed from {loaded} at step {self.step}", flush=True)
+
+    def export_open_clip(self) -> Optional[Path]:
+        """fp32 weights as ``{'state_dict': ...}``, which ``open_clip.create_model(pretrained=path)`` loads."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state = {}
+        for name, param in self.engine.module.named_parameters():
+            full = safe_get_full_fp32_param(param)  # collective under ZeRO-3: every rank takes part
+            state[name] = (full if full is not None else param.detach()).float().cpu()
+        with self._full_params():
+            for name, buf in self.engine.module.named_buffers():
+                state[name] = buf.detach().cpu()
+        if not self.world.is_main:
+            return None
+        path = Path(self.cfg.checkpoint.dir) / "open_clip.pt"
+        tmp = path.with_suffix(".pt.tmp")
+        torch.save({"state_dict": open_clip_state_dict(state), "step": self.step, "model": self.cfg.model.name}, tmp)
+        tmp.replace(path)
+        print(f"open_clip weights: {path}", flush=True)
+        return path
+
+    def close(self) -> None:
+        self.sinks.close()
