@@ -110,7 +110,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     steps: int = 0  # optimizer steps to run; 0 means train.epochs passes over the train shards
-    epochs: int = 1  # passes over the train shards, used when train.steps is 0
+    epochs: int = 3  # passes over the train shards, used when train.steps is 0
     grad_accum: int = 1  # micro batches per optimizer step
     zero_stage: int = 2  # DeepSpeed ZeRO stage, 0 to 3
     precision: str = "bf16"  # 'bf16' or 'fp32'
@@ -215,6 +215,11 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{name}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -224,7 +229,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
 
 
 def _unknown(kind: str, name: str, choices: list[str]) -> ConfigError:
-    close = difflib.get_close_matches(name.split(".")[-1], choices, n=1)
+    close = difflib.get_close_matches(name, choices, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
     return ConfigError(f"unknown {kind} {name!r}.{hint} Known: {', '.join(sorted(choices))}")
 

@@ -42,6 +42,10 @@ def close_distributed() -> None:
         dist.destroy_process_group()
 
 
+# torch 2.14 deprecates all_gather_into_tensor for all_gather_single; older releases may have only the former
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 class _GatherWithGrad(torch.autograd.Function):
     """Forward: all-gather along dim 0. Backward: sum the gradients of every rank, keep this rank's rows."""
 
@@ -50,7 +54,7 @@ class _GatherWithGrad(torch.autograd.Function):
         ctx.group = group
         world = dist.get_world_size(group)
         out = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))
-        dist.all_gather_into_tensor(out, tensor.contiguous(), group=group)
+        _all_gather_single(out, tensor.contiguous(), group=group)
         return out
 
     @staticmethod
@@ -74,5 +78,5 @@ def all_gather_with_grad(tensor: torch.Tensor, group=None) -> torch.Tensor:
 def all_gather_no_grad(tensor: torch.Tensor, group=None) -> torch.Tensor:
     world = dist.get_world_size(group)
     out = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))
-    dist.all_gather_into_tensor(out, tensor.detach().contiguous(), group=group)
+    _all_gather_single(out, tensor.detach().contiguous(), group=group)
     return out

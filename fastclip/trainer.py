@@ -179,7 +179,6 @@ class Trainer:
         finally:
             if bar is not None:
                 bar.close()
-            batches.close()
         return metrics
 
     def _progress_bar(self):
@@ -295,8 +294,9 @@ class Trainer:
         for name, param in self.engine.module.named_parameters():
             full = safe_get_full_fp32_param(param)  # collective under ZeRO-3: every rank takes part
             state[name] = (full if full is not None else param.detach()).float().cpu()
-        with self._full_params():
-            for name, buf in self.engine.module.named_buffers():
+        persistent = self.engine.module.state_dict().keys()  # leaves out non-persistent buffers (attn_mask)
+        for name, buf in self.engine.module.named_buffers():
+            if name in persistent:
                 state[name] = buf.detach().cpu()
         if not self.world.is_main:
             return None
@@ -308,4 +308,7 @@ class Trainer:
         return path
 
     def close(self) -> None:
+        self.train_loader.close()
+        if self.val_loader is not None:
+            self.val_loader.close()
         self.sinks.close()

@@ -167,10 +167,20 @@ class DaliLoader:
         n_batches = None if self.train else -(-self.local_samples // self.batch_size)
         if n_batches == 0:
             return iter(())
-        return _Prefetcher(self._produce(n_batches), depth=self.prefetch, device=self.device)
+        self._close_prefetcher()
+        self._prefetcher = _Prefetcher(self._produce(n_batches), depth=self.prefetch, device=self.device)
+        return self._prefetcher
+
+    def _close_prefetcher(self) -> None:
+        if getattr(self, "_prefetcher", None) is not None:
+            self._prefetcher.close()
+            self._prefetcher = None
 
     def close(self) -> None:
-        del self.pipe
+        """Stop the prefetch thread, then free the pipeline (its C++ threads must not outlive the process)."""
+        self._close_prefetcher()
+        if getattr(self, "pipe", None) is not None:
+            self.pipe = None
 
 
 def _is_gpu_pipe(pipe) -> bool:
@@ -192,18 +202,19 @@ class _Prefetcher:
     def _run(self, source: Iterator[Batch]) -> None:
         try:
             for item in source:
+                if self.stopped.is_set():
+                    return
                 while not self.stopped.is_set():
                     try:
                         self.queue.put(item, timeout=0.1)
                         break
                     except queue.Full:
                         continue
-                if self.stopped.is_set():
-                    return
         except BaseException as e:  # handed to the consumer, which re-raises it with its traceback
             self.queue.put(e)
             return
-        self.queue.put(self._DONE)
+        if not self.stopped.is_set():
+            self.queue.put(self._DONE)
 
     def __iter__(self):
         return self
@@ -222,10 +233,14 @@ class _Prefetcher:
         )
 
     def close(self) -> None:
+        """Stop producing and wait for the thread, so nothing runs the pipeline after this returns."""
         self.stopped.set()
-
-    def __del__(self):
-        self.stopped.set()
+        while self.thread.is_alive():
+            try:  # unblock a producer waiting on a full queue
+                self.queue.get_nowait()
+            except queue.Empty:
+                pass
+            self.thread.join(timeout=0.05)
 
 
 def build_loader(

@@ -1,0 +1,115 @@
+"""The synthetic world and the DALI loaders over it."""
+
+import io
+import json
+import tarfile
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastclip.config import parse_args
+from fastclip.data.dali import build_loader
+from fastclip.data.synthetic import COLOURS, SHAPES, class_names
+from fastclip.data.tokenizer import build_tokenizer
+from fastclip.model import ImageSpec
+
+SPEC = ImageSpec(size=32, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
+
+
+def _samples(tar_path):
+    with tarfile.open(tar_path) as tar:
+        files = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    keys = sorted({name.rsplit(".", 1)[0] for name in files})
+    return [{ext: files[f"{k}.{ext}"] for ext in ("jpg", "txt", "json", "cls")} for k in keys]
+
+
+def test_world_is_consistent_and_reused(world_dir):
+    from fastclip.data.synthetic import WorldSpec, generate
+
+    shards = sorted((world_dir / "train").glob("*.tar"))
+    assert len(shards) == 4 and len(sorted((world_dir / "val").glob("*.tar"))) == 1
+    samples = _samples(shards[0])
+    assert len(samples) == 128
+    names = json.loads((world_dir / "classnames.json").read_text())
+    assert names == class_names() and len(names) == len(COLOURS) * len(SHAPES)
+    for s in samples[:20]:
+        meta = json.loads(s["json"])
+        caption = s["txt"].decode()
+        assert meta["shape"] in caption and meta["colour"] in caption
+        assert names[int(s["cls"])] == f"{meta['colour']} {meta['shape']}"
+        img = Image.open(io.BytesIO(s["jpg"]))
+        assert img.format == "JPEG" and img.size == (48, 48)
+    assert len({s["txt"] for s in samples}) > 30  # varied captions
+    before = shards[0].stat().st_mtime_ns
+    generate(world_dir, WorldSpec(train_samples=512, val_samples=100, samples_per_shard=128, image_size=48, seed=3))
+    assert shards[0].stat().st_mtime_ns == before  # same spec: nothing rewritten
+
+
+def _loader(world_dir, *, train, rank=0, world_size=1, batch=16):
+    data = parse_args(
+        [
+            "--data.train_shards", str(world_dir / "train" / "*.tar"),
+            "--data.val_shards", str(world_dir / "val" / "*.tar"),
+            "--data.batch_size", str(batch),
+            "--data.shuffle_buffer", "64",
+        ]
+    ).data  # fmt: skip
+    tok = build_tokenizer("fastclip-tiny")
+    return build_loader(
+        data=data, image=SPEC, tokenizer=tok, train=train, rank=rank, world_size=world_size, seed=1,
+        device=torch.device("cpu"),
+    )  # fmt: skip
+
+
+def test_train_batches_are_normalized_and_tokenized_as_open_clip(world_dir):
+    import open_clip
+
+    loader = _loader(world_dir, train=True)
+    try:
+        assert loader.samples_per_epoch == 512
+        it = iter(loader)
+        batch = next(it)
+        assert batch.images.shape == (16, 3, 32, 32) and batch.images.dtype == torch.float32
+        assert -3 < batch.images.mean() < 3 and batch.images.std() > 0.2
+        assert batch.texts.shape == (16, 32) and batch.texts.dtype == torch.long
+        # token ids decode back to captions of the world
+        decoded = [open_clip.decode(t).replace("<start_of_text>", "").split("<end_of_text>")[0] for t in batch.texts]
+        assert all(any(shape in d for shape in SHAPES) for d in decoded)
+        for _ in range(40):  # past the end of the epoch: a training loader wraps around
+            next(it)
+    finally:
+        loader.close()
+
+
+def _val_pass(world_dir, rank, world_size):
+    loader = _loader(world_dir, train=False, rank=rank, world_size=world_size, batch=16)
+    try:
+        texts, labels = [], []
+        for batch in loader:
+            texts.extend(tuple(t.tolist()) for t in batch.texts)
+            labels.extend(batch.labels.tolist())
+        return texts, labels
+    finally:
+        loader.close()
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_val_split_covers_every_sample_once(world_dir, world_size):
+    whole_texts, whole_labels = _val_pass(world_dir, 0, 1)
+    assert len(whole_texts) == 100 and min(whole_labels) >= 0
+    texts, labels = [], []
+    for rank in range(world_size):
+        t, lab = _val_pass(world_dir, rank, world_size)
+        texts += t
+        labels += lab
+    assert Counter(texts) == Counter(whole_texts) and Counter(labels) == Counter(whole_labels)
+    loader = _loader(world_dir, train=False, batch=16)
+    try:
+        passes = [[tuple(t.tolist()) for batch in loader for t in batch.texts] for _ in range(2)]
+    finally:
+        loader.close()
+    assert passes[0] == passes[1] == whole_texts  # each eval pass sees the same samples in the same order
+    assert np.bincount(whole_labels).max() < 100  # several classes present

@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from fastclip.config import ConfigError, ModelConfig
+from fastclip.meters import Meters
+from fastclip.model import build_model, image_spec, open_clip_state_dict, param_groups
+
+
+def test_param_groups_exclude_biases_norms_embeddings_and_logit_scale():
+    clip = build_model(ModelConfig())
+    decay, no_decay = param_groups(clip, weight_decay=0.1)
+    names = {id(p): n for n, p in clip.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert "logit_scale" in no_decay_names and "token_embedding.weight" in no_decay_names
+    assert "positional_embedding" in no_decay_names and "visual.class_embedding" in no_decay_names
+    assert all(not any(k in n for k in ("ln_", "bias", "embedding", "logit")) for n in decay_names)
+    assert all(p.ndim >= 2 for p in decay["params"])
+    assert any("attn.in_proj_weight" in n for n in decay_names)
+    assert len(decay_names) + len(no_decay_names) == len(list(clip.parameters()))
+
+
+def test_model_by_json_and_errors(tmp_path):
+    import json
+
+    from fastclip.model import _BUILTIN_CONFIGS
+
+    cfg = json.loads((_BUILTIN_CONFIGS / "fastclip-tiny.json").read_text())
+    cfg["vision_cfg"]["image_size"] = 40
+    path = tmp_path / "my-arch.json"
+    path.write_text(json.dumps(cfg))
+    assert image_spec(build_model(ModelConfig(name=str(path)))).size == 40
+    with pytest.raises(ConfigError, match="model.name.*ViT-B-32"):
+        build_model(ModelConfig(name="ViT-B-23"))
+    with pytest.raises(ConfigError, match="model.name.*does not exist"):
+        build_model(ModelConfig(name=str(tmp_path / "nope.json")))
+
+
+def test_exported_weights_load_in_open_clip(tmp_path):
+    import open_clip
+
+    clip = build_model(ModelConfig())
+    with torch.no_grad():
+        clip.logit_scale.fill_(3.3)
+    path = tmp_path / "w.pt"
+    torch.save({"state_dict": open_clip_state_dict(clip.state_dict())}, path)
+    loaded = open_clip.create_model("fastclip-tiny", pretrained=str(path))
+    assert loaded.logit_scale.shape == () and abs(loaded.logit_scale.item() - 3.3) < 1e-6
+    again = build_model(ModelConfig(pretrained=str(path)))
+    assert torch.equal(again.visual.conv1.weight, clip.visual.conv1.weight)
+
+
+def test_meters_average_on_device_and_reset():
+    meters = Meters(["loss", "scale"], device=torch.device("cpu"))
+    for v in (1.0, 2.0, 6.0):
+        meters["loss"].update(torch.tensor(v), n=2)
+    meters["scale"].update(3.0)
+    assert meters.collect() == {"loss": pytest.approx(3.0), "scale": pytest.approx(3.0)}
+    out = meters.collect()
+    assert out["loss"] != out["loss"]  # nothing since the reset: nan, not a stale number
