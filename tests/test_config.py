@@ -92,3 +92,10 @@ def test_too_few_samples_for_one_batch():
     with pytest.raises(ConfigError, match="fewer than one global batch"):
         total_steps(Config(), samples_per_epoch=100, world_size=2)
     assert total_steps(parse_args(["--train.epochs", "2"]), samples_per_epoch=1280, world_size=2) == (20, 10)
+
+
+def test_shipped_configs_parse():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
+        parse_args(["--config", str(path)])

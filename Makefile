@@ -1,0 +1,30 @@
+# The README's two commands: `make demo` and `make test`. Each sets up .venv first (once; again when the
+# pinned requirements or setup.py change).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# ranks for the demo: every GPU when there are some, two CPU ranks (gloo) otherwise
+NUM_GPUS ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | grep -c GPU); [ "$$n" -gt 0 ] && echo $$n || echo 2)
+
+.PHONY: setup demo test lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt setup.py pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+demo: setup
+	$(BIN)/deepspeed --num_gpus $(NUM_GPUS) fastclip/train.py $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/python -m pip install --quiet ruff && $(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) build *.egg-info .cache runs
