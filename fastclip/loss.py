@@ -3,7 +3,12 @@
 Loss = 1/2 (mean_i CE(L_i:, i) + mean_j CE(L_:j, j)) with L = s * a b^T. Across ranks, features are
 all-gathered (with gradient if ``gather_with_grad``); with ``local_loss`` each rank scores only its own rows
 against every column, labels offset by ``rank * n``, so the mean of the ranks' losses is the global loss.
-The ``torch`` backend computes in fp32 whatever the input dtype.
+Backends: ``auto`` (the fused op of fastclip.ops: C++ on CPU, Triton on CUDA; the N x N logits never exist),
+``cpp``, ``triton`` (that kernel whatever the device) and ``torch`` (plain logits, the reference). All
+accumulate in fp32 and return an fp32 loss whatever the features' dtype.
+
+Fused form: loss = (sum_i row_lse_i + sum_i col_lse_i - 2 sum_i L_ii) / (2n), the LSEs from the op, the
+diagonal targets L_ii = s a_i . b_i in plain torch (O(nD)), so autograd adds the -2I of dL = P_row + P_col - 2I.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from fastclip.distributed import all_gather_no_grad, all_gather_with_grad
+
+BACKENDS = ("auto", "cpp", "triton", "torch")
 
 
 def gather_features(
@@ -49,8 +56,42 @@ def contrastive_loss_local(
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
+def _targets(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """sum_i s x_i . y_i in fp32."""
+    return scale * (x.float() * y.float()).sum()
+
+
+def contrastive_loss_fused(
+    image_rows: torch.Tensor,
+    text_rows: torch.Tensor,
+    image_all: torch.Tensor,
+    text_all: torch.Tensor,
+    logit_scale: torch.Tensor,
+    *,
+    row_offset: int,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The value of :func:`contrastive_loss_local` from the fused LSE op, without the N x N logits."""
+    from fastclip.ops import lse
+
+    scale = logit_scale.float().reshape(())
+    n = image_rows.shape[0]
+    if image_rows is image_all and text_rows is text_all:  # rows are all columns: one pass gives both LSEs
+        row, col = lse(image_all.contiguous(), text_all.contiguous(), scale, True, backend)
+        return (row.sum() + col.sum() - 2 * _targets(image_all, text_all, scale)) / (2 * n)
+    # local rows against gathered columns: two row-LSE problems, labels offset by row_offset
+    row_i, _ = lse(image_rows.contiguous(), text_all.contiguous(), scale, False, backend)
+    row_t, _ = lse(text_rows.contiguous(), image_all.contiguous(), scale, False, backend)
+    cols = slice(row_offset, row_offset + n)
+    targets = _targets(image_rows, text_all[cols], scale) + _targets(text_rows, image_all[cols], scale)
+    return (row_i.sum() + row_t.sum() - targets) / (2 * n)
+
+
 class ClipLoss(torch.nn.Module):
-    """Same constructor and ``forward`` as ``open_clip.loss.ClipLoss``; ``use_horovod`` is not supported."""
+    """Same constructor and ``forward`` as ``open_clip.loss.ClipLoss``, plus ``backend`` (see the module doc).
+
+    ``use_horovod`` is not supported.
+    """
 
     def __init__(
         self,
@@ -60,8 +101,12 @@ class ClipLoss(torch.nn.Module):
         rank: int = 0,
         world_size: int = 1,
         use_horovod: bool = False,
+        backend: str = "auto",
     ):
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"ClipLoss(backend={backend!r}): choose one of {', '.join(BACKENDS)}")
+        self.backend = backend
         if use_horovod:
             raise ValueError("ClipLoss(use_horovod=True): fastclip runs on torch.distributed only; drop use_horovod")
         self.local_loss = local_loss
@@ -83,6 +128,13 @@ class ClipLoss(torch.nn.Module):
         if self.world_size > 1 and not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(f"ClipLoss(world_size={self.world_size}) needs an initialized torch.distributed group")
 
+    def _loss(self, image_rows, text_rows, image_all, text_all, logit_scale, row_offset: int) -> torch.Tensor:
+        if self.backend == "torch":
+            return contrastive_loss_local(image_rows, text_rows, image_all, text_all, logit_scale, row_offset=row_offset)
+        return contrastive_loss_fused(
+            image_rows, text_rows, image_all, text_all, logit_scale, row_offset=row_offset, backend=self.backend
+        )
+
     def forward(self, image_features, text_features, logit_scale, output_dict: bool = False):
         self._check(image_features, text_features, logit_scale)
         if self.world_size > 1:
@@ -95,13 +147,9 @@ class ClipLoss(torch.nn.Module):
             )
             if self.local_loss:
                 n = image_features.shape[0]
-                loss = contrastive_loss_local(
-                    image_features, text_features, image_all, text_all, logit_scale, row_offset=self.rank * n
-                )
+                loss = self._loss(image_features, text_features, image_all, text_all, logit_scale, self.rank * n)
             else:
-                loss = contrastive_loss_local(image_all, text_all, image_all, text_all, logit_scale, row_offset=0)
+                loss = self._loss(image_all, text_all, image_all, text_all, logit_scale, 0)
         else:
-            loss = contrastive_loss_local(
-                image_features, text_features, image_features, text_features, logit_scale, row_offset=0
-            )
+            loss = self._loss(image_features, text_features, image_features, text_features, logit_scale, 0)
         return {"contrastive_loss": loss} if output_dict else loss

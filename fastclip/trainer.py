@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -182,8 +183,8 @@ class Trainer:
         return metrics
 
     def _progress_bar(self):
-        if not (self.world.is_main and self.cfg.log.progress):
-            return None
+        if not (self.world.is_main and self.cfg.log.progress and sys.stderr.isatty()):
+            return None  # a log file gets the throughput lines, not carriage-return redraws
         from tqdm import tqdm
 
         return tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)

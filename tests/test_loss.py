@@ -66,14 +66,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _rank_worker(rank, world, port, a, b, s, local_loss, gather_with_grad, out):
+def _rank_worker(rank, world, port, a, b, s, local_loss, backend, out):
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     n = a.shape[0] // world
     rows = slice(rank * n, (rank + 1) * n)
-    loss_fn = ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world)
+    loss_fn = ClipLoss(local_loss=local_loss, gather_with_grad=True, rank=rank, world_size=world, backend=backend)
     loss, ga, gb, gs = _loss_and_grads(loss_fn, a[rows], b[rows], s)
     # what a data-parallel engine does: average the loss and the parameter (here: logit scale) gradient over
     # ranks; a rank's feature gradient already holds every rank's contribution (reduce-scatter), over world
@@ -84,14 +84,16 @@ def _rank_worker(rank, world, port, a, b, s, local_loss, gather_with_grad, out):
     dist.all_gather(grads_a, ga / world)
     dist.all_gather(grads_b, gb / world)
     if rank == 0:
-        out.put((loss / world, torch.cat(grads_a), torch.cat(grads_b), gs / world))
+        # numpy arrays travel by value: a tensor would travel as a shared-memory handle that dies with us
+        out.put(tuple(t.numpy() for t in (loss / world, torch.cat(grads_a), torch.cat(grads_b), gs / world)))
     dist.barrier()
     dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("local_loss", [True, False])
-def test_ranks_match_one_rank_on_the_global_batch(world, local_loss):
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_ranks_match_one_rank_on_the_global_batch(world, local_loss, backend):
     """The mean over ranks of the loss and gradients equals the one-rank values on the whole batch."""
     a, b, s = _features(12 * world, 32, seed=world)
     one_rank = _loss_and_grads(ClipLoss(), a, b, s)
@@ -99,7 +101,7 @@ def test_ranks_match_one_rank_on_the_global_batch(world, local_loss):
     out = ctx.Queue()
     port = _free_port()
     procs = [
-        ctx.Process(target=_rank_worker, args=(r, world, port, a, b, s, local_loss, True, out)) for r in range(world)
+        ctx.Process(target=_rank_worker, args=(r, world, port, a, b, s, local_loss, backend, out)) for r in range(world)
     ]
     for p in procs:
         p.start()
@@ -109,4 +111,4 @@ def test_ranks_match_one_rank_on_the_global_batch(world, local_loss):
         assert p.exitcode == 0
     # local-loss rows each see every column: the loss over ranks averages to the global loss
     for ours, ref in zip(result, one_rank):
-        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.from_numpy(ours), ref, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,193 @@
+"""The fused contrastive op (C++ on CPU, Triton under the interpreter and on CUDA) against float64 and torch.
+
+Error rule (flash-attention's): against a float64 reference, a low-precision kernel may err at most 2x as
+much as plain torch at the same dtype (3x for gradients); fp32 uses fixed tolerances.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastclip.loss import ClipLoss
+from fastclip.ops import contrastive_lse, contrastive_lse_reference, lse
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _features(n, d, seed, *, rows=None):
+    g = torch.Generator().manual_seed(seed)
+    a = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
+    b = F.normalize(a + 0.7 * torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
+    s = torch.tensor(10.0 + 10 * torch.rand((), generator=g).item(), dtype=torch.float64)
+    return a, b, s
+
+
+def _grads(loss_fn, a, b, s, dtype, upstream=1.7):
+    """loss and grads of loss_fn on fresh copies of (a, b, s) in ``dtype`` (s stays fp32 unless float64)."""
+    a, b = a.detach().clone().to(dtype).requires_grad_(), b.detach().clone().to(dtype).requires_grad_()
+    s = s.detach().clone().to(torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_()
+    loss = loss_fn(a, b, s)
+    (loss * upstream).backward()
+    return [loss.detach().double(), a.grad.double(), b.grad.double(), s.grad.double()]
+
+
+def _open_clip_loss(a, b, s):
+    from open_clip.loss import ClipLoss as OpenClipLoss
+
+    return OpenClipLoss()(a, b, s)
+
+
+def _errors(got, ref):
+    return [float((g - r).abs().max()) for g, r in zip(got, ref)]
+
+
+def _floor(dtype, n, s) -> float:
+    """Rounding of one gradient term, s/n in size: the bar where torch happens to be exact (N=1: loss 0, whose
+    P - I cancels exactly in torch but is P and -I in two roundings in a fused kernel)."""
+    return torch.finfo(dtype).eps * float(s) / n
+
+
+NS = [1, 3, 127, 1000, 4096]
+DS = [64, 500, 512, 768]
+
+
+@pytest.mark.parametrize("n", NS)
+@pytest.mark.parametrize("d", DS)
+def test_cpp_fp32_matches_float64_and_open_clip(n, d):
+    a, b, s = _features(n, d, seed=n * 7 + d)
+    ref = _grads(_open_clip_loss, a, b, s, torch.float64)
+    ours = _grads(ClipLoss(backend="cpp"), a, b, s, torch.float32)
+    theirs = _grads(_open_clip_loss, a, b, s, torch.float32)
+    for got, want, other, name in zip(ours, ref, theirs, ("loss", "d_image", "d_text", "d_scale")):
+        tol = 2e-5 * max(1.0, float(want.abs().max()))
+        assert float((got - want).abs().max()) <= tol, name
+        torch.testing.assert_close(got, other, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("n", NS)
+@pytest.mark.parametrize("d", [64, 512, 768])
+def test_cpp_bf16_error_at_most_torch_bf16_error(n, d):
+    a, b, s = _features(n, d, seed=n * 11 + d)
+    ref = _grads(_open_clip_loss, a, b, s, torch.float64)
+    ours = _errors(_grads(ClipLoss(backend="cpp"), a, b, s, torch.bfloat16), ref)
+    torch_bf16 = _errors(_grads(_open_clip_loss, a, b, s, torch.bfloat16), ref)
+    floor = _floor(torch.bfloat16, n, s)
+    assert ours[0] <= 2 * torch_bf16[0] + floor, (ours, torch_bf16)
+    for mine, theirs in zip(ours[1:], torch_bf16[1:]):
+        assert mine <= 3 * theirs + floor, (ours, torch_bf16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("n, d", [(1, 64), (3, 33), (37, 40), (100, 64)])
+def test_triton_interpreter(n, d, dtype):
+    """The Triton kernels on CPU tensors through TRITON_INTERPRET=1 (a subprocess: the flag is read at import)."""
+    code = f"""
+import torch, json
+from tests.test_fused_loss import _features, _grads, _open_clip_loss, _errors
+from fastclip.loss import ClipLoss
+a, b, s = _features({n}, {d}, seed=5)
+ref = _grads(_open_clip_loss, a, b, s, torch.float64)
+ours = _errors(_grads(ClipLoss(backend="triton"), a, b, s, torch.{str(dtype).split(".")[1]}), ref)
+plain = _errors(_grads(_open_clip_loss, a, b, s, torch.{str(dtype).split(".")[1]}), ref)
+print(json.dumps([ours, plain]))
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import json
+
+    ours, plain = json.loads(out.stdout.strip().splitlines()[-1])
+    if dtype == torch.float32:
+        assert max(ours) < 2e-5, ours
+    else:
+        floor = _floor(dtype, n, _features(n, d, seed=5)[2])
+        assert ours[0] <= 2 * plain[0] + floor, (ours, plain)
+        for mine, theirs in zip(ours[1:], plain[1:]):
+            assert mine <= 3 * theirs + floor, (ours, plain)
+
+
+def test_lse_op_values_and_column_mode():
+    a, b, s = _features(300, 96, seed=1)
+    for with_col in (True, False):
+        row, col = contrastive_lse(a.float(), b[:200].float() if not with_col else b.float(), s.float(), with_col)
+        ref_row, ref_col = contrastive_lse_reference(a, b[:200] if not with_col else b, s, with_col)
+        torch.testing.assert_close(row.double(), ref_row, rtol=1e-6, atol=1e-5)
+        assert col.numel() == (300 if with_col else 0)
+        if with_col:
+            torch.testing.assert_close(col.double(), ref_col, rtol=1e-6, atol=1e-5)
+
+
+def test_opcheck_and_compile():
+    """Schema, fake (meta) kernel and autograd registration hold up, and torch.compile traces the op whole."""
+    a, b, s = (t.float() for t in _features(20, 16, seed=2))
+    args = (a.requires_grad_(), b.requires_grad_(), s.requires_grad_(), True)
+    torch.library.opcheck(contrastive_lse, args)
+
+    def loss(x, y, t):
+        row, col = contrastive_lse(x, y, t, True)
+        return row.sum() + col.sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(a, b, s), loss(a, b, s))
+    ga = torch.autograd.grad(compiled(a, b, s), a)[0]
+    torch.testing.assert_close(ga, torch.autograd.grad(loss(a, b, s), a)[0])
+
+
+def test_non_contiguous_inputs_give_the_same_numbers():
+    a, b, s = _features(50, 64, seed=3)
+    wide = torch.cat([a, b], dim=1).float()
+    ref = ClipLoss(backend="cpp")(a.float(), b.float(), s.float())
+    got = ClipLoss(backend="cpp")(wide[:, :64], wide[:, 64:], s.float())
+    torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "auto"])
+def test_bad_input_is_a_clear_error(backend):
+    a, b, s = (t.float() for t in _features(8, 16, seed=4))
+    with pytest.raises((ValueError, RuntimeError), match=r"\[N, D\]"):
+        ClipLoss(backend=backend)(a, b[:, :8], s)
+    with pytest.raises((ValueError, RuntimeError), match="N=0"):
+        ClipLoss(backend=backend)(a[:0], b[:0], s)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        lse(a.double(), b.double(), s, True, backend)
+    with pytest.raises(RuntimeError, match="share D"):
+        lse(a, b[:, :8], s, True, backend)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        lse(a, b.half(), s, True, backend)
+    with pytest.raises(RuntimeError, match=r"q must be \[n, D\]"):
+        lse(a[0], b, s, True, backend)
+    with pytest.raises(ValueError, match="backend"):
+        ClipLoss(backend="cuda-please")
+
+
+def test_nan_and_inf_propagate():
+    a, b, s = (t.float() for t in _features(16, 32, seed=5))
+    for bad in (float("nan"), float("inf")):
+        x = a.clone()
+        x[3, 7] = bad
+        assert not torch.isfinite(ClipLoss(backend="cpp")(x, b, s))
+        row, col = contrastive_lse(x, b, s, True)
+        assert not torch.isfinite(row[3]) and not torch.isfinite(col).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n, d", [(1, 64), (127, 500), (1000, 512), (4096, 768)])
+def test_triton_cuda_bf16_error_rule(n, d):
+    a, b, s = _features(n, d, seed=n + d)
+    a, b, s = a.cuda(), b.cuda(), s.cuda()
+    ref = _grads(_open_clip_loss, a, b, s, torch.float64)
+
+    def open_clip_autocast(x, y, t):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return _open_clip_loss(x, y, t)
+
+    ours = _errors(_grads(ClipLoss(backend="auto"), a, b, s, torch.bfloat16), ref)
+    plain = _errors(_grads(open_clip_autocast, a, b, s, torch.bfloat16), ref)
+    floor = _floor(torch.bfloat16, n, s)
+    assert ours[0] <= 2 * plain[0] + floor, (ours, plain)
+    for mine, theirs in zip(ours[1:], plain[1:]):
+        assert mine <= 3 * theirs + floor, (ours, plain)
