@@ -17,7 +17,7 @@ def extensions():
     ext = CppExtension(
         "fastclip._C",
         sources,
-        extra_compile_args={"cxx": ["-O3", "-fopenmp"]},
+        extra_compile_args={"cxx": ["-O3", "-fopenmp", "-march=native"]},
         extra_link_args=["-fopenmp"],
     )
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}

@@ -18,8 +18,21 @@
 // Inputs fp32 / bf16 / fp16 are converted once to fp32 (O(N D)); accumulation and results are fp32,
 // gradients are returned in the input dtype.
 
+// at::vec picks its SIMD width from CPU_CAPABILITY_*; setup.py compiles with -march=native, so follow it.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#define CPU_CAPABILITY_AVX512
+#define CPU_CAPABILITY AVX512
+#elif defined(__AVX2__) && defined(__FMA__)
+#define CPU_CAPABILITY_AVX2
+#define CPU_CAPABILITY AVX2
+#else
+#define CPU_CAPABILITY DEFAULT
+#endif
+
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cmath>
@@ -58,18 +71,96 @@ void check_vector(const at::Tensor& v, int64_t n, const char* name, const char* 
 // (detached: worker threads do not inherit the caller's no-grad mode)
 at::Tensor as_float(const at::Tensor& x) { return x.detach().to(at::kFloat).contiguous(); }
 
-// Online LSE update of a running (max, sum) by a block whose maxima are `block_max` and values `tile`.
-// `reduce_dim` 1 updates rows, 0 updates columns; `work` is scratch of the tile's shape.
-void online_lse_update(const at::Tensor& tile, int64_t reduce_dim, at::Tensor& run_max, at::Tensor& run_sum,
-                       at::Tensor& work) {
-  at::Tensor block_max = std::get<0>(tile.max(reduce_dim));  // max propagates NaN, unlike a plain compare
-  at::Tensor new_max = at::maximum(run_max, block_max);
-  at::Tensor shifted = reduce_dim == 1 ? new_max.unsqueeze(1) : new_max.unsqueeze(0);
-  at::sub_out(work, tile, shifted);
-  work.exp_();
-  // sum * exp(old_max - new_max): 0 on the first block (old_max = -inf)
-  run_sum.mul_((run_max - new_max).exp_()).add_(work.sum(reduce_dim));
-  run_max.copy_(new_max);
+using Vec = at::vec::Vectorized<float>;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// NaN-propagating max (a NaN anywhere in a row must reach its LSE)
+inline float nan_max(float a, float b) { return (std::isnan(a) || a > b) ? a : b; }
+
+// One tile of the forward: rows [R] x cols [C] of L (row stride ld) update the running row statistics
+// (m, l) and, with_col, the running column statistics (cm, cs):  m' = max(m, max_j L), l' = l e^(m - m')
+// + sum_j e^(L - m'). Two passes over the tile (maxima, then exponentials), both in L2.
+void tile_forward(const float* L, int64_t R, int64_t C, int64_t ld, float* m, float* l, float* cm, float* cs,
+                  bool with_col, float* tile_cmax) {
+  const int64_t vec_end = C - C % Vec::size();
+  if (with_col) std::fill(tile_cmax, tile_cmax + C, kNegInf);
+  for (int64_t i = 0; i < R; ++i) {
+    const float* row = L + i * ld;
+    Vec vmax(kNegInf);
+    int64_t j = 0;
+    for (; j < vec_end; j += Vec::size()) {
+      Vec x = Vec::loadu(row + j);
+      vmax = at::vec::maximum(vmax, x);
+      if (with_col) at::vec::maximum(Vec::loadu(tile_cmax + j), x).store(tile_cmax + j);
+    }
+    float rmax = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
+    for (; j < C; ++j) {
+      rmax = nan_max(row[j], rmax);
+      if (with_col) tile_cmax[j] = nan_max(row[j], tile_cmax[j]);
+    }
+    const float m_new = nan_max(rmax, m[i]);
+    l[i] *= std::exp(m[i] - m_new);  // 0 on the first tile: m = -inf
+    m[i] = m_new;
+  }
+  if (with_col) {
+    for (int64_t j = 0; j < C; ++j) {
+      const float c_new = nan_max(tile_cmax[j], cm[j]);
+      cs[j] *= std::exp(cm[j] - c_new);
+      cm[j] = c_new;
+    }
+  }
+  for (int64_t i = 0; i < R; ++i) {
+    const float* row = L + i * ld;
+    const Vec vm(m[i]);
+    Vec vsum(0.f);
+    int64_t j = 0;
+    for (; j < vec_end; j += Vec::size()) {
+      Vec x = Vec::loadu(row + j);
+      vsum = vsum + (x - vm).exp();
+      if (with_col) (Vec::loadu(cs + j) + (x - Vec::loadu(cm + j)).exp()).store(cs + j);
+    }
+    float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
+    for (; j < C; ++j) {
+      sum += std::exp(row[j] - m[i]);
+      if (with_col) cs[j] += std::exp(row[j] - cm[j]);
+    }
+    l[i] += sum;
+  }
+}
+
+// One tile of the backward, in place: raw = q_i . k_j becomes dL = g_r[i] e^(s raw - rl[i]) + g_c[j] e^(s raw -
+// cl[j]); returns sum dL * raw (the logit-scale gradient's share). Absent sides have null pointers.
+double tile_backward(float* T, int64_t R, int64_t C, int64_t ld, float s, const float* rl, const float* gr,
+                     const float* cl, const float* gc) {
+  const int64_t vec_end = C - C % Vec::size();
+  const Vec vs(s);
+  double ds = 0.0;
+  for (int64_t i = 0; i < R; ++i) {
+    float* row = T + i * ld;
+    const Vec vrl(gr ? rl[i] : 0.f), vgr(gr ? gr[i] : 0.f);
+    Vec vds(0.f);
+    int64_t j = 0;
+    for (; j < vec_end; j += Vec::size()) {
+      const Vec raw = Vec::loadu(row + j);
+      const Vec L = raw * vs;
+      Vec d(0.f);
+      if (gr) d = vgr * (L - vrl).exp();
+      if (gc) d = d + Vec::loadu(gc + j) * (L - Vec::loadu(cl + j)).exp();
+      vds = vds + d * raw;
+      d.store(row + j);
+    }
+    double row_ds = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vds);
+    for (; j < C; ++j) {
+      const float raw = row[j], L = raw * s;
+      float d = 0.f;
+      if (gr) d = gr[i] * std::exp(L - rl[i]);
+      if (gc) d += gc[j] * std::exp(L - cl[j]);
+      row_ds += static_cast<double>(d) * raw;
+      row[j] = d;
+    }
+    ds += row_ds;
+  }
+  return ds;
 }
 
 }  // namespace
@@ -93,24 +184,23 @@ std::tuple<at::Tensor, at::Tensor> lse_forward(const at::Tensor& q_in, const at:
   at::parallel_for(0, row_blocks, 1, [&](int64_t b0, int64_t b1) {
     const int t = at::get_thread_num();
     at::Tensor tile_buf = at::empty({kBlockRows, kBlockCols}, q.options());
-    at::Tensor work_buf = at::empty({kBlockRows, kBlockCols}, q.options());
+    std::vector<float> m(kBlockRows), l(kBlockRows), tile_cmax(kBlockCols);
+    float* cm = with_col ? col_max[t].data_ptr<float>() : nullptr;
+    float* cs = with_col ? col_sum[t].data_ptr<float>() : nullptr;
+    float* out = row_lse.data_ptr<float>();
     for (int64_t rb = b0; rb < b1; ++rb) {
       const int64_t r0 = rb * kBlockRows, rows = std::min(kBlockRows, n - r0);
       at::Tensor q_blk = q.narrow(0, r0, rows);
-      at::Tensor m = at::full({rows}, neg_inf, q.options());
-      at::Tensor l = at::zeros({rows}, q.options());
+      std::fill(m.begin(), m.end(), kNegInf);
+      std::fill(l.begin(), l.end(), 0.f);
       for (int64_t c0 = 0; c0 < N; c0 += kBlockCols) {
         const int64_t cols = std::min(kBlockCols, N - c0);
         at::Tensor tile = tile_buf.narrow(0, 0, rows).narrow(1, 0, cols);
-        at::Tensor work = work_buf.narrow(0, 0, rows).narrow(1, 0, cols);
         at::mm_out(tile, q_blk, k.narrow(0, c0, cols).t());  // L = (s q) k^T for this tile
-        online_lse_update(tile, 1, m, l, work);
-        if (with_col) {
-          at::Tensor cm = col_max[t].narrow(0, c0, cols), cs = col_sum[t].narrow(0, c0, cols);
-          online_lse_update(tile, 0, cm, cs, work);
-        }
+        tile_forward(tile.data_ptr<float>(), rows, cols, tile.stride(0), m.data(), l.data(),
+                     with_col ? cm + c0 : nullptr, with_col ? cs + c0 : nullptr, with_col, tile_cmax.data());
       }
-      row_lse.narrow(0, r0, rows).copy_(m + l.log());
+      for (int64_t i = 0; i < rows; ++i) out[r0 + i] = m[i] + std::log(l[i]);
     }
   });
 
@@ -154,9 +244,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward(const at::Tensor& q_
 
   at::parallel_for(0, row_blocks, 1, [&](int64_t b0, int64_t b1) {
     const int t = at::get_thread_num();
-    at::Tensor raw_buf = at::empty({kBlockRows, kBlockCols}, q.options());
     at::Tensor dl_buf = at::empty({kBlockRows, kBlockCols}, q.options());
-    at::Tensor work_buf = at::empty({kBlockRows, kBlockCols}, q.options());
     at::Tensor dk_t = dk_parts[t];
     double ds_acc = 0.0;
     for (int64_t rb = b0; rb < b1; ++rb) {
@@ -166,20 +254,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward(const at::Tensor& q_
       for (int64_t c0 = 0; c0 < N; c0 += kBlockCols) {
         const int64_t cols = std::min(kBlockCols, N - c0);
         at::Tensor k_blk = k.narrow(0, c0, cols);
-        at::Tensor raw = raw_buf.narrow(0, 0, rows).narrow(1, 0, cols);  // q_i . k_j
         at::Tensor dl = dl_buf.narrow(0, 0, rows).narrow(1, 0, cols);
-        at::Tensor work = work_buf.narrow(0, 0, rows).narrow(1, 0, cols);
-        at::mm_out(raw, q_blk, k_blk.t());
-        dl.zero_();
-        if (use_row) {  // g_row[i] * P_row[i, j] = g_row[i] * exp(s raw - row_lse[i])
-          at::mul_out(work, raw, s).sub_(rl.narrow(0, r0, rows).unsqueeze(1)).exp_();
-          dl.addcmul_(work, gr.narrow(0, r0, rows).unsqueeze(1));
-        }
-        if (use_col) {  // g_col[j] * P_col[i, j]
-          at::mul_out(work, raw, s).sub_(cl.narrow(0, c0, cols).unsqueeze(0)).exp_();
-          dl.addcmul_(work, gc.narrow(0, c0, cols).unsqueeze(0));
-        }
-        ds_acc += at::mul_out(work, dl, raw).sum().item<double>();  // CPU: a plain read, not a device sync
+        at::mm_out(dl, q_blk, k_blk.t());  // raw q_i . k_j, turned into dL in place
+        ds_acc += tile_backward(dl.data_ptr<float>(), rows, cols, dl.stride(0), s,
+                                use_row ? rl.data_ptr<float>() + r0 : nullptr,
+                                use_row ? gr.data_ptr<float>() + r0 : nullptr,
+                                use_col ? cl.data_ptr<float>() + c0 : nullptr,
+                                use_col ? gc.data_ptr<float>() + c0 : nullptr);
         dq_blk.addmm_(dl, k_blk);
         dk_t.narrow(0, c0, cols).addmm_(dl.t(), q_blk);
       }

@@ -82,10 +82,11 @@ class DataConfig:
 class LossConfig:
     local_loss: bool = True  # each rank computes its rows against all columns (open_clip's --local-loss)
     gather_with_grad: bool = True  # all-gather features with gradient (open_clip's --gather-with-grad)
-    backend: str = "torch"  # contrastive loss implementation: 'torch' (the fused op arrives with its issue)
+    backend: str = "auto"  # 'auto' (fused: C++ on CPU, Triton on CUDA), 'cpp', 'triton', 'torch', 'open_clip'
 
     def __post_init__(self):
-        _require(self.backend in ("torch",), "loss.backend", f"must be 'torch', got {self.backend!r}")
+        choices = ("auto", "cpp", "triton", "torch", "open_clip")
+        _require(self.backend in choices, "loss.backend", f"must be one of {', '.join(choices)}; got {self.backend!r}")
 
 
 @dataclass

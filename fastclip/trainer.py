@@ -18,7 +18,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from fastclip.config import Config, ConfigError, deepspeed_config, total_steps
+from fastclip.config import Config, ConfigError, LossConfig, deepspeed_config, total_steps
 from fastclip.data.dali import Batch, build_loader
 from fastclip.data.tokenizer import build_tokenizer
 from fastclip.distributed import World
@@ -41,6 +41,18 @@ def seed_everything(seed: int) -> None:
 
 def _read_list(path: Optional[str]) -> Optional[list[str]]:
     return json.loads(Path(path).read_text()) if path else None
+
+
+def build_loss(loss: LossConfig, world: World) -> torch.nn.Module:
+    """fastclip's ClipLoss on the configured backend, or open_clip's own (``open_clip``) for comparisons."""
+    kwargs = dict(
+        local_loss=loss.local_loss, gather_with_grad=loss.gather_with_grad, rank=world.rank, world_size=world.world_size
+    )
+    if loss.backend == "open_clip":
+        from open_clip.loss import ClipLoss as OpenClipLoss
+
+        return OpenClipLoss(**kwargs)
+    return ClipLoss(**kwargs, backend=loss.backend)
 
 
 class Trainer:
@@ -96,12 +108,7 @@ class Trainer:
             model_parameters=param_groups(self.clip, weight_decay=cfg.optim.weight_decay),
             config=ds_config,
         )
-        self.loss_fn = ClipLoss(
-            local_loss=cfg.loss.local_loss,
-            gather_with_grad=cfg.loss.gather_with_grad,
-            rank=world.rank,
-            world_size=world.world_size,
-        )
+        self.loss_fn = build_loss(cfg.loss, world)
         self.meters = Meters(["loss", "logit_scale"], device=world.device)
         self.sinks = MetricSinks(cfg.log, enabled=world.is_main, config=cfg)
         self.step = 0

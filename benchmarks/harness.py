@@ -1,0 +1,131 @@
+"""Measurement helpers shared by the benchmark suites: medians after warm-up, peak memory, machine facts.
+
+Every case records fastclip's figure and the open_clip baseline's figure measured in the same run, and
+their ratio (fastclip / baseline: below 1 is better for time and memory, above 1 for throughput).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+
+@dataclass
+class Timing:
+    median_s: float
+    min_s: float
+    max_s: float
+    runs: int
+
+    @property
+    def spread(self) -> float:
+        """(max - min) / median: how much to trust the median."""
+        return (self.max_s - self.min_s) / self.median_s if self.median_s else float("nan")
+
+
+def time_fn(fn: Callable[[], Any], *, repeats: int, warmup: int = 1, cuda: bool = False) -> Timing:
+    """Median wall time of ``fn`` over ``repeats`` runs after ``warmup``; CUDA events on a GPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return Timing(statistics.median(times), min(times), max(times), len(times))
+
+
+def peak_extra_rss(code: str, *, timeout: float = 900) -> float:
+    """Peak resident memory (bytes) that ``code``'s ``run()`` adds beyond what ``setup()`` left, in a fresh process.
+
+    ``code`` defines ``setup() -> state`` and ``run(state)``. The kernel's peak-RSS counter is reset after setup
+    (/proc/self/clear_refs), so imports and inputs are not counted.
+    """
+    driver = (
+        code
+        + "\nimport json, gc\n"
+        "def _rss(key):\n"
+        "    for line in open('/proc/self/status'):\n"
+        "        if line.startswith(key):\n"
+        "            return int(line.split()[1]) * 1024\n"
+        "state = setup(); gc.collect()\n"
+        "base = _rss('VmRSS:')\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "run(state)\n"
+        "print(json.dumps({'extra': _rss('VmHWM:') - base}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory probe failed:\n{out.stderr[-3000:]}")
+    return float(json.loads(out.stdout.strip().splitlines()[-1])["extra"])
+
+
+def machine() -> dict[str, Any]:
+    import triton
+
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.is_available(),
+    }
+    try:
+        import open_clip
+
+        info["open_clip"] = open_clip.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info["gpu"] = props.name
+        info["gpu_memory_gb"] = round(props.total_memory / 2**30, 1)
+        info["cuda_runtime"] = torch.version.cuda
+        try:
+            info["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
+            ).stdout.strip()
+        except OSError:
+            pass
+    return info
+
+
+@dataclass
+class Result:
+    suite: str  # loss, tokenizer, data, train_step, scaling
+    case: str  # e.g. "fwd+bwd fp32 cpu"
+    params: dict[str, Any]
+    metric: str  # what the figures are: "seconds", "peak_extra_bytes", "samples_per_second", ...
+    fastclip: Optional[float]
+    baseline: Optional[float]
+    extra: dict[str, Any] = field(default_factory=dict)
+    note: str = ""  # why a figure is missing, or what to know about it
+
+    @property
+    def ratio(self) -> Optional[float]:
+        if self.fastclip is None or self.baseline in (None, 0):
+            return None
+        return self.fastclip / self.baseline
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "ratio": self.ratio}
