@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # ranks for the demo: every GPU when there are some, two CPU ranks (gloo) otherwise
 NUM_GPUS ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | grep -c GPU); [ "$$n" -gt 0 ] && echo $$n || echo 2)
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,11 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -p no:cacheprovider benchmarks --quick --benchmark-disable
+
+bench: setup  # the full CPU benchmark run (minutes); writes benchmarks/results/cpu-DATE.json
+	$(BIN)/python -m pytest -q -p no:cacheprovider benchmarks
+	$(BIN)/python benchmarks/report.py --update-readme
 
 lint: setup
 	$(BIN)/python -m pip install --quiet ruff && $(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -1,0 +1,104 @@
+"""Markdown tables of the newest saved benchmark results (one CPU file, one GPU file), for the README.
+
+    python benchmarks/report.py                  # print the tables
+    python benchmarks/report.py --update-readme  # rewrite the README section between the bench markers
+
+Generated from benchmarks/results/*.json only; nothing here is typed by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+README = Path(__file__).parents[1] / "README.md"
+START, END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def _latest(kind: str) -> Path | None:
+    files = []
+    for path in RESULTS.glob("*.json"):
+        data = json.loads(path.read_text())
+        if data.get("quick"):
+            continue
+        is_gpu = bool(data["machine"].get("cuda"))
+        if is_gpu == (kind == "gpu"):
+            files.append((data["date"], path))
+    return max(files)[1] if files else None
+
+
+def _fmt(value, metric: str) -> str:
+    if value is None:
+        return "—"
+    if metric == "seconds":
+        return f"{value * 1e3:.1f} ms" if value < 1 else f"{value:.2f} s"
+    if metric == "bytes":
+        return f"{value / 2**20:.0f} MiB" if value < 2**30 else f"{value / 2**30:.2f} GiB"
+    if metric == "flop_per_second":
+        return f"{value / 1e12:.0f} TFLOP/s"
+    return f"{value:,.1f}"
+
+
+def _params(p: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in p.items() if k not in ("device", "threads"))
+
+
+def table(path: Path) -> str:
+    data = json.loads(path.read_text())
+    m = data["machine"]
+    where = m.get("gpu") or f"{m['cpu_count']}-core CPU ({m['cpu']})"
+    versions = f"torch {m['torch']}, triton {m['triton']}, open_clip {m.get('open_clip', '?')}"
+    if m.get("driver"):
+        versions += f", driver {m['driver']}"
+    lines = [
+        f"**{where}**, {data['date'][:10]}, {versions} (`{path.relative_to(Path(__file__).parents[1])}`)",
+        "",
+        "| suite | case | sizes | fastclip | open_clip | ratio | note |",
+        "| --- | --- | --- | ---: | ---: | ---: | --- |",
+    ]
+    for r in data["results"]:
+        ratio = f"{r['ratio']:.2f}×" if r.get("ratio") is not None else "—"
+        extra = r.get("extra") or {}
+        note = r.get("note") or ""
+        if extra.get("fastclip_tflops"):
+            note = (note + "; " if note else "") + f"fastclip {extra['fastclip_tflops']:.0f} TFLOP/s of 8N²D"
+        lines.append(
+            f"| {r['suite']} | {r['case']} | {_params(r['params'])} | {_fmt(r['fastclip'], r['metric'])} | "
+            f"{_fmt(r['baseline'], r['metric'])} | {ratio} | {note} |"
+        )
+    return "\n".join(lines)
+
+
+def report() -> str:
+    parts = []
+    for kind in ("cpu", "gpu"):
+        path = _latest(kind)
+        parts.append(table(path) if path else f"**{kind.upper()}**: no full run saved yet.")
+    parts.append("Ratio = fastclip / open_clip, measured in the same run: below 1 is better for time and memory.")
+    return "\n\n".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--update-readme", action="store_true", help=f"replace the README text between {START} and {END}")
+    args = parser.parse_args(argv)
+    text = report()
+    if not args.update_readme:
+        print(text)
+        return 0
+    readme = README.read_text()
+    if START not in readme or END not in readme:
+        print(f"README.md has no {START} ... {END} section to update", file=sys.stderr)
+        return 1
+    head, rest = readme.split(START, 1)
+    _, tail = rest.split(END, 1)
+    README.write_text(f"{head}{START}\n{text}\n{END}{tail}")
+    print(f"updated {README}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
