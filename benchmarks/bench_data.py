@@ -27,7 +27,8 @@ def _shards(mode: str) -> Path:
 
     spec = SPECS[mode]
     root = ROOT / ".cache" / f"bench-data-{mode}"
-    world = WorldSpec(train_samples=spec["samples"], val_samples=64, samples_per_shard=256, image_size=spec["image_size"])
+    shard = spec["samples"] // 4  # open_clip needs at least one shard per worker
+    world = WorldSpec(train_samples=spec["samples"], val_samples=64, samples_per_shard=shard, image_size=spec["image_size"])
     return generate(root, world)
 
 

@@ -62,11 +62,16 @@ def pytest_sessionfinish(session, exitstatus):
             return  # quick runs only check that the suites work; their numbers are not kept
         device = info.get("gpu", "cpu").replace(" ", "-")
         path = RESULTS_DIR / f"{device}-{dt.date.today().isoformat()}.json"
+    results = [r.to_json() for r in _RESULTS]
+    if Path(path).exists():  # a partial rerun replaces its own suites and keeps the others' figures
+        ran = {r["suite"] for r in results}
+        kept = [r for r in json.loads(Path(path).read_text())["results"] if r["suite"] not in ran]
+        results = kept + results
     payload = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "quick": bool(config.getoption("--quick")),
         "machine": info,
-        "results": [r.to_json() for r in _RESULTS],
+        "results": results,
     }
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(payload, indent=1))

@@ -77,7 +77,10 @@ def report() -> str:
     for kind in ("cpu", "gpu"):
         path = _latest(kind)
         parts.append(table(path) if path else f"**{kind.upper()}**: no full run saved yet.")
-    parts.append("Ratio = fastclip / open_clip, measured in the same run: below 1 is better for time and memory.")
+    parts.append(
+        "Ratio = fastclip / open_clip, measured in the same run: below 1 is better for time and memory, above 1 "
+        "for samples/s and captions/s."
+    )
     return "\n\n".join(parts)
 
 

@@ -1,0 +1,46 @@
+"""Caption tokenization, captions/s: fastclip's tokenizer against open_clip's, on unseen and repeated words.
+
+fastclip tokenizes with the model's own open_clip tokenizer today (ids identical by construction), so this
+case records where a faster tokenizer has to start from.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+
+from harness import Result, time_fn
+
+COUNTS = {"full": 20_000, "quick": 500}
+
+
+def _captions(n: int, *, unseen: bool) -> list[str]:
+    rng = random.Random(0)
+    words = ["red", "circle", "photo", "large", "on", "the", "left", "of", "a", "picture", "small", "blue"]
+    out = []
+    for _ in range(n):
+        if unseen:  # fresh letter strings defeat the BPE cache, as web captions mostly do
+            toks = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 9))) for _ in range(rng.randint(5, 15))]
+        else:
+            toks = rng.choices(words, k=rng.randint(5, 15))
+        out.append(" ".join(toks))
+    return out
+
+
+def test_tokenizer_cpu(benchmark, record, quick):
+    import open_clip
+
+    from fastclip.data.tokenizer import build_tokenizer
+
+    n = COUNTS["quick" if quick else "full"]
+    for unseen in (True, False):
+        captions = _captions(n, unseen=unseen)
+        ours_tok, theirs_tok = build_tokenizer("ViT-B-32"), open_clip.get_tokenizer("ViT-B-32")
+        # fresh tokenizers and one timed pass each: a second pass would measure the BPE cache, not the words
+        ours = time_fn(lambda: ours_tok(captions), repeats=1, warmup=0)
+        theirs = time_fn(lambda: theirs_tok(captions), repeats=1, warmup=0)
+        assert (ours_tok(captions[:50]) == theirs_tok(captions[:50])).all()
+        params = {"captions": n, "words": "unseen" if unseen else "repeated", "context": 77, "device": "cpu"}
+        record(Result("tokenizer", "captions/s", params, "captions_per_second", n / ours.median_s, n / theirs.median_s,
+                      note="fastclip uses open_clip's tokenizer for now"))  # fmt: skip
+    benchmark.pedantic(lambda: ours_tok(captions[:100]), rounds=1, iterations=1)

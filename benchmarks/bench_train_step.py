@@ -1,0 +1,151 @@
+"""Train step, samples/s/GPU: fastclip's full step (DeepSpeed ZeRO-2 bf16 engine, fused loss, device meters)
+against open_clip's own ``train_one_epoch`` (autocast bf16, AdamW, open_clip's ClipLoss) on the same model and
+batch size. "data excluded" feeds both the same pre-made batches; "data included" runs each with its own
+loader on the same shards (fastclip: DALI; open_clip: get_wds_dataset).
+
+CPU: the tiny demo architecture at 64 px, one rank. (GPU: ViT-B/32 and ViT-B/16 need the fallback loader on
+the bare GPU image, which has no DALI; not measured yet.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pytest
+import torch
+
+from bench_data import _shards
+from harness import Result
+
+BATCH = 64
+STEPS = {"full": 12, "quick": 2}
+
+
+def _fixed_batches(n: int, size: int, tokenizer):
+    g = torch.Generator().manual_seed(0)
+    captions = [f"a photo of a {c} shape number {i}" for i, c in enumerate(["red", "green", "blue", "white"] * (BATCH // 4))]
+    return [(torch.randn(BATCH, 3, size, size, generator=g), tokenizer(captions)) for _ in range(n)]
+
+
+class _FixedLoader:
+    """What open_clip's train_one_epoch needs of a dataloader: iteration, num_batches, num_samples."""
+
+    def __init__(self, batches):
+        self.batches = batches
+        self.num_batches = len(batches)
+        self.num_samples = len(batches) * BATCH
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+class _Limited:
+    def __init__(self, loader, n):
+        self.loader, self.num_batches, self.num_samples = loader, n, n * BATCH
+
+    def __iter__(self):
+        for i, batch in enumerate(self.loader):
+            if i >= self.num_batches:
+                return
+            yield batch
+
+
+def _open_clip_run(loader, steps: int) -> float:
+    """Seconds per step of open_clip_train.train.train_one_epoch over ``loader`` (after one warm-up epoch)."""
+    import open_clip
+    from open_clip_train.data import DataInfo
+    from open_clip_train.params import parse_args
+    from open_clip_train.scheduler import cosine_lr
+    from open_clip_train.train import train_one_epoch
+
+    from fastclip.model import param_groups, resolve_model_name
+
+    args = parse_args(
+        ["--model", "fastclip-tiny", "--precision", "amp_bf16", "--batch-size", str(BATCH), "--lr", "1e-3",
+         "--wd", "0.1", "--grad-clip-norm", "1.0", "--log-every-n-steps", "1000", "--train-data", "unused"]
+    )  # fmt: skip
+    args.device, args.world_size, args.rank, args.local_rank, args.distributed = "cpu", 1, 0, 0, False
+    # set by open_clip_train.main, which this bypasses
+    args.distill, args.wandb, args.tensorboard, args.save_logs = False, False, False, False
+    torch.manual_seed(0)
+    model = open_clip.create_model(resolve_model_name("fastclip-tiny"), output_dict=True)
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay=0.1), lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
+    scheduler = cosine_lr(optimizer, 1e-3, 10, 10_000)
+    loss = open_clip.ClipLoss()
+    data = {"train": DataInfo(dataloader=_Limited(loader, 1))}
+    train_one_epoch(model, data, loss, 0, optimizer, None, scheduler, None, args)  # warm-up
+    data = {"train": DataInfo(dataloader=_Limited(loader, steps))}
+    start = time.perf_counter()
+    train_one_epoch(model, data, loss, 1, optimizer, None, scheduler, None, args)
+    return (time.perf_counter() - start) / steps
+
+
+def _fastclip_trainer(root, steps: int):
+    from fastclip.config import parse_args
+    from fastclip.distributed import init_distributed
+    from fastclip.trainer import Trainer
+
+    cfg = parse_args(
+        ["--data.train_shards", str(root / "train" / "*.tar"), "--data.batch_size", str(BATCH),
+         "--data.shuffle_buffer", "256", "--train.steps", str(steps + 2), "--log.progress", "false",
+         "--log.dir", str(root / "runs"), "--checkpoint.dir", str(root / "runs" / "ckpt")]
+    )  # fmt: skip
+    cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, every=10_000))
+    return Trainer(cfg, init_distributed())
+
+
+def _fastclip_run(trainer, batches, steps: int) -> float:
+    trainer.train_step(batches)  # warm-up
+    start = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step(batches)
+    trainer.meters.collect()  # the step's numbers reach the host once, as at a log step
+    return (time.perf_counter() - start) / steps
+
+
+def test_train_step_cpu(benchmark, record, quick):
+    from fastclip.data.dali import Batch
+    from fastclip.distributed import close_distributed
+
+    mode = "quick" if quick else "full"
+    steps = STEPS[mode]
+    root = _shards(mode)
+    trainer = _fastclip_trainer(root, steps)
+    try:
+        size = trainer.image.size
+        fixed = _fixed_batches(steps + 1, size, trainer.tokenizer)
+        cycle = (Batch(images=img, texts=txt) for _ in range(10**6) for img, txt in fixed)
+        ours_fixed = _fastclip_run(trainer, cycle, steps)
+        ours_loaded = _fastclip_run(trainer, iter(trainer.train_loader), steps)
+    finally:
+        trainer.close()
+        close_distributed()
+    theirs_fixed = _open_clip_run(_FixedLoader(fixed), steps)
+    theirs_loaded = _open_clip_run(_open_clip_loader_for(root, size), steps)
+    params = {"model": "fastclip-tiny", "image_px": size, "batch": BATCH, "ranks": 1, "precision": "bf16", "device": "cpu"}
+    for case, ours, theirs in (("data excluded", ours_fixed, theirs_fixed), ("data included", ours_loaded, theirs_loaded)):
+        record(Result("train_step", f"samples/s/GPU, {case}", params, "samples_per_second", BATCH / ours, BATCH / theirs,
+                      note="open_clip: train_one_epoch, autocast bf16"))  # fmt: skip
+    benchmark.extra_info.update(params=params)
+    benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+
+
+def _open_clip_loader_for(root, size: int):
+    """open_clip's own webdataset loader, transforms for ``size`` px (the tiny model's input)."""
+    import open_clip
+    from open_clip_train.data import get_wds_dataset
+    from open_clip_train.params import parse_args
+
+    from fastclip.model import resolve_model_name
+
+    shards = sorted(str(p) for p in (root / "train").glob("*.tar"))
+    n = 64 * BATCH
+    args = parse_args(
+        ["--train-data", "::".join(shards), "--train-num-samples", str(n), "--dataset-type", "webdataset",
+         "--batch-size", str(BATCH), "--workers", "2", "--model", "fastclip-tiny"]
+    )  # fmt: skip
+    args.world_size, args.rank, args.distributed = 1, 0, False
+    name = resolve_model_name("fastclip-tiny")
+    _, preprocess_train, _ = open_clip.create_model_and_transforms(name)
+    return get_wds_dataset(args, preprocess_train, is_train=True, tokenizer=open_clip.get_tokenizer(name)).dataloader
