@@ -113,3 +113,39 @@ def test_val_split_covers_every_sample_once(world_dir, world_size):
         loader.close()
     assert passes[0] == passes[1] == whole_texts  # each eval pass sees the same samples in the same order
     assert np.bincount(whole_labels).max() < 100  # several classes present
+
+
+def _rewrite(src, dst, drop):
+    """Copy tar ``src`` to ``dst`` without the members for which ``drop(name)`` is true."""
+    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
+        for member in tin:
+            if not drop(member.name):
+                tout.addfile(member, tin.extractfile(member))
+
+
+def test_samples_without_caption_are_skipped_and_unlabelled_val_still_evaluates(world_dir, tmp_path):
+    src = sorted((world_dir / "train").glob("*.tar"))[0]
+    holed = tmp_path / "holed-000.tar"
+    no_caption = {f"train{i:08d}.txt" for i in range(0, 128, 8)}  # 16 of 128 samples lose their caption
+    _rewrite(src, holed, lambda name: name in no_caption)
+    unlabelled = tmp_path / "unlabelled-000.tar"
+    _rewrite(world_dir / "val" / "shard-000000.tar", unlabelled, lambda name: name.endswith(".cls"))
+    data = parse_args(
+        ["--data.train_shards", str(holed), "--data.val_shards", str(unlabelled), "--data.batch_size", "16"]
+    ).data
+    tok = build_tokenizer("fastclip-tiny")
+    common = dict(data=data, image=SPEC, tokenizer=tok, rank=0, world_size=1, seed=0, device=torch.device("cpu"))
+    train = build_loader(train=True, **common)
+    try:
+        assert train.samples_per_epoch == 112
+        batches = iter(train)
+        seen = [tuple(t.tolist()) for _ in range(14) for t in next(batches).texts]
+        assert all(t[1] != tok([""])[0, 1].item() for t in seen)  # no empty caption reached the model
+    finally:
+        train.close()
+    val = build_loader(train=False, **common)
+    try:
+        batches = list(val)
+        assert sum(b.images.shape[0] for b in batches) == 100 and all(b.labels is None for b in batches)
+    finally:
+        val.close()

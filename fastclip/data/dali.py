@@ -8,6 +8,7 @@ ahead, so the training step finds the next batch ready; the images reach the ste
 from __future__ import annotations
 
 import queue
+import tarfile
 import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
@@ -46,12 +47,22 @@ def _normalize(images, spec: ImageSpec, crop: Optional[tuple[int, int]] = None):
     )
 
 
+def _has_labels(path: str) -> bool:
+    """Whether a shard's first samples carry a KEY.cls (zero-shot label); read from the tar headers only."""
+    with tarfile.open(path) as tar:
+        for _, member in zip(range(64), tar):
+            if member.name.endswith(".cls"):
+                return True
+    return False
+
+
 def _reader(paths: list[str], exts: list[str], *, rank: int, world_size: int, shuffle: bool, data: DataConfig, seed):
     return fn.readers.webdataset(
         paths=paths,
         index_paths=index_paths(paths),
         ext=exts,
-        missing_component_behavior="empty",
+        # a sample without an image or a caption is skipped, as open_clip's filter_no_caption_or_no_image does
+        missing_component_behavior="skip",
         shard_id=rank,
         num_shards=world_size,
         random_shuffle=shuffle,
@@ -70,6 +81,7 @@ def build_pipeline(
     device = _decode_device(data)
     device_id = torch.cuda.current_device() if device == "mixed" else None
     batch = data.batch_size
+    labelled = not train and _has_labels(paths[0])
 
     @pipeline_def(batch_size=batch, num_threads=data.num_threads, device_id=device_id, seed=seed, prefetch_queue_depth=2)
     def pipeline():
@@ -87,12 +99,11 @@ def build_pipeline(
             )
             img = fn.resize(img, resize_x=image.size, resize_y=image.size, interp_type=types.INTERP_CUBIC)
             return _normalize(img, image), txt
-        jpg, txt, cls = _reader(
-            paths, ["jpg;jpeg;png", "txt", "cls"], rank=rank, world_size=world_size, shuffle=False, data=data, seed=seed
-        )
-        img = fn.decoders.image(jpg, device=device, output_type=types.RGB)
+        exts = ["jpg;jpeg;png", "txt"] + (["cls"] if labelled else [])
+        outputs = _reader(paths, exts, rank=rank, world_size=world_size, shuffle=False, data=data, seed=seed)
+        img = fn.decoders.image(outputs[0], device=device, output_type=types.RGB)
         img = fn.resize(img, resize_shorter=image.size, interp_type=types.INTERP_CUBIC)
-        return _normalize(img, image, crop=(image.size, image.size)), txt, cls
+        return (_normalize(img, image, crop=(image.size, image.size)), *outputs[1:])
 
     pipe = pipeline()
     pipe.build()
