@@ -22,21 +22,6 @@ def pytest_addoption(parser):
     parser.addoption("--results", default=None, help="where to write the results JSON")
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it")
-
-
-def pytest_collection_modifyitems(config, items):
-    import torch
-
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs CUDA")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
-
-
 @pytest.fixture(scope="session")
 def quick(request) -> bool:
     return bool(request.config.getoption("--quick"))

@@ -40,6 +40,23 @@ def _blocks(device: torch.device):
 
 
 @triton.jit
+def _tile_dot(X, Y, rows, cols, row_ok, col_ok, D, stride_x, stride_y,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """x[rows] . y[cols] for one BLOCK_M x BLOCK_N tile, fp32, D in chunks of BLOCK_D."""
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dims = d0 + tl.arange(0, BLOCK_D)
+        d_ok = dims < D
+        x = tl.load(X + rows[:, None] * stride_x + dims[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        y = tl.load(Y + cols[:, None] * stride_y + dims[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(x, tl.trans(y), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(y), acc)
+    return acc
+
+
+@triton.jit
 def _lse_fwd_kernel(
     X, Y, S, LSE,
     n, N, D,
@@ -55,16 +72,7 @@ def _lse_fwd_kernel(
     for c0 in range(0, N, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = cols < N
-        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dims = d0 + tl.arange(0, BLOCK_D)
-            d_ok = dims < D
-            x = tl.load(X + rows[:, None] * stride_x + dims[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            y = tl.load(Y + cols[:, None] * stride_y + dims[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            if IEEE:
-                acc = tl.dot(x, tl.trans(y), acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, tl.trans(y), acc)
+        acc = _tile_dot(X, Y, rows, cols, row_ok, col_ok, D, stride_x, stride_y, BLOCK_M, BLOCK_N, BLOCK_D, IEEE)
         t = tl.where(col_ok[None, :], acc * scale2, float("-inf"))  # L / ln 2
         m_new = tl.maximum(m, tl.max(t, axis=1))
         l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(t - m_new[:, None]), axis=1)
@@ -92,17 +100,8 @@ def _lse_bwd_kernel(
     for c0 in range(0, N, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = cols < N
-        raw = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # x_i . y_j
-        for d0 in range(0, D, BLOCK_D):
-            dims = d0 + tl.arange(0, BLOCK_D)
-            d_ok = dims < D
-            x = tl.load(X + rows[:, None] * stride_x + dims[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            y = tl.load(Y + cols[:, None] * stride_y + dims[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            if IEEE:
-                raw = tl.dot(x, tl.trans(y), raw, input_precision="ieee")
-            else:
-                raw = tl.dot(x, tl.trans(y), raw)
-        t = raw * scale2
+        raw = _tile_dot(X, Y, rows, cols, row_ok, col_ok, D, stride_x, stride_y, BLOCK_M, BLOCK_N, BLOCK_D, IEEE)
+        t = raw * scale2  # x_i . y_j in base-2 logit units
         dl = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         if HAS_GX:  # g_x[i] * P_row[i, j]
             dl += g_x[:, None] * tl.exp2(t - lse_x2[:, None])

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, run_cli, small_run_args
+from runs import ROOT, run_cli, small_run_args
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, deepspeed_cmd, run_cli, small_run_args
+from runs import ROOT, deepspeed_cmd, run_cli, small_run_args
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,21 @@
+"""Shared by tests/ and benchmarks/: the ``gpu`` marker, whose items skip cleanly without CUDA.
+
+Nothing here touches the device at import time, so both suites collect on a CPU-only machine.
+"""
+
+import pytest
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
