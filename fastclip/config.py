@@ -57,6 +57,7 @@ class DataConfig:
     demo_dir: str = DEMO_DIR  # with no train_shards, the synthetic demo world is generated (once) here
     num_threads: int = 2  # DALI CPU threads per rank
     shuffle_buffer: int = 1024  # samples in DALI's shuffle buffer (per rank)
+    loader: str = "auto"  # 'dali', 'torch' (DataLoader + torchvision) or 'auto' (DALI when it is installed)
     decode_device: str = "auto"  # 'auto' (GPU decode when CUDA exists), 'mixed' (nvJPEG) or 'cpu'
     crop_scale: tuple[float, float] = (0.9, 1.0)  # random-resized-crop area range, as open_clip's default
 
@@ -64,6 +65,7 @@ class DataConfig:
         _require(self.batch_size > 0, "data.batch_size", f"must be a positive integer, got {self.batch_size}")
         _require(self.num_threads > 0, "data.num_threads", f"must be positive, got {self.num_threads}")
         _require(self.shuffle_buffer > 0, "data.shuffle_buffer", f"must be positive, got {self.shuffle_buffer}")
+        _require(self.loader in ("auto", "dali", "torch"), "data.loader", f"must be auto, dali or torch, got {self.loader!r}")
         _require(
             self.decode_device in ("auto", "mixed", "cpu"),
             "data.decode_device",
@@ -98,6 +100,7 @@ class OptimConfig:
     warmup_steps: int = 50  # linear warmup from 0 to lr, in optimizer steps
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
+    fused_adam: bool = False  # on CUDA, DeepSpeed's FusedAdam (JIT-compiled with nvcc) instead of torch's AdamW
 
     def __post_init__(self):
         _require(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
@@ -386,8 +389,8 @@ def deepspeed_config(cfg: Config, *, world_size: int, total_steps: int, cuda: bo
                 "betas": list(cfg.optim.betas),
                 "eps": cfg.optim.eps,
                 "weight_decay": cfg.optim.weight_decay,
-                # DeepSpeed's FusedAdam is a CUDA extension; torch's AdamW is used where it cannot build
-                "torch_adam": not cuda,
+                # torch's foreach AdamW unless asked for DeepSpeed's FusedAdam (a CUDA op JIT-built at start-up)
+                "torch_adam": not (cuda and cfg.optim.fused_adam),
             },
         },
         "scheduler": {

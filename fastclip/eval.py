@@ -6,12 +6,11 @@ scored over the whole set, the same numbers on every rank.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 import torch.distributed as dist
 
-from fastclip.data.dali import DaliLoader
 from fastclip.loss import contrastive_loss_local
 
 
@@ -62,7 +61,7 @@ def zeroshot_classifier(
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
-    loader: DaliLoader,
+    loader: Iterable,  # yields fastclip.data.batch.Batch
     *,
     tokenizer: Callable[[list[str]], torch.Tensor],
     classnames: Optional[list[str]],

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from fastclip.config import Config, ConfigError, LossConfig, deepspeed_config, total_steps
-from fastclip.data.dali import Batch, build_loader
+from fastclip.data.batch import Batch
+from fastclip.data.loader import build_loader
 from fastclip.data.tokenizer import build_tokenizer
 from fastclip.distributed import World
 from fastclip.eval import evaluate

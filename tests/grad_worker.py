@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from fastclip.config import parse_args
-from fastclip.data.dali import Batch
+from fastclip.data.batch import Batch
 from fastclip.distributed import close_distributed, init_distributed
 from fastclip.trainer import Trainer
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from fastclip.config import parse_args
-from fastclip.data.dali import build_loader
+from fastclip.data.loader import build_loader
 from fastclip.data.synthetic import COLOURS, SHAPES, class_names
 from fastclip.data.tokenizer import build_tokenizer
 from fastclip.model import ImageSpec
@@ -48,13 +48,17 @@ def test_world_is_consistent_and_reused(world_dir):
     assert shards[0].stat().st_mtime_ns == before  # same spec: nothing rewritten
 
 
-def _loader(world_dir, *, train, rank=0, world_size=1, batch=16):
+LOADERS = ["dali", "torch"]
+
+
+def _loader(world_dir, *, train, rank=0, world_size=1, batch=16, kind="dali"):
     data = parse_args(
         [
             "--data.train_shards", str(world_dir / "train" / "*.tar"),
             "--data.val_shards", str(world_dir / "val" / "*.tar"),
             "--data.batch_size", str(batch),
             "--data.shuffle_buffer", "64",
+            "--data.loader", kind,
         ]
     ).data  # fmt: skip
     tok = build_tokenizer("fastclip-tiny")
@@ -64,10 +68,11 @@ def _loader(world_dir, *, train, rank=0, world_size=1, batch=16):
     )  # fmt: skip
 
 
-def test_train_batches_are_normalized_and_tokenized_as_open_clip(world_dir):
+@pytest.mark.parametrize("kind", LOADERS)
+def test_train_batches_are_normalized_and_tokenized_as_open_clip(world_dir, kind):
     import open_clip
 
-    loader = _loader(world_dir, train=True)
+    loader = _loader(world_dir, train=True, kind=kind)
     try:
         assert loader.samples_per_epoch == 512
         it = iter(loader)
@@ -84,8 +89,8 @@ def test_train_batches_are_normalized_and_tokenized_as_open_clip(world_dir):
         loader.close()
 
 
-def _val_pass(world_dir, rank, world_size):
-    loader = _loader(world_dir, train=False, rank=rank, world_size=world_size, batch=16)
+def _val_pass(world_dir, rank, world_size, kind):
+    loader = _loader(world_dir, train=False, rank=rank, world_size=world_size, batch=16, kind=kind)
     try:
         texts, labels = [], []
         for batch in loader:
@@ -96,17 +101,18 @@ def _val_pass(world_dir, rank, world_size):
         loader.close()
 
 
+@pytest.mark.parametrize("kind", LOADERS)
 @pytest.mark.parametrize("world_size", [2, 3])
-def test_val_split_covers_every_sample_once(world_dir, world_size):
-    whole_texts, whole_labels = _val_pass(world_dir, 0, 1)
+def test_val_split_covers_every_sample_once(world_dir, world_size, kind):
+    whole_texts, whole_labels = _val_pass(world_dir, 0, 1, kind)
     assert len(whole_texts) == 100 and min(whole_labels) >= 0
     texts, labels = [], []
     for rank in range(world_size):
-        t, lab = _val_pass(world_dir, rank, world_size)
+        t, lab = _val_pass(world_dir, rank, world_size, kind)
         texts += t
         labels += lab
     assert Counter(texts) == Counter(whole_texts) and Counter(labels) == Counter(whole_labels)
-    loader = _loader(world_dir, train=False, batch=16)
+    loader = _loader(world_dir, train=False, batch=16, kind=kind)
     try:
         passes = [[tuple(t.tolist()) for batch in loader for t in batch.texts] for _ in range(2)]
     finally:
@@ -123,7 +129,8 @@ def _rewrite(src, dst, drop):
                 tout.addfile(member, tin.extractfile(member))
 
 
-def test_samples_without_caption_are_skipped_and_unlabelled_val_still_evaluates(world_dir, tmp_path):
+@pytest.mark.parametrize("kind", LOADERS)
+def test_samples_without_caption_are_skipped_and_unlabelled_val_still_evaluates(world_dir, tmp_path, kind):
     src = sorted((world_dir / "train").glob("*.tar"))[0]
     holed = tmp_path / "holed-000.tar"
     no_caption = {f"train{i:08d}.txt" for i in range(0, 128, 8)}  # 16 of 128 samples lose their caption
@@ -131,7 +138,8 @@ def test_samples_without_caption_are_skipped_and_unlabelled_val_still_evaluates(
     unlabelled = tmp_path / "unlabelled-000.tar"
     _rewrite(world_dir / "val" / "shard-000000.tar", unlabelled, lambda name: name.endswith(".cls"))
     data = parse_args(
-        ["--data.train_shards", str(holed), "--data.val_shards", str(unlabelled), "--data.batch_size", "16"]
+        ["--data.train_shards", str(holed), "--data.val_shards", str(unlabelled), "--data.batch_size", "16",
+         "--data.loader", kind]
     ).data
     tok = build_tokenizer("fastclip-tiny")
     common = dict(data=data, image=SPEC, tokenizer=tok, rank=0, world_size=1, seed=0, device=torch.device("cpu"))

@@ -147,3 +147,24 @@ def test_every_zero_stage_trains_evaluates_and_exports(world_dir, tmp_path, stag
     state = torch.load(out / "checkpoints" / "open_clip.pt")["state_dict"]
     assert state["logit_scale"].shape == () and all(torch.isfinite(v).all() for v in state.values())
     assert state["visual.conv1.weight"].dtype == torch.float32 and state["visual.conv1.weight"].abs().sum() > 0
+
+
+def test_torch_fallback_loader_trains(world_dir, tmp_path):
+    out = tmp_path / "torch-loader"
+    args = small_run_args(world_dir, out, steps=3) + ["--data.loader", "torch", "--data.num_threads", "1"]
+    _check(run_cli([sys.executable, "-m", "fastclip.train", *args], cwd=ROOT, timeout=300))
+    records = _records(out)
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    evals = [r for r in records if "val/zeroshot_top1" in r]
+    assert len(evals) == 1 and evals[0]["val/samples"] == 100
+
+
+@pytest.mark.gpu
+def test_gpu_short_train_run(world_dir, tmp_path):
+    """On one GPU: the torch loader with nvJPEG decode, the bf16 engine, the Triton loss, eval and export."""
+    out = tmp_path / "gpu"
+    args = small_run_args(world_dir, out, steps=20, batch=32) + ["--data.loader", "torch", "--optim.lr", "2e-3"]
+    _check(run_cli([sys.executable, "-m", "fastclip.train", *args], cwd=ROOT, timeout=400))
+    train = [r for r in _records(out) if "loss" in r]
+    assert len(train) == 20 and sum(r["loss"] for r in train[-3:]) < sum(r["loss"] for r in train[:3])
+    assert (out / "checkpoints" / "open_clip.pt").exists()

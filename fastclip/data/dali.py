@@ -10,7 +10,6 @@ from __future__ import annotations
 import queue
 import tarfile
 import threading
-from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import numpy as np
@@ -19,15 +18,9 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from fastclip.config import DataConfig
+from fastclip.data.batch import Batch
 from fastclip.data.shards import index_paths, resolve_shards
 from fastclip.model import ImageSpec
-
-
-@dataclass
-class Batch:
-    images: torch.Tensor  # [B, 3, H, W], normalized, on the step's device
-    texts: torch.Tensor  # [B, context_length] token ids (int64)
-    labels: Optional[torch.Tensor] = None  # [B] class index from KEY.cls, -1 where absent (val only)
 
 
 def _decode_device(data: DataConfig) -> str:

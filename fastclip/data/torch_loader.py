@@ -1,0 +1,205 @@
+"""The fallback loader: webdataset shards through a torch DataLoader, for machines without DALI.
+
+Same contract as the DALI loader (``fastclip.data.dali.DaliLoader``): a training loader never ends and says
+how many samples an epoch holds; a validation loader yields each of this rank's samples once per pass.
+Workers read tar members in order, shuffle through a buffer, decode JPEGs with torchvision (on the CPU), crop,
+normalize and tokenize. With ``data.decode_device`` 'mixed' the workers hand over the JPEG bytes and the main
+process decodes the whole batch on the GPU (torchvision.io.decode_jpeg(device='cuda'), nvJPEG), then crops.
+"""
+
+from __future__ import annotations
+
+import random
+import tarfile
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from fastclip.config import DataConfig
+from fastclip.data.batch import Batch
+from fastclip.data.shards import resolve_shards
+from fastclip.model import ImageSpec
+
+IMAGE_EXTS = ("jpg", "jpeg", "png")
+
+
+def _samples(path: str) -> Iterator[dict]:
+    """(key -> {ext: bytes}) groups of consecutive tar members, as webdataset writes them."""
+    current_key, sample = None, {}
+    with tarfile.open(path, "r|*") as tar:  # streaming: one pass, no seeks
+        for member in tar:
+            if not member.isfile():
+                continue
+            key, _, ext = member.name.rpartition("/")[2].partition(".")
+            prefix = member.name.rpartition("/")[0]
+            key = f"{prefix}/{key}" if prefix else key
+            if key != current_key and sample:
+                yield sample
+                sample = {}
+            current_key = key
+            sample[ext.lower()] = tar.extractfile(member).read()
+    if sample:
+        yield sample
+
+
+def _usable(sample: dict) -> bool:
+    """An image and a caption, as open_clip's filter_no_caption_or_no_image asks."""
+    return "txt" in sample and any(e in sample for e in IMAGE_EXTS)
+
+
+def count_samples(paths: list[str]) -> int:
+    """Samples with an image and a caption, from the tar headers (no payload is decoded)."""
+    total = 0
+    for path in paths:
+        keys: dict[str, set] = {}
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar.getmembers():
+                if member.isfile():
+                    key, _, ext = member.name.partition(".")
+                    keys.setdefault(key, set()).add(ext.lower())
+        total += sum(1 for exts in keys.values() if "txt" in exts and exts & set(IMAGE_EXTS))
+    return total
+
+
+class _ShardStream(IterableDataset):
+    """This rank's and this worker's share of the samples: every ``slots``-th usable sample, from ``slot``."""
+
+    def __init__(self, *, paths, train: bool, rank: int, world_size: int, seed: int, shuffle_buffer: int, transform):
+        self.paths, self.train, self.rank, self.world_size = paths, train, rank, world_size
+        self.seed, self.shuffle_buffer, self.transform = seed, shuffle_buffer, transform
+
+    def _ordered(self, epoch: int, slot: int, slots: int) -> Iterator[dict]:
+        paths = list(self.paths)
+        if self.train:
+            random.Random(self.seed + epoch).shuffle(paths)  # same order on every rank: the split stays exact
+        index = 0
+        for path in paths:
+            for sample in _samples(path):
+                if not _usable(sample):
+                    continue
+                if index % slots == slot:
+                    yield sample
+                index += 1
+
+    def __iter__(self):
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        slots, slot = self.world_size * workers, self.rank * workers + worker
+        rng = random.Random(self.seed * 7919 + slot)
+        epoch = 0
+        while True:
+            buffer: list = []
+            for sample in self._ordered(epoch, slot, slots):
+                if not self.train:
+                    yield self.transform(sample)
+                    continue
+                buffer.append(sample)
+                if len(buffer) >= self.shuffle_buffer:
+                    yield self.transform(buffer.pop(rng.randrange(len(buffer))))
+            while buffer:
+                yield self.transform(buffer.pop(rng.randrange(len(buffer))))
+            if not self.train:
+                return
+            epoch += 1
+
+
+class _Transform:
+    """Sample -> (image [3, S, S] float normalized, or JPEG bytes as uint8 for GPU decode; tokens; label)."""
+
+    def __init__(self, *, image: ImageSpec, data: DataConfig, tokenizer, train: bool, gpu_decode: bool):
+        self.image, self.data, self.tokenizer, self.train, self.gpu_decode = image, data, tokenizer, train, gpu_decode
+
+    def __call__(self, sample: dict):
+        raw = next(sample[e] for e in IMAGE_EXTS if e in sample)
+        caption = sample["txt"].decode("utf-8", errors="replace")
+        label = int(sample["cls"].strip()) if sample.get("cls", b"").strip() else -1
+        tokens = self.tokenizer([caption])[0]
+        data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        if self.gpu_decode:
+            return data, tokens, label
+        from torchvision.io import ImageReadMode, decode_image
+
+        return prepare(decode_image(data, mode=ImageReadMode.RGB), self.image, self.data, self.train), tokens, label
+
+
+def prepare(img: torch.Tensor, image: ImageSpec, data: DataConfig, train: bool) -> torch.Tensor:
+    """uint8 [3, H, W] -> normalized float [3, S, S]: random-resized crop (train) or resize + center crop (val)."""
+    from torchvision.transforms import v2
+
+    if train:
+        geometry = v2.RandomResizedCrop(
+            image.size, scale=data.crop_scale, ratio=(3 / 4, 4 / 3), interpolation=v2.InterpolationMode.BICUBIC
+        )
+    else:
+        geometry = v2.Compose(
+            [v2.Resize(image.size, interpolation=v2.InterpolationMode.BICUBIC), v2.CenterCrop(image.size)]
+        )
+    out = geometry(img).float().div_(255)
+    mean = torch.tensor(image.mean, device=out.device).view(3, 1, 1)
+    std = torch.tensor(image.std, device=out.device).view(3, 1, 1)
+    return out.sub_(mean).div_(std)
+
+
+def _collate(items):
+    images, tokens, labels = zip(*items)
+    stacked = list(images) if images[0].dim() == 1 else torch.stack(images)  # JPEG bytes stay a list
+    return stacked, torch.stack(tokens), torch.tensor(labels, dtype=torch.long)
+
+
+class TorchLoader:
+    """The DALI loader's contract on a torch DataLoader (see the module doc)."""
+
+    def __init__(
+        self,
+        *,
+        data: DataConfig,
+        image: ImageSpec,
+        tokenizer: Callable[[list[str]], torch.Tensor],
+        train: bool,
+        rank: int,
+        world_size: int,
+        seed: int,
+        device: torch.device,
+    ):
+        field = "data.train_shards" if train else "data.val_shards"
+        paths = resolve_shards(data.train_shards if train else data.val_shards, field=field)
+        self.samples_per_epoch = count_samples(paths)
+        total = self.samples_per_epoch
+        self.local_samples = len(range(rank, total, world_size))
+        self.batch_size, self.train, self.device, self.image, self.data = data.batch_size, train, device, image, data
+        self.gpu_decode = device.type == "cuda" and data.decode_device in ("auto", "mixed")
+        transform = _Transform(image=image, data=data, tokenizer=tokenizer, train=train, gpu_decode=self.gpu_decode)
+        stream = _ShardStream(
+            paths=paths, train=train, rank=rank, world_size=world_size, seed=seed,
+            shuffle_buffer=data.shuffle_buffer, transform=transform,
+        )  # fmt: skip
+        workers = min(data.num_threads, len(paths) * 64) if train else min(data.num_threads, max(total // 64, 1))
+        self.loader = DataLoader(
+            stream, batch_size=data.batch_size, num_workers=workers, collate_fn=_collate,
+            pin_memory=device.type == "cuda", drop_last=train, persistent_workers=train and workers > 0,
+            prefetch_factor=4 if workers > 0 else None,
+        )  # fmt: skip
+
+    def _decode_on_gpu(self, jpegs: list[torch.Tensor]) -> torch.Tensor:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        decoded = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device)  # one nvJPEG batch
+        return torch.stack([prepare(img, self.image, self.data, self.train) for img in decoded])
+
+    def __iter__(self) -> Iterator[Batch]:
+        labelled: Optional[bool] = None
+        for images, texts, labels in self.loader:
+            if isinstance(images, list):
+                images = self._decode_on_gpu(images)
+            if labelled is None:
+                labelled = bool((labels >= 0).any())
+            non_blocking = self.device.type == "cuda"
+            yield Batch(
+                images=images.to(self.device, non_blocking=non_blocking),
+                texts=texts.to(self.device, non_blocking=non_blocking),
+                labels=labels if (labelled and not self.train) else None,
+            )
+
+    def close(self) -> None:
+        self.loader = None
