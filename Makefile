@@ -21,6 +21,7 @@ demo: setup
 	$(BIN)/deepspeed --num_gpus $(NUM_GPUS) fastclip/train.py $(ARGS)
 
 test: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 	$(BIN)/python -m pytest -q -p no:cacheprovider benchmarks --quick --benchmark-disable
 
@@ -28,8 +29,8 @@ bench: setup  # the full CPU benchmark run (minutes); writes benchmarks/results/
 	$(BIN)/python -m pytest -q -p no:cacheprovider benchmarks
 	$(BIN)/python benchmarks/report.py --update-readme
 
-lint: setup
-	$(BIN)/python -m pip install --quiet ruff && $(BIN)/ruff check . && $(BIN)/ruff format --check .
+lint: setup  # what make test checks first; `$(BIN)/ruff format .` fixes the formatting
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) build *.egg-info .cache runs

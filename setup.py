@@ -35,5 +35,13 @@ setup(
     package_data={"fastclip": ["model_configs/*.json"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    install_requires=["torch>=2.11", "open_clip_torch>=3.0", "deepspeed>=0.16", "pyyaml", "braceexpand", "tqdm", "packaging"],
+    install_requires=[
+        "torch>=2.11",
+        "open_clip_torch>=3.0",
+        "deepspeed>=0.16",
+        "pyyaml",
+        "braceexpand",
+        "tqdm",
+        "packaging",
+    ],
 )

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from harness import Result
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +27,9 @@ def _shards(mode: str) -> Path:
     spec = SPECS[mode]
     root = ROOT / ".cache" / f"bench-data-{mode}"
     shard = spec["samples"] // 8  # open_clip needs a shard per worker (8 on the GPU machine)
-    world = WorldSpec(train_samples=spec["samples"], val_samples=64, samples_per_shard=shard, image_size=spec["image_size"])
+    world = WorldSpec(
+        train_samples=spec["samples"], val_samples=64, samples_per_shard=shard, image_size=spec["image_size"]
+    )
     return generate(root, world)
 
 
@@ -121,5 +122,5 @@ def test_data_gpu(benchmark, record, quick):
     theirs = _throughput(_open_clip_batches(root, spec["samples"], workers), spec["batches"])
     params = {"image_px": spec["image_size"], "crop_px": 224, "batch": BATCH, "workers": workers, "device": "cuda"}
     record(Result("data", "loader throughput (decode, crop, normalize, tokenize)", params, "samples_per_second",
-                  ours, theirs, note="fastclip: torch loader, nvJPEG decode on the GPU; open_clip: PIL in workers"))  # fmt: skip
+                  ours, theirs, note="fastclip: torch loader + nvJPEG; open_clip: PIL in workers"))  # fmt: skip
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)

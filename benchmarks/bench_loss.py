@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-
 from harness import Result, peak_extra_rss, time_fn
 
 CPU_SIZES = {"full": [4096, 8192, 16384], "quick": [256, 1024]}
@@ -56,7 +54,10 @@ def _cpu_memory(which: str, n: int, d: int) -> float:
         else "from open_clip.loss import ClipLoss\ndef run(st): ClipLoss()(*st).backward()\n"
     )
     # setup runs the step once on a tiny batch: lazy imports and op registration are not the loss's memory
-    setup = f"def setup():\n    run(inputs(8, {d}, torch.float32, 'cpu'))\n    return inputs({n}, {d}, torch.float32, 'cpu')\n"
+    setup = (
+        f"def setup():\n    run(inputs(8, {d}, torch.float32, 'cpu'))\n"
+        f"    return inputs({n}, {d}, torch.float32, 'cpu')\n"
+    )
     return peak_extra_rss(_INPUTS + step + setup)
 
 
@@ -82,7 +83,8 @@ def test_loss_cpu_fp32(benchmark, record, quick, size_index, d):
     t_theirs = time_fn(theirs, repeats=repeats)
     params = {"N": n, "D": d, "dtype": "fp32", "device": "cpu", "threads": torch.get_num_threads()}
     record(Result("loss", "fwd+bwd time", params, "seconds", t_ours.median_s, t_theirs.median_s,
-                  extra={"fastclip_spread": t_ours.spread, "baseline_spread": t_theirs.spread, "runs": repeats}))  # fmt: skip
+                  extra={"fastclip_spread": t_ours.spread, "baseline_spread": t_theirs.spread,
+                         "runs": repeats}))  # fmt: skip
     m_ours, m_theirs = _cpu_memory("fastclip", n, d), _cpu_memory("open_clip", n, d)
     record(Result("loss", "fwd+bwd peak extra memory", params, "bytes", m_ours, m_theirs))
     benchmark.extra_info.update(params=params, time_ratio=t_ours.median_s / t_theirs.median_s,
@@ -99,7 +101,11 @@ def _bf16_matmul_peak() -> float:
 
 @pytest.mark.gpu
 def test_matmul_peak_gpu(record):
-    record(Result("loss", "bf16 matmul 8192^3 (card peak)", {"device": "cuda"}, "flop_per_second", _bf16_matmul_peak(), None))
+    record(
+        Result(
+            "loss", "bf16 matmul 8192^3 (card peak)", {"device": "cuda"}, "flop_per_second", _bf16_matmul_peak(), None
+        )
+    )
 
 
 @pytest.mark.gpu

@@ -44,8 +44,15 @@ def test_rank_scaling_cpu(benchmark, record, quick, tmp_path):
     steps = STEPS[mode]
     one = _run(1, root, tmp_path / "one", steps, 29721)
     two = _run(2, root, tmp_path / "two", steps, 29722)
-    params = {"model": "fastclip-tiny", "batch_per_rank": 64, "ranks": "2 vs 1", "cores": os.cpu_count(), "device": "cpu"}
+    params = {
+        "model": "fastclip-tiny",
+        "batch_per_rank": 64,
+        "ranks": "2 vs 1",
+        "cores": os.cpu_count(),
+        "device": "cpu",
+    }
     record(Result("scaling", "samples/s/GPU at 2 ranks vs 1", params, "samples_per_second", two, one,
                   extra={"aggregate_2_over_1": 2 * two / one},
-                  note=f"ranks share the CPU cores; ratio = per-rank efficiency, aggregate {2 * two / one:.2f}x"))  # fmt: skip
+                  note=f"ranks share the CPU cores; ratio = per-rank efficiency, aggregate {2 * two / one:.2f}x",
+                  ))  # fmt: skip
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)

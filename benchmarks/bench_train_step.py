@@ -15,7 +15,6 @@ import time
 
 import pytest
 import torch
-
 from bench_data import _shards
 from harness import Result
 
@@ -26,7 +25,9 @@ GPU_CASES = [("ViT-B-32", 512, 44.3e9), ("ViT-B-16", 256, 123.3e9)]  # (model, b
 
 def _fixed_batches(n: int, size: int, tokenizer, batch: int = BATCH, device: str = "cpu"):
     g = torch.Generator().manual_seed(0)
-    captions = [f"a photo of a {c} shape number {i}" for i, c in enumerate(["red", "green", "blue", "white"] * (batch // 4))]
+    captions = [
+        f"a photo of a {c} shape number {i}" for i, c in enumerate(["red", "green", "blue", "white"] * (batch // 4))
+    ]
     return [
         (torch.randn(batch, 3, size, size, generator=g).to(device), tokenizer(captions).to(device)) for _ in range(n)
     ]
@@ -135,9 +136,20 @@ def test_train_step_cpu(benchmark, record, quick):
         close_distributed()
     theirs_fixed = _open_clip_run(_FixedLoader(fixed), steps)
     theirs_loaded = _open_clip_run(_open_clip_loader_for(root, size), steps)
-    params = {"model": "fastclip-tiny", "image_px": size, "batch": BATCH, "ranks": 1, "precision": "bf16", "device": "cpu"}
-    for case, ours, theirs in (("data excluded", ours_fixed, theirs_fixed), ("data included", ours_loaded, theirs_loaded)):
-        record(Result("train_step", f"samples/s/GPU, {case}", params, "samples_per_second", BATCH / ours, BATCH / theirs,
+    params = {
+        "model": "fastclip-tiny",
+        "image_px": size,
+        "batch": BATCH,
+        "ranks": 1,
+        "precision": "bf16",
+        "device": "cpu",
+    }
+    for case, ours, theirs in (
+        ("data excluded", ours_fixed, theirs_fixed),
+        ("data included", ours_loaded, theirs_loaded),
+    ):
+        record(Result("train_step", f"samples/s/GPU, {case}", params, "samples_per_second",
+                      BATCH / ours, BATCH / theirs,
                       note="open_clip: train_one_epoch, autocast bf16"))  # fmt: skip
     benchmark.extra_info.update(params=params)
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)

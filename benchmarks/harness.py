@@ -13,8 +13,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -59,8 +60,7 @@ def peak_extra_rss(code: str, *, timeout: float = 900) -> float:
     (/proc/self/clear_refs), so imports and inputs are not counted.
     """
     driver = (
-        code
-        + "\nimport json, gc\n"
+        code + "\nimport json, gc\n"
         "def _rss(key):\n"
         "    for line in open('/proc/self/status'):\n"
         "        if line.startswith(key):\n"
@@ -116,13 +116,13 @@ class Result:
     case: str  # e.g. "fwd+bwd fp32 cpu"
     params: dict[str, Any]
     metric: str  # what the figures are: "seconds", "peak_extra_bytes", "samples_per_second", ...
-    fastclip: Optional[float]
-    baseline: Optional[float]
+    fastclip: float | None
+    baseline: float | None
     extra: dict[str, Any] = field(default_factory=dict)
     note: str = ""  # why a figure is missing, or what to know about it
 
     @property
-    def ratio(self) -> Optional[float]:
+    def ratio(self) -> float | None:
         if self.fastclip is None or self.baseline in (None, 0):
             return None
         return self.fastclip / self.baseline

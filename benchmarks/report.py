@@ -86,7 +86,9 @@ def report() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--update-readme", action="store_true", help=f"replace the README text between {START} and {END}")
+    parser.add_argument(
+        "--update-readme", action="store_true", help=f"replace the README text between {START} and {END}"
+    )
     args = parser.parse_args(argv)
     text = report()
     if not args.update_readme:

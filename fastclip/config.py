@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import yaml
 
@@ -35,8 +35,8 @@ def _require(ok: bool, name: str, message: str) -> None:
 @dataclass
 class ModelConfig:
     name: str = "fastclip-tiny"  # open_clip architecture (see open_clip.list_models()) or a model-config JSON path
-    pretrained: Optional[str] = None  # local checkpoint file to start from (state_dict or {'state_dict': ...})
-    force_image_size: Optional[int] = None  # override the architecture's input resolution
+    pretrained: str | None = None  # local checkpoint file to start from (state_dict or {'state_dict': ...})
+    force_image_size: int | None = None  # override the architecture's input resolution
 
     def __post_init__(self):
         _require(bool(self.name), "model.name", "must name an open_clip architecture or a model-config JSON file")
@@ -49,11 +49,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    train_shards: Optional[str] = None  # webdataset tars: a glob, a brace range ({000..099}) or '::'-joined list
-    val_shards: Optional[str] = None  # same syntax; empty disables evaluation
+    train_shards: str | None = None  # webdataset tars: a glob, a brace range ({000..099}) or '::'-joined list
+    val_shards: str | None = None  # same syntax; empty disables evaluation
     batch_size: int = 64  # samples per GPU (rank) per micro step
-    zeroshot_classnames: Optional[str] = None  # JSON list of class names; index = the sample's .cls
-    zeroshot_templates: Optional[str] = None  # JSON list of prompt templates with one '{}'
+    zeroshot_classnames: str | None = None  # JSON list of class names; index = the sample's .cls
+    zeroshot_templates: str | None = None  # JSON list of prompt templates with one '{}'
     demo_dir: str = DEMO_DIR  # with no train_shards, the synthetic demo world is generated (once) here
     num_threads: int = 2  # DALI CPU threads per rank
     shuffle_buffer: int = 1024  # samples in DALI's shuffle buffer (per rank)
@@ -65,14 +65,18 @@ class DataConfig:
         _require(self.batch_size > 0, "data.batch_size", f"must be a positive integer, got {self.batch_size}")
         _require(self.num_threads > 0, "data.num_threads", f"must be positive, got {self.num_threads}")
         _require(self.shuffle_buffer > 0, "data.shuffle_buffer", f"must be positive, got {self.shuffle_buffer}")
-        _require(self.loader in ("auto", "dali", "torch"), "data.loader", f"must be auto, dali or torch, got {self.loader!r}")
+        _require(
+            self.loader in ("auto", "dali", "torch"), "data.loader", f"must be auto, dali or torch, got {self.loader!r}"
+        )
         _require(
             self.decode_device in ("auto", "mixed", "cpu"),
             "data.decode_device",
             f"must be 'auto', 'mixed' or 'cpu', got {self.decode_device!r}",
         )
         lo, hi = self.crop_scale
-        _require(0 < lo <= hi <= 1, "data.crop_scale", f"must be [lo, hi] with 0 < lo <= hi <= 1, got {self.crop_scale}")
+        _require(
+            0 < lo <= hi <= 1, "data.crop_scale", f"must be [lo, hi] with 0 < lo <= hi <= 1, got {self.crop_scale}"
+        )
 
     @property
     def demo(self) -> bool:
@@ -125,7 +129,9 @@ class TrainConfig:
         _require(self.epochs > 0, "train.epochs", f"must be positive, got {self.epochs}")
         _require(self.grad_accum > 0, "train.grad_accum", f"must be positive, got {self.grad_accum}")
         _require(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
-        _require(self.precision in ("bf16", "fp32"), "train.precision", f"must be 'bf16' or 'fp32', got {self.precision!r}")
+        _require(
+            self.precision in ("bf16", "fp32"), "train.precision", f"must be 'bf16' or 'fp32', got {self.precision!r}"
+        )
 
 
 @dataclass
@@ -145,7 +151,7 @@ class LogConfig:
 class CheckpointConfig:
     dir: str = "runs/demo/checkpoints"  # DeepSpeed checkpoints (one folder per step) and open_clip.pt
     every: int = 0  # optimizer steps between checkpoints; 0 saves only at the end
-    resume: Optional[str] = None  # 'latest' or a checkpoint folder to resume the engine from
+    resume: str | None = None  # 'latest' or a checkpoint folder to resume the engine from
     export_open_clip: bool = True  # at the end, write open_clip.pt that open_clip.create_model(pretrained=) loads
 
     def __post_init__(self):
@@ -160,7 +166,9 @@ class EvalConfig:
 
     def __post_init__(self):
         _require(self.every >= 0, "eval.every", f"must be >= 0, got {self.every}")
-        _require(self.batch_size >= 0, "eval.batch_size", f"must be >= 0 (0 uses data.batch_size), got {self.batch_size}")
+        _require(
+            self.batch_size >= 0, "eval.batch_size", f"must be >= 0 (0 uses data.batch_size), got {self.batch_size}"
+        )
 
 
 @dataclass
@@ -173,7 +181,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    deepspeed_config: Optional[str] = None  # a DeepSpeed JSON that replaces the derived one (batch sizes must agree)
+    deepspeed_config: str | None = None  # a DeepSpeed JSON that replaces the derived one (batch sizes must agree)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -454,4 +462,3 @@ __all__ = [
     "total_steps",
     "use_demo_world",
 ]
-

@@ -6,7 +6,7 @@ scored over the whole set, the same numbers on every rank.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.distributed as dist
@@ -64,8 +64,8 @@ def evaluate(
     loader: Iterable,  # yields fastclip.data.batch.Batch
     *,
     tokenizer: Callable[[list[str]], torch.Tensor],
-    classnames: Optional[list[str]],
-    templates: Optional[list[str]],
+    classnames: list[str] | None,
+    templates: list[str] | None,
     device: torch.device,
     dtype: torch.dtype,
 ) -> dict[str, float]:

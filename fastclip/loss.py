@@ -130,7 +130,9 @@ class ClipLoss(torch.nn.Module):
 
     def _loss(self, image_rows, text_rows, image_all, text_all, logit_scale, row_offset: int) -> torch.Tensor:
         if self.backend == "torch":
-            return contrastive_loss_local(image_rows, text_rows, image_all, text_all, logit_scale, row_offset=row_offset)
+            return contrastive_loss_local(
+                image_rows, text_rows, image_all, text_all, logit_scale, row_offset=row_offset
+            )
         return contrastive_loss_fused(
             image_rows, text_rows, image_all, text_all, logit_scale, row_offset=row_offset, backend=self.backend
         )

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -16,6 +16,7 @@ class ImageSpec:
     size: int  # square side fed to the model
     mean: Sequence[float]  # per-channel, in [0, 1] units (open_clip's preprocess_cfg)
     std: Sequence[float]
+
 
 SCALAR_PARAMS = ("logit_scale", "logit_bias")  # 0-dim parameters of open_clip models
 _BUILTIN_CONFIGS = Path(__file__).parent / "model_configs"

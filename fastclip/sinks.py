@@ -7,7 +7,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from fastclip.config import Config, ConfigError, LogConfig
 
@@ -47,7 +47,7 @@ class MetricSinks:
                 raise ConfigError("log.wandb: needs the wandb package (pip install wandb; wandb login)") from e
             self.wandb = wandb.init(project=log.wandb_project, dir=str(root), config=config.to_dict())
 
-    def write(self, record: dict[str, Any], *, console: Optional[str] = None) -> None:
+    def write(self, record: dict[str, Any], *, console: str | None = None) -> None:
         """Append ``record`` (which has a 'step') to every sink; print ``console`` or the record."""
         if not self.enabled:
             return

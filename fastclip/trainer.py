@@ -11,9 +11,10 @@ import logging
 import random
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _read_list(path: Optional[str]) -> Optional[list[str]]:
+def _read_list(path: str | None) -> list[str] | None:
     return json.loads(Path(path).read_text()) if path else None
 
 
@@ -263,7 +264,9 @@ class Trainer:
         metrics["val/time"] = time.perf_counter() - start
         record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), **metrics}
         parts = [f"{k[4:]} {v:.4f}" for k, v in metrics.items() if k not in ("val/samples", "val/time")]
-        self.sinks.write(record, console=f"eval step {self.step} ({int(metrics['val/samples'])} samples): " + " | ".join(parts))
+        self.sinks.write(
+            record, console=f"eval step {self.step} ({int(metrics['val/samples'])} samples): " + " | ".join(parts)
+        )
         self.engine.train()
         return metrics
 
@@ -295,7 +298,7 @@ class Trainer:
         if self.world.is_main:
             print(f"resumed from {loaded} at step {self.step}", flush=True)
 
-    def export_open_clip(self) -> Optional[Path]:
+    def export_open_clip(self) -> Path | None:
         """fp32 weights as ``{'state_dict': ...}``, which ``open_clip.create_model(pretrained=path)`` loads."""
         from deepspeed.utils import safe_get_full_fp32_param
 

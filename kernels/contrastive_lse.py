@@ -68,16 +68,16 @@ def _lse_fwd_kernel(
     row_ok = rows < n
     scale2 = tl.load(S).to(tl.float32) * 1.4426950408889634  # s * log2(e): tiles come out in base 2
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l = tl.zeros([BLOCK_M], tl.float32)
+    total = tl.zeros([BLOCK_M], tl.float32)
     for c0 in range(0, N, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = cols < N
         acc = _tile_dot(X, Y, rows, cols, row_ok, col_ok, D, stride_x, stride_y, BLOCK_M, BLOCK_N, BLOCK_D, IEEE)
         t = tl.where(col_ok[None, :], acc * scale2, float("-inf"))  # L / ln 2
         m_new = tl.maximum(m, tl.max(t, axis=1))
-        l = l * tl.exp2(m - m_new) + tl.sum(tl.exp2(t - m_new[:, None]), axis=1)
+        total = total * tl.exp2(m - m_new) + tl.sum(tl.exp2(t - m_new[:, None]), axis=1)
         m = m_new
-    tl.store(LSE + rows, (m + tl.log2(l)) * 0.6931471805599453, mask=row_ok)
+    tl.store(LSE + rows, (m + tl.log2(total)) * 0.6931471805599453, mask=row_ok)
 
 
 @triton.jit
@@ -130,13 +130,17 @@ def _lse_bwd_kernel(
 
 def _check(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> None:
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
-        raise ValueError(f"contrastive_lse: q must be [n, D] and k [N, D] with one D, got {tuple(x.shape)}, {tuple(y.shape)}")
+        raise ValueError(
+            f"contrastive_lse: q must be [n, D] and k [N, D] with one D, got {tuple(x.shape)}, {tuple(y.shape)}"
+        )
     if x.shape[0] == 0 or y.shape[0] == 0:
         raise ValueError(f"contrastive_lse: q and k need at least one row, got {tuple(x.shape)}, {tuple(y.shape)}")
     if x.dtype != y.dtype or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"contrastive_lse: q and k must share a dtype of fp32/fp16/bf16, got {x.dtype}, {y.dtype}")
     if x.device != y.device or scale.device != x.device:
-        raise ValueError(f"contrastive_lse: q, k and scale must be on one device, got {x.device}, {y.device}, {scale.device}")
+        raise ValueError(
+            f"contrastive_lse: q, k and scale must be on one device, got {x.device}, {y.device}, {scale.device}"
+        )
     if x.stride(1) != 1 or y.stride(1) != 1:
         raise ValueError("contrastive_lse: q and k must be contiguous along D (call .contiguous())")
 

@@ -26,7 +26,11 @@ def fixed_global_batch(trainer: Trainer, size: int) -> Batch:
 def main(argv):
     out = argv[argv.index("--out") + 1]
     global_batch = int(argv[argv.index("--global_batch") + 1])
-    rest = [a for i, a in enumerate(argv) if a not in ("--out", "--global_batch") and argv[i - 1] not in ("--out", "--global_batch")]
+    rest = [
+        a
+        for i, a in enumerate(argv)
+        if a not in ("--out", "--global_batch") and argv[i - 1] not in ("--out", "--global_batch")
+    ]
     cfg = parse_args(rest)
     world = init_distributed()
     trainer = Trainer(cfg, world)

@@ -10,7 +10,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_cli(args: list[str], *, cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], *, cwd: Path, timeout: float = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         full_env.pop(key, None)
@@ -19,7 +21,14 @@ def run_cli(args: list[str], *, cwd: Path, timeout: float = 600, env: dict | Non
 
 def deepspeed_cmd(num_ranks: int, port: int) -> list[str]:
     launcher = Path(sys.executable).parent / "deepspeed"
-    return [str(launcher), "--num_gpus", str(num_ranks), "--master_port", str(port), str(ROOT / "fastclip" / "train.py")]
+    return [
+        str(launcher),
+        "--num_gpus",
+        str(num_ranks),
+        "--master_port",
+        str(port),
+        str(ROOT / "fastclip" / "train.py"),
+    ]
 
 
 def small_run_args(world: Path, out: Path, *, steps: int, batch: int = 16) -> list[str]:

@@ -15,7 +15,17 @@ def test_overrides_and_yaml(tmp_path):
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text("data:\n  batch_size: 8\ntrain:\n  zero_stage: 1\n  steps: 5\n")
     cfg = parse_args(
-        ["--local_rank=1", "--config", str(yaml_file), "--train.steps", "7", "--optim.betas=[0.9, 0.95]", "--log.every=3", "--optim.lr", "2e-3"]
+        [
+            "--local_rank=1",
+            "--config",
+            str(yaml_file),
+            "--train.steps",
+            "7",
+            "--optim.betas=[0.9, 0.95]",
+            "--log.every=3",
+            "--optim.lr",
+            "2e-3",
+        ]
     )
     assert cfg.data.batch_size == 8 and cfg.train.zero_stage == 1 and cfg.train.steps == 7
     assert cfg.optim.betas == (0.9, 0.95) and cfg.log.every == 3 and cfg.optim.lr == 2e-3

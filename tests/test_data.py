@@ -138,8 +138,16 @@ def test_samples_without_caption_are_skipped_and_unlabelled_val_still_evaluates(
     unlabelled = tmp_path / "unlabelled-000.tar"
     _rewrite(world_dir / "val" / "shard-000000.tar", unlabelled, lambda name: name.endswith(".cls"))
     data = parse_args(
-        ["--data.train_shards", str(holed), "--data.val_shards", str(unlabelled), "--data.batch_size", "16",
-         "--data.loader", kind]
+        [
+            "--data.train_shards",
+            str(holed),
+            "--data.val_shards",
+            str(unlabelled),
+            "--data.batch_size",
+            "16",
+            "--data.loader",
+            kind,
+        ]
     ).data
     tok = build_tokenizer("fastclip-tiny")
     common = dict(data=data, image=SPEC, tokenizer=tok, rank=0, world_size=1, seed=0, device=torch.device("cpu"))

@@ -9,7 +9,6 @@ import time
 
 import pytest
 import torch
-
 from runs import ROOT, deepspeed_cmd, run_cli, small_run_args
 
 pytestmark = pytest.mark.slow
@@ -25,12 +24,16 @@ def _records(log_dir):
 
 
 def _check(proc):
-    assert proc.returncode == 0, f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
+    )
 
 
 def test_two_ranks_train_log_eval_and_checkpoint(world_dir, tmp_path):
     out = tmp_path / "run"
-    proc = run_cli(deepspeed_cmd(2, 29611) + small_run_args(world_dir, out, steps=14) + ["--optim.lr", "2e-3"], cwd=ROOT)
+    proc = run_cli(
+        deepspeed_cmd(2, 29611) + small_run_args(world_dir, out, steps=14) + ["--optim.lr", "2e-3"], cwd=ROOT
+    )
     _check(proc)
     records = _records(out)
     train = [r for r in records if "loss" in r]
@@ -78,7 +81,14 @@ def test_batch_size_mismatch_with_deepspeed_config_is_an_error(world_dir, tmp_pa
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"train_batch_size": 999}))
     proc = run_cli(
-        [sys.executable, "-m", "fastclip.train", *small_run_args(world_dir, tmp_path, steps=1), "--deepspeed_config", str(ds)],
+        [
+            sys.executable,
+            "-m",
+            "fastclip.train",
+            *small_run_args(world_dir, tmp_path, steps=1),
+            "--deepspeed_config",
+            str(ds),
+        ],
         cwd=ROOT,
         timeout=300,
     )
@@ -111,7 +121,11 @@ def test_killed_run_leaves_a_loadable_checkpoint_and_resumes(world_dir, tmp_path
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fastclip.train", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        [sys.executable, "-m", "fastclip.train", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     latest = out / "checkpoints" / "latest"
     deadline = time.time() + 240

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -12,4 +11,4 @@ import torch
 class Batch:
     images: torch.Tensor  # [B, 3, H, W], normalized, on the step's device
     texts: torch.Tensor  # [B, context_length] token ids (int64)
-    labels: Optional[torch.Tensor] = None  # [B] class index from KEY.cls, -1 where absent (val only)
+    labels: torch.Tensor | None = None  # [B] class index from KEY.cls, -1 where absent (val only)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import queue
 import tarfile
 import threading
-from typing import Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ def _decode_device(data: DataConfig) -> str:
     return data.decode_device
 
 
-def _normalize(images, spec: ImageSpec, crop: Optional[tuple[int, int]] = None):
+def _normalize(images, spec: ImageSpec, crop: tuple[int, int] | None = None):
     return fn.crop_mirror_normalize(
         images,
         dtype=types.FLOAT,
@@ -76,7 +76,9 @@ def build_pipeline(
     batch = data.batch_size
     labelled = not train and _has_labels(paths[0])
 
-    @pipeline_def(batch_size=batch, num_threads=data.num_threads, device_id=device_id, seed=seed, prefetch_queue_depth=2)
+    @pipeline_def(
+        batch_size=batch, num_threads=data.num_threads, device_id=device_id, seed=seed, prefetch_queue_depth=2
+    )
     def pipeline():
         if train:
             jpg, txt = _reader(
@@ -149,7 +151,7 @@ class DaliLoader:
         self.batch_size = pipe.max_batch_size
         self.image_device = device if _is_gpu_pipe(pipe) else torch.device("cpu")
 
-    def _produce(self, n_batches: Optional[int]) -> Iterator[Batch]:
+    def _produce(self, n_batches: int | None) -> Iterator[Batch]:
         remaining = self.local_samples
         produced = 0
         while n_batches is None or produced < n_batches:

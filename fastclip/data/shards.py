@@ -33,7 +33,9 @@ def resolve_shards(spec: str, *, field: str) -> list[str]:
             with tarfile.open(path, "r:") as tar:
                 first = tar.next()
         except (tarfile.TarError, OSError) as e:
-            raise ConfigError(f"{field}: shard {path!r} is not a readable tar archive ({e}). Remove or re-create it.")
+            raise ConfigError(
+                f"{field}: shard {path!r} is not a readable tar archive ({e}). Remove or re-create it."
+            ) from e
         if first is None:
             raise ConfigError(f"{field}: shard {path!r} is an empty tar archive. Remove it from {spec!r}.")
     return paths

@@ -101,7 +101,20 @@ def _shape_points(shape: str, cx: float, cy: float, r: float, angle: float) -> l
         return ring([r, 0.45 * r] * 5, angle - math.pi / 2)
     if shape == "cross":
         w = 0.35 * r
-        pts = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w)]
+        pts = [
+            (-w, -r),
+            (w, -r),
+            (w, -w),
+            (r, -w),
+            (r, w),
+            (w, w),
+            (w, r),
+            (-w, r),
+            (-w, w),
+            (-r, w),
+            (-r, -w),
+            (-w, -w),
+        ]
         c, s = math.cos(angle), math.sin(angle)
         return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
     raise ValueError(f"unknown shape {shape!r}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import tarfile
-from typing import Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -188,7 +188,7 @@ class TorchLoader:
         return torch.stack([prepare(img, self.image, self.data, self.train) for img in decoded])
 
     def __iter__(self) -> Iterator[Batch]:
-        labelled: Optional[bool] = None
+        labelled: bool | None = None
         for images, texts, labels in self.loader:
             if isinstance(images, list):
                 images = self._decode_on_gpu(images)
