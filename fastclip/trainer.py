@@ -1,4 +1,4 @@
-"""The training loop: build (data, steps, model, engine), then step, log, evaluate, checkpoint.
+"""The training loop: build (model, data, steps, engine), then step, log, evaluate, checkpoint.
 
 A step reads top to bottom: fetch batch, forward, loss, backward, optimizer step, meters. Only logging,
 eval and checkpoint steps copy numbers to the host; every such place is marked ``note: host sync``.
@@ -6,8 +6,8 @@ eval and checkpoint steps copy numbers to the host; every such place is marked `
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import logging
 import random
 import sys
 import time
@@ -29,8 +29,6 @@ from fastclip.loss import ClipLoss
 from fastclip.meters import Meters
 from fastclip.model import build_model, image_spec, open_clip_state_dict, param_groups
 from fastclip.sinks import MetricSinks
-
-log = logging.getLogger("fastclip")
 
 MAX_LOGIT_SCALE = 100.0  # open_clip clamps exp(logit_scale) to 100
 
@@ -59,57 +57,20 @@ def build_loss(loss: LossConfig, world: World) -> torch.nn.Module:
 
 class Trainer:
     def __init__(self, cfg: Config, world: World):
-        import deepspeed
-
         self.cfg, self.world = cfg, world
         self.dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
         seed_everything(cfg.train.seed)
-
         self.clip = build_model(cfg.model)
         self.image = image_spec(self.clip)
         self.tokenizer = build_tokenizer(cfg.model.name)
-        self.train_loader = build_loader(
-            data=cfg.data,
-            image=self.image,
-            tokenizer=self.tokenizer,
-            train=True,
-            rank=world.rank,
-            world_size=world.world_size,
-            seed=cfg.train.seed * 1009 + world.rank,
-            device=world.device,
-        )
-        self.val_loader = None
-        if cfg.data.val_shards:
-            eval_data = cfg.data
-            if cfg.eval.batch_size:
-                import dataclasses
-
-                eval_data = dataclasses.replace(cfg.data, batch_size=cfg.eval.batch_size)
-            self.val_loader = build_loader(
-                data=eval_data,
-                image=self.image,
-                tokenizer=self.tokenizer,
-                train=False,
-                rank=world.rank,
-                world_size=world.world_size,
-                seed=cfg.train.seed,
-                device=world.device,
-            )
+        self.train_loader, self.val_loader = self._build_loaders()
         self.classnames = _read_list(cfg.data.zeroshot_classnames) if cfg.eval.zeroshot else None
         self.templates = _read_list(cfg.data.zeroshot_templates) if cfg.eval.zeroshot else None
-
         self.total_steps, self.steps_per_epoch = total_steps(
             cfg, samples_per_epoch=self.train_loader.samples_per_epoch, world_size=world.world_size
         )
         self.global_batch = cfg.data.batch_size * cfg.train.grad_accum * world.world_size
-        ds_config = deepspeed_config(
-            cfg, world_size=world.world_size, total_steps=self.total_steps, cuda=world.device.type == "cuda"
-        )
-        self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=self.clip,
-            model_parameters=param_groups(self.clip, weight_decay=cfg.optim.weight_decay),
-            config=ds_config,
-        )
+        self.engine, self.scheduler = self._build_engine()
         self.loss_fn = build_loss(cfg.loss, world)
         self.meters = Meters(["loss", "logit_scale"], device=world.device)
         self.sinks = MetricSinks(cfg.log, enabled=world.is_main, config=cfg)
@@ -117,6 +78,31 @@ class Trainer:
         self.samples_seen = 0
         if cfg.checkpoint.resume:
             self.resume(cfg.checkpoint.resume)
+
+    def _build_loaders(self):
+        cfg, world = self.cfg, self.world
+        common = dict(image=self.image, tokenizer=self.tokenizer, rank=world.rank, world_size=world.world_size)
+        train = build_loader(
+            data=cfg.data, train=True, seed=cfg.train.seed * 1009 + world.rank, device=world.device, **common
+        )
+        if not cfg.data.val_shards:
+            return train, None
+        eval_data = dataclasses.replace(cfg.data, batch_size=cfg.eval.batch_size or cfg.data.batch_size)
+        return train, build_loader(data=eval_data, train=False, seed=cfg.train.seed, device=world.device, **common)
+
+    def _build_engine(self):
+        import deepspeed
+
+        cfg, world = self.cfg, self.world
+        ds_config = deepspeed_config(
+            cfg, world_size=world.world_size, total_steps=self.total_steps, cuda=world.device.type == "cuda"
+        )
+        engine, _, _, scheduler = deepspeed.initialize(
+            model=self.clip,
+            model_parameters=param_groups(self.clip, weight_decay=cfg.optim.weight_decay),
+            config=ds_config,
+        )
+        return engine, scheduler
 
     # ------------------------------------------------------------------------------------------ the step
 

@@ -93,6 +93,7 @@ def test_batch_size_mismatch_with_deepspeed_config_is_an_error(world_dir, tmp_pa
         timeout=300,
     )
     assert proc.returncode == 2 and "train_batch_size=999 disagrees" in proc.stderr
+    assert "params" not in proc.stdout  # refused before the model was built
 
 
 def _grads(tmp_path, world_dir, ranks, port):
