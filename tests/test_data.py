@@ -165,3 +165,42 @@ def test_samples_without_caption_are_skipped_and_unlabelled_val_still_evaluates(
         assert sum(b.images.shape[0] for b in batches) == 100 and all(b.labels is None for b in batches)
     finally:
         val.close()
+
+
+def _corrupt_copy(src, dst, victim):
+    with tarfile.open(src) as tin, tarfile.open(dst, "w") as tout:
+        for member in tin:
+            data = tin.extractfile(member).read()
+            if member.name == victim:
+                data = data[:200] + b"not a jpeg any more" * 20
+                member.size = len(data)
+            tout.addfile(member, io.BytesIO(data))
+
+
+def test_corrupt_jpeg_is_skipped_and_logged_by_the_torch_loader(world_dir, tmp_path, capfd):
+    shard = tmp_path / "corrupt-000.tar"
+    _corrupt_copy(world_dir / "val" / "shard-000000.tar", shard, "val00000005.jpg")
+    data = parse_args(["--data.val_shards", str(shard), "--data.batch_size", "16", "--data.loader", "torch"]).data
+    common = dict(data=data, image=SPEC, tokenizer=build_tokenizer("fastclip-tiny"), rank=0, world_size=1, seed=0)
+    loader = build_loader(train=False, device=torch.device("cpu"), **common)
+    seen = sum(b.images.shape[0] for b in loader)
+    assert seen == 99  # 100 samples, one dropped
+    log = capfd.readouterr().err  # the loader's worker processes log to stderr
+    assert "val00000005" in log and "corrupt-000.tar" in log and "1 skipped" in log
+
+
+def test_corrupt_jpeg_stops_dali_with_a_message_that_says_what_to_do(world_dir, tmp_path):
+    shard = tmp_path / "corrupt-000.tar"
+    _corrupt_copy(world_dir / "val" / "shard-000000.tar", shard, "val00000005.jpg")
+    data = parse_args(["--data.train_shards", str(shard), "--data.batch_size", "16", "--data.loader", "dali"]).data
+    loader = build_loader(
+        data=data, image=SPEC, tokenizer=build_tokenizer("fastclip-tiny"), train=True, rank=0, world_size=1, seed=0,
+        device=torch.device("cpu"),
+    )  # fmt: skip
+    try:
+        with pytest.raises(RuntimeError, match="--data.loader torch"):
+            batches = iter(loader)
+            for _ in range(20):
+                next(batches)
+    finally:
+        loader.close()

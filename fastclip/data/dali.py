@@ -155,7 +155,13 @@ class DaliLoader:
         remaining = self.local_samples
         produced = 0
         while n_batches is None or produced < n_batches:
-            outputs = self.pipe.run()
+            try:
+                outputs = self.pipe.run()
+            except RuntimeError as e:
+                raise RuntimeError(
+                    f"the DALI pipeline stopped: {e}\nA corrupt image in the shards stops DALI's decoder. Remove "
+                    "that sample, or run with --data.loader torch, which skips such samples and logs each one."
+                ) from e
             images = _to_torch(outputs[0], self.image_device)
             texts = self.tokenizer(_strings(outputs[1]))
             labels = _labels(outputs[2]) if len(outputs) > 2 else None

@@ -9,6 +9,8 @@ process decodes the whole batch on the GPU (torchvision.io.decode_jpeg(device='c
 
 from __future__ import annotations
 
+import logging
+import os
 import random
 import tarfile
 from collections.abc import Callable, Iterator
@@ -22,6 +24,10 @@ from fastclip.data.shards import resolve_shards
 from fastclip.model import ImageSpec
 
 IMAGE_EXTS = ("jpg", "jpeg", "png")
+log = logging.getLogger("fastclip.data")
+if not log.handlers:  # loader workers are separate processes: each writes its skips straight to fd 2
+    log.addHandler(logging.StreamHandler(os.fdopen(2, "w", buffering=1, closefd=False)))
+    log.propagate = False
 
 
 def _samples(path: str) -> Iterator[dict]:
@@ -39,8 +45,23 @@ def _samples(path: str) -> Iterator[dict]:
                 sample = {}
             current_key = key
             sample[ext.lower()] = tar.extractfile(member).read()
+            sample["__key__"], sample["__shard__"] = key, path
     if sample:
         yield sample
+
+
+class _Skips:
+    """Counts samples dropped because their image does not decode, and says which, in the log."""
+
+    def __init__(self):
+        self.count = 0
+
+    def skip(self, sample: dict, error: Exception) -> None:
+        self.count += 1
+        log.warning(
+            "skipped sample %s in shard %s: its image does not decode (%s); %d skipped so far in this worker",
+            sample.get("__key__"), sample.get("__shard__"), str(error).strip().splitlines()[-1], self.count,
+        )  # fmt: skip
 
 
 def _usable(sample: dict) -> bool:
@@ -87,21 +108,29 @@ class _ShardStream(IterableDataset):
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         slots, slot = self.world_size * workers, self.rank * workers + worker
         rng = random.Random(self.seed * 7919 + slot)
+        skips = _Skips()
         epoch = 0
         while True:
-            buffer: list = []
-            for sample in self._ordered(epoch, slot, slots):
-                if not self.train:
+            for sample in self._shuffled(self._ordered(epoch, slot, slots), rng):
+                try:  # a corrupt image is dropped before batching, so every batch stays full
                     yield self.transform(sample)
-                    continue
-                buffer.append(sample)
-                if len(buffer) >= self.shuffle_buffer:
-                    yield self.transform(buffer.pop(rng.randrange(len(buffer))))
-            while buffer:
-                yield self.transform(buffer.pop(rng.randrange(len(buffer))))
+                except (RuntimeError, ValueError, OSError) as e:
+                    skips.skip(sample, e)
             if not self.train:
                 return
             epoch += 1
+
+    def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
+        if not self.train:
+            yield from samples
+            return
+        buffer: list = []
+        for sample in samples:
+            buffer.append(sample)
+            if len(buffer) >= self.shuffle_buffer:
+                yield buffer.pop(rng.randrange(len(buffer)))
+        while buffer:
+            yield buffer.pop(rng.randrange(len(buffer)))
 
 
 class _Transform:
@@ -169,6 +198,7 @@ class TorchLoader:
         self.local_samples = len(range(rank, total, world_size))
         self.batch_size, self.train, self.device, self.image, self.data = data.batch_size, train, device, image, data
         self.gpu_decode = device.type == "cuda" and data.decode_device in ("auto", "mixed")
+        self._skips = _Skips()
         transform = _Transform(image=image, data=data, tokenizer=tokenizer, train=train, gpu_decode=self.gpu_decode)
         stream = _ShardStream(
             paths=paths, train=train, rank=rank, world_size=world_size, seed=seed,
@@ -181,17 +211,35 @@ class TorchLoader:
             prefetch_factor=4 if workers > 0 else None,
         )  # fmt: skip
 
-    def _decode_on_gpu(self, jpegs: list[torch.Tensor]) -> torch.Tensor:
+    def _decode_on_gpu(self, jpegs: list[torch.Tensor], texts: torch.Tensor):
+        """One nvJPEG batch decode; if an image in it is corrupt, decode one by one and let the pair of a good
+        sample stand in for each bad one (counted and logged), so that the batch keeps its size."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        decoded = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device)  # one nvJPEG batch
-        return torch.stack([prepare(img, self.image, self.data, self.train) for img in decoded])
+        try:
+            decoded = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:
+            decoded = []
+            for data in jpegs:
+                try:
+                    decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+                except RuntimeError as e:
+                    decoded.append(e)
+            good = [i for i, d in enumerate(decoded) if not isinstance(d, Exception)]
+            if not good:
+                raise
+            texts = texts.clone()
+            for i, d in enumerate(decoded):
+                if isinstance(d, Exception):
+                    self._skips.skip({"__key__": f"batch position {i}"}, d)
+                    decoded[i], texts[i] = decoded[good[0]], texts[good[0]]
+        return torch.stack([prepare(img, self.image, self.data, self.train) for img in decoded]), texts
 
     def __iter__(self) -> Iterator[Batch]:
         labelled: bool | None = None
         for images, texts, labels in self.loader:
             if isinstance(images, list):
-                images = self._decode_on_gpu(images)
+                images, texts = self._decode_on_gpu(images, texts)
             if labelled is None:
                 labelled = bool((labels >= 0).any())
             non_blocking = self.device.type == "cuda"
