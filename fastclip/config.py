@@ -55,8 +55,8 @@ class DataConfig:
     zeroshot_classnames: str | None = None  # JSON list of class names; index = the sample's .cls
     zeroshot_templates: str | None = None  # JSON list of prompt templates with one '{}'
     demo_dir: str = DEMO_DIR  # with no train_shards, the synthetic demo world is generated (once) here
-    num_threads: int = 2  # DALI CPU threads per rank
-    shuffle_buffer: int = 1024  # samples in DALI's shuffle buffer (per rank)
+    num_threads: int = 2  # DALI CPU threads per rank (torch loader: DataLoader workers)
+    shuffle_buffer: int = 1024  # samples in the shuffle buffer (per rank; per worker with the torch loader)
     loader: str = "auto"  # 'dali', 'torch' (DataLoader + torchvision) or 'auto' (DALI when it is installed)
     decode_device: str = "auto"  # 'auto' (GPU decode when CUDA exists), 'mixed' (nvJPEG) or 'cpu'
     crop_scale: tuple[float, float] = (0.9, 1.0)  # random-resized-crop area range, as open_clip's default
@@ -279,6 +279,44 @@ def _parse_value(text: str) -> Any:
     return text if value is None and text not in ("null", "~", "None", "none") else value
 
 
+class HelpRequested(Exception):
+    """--help: the caller prints :func:`usage` and exits 0."""
+
+
+def _field_docs(tp) -> dict[str, str]:
+    """name -> the one-line comment beside the field in this file (the documentation users read)."""
+    import inspect
+
+    docs = {}
+    for line in inspect.getsource(tp).splitlines():
+        head, _, comment = line.partition("  # ")
+        name = head.strip().split(":", 1)[0]
+        if comment and name.isidentifier() and ":" in head:
+            docs[name] = comment.strip()
+    return docs
+
+
+def usage() -> str:
+    """Every section and field with its type, default and one-line doc."""
+    lines = [
+        "usage: deepspeed [--num_gpus K] fastclip/train.py [--config FILE.yaml] [--section.field VALUE ...]",
+        "       [--deepspeed_config FILE.json]      (also: python -m fastclip.train, torchrun -m fastclip.train)",
+        "",
+        "With no arguments: the demo (a tiny CLIP model on the generated synthetic world).",
+    ]
+    defaults = Config()
+    for section in dataclasses.fields(Config):
+        tp = typing.get_type_hints(Config)[section.name]
+        if not dataclasses.is_dataclass(tp):
+            continue
+        lines += ["", f"{section.name}:"]
+        docs = _field_docs(tp)
+        for f in dataclasses.fields(tp):
+            value = getattr(getattr(defaults, section.name), f.name)
+            lines.append(f"  --{section.name}.{f.name} (default {value!r})  {docs.get(f.name, '')}".rstrip())
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str]) -> Config:
     """``[--config FILE] [--section.field VALUE | --section.field=VALUE ...] [--deepspeed_config FILE]``.
 
@@ -290,6 +328,8 @@ def parse_args(argv: list[str]) -> Config:
     i = 0
     while i < len(argv):
         arg = argv[i]
+        if arg in ("-h", "--help"):
+            raise HelpRequested
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}: options look like --section.field VALUE")
         key, eq, value = arg[2:].partition("=")
@@ -448,6 +488,7 @@ __all__ = [
     "CheckpointConfig",
     "Config",
     "ConfigError",
+    "HelpRequested",
     "DataConfig",
     "EvalConfig",
     "LogConfig",
@@ -460,5 +501,6 @@ __all__ = [
     "deepspeed_config",
     "parse_args",
     "total_steps",
+    "usage",
     "use_demo_world",
 ]

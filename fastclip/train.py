@@ -12,7 +12,15 @@ import sys
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     sys.path.pop(0)  # run as a script: fastclip/ itself must not shadow top-level modules
 
-from fastclip.config import ConfigError, check_inputs, deepspeed_config, parse_args, use_demo_world  # noqa: E402
+from fastclip.config import (  # noqa: E402
+    ConfigError,
+    HelpRequested,
+    check_inputs,
+    deepspeed_config,
+    parse_args,
+    usage,
+    use_demo_world,
+)
 
 
 def _fail(message: str) -> None:
@@ -24,6 +32,13 @@ def _fail(message: str) -> None:
 def main(argv: list[str] | None = None) -> dict[str, float]:
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    except HelpRequested:
+        if os.environ.get("RANK", "0") == "0":
+            print(usage())
+        sys.exit(0)
+    except ConfigError as e:
+        _fail(str(e))
+    try:
         check_inputs(cfg)  # every rank, before any process group, model or pipeline exists
         # a --deepspeed_config whose batch sizes disagree with the run config fails here, not after model set-up
         deepspeed_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")), total_steps=1, cuda=False)

@@ -109,3 +109,22 @@ def test_shipped_configs_parse():
 
     for path in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
         parse_args(["--config", str(path)])
+
+
+def test_help_lists_every_field_with_its_doc():
+    import dataclasses
+    import subprocess
+    import sys
+
+    from fastclip.config import Config, usage
+
+    text = usage()
+    defaults = Config()
+    for section in dataclasses.fields(Config):
+        if section.name == "deepspeed_config":
+            continue
+        for f in dataclasses.fields(getattr(defaults, section.name)):
+            assert f"--{section.name}.{f.name} " in text
+    assert "peak learning rate" in text and "ZeRO stage" in text
+    proc = subprocess.run([sys.executable, "-m", "fastclip.train", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--data.train_shards" in proc.stdout
