@@ -28,36 +28,57 @@ def quick(request) -> bool:
 
 
 _RESULTS: list[Result] = []
+_PREVIOUS: list[dict] = []  # the results file as the session found it
 
 
-@pytest.fixture(scope="session")
-def record():
-    """record(Result(...)): keep a paired figure for the session's results file."""
-    return _RESULTS.append
-
-
-def pytest_sessionfinish(session, exitstatus):
-    if not _RESULTS:
-        return
-    config = session.config
+def _results_path(config) -> Path | None:
     path = config.getoption("--results")
-    info = machine()
-    if path is None:
-        if config.getoption("--quick"):
-            return  # quick runs only check that the suites work; their numbers are not kept
-        device = info.get("gpu", "cpu").replace(" ", "-")
-        path = RESULTS_DIR / f"{device}-{dt.date.today().isoformat()}.json"
+    if path is not None:
+        return Path(path)
+    if config.getoption("--quick"):
+        return None  # quick runs only check that the suites work; their numbers are not kept
+    device = machine().get("gpu", "cpu").replace(" ", "-")
+    return RESULTS_DIR / f"{device}-{dt.date.today().isoformat()}.json"
+
+
+def _write(config) -> None:
+    path = _results_path(config)
+    if path is None or not _RESULTS:
+        return
     results = [r.to_json() for r in _RESULTS]
-    if Path(path).exists():  # a partial rerun replaces its own suites and keeps the others' figures
-        ran = {r["suite"] for r in results}
-        kept = [r for r in json.loads(Path(path).read_text())["results"] if r["suite"] not in ran]
-        results = kept + results
+    ran = {r["suite"] for r in results}
     payload = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "quick": bool(config.getoption("--quick")),
-        "machine": info,
-        "results": results,
+        "machine": machine(),
+        # a partial rerun replaces its own suites and keeps the other suites' figures
+        "results": [r for r in _PREVIOUS if r["suite"] not in ran] + results,
     }
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(payload, indent=1))
-    print(f"\nbenchmark results: {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(path)
+
+
+def pytest_sessionstart(session):
+    path = _results_path(session.config)
+    if path is not None and path.exists():
+        _PREVIOUS.extend(json.loads(path.read_text())["results"])
+
+
+@pytest.fixture(scope="session")
+def record(request):
+    """record(Result(...)): keep a paired figure; the results file is rewritten at once, so a run cut off by
+    its time limit keeps every figure measured before the cut."""
+
+    def _record(result: Result) -> None:
+        _RESULTS.append(result)
+        _write(request.config)
+
+    return _record
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = _results_path(session.config)
+    if path is not None and _RESULTS:
+        print(f"\nbenchmark results: {path}")

@@ -57,7 +57,9 @@ status=0
 echo "== GPU tests"
 timeout 180 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/ --junitxml="$out/gpu_tests.xml" || status=1
 echo "== GPU benchmarks"
-timeout 240 "$py" -m pytest -q -p no:cacheprovider -m gpu benchmarks/ "${quick[@]}" \
+# most important first: a run cut off by the timeout keeps what it measured (results are written per case)
+timeout 240 "$py" -m pytest -q -p no:cacheprovider -m gpu "${quick[@]}" \
+    benchmarks/bench_loss.py benchmarks/bench_train_step.py benchmarks/bench_data.py \
     --results "$out/gpu_bench.json" --benchmark-json "$out/pytest_benchmark.json" || status=1
 echo "gpu_suite: done in $(( $(date +%s) - started )) s, status $status"
 exit $status

@@ -164,6 +164,8 @@ def prepare(img: torch.Tensor, image: ImageSpec, data: DataConfig, train: bool) 
         geometry = v2.Compose(
             [v2.Resize(image.size, interpolation=v2.InterpolationMode.BICUBIC), v2.CenterCrop(image.size)]
         )
+    if img.is_cuda:  # resampling uint8 on the GPU is not supported everywhere; float always is
+        img = img.float()
     out = geometry(img).float().div_(255)
     mean = torch.tensor(image.mean, device=out.device).view(3, 1, 1)
     std = torch.tensor(image.std, device=out.device).view(3, 1, 1)
