@@ -8,15 +8,15 @@ squares of textured scenes, about 40 KB each).
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from harness import Result
+from harness import Result, time_fn
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = {"full": dict(samples=2048, image_size=448, batches=24), "quick": dict(samples=256, image_size=160, batches=3)}
+# batches: measured in 3 blocks (median reported)
 BATCH = 64
 WORKERS = 2  # the machine's cores: both loaders get the same
 
@@ -33,14 +33,19 @@ def _shards(mode: str) -> Path:
     return generate(root, world)
 
 
-def _throughput(batches, n_batches: int) -> float:
+def _throughput(batches, n_batches: int, blocks: int = 3) -> float:
+    """Samples/s of a loader: the median over ``blocks`` consecutive blocks of its batches (one iterator
+    throughout, so no block pays a pipeline restart), after a first batch that pays the start-up."""
     it = iter(batches)
-    next(it)  # first batch: pipeline start-up and shuffle-buffer fill are not throughput
-    start, seen = time.perf_counter(), 0
-    for _ in range(n_batches):
-        images, _ = next(it)
-        seen += images.shape[0]
-    return seen / (time.perf_counter() - start)
+    next(it)  # pipeline start-up and shuffle-buffer fill are not throughput
+    per_block = max(n_batches // blocks, 1)
+    seen = []
+
+    def block() -> None:
+        seen.append(sum(next(it)[0].shape[0] for _ in range(per_block)))
+
+    timing = time_fn(block, repeats=blocks, warmup=0)
+    return seen[0] / timing.median_s
 
 
 def _fastclip_batches(root: Path, size: int):

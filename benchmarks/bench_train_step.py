@@ -11,15 +11,15 @@ matmul rate.
 from __future__ import annotations
 
 import dataclasses
-import time
+import itertools
 
 import pytest
 import torch
 from bench_data import _shards
-from harness import Result
+from harness import Result, time_fn
 
 BATCH = 64
-STEPS = {"full": 12, "quick": 2}
+STEPS = {"full": 6, "quick": 2}  # steps per timed block; the full run takes the median of 3 blocks
 GPU_CASES = [("ViT-B-32", 512, 44.3e9), ("ViT-B-16", 256, 123.3e9)]  # (model, batch, train FLOPs per sample)
 
 
@@ -33,31 +33,24 @@ def _fixed_batches(n: int, size: int, tokenizer, batch: int = BATCH, device: str
     ]
 
 
-class _FixedLoader:
-    """What open_clip's train_one_epoch needs of a dataloader: iteration, num_batches, num_samples."""
+class _Take:
+    """What train_one_epoch needs of a dataloader (iteration, num_batches, num_samples): the next ``n`` batches
+    of one shared iterator, so that the timed epochs continue the warm-up's pipeline instead of restarting it
+    (restarting would charge open_clip a shuffle-buffer refill that fastclip's timing does not pay)."""
 
-    def __init__(self, batches):
-        self.batches = batches
-        self.num_batches = len(batches)
-        self.num_samples = len(batches) * len(batches[0][0])
-
-    def __iter__(self):
-        return iter(self.batches)
-
-
-class _Limited:
-    def __init__(self, loader, n):
-        self.loader, self.num_batches, self.num_samples = loader, n, n * BATCH
+    def __init__(self, batches, n: int, batch: int):
+        self.batches, self.num_batches, self.num_samples = batches, n, n * batch
 
     def __iter__(self):
-        for i, batch in enumerate(self.loader):
-            if i >= self.num_batches:
-                return
-            yield batch
+        for _ in range(self.num_batches):
+            yield next(self.batches)
 
 
-def _open_clip_run(loader, steps: int, *, model_name: str = "fastclip-tiny", batch: int = BATCH, device="cpu") -> float:
-    """Seconds per step of open_clip_train.train.train_one_epoch over ``loader`` (after one warm-up epoch)."""
+def _open_clip_run(
+    batches, steps: int, *, repeats: int, model_name: str = "fastclip-tiny", batch: int = BATCH, device="cpu"
+) -> float:
+    """Median over ``repeats`` epochs of ``steps`` of open_clip_train.train.train_one_epoch's seconds per step,
+    after a one-step warm-up epoch; ``batches`` is one iterator that every epoch draws from."""
     import open_clip
     from open_clip_train.data import DataInfo
     from open_clip_train.params import parse_args
@@ -78,14 +71,15 @@ def _open_clip_run(loader, steps: int, *, model_name: str = "fastclip-tiny", bat
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay=0.1), lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
     scheduler = cosine_lr(optimizer, 1e-3, 10, 10_000)
     loss = open_clip.ClipLoss()
-    data = {"train": DataInfo(dataloader=_Limited(loader, 1))}
-    train_one_epoch(model, data, loss, 0, optimizer, None, scheduler, None, args)  # warm-up
-    data = {"train": DataInfo(dataloader=_Limited(loader, steps))}
-    _sync(device)
-    start = time.perf_counter()
-    train_one_epoch(model, data, loss, 1, optimizer, None, scheduler, None, args)
-    _sync(device)
-    return (time.perf_counter() - start) / steps
+
+    def epoch(n: int, index: int) -> None:
+        data = {"train": DataInfo(dataloader=_Take(batches, n, batch))}
+        train_one_epoch(model, data, loss, index, optimizer, None, scheduler, None, args)
+        _sync(device)
+
+    epoch(1, 0)  # warm-up
+    timing = time_fn(lambda: epoch(steps, 1), repeats=repeats, warmup=0)
+    return timing.median_s / steps
 
 
 def _sync(device) -> None:
@@ -107,14 +101,17 @@ def _fastclip_trainer(root, steps: int, extra: tuple = ()):
     return Trainer(cfg, init_distributed())
 
 
-def _fastclip_run(trainer, batches, steps: int) -> float:
+def _fastclip_run(trainer, batches, steps: int, *, repeats: int) -> float:
+    """Median over ``repeats`` blocks of ``steps`` of fastclip's seconds per step, after one warm-up step."""
+
+    def block() -> None:
+        for _ in range(steps):
+            trainer.train_step(batches)
+        trainer.meters.collect()  # the numbers reach the host once, as at a log step (and the device drains)
+
     trainer.train_step(batches)  # warm-up
     trainer.meters.collect()
-    start = time.perf_counter()
-    for _ in range(steps):
-        trainer.train_step(batches)
-    trainer.meters.collect()  # the step's numbers reach the host once, as at a log step (and the device drains)
-    return (time.perf_counter() - start) / steps
+    return time_fn(block, repeats=repeats, warmup=0).median_s / steps
 
 
 def test_train_step_cpu(benchmark, record, quick):
@@ -122,20 +119,20 @@ def test_train_step_cpu(benchmark, record, quick):
     from fastclip.distributed import close_distributed
 
     mode = "quick" if quick else "full"
-    steps = STEPS[mode]
+    steps, repeats = STEPS[mode], 1 if quick else 3
     root = _shards(mode)
-    trainer = _fastclip_trainer(root, steps)
+    trainer = _fastclip_trainer(root, steps * repeats)
     try:
         size = trainer.image.size
         fixed = _fixed_batches(steps + 1, size, trainer.tokenizer)
         cycle = (Batch(images=img, texts=txt) for _ in range(10**6) for img, txt in fixed)
-        ours_fixed = _fastclip_run(trainer, cycle, steps)
-        ours_loaded = _fastclip_run(trainer, iter(trainer.train_loader), steps)
+        ours_fixed = _fastclip_run(trainer, cycle, steps, repeats=repeats)
+        ours_loaded = _fastclip_run(trainer, iter(trainer.train_loader), steps, repeats=repeats)
     finally:
         trainer.close()
         close_distributed()
-    theirs_fixed = _open_clip_run(_FixedLoader(fixed), steps)
-    theirs_loaded = _open_clip_run(_open_clip_loader_for(root, size), steps)
+    theirs_fixed = _open_clip_run(itertools.cycle(fixed), steps, repeats=repeats)
+    theirs_loaded = _open_clip_run(iter(_open_clip_loader_for(root, size)), steps, repeats=repeats)
     params = {
         "model": "fastclip-tiny",
         "image_px": size,
@@ -183,7 +180,7 @@ def test_train_step_gpu(benchmark, record, quick, model_name, batch, flops_per_s
     from fastclip.data.batch import Batch
     from fastclip.distributed import close_distributed
 
-    steps = 3 if quick else 10
+    steps, repeats = (3, 1) if quick else (5, 3)
     root = _shards("quick" if quick else "full")
     extra = ("--model.name", model_name, "--data.batch_size", str(batch), "--data.loader", "torch",
              "--data.num_threads", "8")  # fmt: skip
@@ -191,12 +188,14 @@ def test_train_step_gpu(benchmark, record, quick, model_name, batch, flops_per_s
     try:
         fixed = _fixed_batches(2, trainer.image.size, trainer.tokenizer, batch=batch, device="cuda")
         cycle = (Batch(images=img, texts=txt) for _ in range(10**6) for img, txt in fixed)
-        ours_fixed = _fastclip_run(trainer, cycle, steps)
-        ours_loaded = _fastclip_run(trainer, iter(trainer.train_loader), steps)
+        ours_fixed = _fastclip_run(trainer, cycle, steps, repeats=repeats)
+        ours_loaded = _fastclip_run(trainer, iter(trainer.train_loader), steps, repeats=repeats)
     finally:
         trainer.close()
         close_distributed()
-    theirs = _open_clip_run(_FixedLoader(fixed), steps, model_name=model_name, batch=batch, device="cuda")
+    theirs = _open_clip_run(
+        itertools.cycle(fixed), steps, repeats=repeats, model_name=model_name, batch=batch, device="cuda"
+    )
     peak = _bf16_matmul_peak()
     params = {"model": model_name, "image_px": 224, "batch": batch, "ranks": 1, "precision": "bf16", "device": "cuda"}
     for case, ours, base in (("data excluded", ours_fixed, theirs), ("data included", ours_loaded, None)):
