@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from fastclip.loss import contrastive_loss_local
+from fastclip.model import logit_scale_of
 
 
 def _gather_rows(x: torch.Tensor) -> torch.Tensor:
@@ -77,7 +78,7 @@ def evaluate(
     for batch in loader:
         out = model(batch.images.to(dtype), batch.texts)
         img, txt = out["image_features"].float(), out["text_features"].float()
-        scale = out["logit_scale"].float().reshape(()).clamp(max=100)
+        scale = logit_scale_of(out)
         loss_sum += contrastive_loss_local(img, txt, img, txt, scale, row_offset=0).double() * img.shape[0]
         count += img.shape[0]
         image_feats.append(img)

@@ -65,6 +65,18 @@ def build_model(model: ModelConfig) -> torch.nn.Module:
     return clip
 
 
+MAX_LOGIT_SCALE = 100.0  # open_clip clamps exp(logit_scale) to 100
+
+
+def logit_scale_of(out: dict[str, torch.Tensor]) -> torch.Tensor:
+    """exp(logit_scale) from a model output, fp32, 0-dim, clamped at 100.
+
+    Clamped in the forward rather than in place after the step: the same loss and gradient as open_clip's
+    clamp_, and it holds for ZeRO-partitioned and low-precision master weights alike.
+    """
+    return out["logit_scale"].float().reshape(()).clamp(max=MAX_LOGIT_SCALE)
+
+
 def open_clip_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` with the scalar parameters back in open_clip's 0-dim shape."""
     return {k: (v.reshape(()) if k in SCALAR_PARAMS and v.numel() == 1 else v) for k, v in state.items()}

@@ -27,10 +27,8 @@ from fastclip.distributed import World
 from fastclip.eval import evaluate
 from fastclip.loss import ClipLoss
 from fastclip.meters import Meters
-from fastclip.model import build_model, image_spec, open_clip_state_dict, param_groups
+from fastclip.model import build_model, image_spec, logit_scale_of, open_clip_state_dict, param_groups
 from fastclip.sinks import MetricSinks
-
-MAX_LOGIT_SCALE = 100.0  # open_clip clamps exp(logit_scale) to 100
 
 
 def seed_everything(seed: int) -> None:
@@ -113,9 +111,7 @@ class Trainer:
         return self.engine(batch.images.to(self.dtype), batch.texts)
 
     def compute_loss(self, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        # clamped in the forward rather than in place after the step: the same loss and gradient as
-        # open_clip's clamp_, and it holds for ZeRO-partitioned and low-precision master weights alike
-        scale = out["logit_scale"].float().reshape(()).clamp(max=MAX_LOGIT_SCALE)
+        scale = logit_scale_of(out)
         return self.loss_fn(out["image_features"], out["text_features"], scale), scale
 
     def backward(self, loss: torch.Tensor) -> None:

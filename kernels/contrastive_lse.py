@@ -24,9 +24,6 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-
 # (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) by device class; chosen for H100 (sm_90) bf16 tiles
 # that keep the fp32 accumulator of one BLOCK_M x BLOCK_N tile in registers.
 _BLOCKS = {

@@ -13,10 +13,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_cli(
     args: list[str], *, cwd: Path, timeout: float = 600, env: dict | None = None
 ) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(args, cwd=cwd, env=clean_env(env), capture_output=True, text=True, timeout=timeout)
+
+
+def clean_env(extra: dict | None = None) -> dict:
+    """This environment without a launcher's rank variables, so a child starts its own world."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra or {})}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        full_env.pop(key, None)
-    return subprocess.run(args, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+        env.pop(key, None)
+    return env
 
 
 def deepspeed_cmd(num_ranks: int, port: int) -> list[str]:

@@ -1,7 +1,6 @@
 """The trainer end to end, as users start it: deepspeed launcher, several CPU ranks (gloo), real shards."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -9,7 +8,7 @@ import time
 
 import pytest
 import torch
-from runs import ROOT, deepspeed_cmd, run_cli, small_run_args
+from runs import ROOT, clean_env, deepspeed_cmd, run_cli, small_run_args
 
 pytestmark = pytest.mark.slow
 
@@ -118,13 +117,10 @@ def test_two_ranks_equal_one_rank_on_the_same_global_batch(world_dir, tmp_path):
 def test_killed_run_leaves_a_loadable_checkpoint_and_resumes(world_dir, tmp_path):
     out = tmp_path / "run"
     args = small_run_args(world_dir, out, steps=10_000, batch=8) + ["--checkpoint.every", "3"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "fastclip.train", *args],
         cwd=ROOT,
-        env=env,
+        env=clean_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
