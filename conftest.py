@@ -19,3 +19,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def single_rank():
+    """A one-rank process group for in-process trainers, kept for the whole session: DeepSpeed caches its groups,
+    so a second engine in the same process needs the first's process group, not a new one."""
+    from fastclip.distributed import close_distributed, init_distributed
+
+    yield init_distributed()
+    close_distributed()

@@ -87,9 +87,8 @@ def _sync(device) -> None:
         torch.cuda.synchronize()
 
 
-def _fastclip_trainer(root, steps: int, extra: tuple = ()):
+def _fastclip_trainer(world, root, steps: int, extra: tuple = ()):
     from fastclip.config import parse_args
-    from fastclip.distributed import init_distributed
     from fastclip.trainer import Trainer
 
     cfg = parse_args(
@@ -98,7 +97,7 @@ def _fastclip_trainer(root, steps: int, extra: tuple = ()):
          "--log.dir", str(root / "runs"), "--checkpoint.dir", str(root / "runs" / "ckpt"), *extra]
     )  # fmt: skip
     cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, every=10_000))
-    return Trainer(cfg, init_distributed())
+    return Trainer(cfg, world)
 
 
 def _fastclip_run(trainer, batches, steps: int, *, repeats: int) -> float:
@@ -114,14 +113,13 @@ def _fastclip_run(trainer, batches, steps: int, *, repeats: int) -> float:
     return time_fn(block, repeats=repeats, warmup=0).median_s / steps
 
 
-def test_train_step_cpu(benchmark, record, quick):
+def test_train_step_cpu(benchmark, record, quick, single_rank):
     from fastclip.data.batch import Batch
-    from fastclip.distributed import close_distributed
 
     mode = "quick" if quick else "full"
     steps, repeats = STEPS[mode], 1 if quick else 3
     root = _shards(mode)
-    trainer = _fastclip_trainer(root, steps * repeats)
+    trainer = _fastclip_trainer(single_rank, root, steps * repeats)
     try:
         size = trainer.image.size
         fixed = _fixed_batches(steps + 1, size, trainer.tokenizer)
@@ -130,7 +128,6 @@ def test_train_step_cpu(benchmark, record, quick):
         ours_loaded = _fastclip_run(trainer, iter(trainer.train_loader), steps, repeats=repeats)
     finally:
         trainer.close()
-        close_distributed()
     theirs_fixed = _open_clip_run(itertools.cycle(fixed), steps, repeats=repeats)
     theirs_loaded = _open_clip_run(iter(_open_clip_loader_for(root, size)), steps, repeats=repeats)
     params = {
@@ -174,17 +171,16 @@ def _open_clip_loader_for(root, size: int):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("model_name, batch, flops_per_sample", GPU_CASES)
-def test_train_step_gpu(benchmark, record, quick, model_name, batch, flops_per_sample):
+def test_train_step_gpu(benchmark, record, quick, single_rank, model_name, batch, flops_per_sample):
     from bench_loss import _bf16_matmul_peak
 
     from fastclip.data.batch import Batch
-    from fastclip.distributed import close_distributed
 
     steps, repeats = (3, 1) if quick else (5, 3)
     root = _shards("quick" if quick else "full")
     extra = ("--model.name", model_name, "--data.batch_size", str(batch), "--data.loader", "torch",
              "--data.num_threads", "8")  # fmt: skip
-    trainer = _fastclip_trainer(root, steps, extra)
+    trainer = _fastclip_trainer(single_rank, root, steps, extra)
     try:
         fixed = _fixed_batches(2, trainer.image.size, trainer.tokenizer, batch=batch, device="cuda")
         cycle = (Batch(images=img, texts=txt) for _ in range(10**6) for img, txt in fixed)
@@ -192,7 +188,6 @@ def test_train_step_gpu(benchmark, record, quick, model_name, batch, flops_per_s
         ours_loaded = _fastclip_run(trainer, iter(trainer.train_loader), steps, repeats=repeats)
     finally:
         trainer.close()
-        close_distributed()
     theirs = _open_clip_run(
         itertools.cycle(fixed), steps, repeats=repeats, model_name=model_name, batch=batch, device="cuda"
     )

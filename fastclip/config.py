@@ -105,6 +105,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
     fused_adam: bool = False  # on CUDA, DeepSpeed's FusedAdam (JIT-compiled with nvcc) instead of torch's AdamW
+    skip_nonfinite: bool = False  # skip steps whose grads hold inf/NaN (DeepSpeed's check: a host sync per step)
 
     def __post_init__(self):
         _require(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
@@ -120,7 +121,7 @@ class TrainConfig:
     steps: int = 0  # optimizer steps to run; 0 means train.epochs passes over the train shards
     epochs: int = 3  # passes over the train shards, used when train.steps is 0
     grad_accum: int = 1  # micro batches per optimizer step
-    zero_stage: int = 2  # DeepSpeed ZeRO stage, 0 to 3
+    zero_stage: int = 2  # DeepSpeed ZeRO stage, 0 to 3 (1 and 2 step without host syncs; 0 and 3 sync)
     precision: str = "bf16"  # 'bf16' or 'fp32'
     seed: int = 0  # seeds model init and data order (offset by rank for the data)
 
@@ -427,9 +428,11 @@ def deepspeed_config(cfg: Config, *, world_size: int, total_steps: int, cuda: bo
         "gradient_accumulation_steps": accum,
         "steps_per_print": 10**9,  # fastclip logs on its own cadence, without extra host syncs
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer synchronizes the device at every forward and step (fastclip/zero.py)
+        "timers": {"throughput": {"enabled": False}},
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.train.zero_stage},
-        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "bf16": {"enabled": cfg.train.precision == "bf16", "check_grad_overflow": cfg.optim.skip_nonfinite},
         "optimizer": {
             "type": "AdamW",
             "params": {

@@ -23,10 +23,10 @@ from fastclip.config import (  # noqa: E402
 )
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
     if os.environ.get("RANK", "0") == "0":
         print(f"fastclip: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         _fail(str(e))
 
     from fastclip.distributed import close_distributed, init_distributed
-    from fastclip.trainer import Trainer
+    from fastclip.trainer import Trainer, TrainingDiverged
 
     world = init_distributed()
     trainer = None
@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         return trainer.train()
     except ConfigError as e:
         _fail(str(e))
+    except TrainingDiverged as e:
+        _fail(str(e), code=1)
     finally:
         if trainer is not None:
             trainer.close()

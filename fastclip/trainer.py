@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import sys
 import time
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from fastclip.config import Config, ConfigError, LossConfig, deepspeed_config, total_steps
 from fastclip.data.batch import Batch
@@ -29,6 +31,11 @@ from fastclip.loss import ClipLoss
 from fastclip.meters import Meters
 from fastclip.model import build_model, image_spec, logit_scale_of, open_clip_state_dict, param_groups
 from fastclip.sinks import MetricSinks
+from fastclip.zero import sync_free_clipping
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stopped being finite; raised at a logging or checkpoint step, before anything is saved."""
 
 
 def seed_everything(seed: int) -> None:
@@ -70,10 +77,11 @@ class Trainer:
         self.global_batch = cfg.data.batch_size * cfg.train.grad_accum * world.world_size
         self.engine, self.scheduler = self._build_engine()
         self.loss_fn = build_loss(cfg.loss, world)
-        self.meters = Meters(["loss", "logit_scale"], device=world.device)
+        self.meters = Meters(["loss", "logit_scale", "grad_norm"], device=world.device)
         self.sinks = MetricSinks(cfg.log, enabled=world.is_main, config=cfg)
         self.step = 0
         self.samples_seen = 0
+        self.grad_norms_seen = False
         if cfg.checkpoint.resume:
             self.resume(cfg.checkpoint.resume)
 
@@ -100,6 +108,7 @@ class Trainer:
             model_parameters=param_groups(self.clip, weight_decay=cfg.optim.weight_decay),
             config=ds_config,
         )
+        sync_free_clipping(engine.optimizer)
         return engine, scheduler
 
     # ------------------------------------------------------------------------------------------ the step
@@ -124,6 +133,13 @@ class Trainer:
         self.meters["loss"].update(loss)
         self.meters["logit_scale"].update(scale)
 
+    def update_grad_norm(self) -> None:
+        """The pre-clip global grad norm of the step just taken (a device tensor under ZeRO-1/2/3)."""
+        norm = self.engine.get_global_grad_norm()
+        if norm is not None:  # None where DeepSpeed does not compute it (ZeRO-1/2 without clipping)
+            self.meters["grad_norm"].update(norm)
+            self.grad_norms_seen = True
+
     def train_step(self, batches: Iterator[Batch]) -> float:
         """One optimizer step over ``train.grad_accum`` micro batches; returns host seconds spent waiting for data."""
         data_time = 0.0
@@ -136,6 +152,7 @@ class Trainer:
             self.backward(loss)
             self.optimizer_step()
             self.update_meters(loss, scale)
+        self.update_grad_norm()
         self.step += 1
         self.samples_seen += self.global_batch
         return data_time
@@ -207,16 +224,35 @@ class Trainer:
             "data_time": data_time / steps,
             "batch_time": elapsed / steps,
         }
+        if self.grad_norms_seen:
+            record["grad_norm"] = means["grad_norm"]  # pre-clip global norm, mean over the interval's steps
         if bar is not None:
             bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{samples_per_second:.0f}", refresh=False)
         self.sinks.write(
             record,
             console=(
                 f"step {self.step}/{self.total_steps} | epoch {record['epoch']:.2f} | loss {record['loss']:.4f} | "
-                f"lr {record['lr']:.3e} | logit_scale {record['logit_scale']:.2f} | {samples_per_second:.1f} samples/s "
+                f"lr {record['lr']:.3e} | logit_scale {record['logit_scale']:.2f} | "
+                + (f"grad_norm {record['grad_norm']:.3f} | " if self.grad_norms_seen else "")
+                + f"{samples_per_second:.1f} samples/s "
                 f"({record['samples_per_second_per_gpu']:.1f}/GPU) | data {1e3 * record['data_time']:.1f} ms | "
                 f"batch {1e3 * record['batch_time']:.1f} ms"
             ),
+        )
+        if not (math.isfinite(record["loss"]) and math.isfinite(record.get("grad_norm", 0.0))):
+            self._diverged(f"mean loss {record['loss']}, mean grad norm {record.get('grad_norm')} since the last log")
+
+    def _diverged(self, what: str) -> None:
+        """Stop on a non-finite loss or grad norm unless DeepSpeed skips such steps (optim.skip_nonfinite)."""
+        if self.cfg.optim.skip_nonfinite:
+            return
+        latest = Path(self.cfg.checkpoint.dir) / "latest"
+        kept = f"{Path(self.cfg.checkpoint.dir) / latest.read_text().strip()}" if latest.is_file() else "none yet"
+        raise TrainingDiverged(
+            f"training diverged at step {self.step}: {what}. The weights may hold inf/NaN now, so nothing was saved; "
+            f"the newest checkpoint ({kept}) is untouched. Resume from it with --checkpoint.resume latest and a "
+            "lower --optim.lr (or more --optim.warmup_steps), or add --optim.skip_nonfinite true to skip steps "
+            "whose gradients are not finite (DeepSpeed's check, one host sync per step)."
         )
 
     # -------------------------------------------------------------------------------- eval, checkpoints
@@ -257,6 +293,13 @@ class Trainer:
 
     def save(self) -> None:
         """A DeepSpeed checkpoint in its own folder; 'latest' moves only after it is complete."""
+        # note: host sync, at checkpoint steps only: the steps since the last log step must be finite
+        pending = torch.stack([self.meters["loss"].total, self.meters["grad_norm"].total])
+        bad = (~torch.isfinite(pending)).any().to(torch.float32)
+        if dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank decides alike
+        if bad.item():
+            self._diverged("the loss or grad norm since the last log step is not finite")
         tag = f"step_{self.step:08d}"
         self.engine.save_checkpoint(self.cfg.checkpoint.dir, tag=tag, client_state=self.client_state())
         if self.world.is_main:

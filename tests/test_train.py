@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 KEYS = {
     "step", "epoch", "samples_seen", "loss", "lr", "logit_scale", "samples_per_second",
-    "samples_per_second_per_gpu", "data_time", "batch_time",
+    "samples_per_second_per_gpu", "data_time", "batch_time", "grad_norm",
 }  # fmt: skip
 
 

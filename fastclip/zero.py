@@ -1,0 +1,51 @@
+"""What fastclip changes in DeepSpeed's engine so that a non-logging step never waits for the device.
+
+Found with :class:`fastclip.syncs.HostSyncAudit` on DeepSpeed 0.19 (tests/test_host_sync.py keeps them found):
+
+- The throughput timer (on by default) calls ``synchronize()`` at every forward and every step: the derived
+  DeepSpeed config turns it off (``timers.throughput.enabled: false``); fastclip times steps on its own.
+- bf16 ``check_grad_overflow`` (on by default) reads every gradient for inf/NaN and ``.item()``s the result, then
+  ``bool()``s the grad norm, every step: off unless ``optim.skip_nonfinite`` asks for it. Without it a
+  non-finite loss stops the run at the next logging step (see ``Trainer.log_train``), as open_clip's bf16
+  path would train on; a checkpoint is never written from such a state.
+- ZeRO-1/2's ``unscale_and_clip_grads`` asks ``bool()`` of the grad norm to swap an invalid norm for +inf before
+  clipping: :func:`sync_free_clipping` does the same swap with ``masked_fill`` on the device.
+
+ZeRO-0 under bf16 (DeepSpeed's unfused optimizer takes the grad norm with ``.item()`` per parameter) and
+ZeRO-3 (its step decides on the host whether the norm is valid) keep their syncs; ZeRO-1 and 2 have none.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+
+
+def _unscale_and_clip_grads(self, grad_groups_flat, total_norm) -> None:
+    """DeepSpeedZeroOptimizer.unscale_and_clip_grads without the host read: an invalid norm (inf, NaN, or
+    DeepSpeed's -1 sentinel) becomes +inf on the device, which scales the gradients by 0 exactly as the
+    original does."""
+    if self.clip_grad == 0.0 and self.loss_scale == 1.0:
+        return
+    combined_scale = self.loss_scale
+    if self.clip_grad > 0.0:
+        norm = total_norm
+        if not torch.is_tensor(norm):
+            norm = torch.tensor(float(norm), dtype=torch.float, device=self.device)
+        norm = norm.masked_fill(~torch.isfinite(norm) | (norm < 0), float("inf"))
+        clip = ((norm / self.loss_scale) + 1e-6) / self.clip_grad
+        combined_scale = torch.clamp(clip, min=1.0) * self.loss_scale
+    for grad in grad_groups_flat:
+        for g in grad if isinstance(grad, list) else [grad]:
+            g.data.mul_(1.0 / combined_scale)
+
+
+def sync_free_clipping(optimizer) -> bool:
+    """Give a ZeRO-1/2 optimizer the sync-free clipping above; True if it applied (False for other stages)."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if not isinstance(optimizer, DeepSpeedZeroOptimizer):
+        return False
+    optimizer.unscale_and_clip_grads = types.MethodType(_unscale_and_clip_grads, optimizer)
+    return True

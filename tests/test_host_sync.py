@@ -1,0 +1,153 @@
+"""No host syncs in a non-logging step: the audit that finds them, DeepSpeed's that fastclip removes, and what a
+non-finite loss does now that DeepSpeed no longer checks for one every step."""
+
+import json
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from runs import ROOT, run_cli, small_run_args
+
+from fastclip.syncs import HostSyncAudit, optimizer_step_counters
+
+
+def test_audit_counts_value_reads_and_spares_host_tensors():
+    counter, x = torch.tensor(3.0), torch.randn(16)
+    with HostSyncAudit(host_tensors=[counter]) as audit:
+        counter.item()  # a host tensor by declaration: not a sync
+        y = (x * 2).sum()  # queued work: not a sync
+        x.nonzero()
+        if y > -1e9:  # bool() of a tensor
+            float(y)
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+    kinds = sorted(s.kind for s in audit.syncs.elements())
+    expected = ["aten::_local_scalar_dense", "aten::_local_scalar_dense", "aten::nonzero"]
+    assert kinds == sorted(expected + (["synchronize"] if torch.cuda.is_available() else []))
+    assert all("test_host_sync.py" in s.where for s in audit.syncs)
+    assert "host sync(s)" in audit.report()
+
+
+def _trainer(world, world_dir, tmp_path, extra):
+    from fastclip.config import parse_args
+    from fastclip.trainer import Trainer
+
+    cfg = parse_args(small_run_args(world_dir, tmp_path, steps=20) + ["--log.every", "1000", *extra])
+    return Trainer(cfg, world)
+
+
+def _config_with_timers(world_dir, tmp_path, extra):
+    from fastclip.config import deepspeed_config, parse_args
+
+    cfg = parse_args(small_run_args(world_dir, tmp_path, steps=20) + extra)
+    ds = deepspeed_config(cfg, world_size=1, total_steps=20, cuda=False)
+    assert ds["timers"]["throughput"]["enabled"] is False
+    ds["timers"]["throughput"]["enabled"] = True
+    path = tmp_path / "ds_timers.json"
+    path.write_text(json.dumps(ds))
+    return path
+
+
+@pytest.mark.parametrize(
+    "extra, syncs_expected",
+    [
+        (["--train.zero_stage", "1"], False),
+        (["--train.zero_stage", "2"], False),
+        (["--train.zero_stage", "2", "--train.grad_accum", "2"], False),
+        # DeepSpeed's own per-step inf/NaN check, on request: the audit must see its syncs
+        (["--train.zero_stage", "2", "--optim.skip_nonfinite", "true"], True),
+        # DeepSpeed's throughput timer, which the derived config turns off, synchronizes twice a step
+        (["--train.zero_stage", "2", "timers-on"], True),
+    ],
+)
+def test_zero_1_2_steps_have_no_host_syncs(single_rank, world_dir, tmp_path, extra, syncs_expected):
+    if "timers-on" in extra:
+        extra = extra[:-1] + ["--deepspeed_config", str(_config_with_timers(world_dir, tmp_path, extra[:-1]))]
+    trainer = _trainer(single_rank, world_dir, tmp_path, extra)
+    try:
+        batches = iter(trainer.train_loader)
+        for _ in range(2):  # optimizer state exists after the first step
+            trainer.train_step(batches)
+        with HostSyncAudit(host_tensors=optimizer_step_counters(trainer.engine.optimizer)) as audit:
+            for _ in range(3):
+                trainer.train_step(batches)
+        means = trainer.meters.collect()  # the logging step's one sync, outside the audit
+    finally:
+        trainer.close()
+    if syncs_expected:
+        assert audit.total >= 3, audit.report()
+        assert ("synchronize" in {s.kind for s in audit.syncs}) == ("--deepspeed_config" in extra), audit.report()
+    else:
+        assert audit.total == 0, audit.report()
+    assert torch.isfinite(torch.tensor([means["loss"], means["grad_norm"]])).all() and means["grad_norm"] > 0
+
+
+@pytest.mark.parametrize(
+    "norm",
+    [3.7, 0.25, float("inf"), float("nan"), -1.0],  # -1: DeepSpeed's sentinel for an invalid group norm
+)
+def test_sync_free_clipping_matches_deepspeed(norm):
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from fastclip.zero import _unscale_and_clip_grads
+
+    opt = SimpleNamespace(clip_grad=1.0, loss_scale=1.0, device="cpu")
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(1000, generator=g), [torch.randn(10, generator=g), torch.randn(7, generator=g)]]
+    theirs = [grads[0].clone(), [t.clone() for t in grads[1]]]
+    with HostSyncAudit() as audit:
+        _unscale_and_clip_grads(opt, grads, torch.tensor(norm))
+    DeepSpeedZeroOptimizer.unscale_and_clip_grads(opt, theirs, torch.tensor(norm))
+    assert audit.total == 0, audit.report()
+    torch.testing.assert_close(grads[0], theirs[0], rtol=0, atol=0)
+    for ours, ref in zip(grads[1], theirs[1]):
+        torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("log_every", [1, 100])  # caught at a log step, or at the checkpoint step before it
+def test_divergence_stops_the_run_and_keeps_the_last_checkpoint(world_dir, tmp_path, log_every):
+    out = tmp_path / "run"
+    args = small_run_args(world_dir, out, steps=8) + [
+        "--optim.lr", "1e30", "--checkpoint.every", "2", "--eval.every", "0", "--log.every", str(log_every),
+    ]  # fmt: skip
+    proc = run_cli([sys.executable, "-m", "fastclip.train", *args], cwd=ROOT, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "training diverged at step" in proc.stderr and "--optim.skip_nonfinite true" in proc.stderr
+    saved = sorted(p.name for p in (out / "checkpoints").glob("step_*"))
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    assert saved and latest == saved[-1] and f"({out / 'checkpoints' / latest})" in proc.stderr
+    step = int(proc.stderr.split("training diverged at step ")[1].split(":")[0])
+    assert int(latest.split("_")[1]) < step  # nothing was saved from the diverged state
+    assert not (out / "checkpoints" / "open_clip.pt").exists()
+
+
+@pytest.mark.gpu
+def test_gpu_step_has_no_host_syncs(single_rank, world_dir, tmp_path):
+    """On CUDA, torch's own sync detector and the audit together: a ZeRO-2 bf16 step with the Triton loss,
+    on batches already on the device (the loaders' threads are not part of the step)."""
+    import itertools
+    import warnings
+
+    trainer = _trainer(single_rank, world_dir, tmp_path, ["--data.loader", "torch", "--data.num_threads", "2"])
+    try:
+        loaded = iter(trainer.train_loader)
+        batches = itertools.cycle([next(loaded), next(loaded)])
+        for _ in range(2):
+            trainer.train_step(batches)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught, HostSyncAudit(device="cuda") as audit:
+                warnings.simplefilter("always")
+                for _ in range(3):
+                    trainer.train_step(batches)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        means = trainer.meters.collect()
+    finally:
+        trainer.close()
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+    assert not syncs, "\n".join(syncs[:10])
+    assert audit.total == 0, audit.report()
+    assert torch.isfinite(torch.tensor(means["loss"]))
