@@ -189,18 +189,42 @@ def test_corrupt_jpeg_is_skipped_and_logged_by_the_torch_loader(world_dir, tmp_p
     assert "val00000005" in log and "corrupt-000.tar" in log and "1 skipped" in log
 
 
-def test_corrupt_jpeg_stops_dali_with_a_message_that_says_what_to_do(world_dir, tmp_path):
+def test_corrupt_jpeg_is_skipped_and_logged_by_dali(world_dir, tmp_path, capfd):
     shard = tmp_path / "corrupt-000.tar"
     _corrupt_copy(world_dir / "val" / "shard-000000.tar", shard, "val00000005.jpg")
-    data = parse_args(["--data.train_shards", str(shard), "--data.batch_size", "16", "--data.loader", "dali"]).data
-    loader = build_loader(
-        data=data, image=SPEC, tokenizer=build_tokenizer("fastclip-tiny"), train=True, rank=0, world_size=1, seed=0,
-        device=torch.device("cpu"),
-    )  # fmt: skip
+    args = ["--data.train_shards", str(shard), "--data.val_shards", str(shard), "--data.batch_size", "16"]
+    data = parse_args([*args, "--data.loader", "dali", "--data.shuffle_buffer", "8"]).data
+    tok = build_tokenizer("fastclip-tiny")
+    common = dict(data=data, image=SPEC, tokenizer=tok, rank=0, world_size=1, seed=0, device=torch.device("cpu"))
+    whole = {
+        tuple(t.tolist()) for t in tok([s["txt"].decode() for s in _samples(world_dir / "val" / "shard-000000.tar")])
+    }
+    (bad_caption,) = [
+        tuple(t.tolist()) for t in tok([s["txt"].decode() for s in _samples(shard) if not _decodes(s["jpg"])])
+    ]
+    val = build_loader(train=False, **common)
     try:
-        with pytest.raises(RuntimeError, match="--data.loader torch"):
-            batches = iter(loader)
-            for _ in range(20):
-                next(batches)
+        for _ in range(2):  # every pass: the 99 good samples, once each, the corrupt one never
+            texts = [tuple(t.tolist()) for b in val for t in b.texts]
+            assert len(texts) == 99 and set(texts) == whole - {bad_caption}
+        assert val.skipped == 2
     finally:
-        loader.close()
+        val.close()
+    train = build_loader(train=True, **common)
+    try:
+        batches = iter(train)
+        sizes = [next(batches).images.shape[0] for _ in range(20)]  # 320 samples: three passes over the shard
+        assert sizes == [16] * 20  # a skip never shortens a training batch
+        assert train.skipped >= 2
+    finally:
+        train.close()
+    log = capfd.readouterr().err
+    assert "skipped sample val00000005 in shard" in log and "corrupt-000.tar" in log and "on rank 0" in log
+
+
+def _decodes(jpeg: bytes) -> bool:
+    try:
+        Image.open(io.BytesIO(jpeg)).load()
+        return True
+    except OSError:
+        return False

@@ -1,8 +1,10 @@
 """DALI pipelines over webdataset shards: per-rank split, shuffle, decode, crop, normalize; captions tokenized.
 
-On a GPU the JPEG decode runs on the device (``device="mixed"``, nvJPEG); on a CPU-only machine the same
-pipeline runs with ``device_id=None``. A background thread runs the pipeline and the tokenizer one batch
-ahead, so the training step finds the next batch ready; the images reach the step on its device.
+Two pipelines: a reader (this rank's part of the shards, shuffled, as encoded bytes) and a decoder (JPEG decode
+on the GPU with ``device="mixed"``, nvJPEG; on a CPU-only machine the same ops with ``device_id=None``). The
+hand-over between them is where a corrupt image is cut out: DALI itself can only stop on one. A background
+thread runs both and the tokenizer one batch ahead, so the training step finds the next batch ready; the
+images reach the step on its device.
 """
 
 from __future__ import annotations
@@ -10,7 +12,10 @@ from __future__ import annotations
 import queue
 import tarfile
 import threading
+from collections import deque
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +25,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 from fastclip.config import DataConfig
 from fastclip.data.batch import Batch
 from fastclip.data.shards import index_paths, resolve_shards
+from fastclip.data.skips import Skips
 from fastclip.model import ImageSpec
 
 
@@ -67,25 +73,40 @@ def _reader(paths: list[str], exts: list[str], *, rank: int, world_size: int, sh
     )
 
 
-def build_pipeline(
-    *, data: DataConfig, image: ImageSpec, paths: list[str], train: bool, rank: int, world_size: int, seed: int
-):
-    """A built DALI pipeline yielding (images, caption bytes[, cls bytes]) for this rank's part of ``paths``."""
-    device = _decode_device(data)
-    device_id = torch.cuda.current_device() if device == "mixed" else None
-    batch = data.batch_size
+def reader_pipeline(*, data: DataConfig, paths: list[str], train: bool, rank: int, world_size: int, seed: int):
+    """This rank's encoded samples as DALI reads them: (image bytes, caption bytes[, cls bytes], source info)."""
     labelled = not train and _has_labels(paths[0])
 
-    @pipeline_def(
-        batch_size=batch, num_threads=data.num_threads, device_id=device_id, seed=seed, prefetch_queue_depth=2
-    )
+    @pipeline_def(batch_size=data.batch_size, num_threads=data.num_threads, device_id=None, seed=seed)
     def pipeline():
+        exts = ["jpg;jpeg;png", "txt"] + (["cls"] if labelled else [])
+        outputs = _reader(paths, exts, rank=rank, world_size=world_size, shuffle=train, data=data, seed=seed)
+        return (*outputs, fn.get_property(outputs[0], key="source_info"))  # 'shard.tar:offset:key.jpg'
+
+    pipe = pipeline()
+    pipe.build()
+    return pipe
+
+
+def decode_pipeline(*, data: DataConfig, image: ImageSpec, train: bool, seed: int, batch_size: int | None = None):
+    """Encoded images in (``external_source`` 'encoded'), model-ready float CHW images out: decode on the GPU
+    where there is one, random-resized-crop for training, resize + centre crop for eval.
+
+    One batch in flight (``prefetch_queue_depth=1``): the loader feeds a batch, schedules it, tokenizes that
+    batch's captions while DALI decodes, then takes the images; a batch that fails is then known exactly.
+    """
+    device = _decode_device(data)
+    device_id = torch.cuda.current_device() if device == "mixed" else None
+
+    @pipeline_def(
+        batch_size=batch_size or data.batch_size, num_threads=data.num_threads, device_id=device_id, seed=seed,
+        prefetch_queue_depth=1,
+    )  # fmt: skip
+    def pipeline():
+        encoded = fn.external_source(name="encoded", no_copy=False)
         if train:
-            jpg, txt = _reader(
-                paths, ["jpg;jpeg;png", "txt"], rank=rank, world_size=world_size, shuffle=True, data=data, seed=seed
-            )
             img = fn.decoders.image_random_crop(
-                jpg,
+                encoded,
                 device=device,
                 output_type=types.RGB,
                 random_area=list(data.crop_scale),
@@ -93,12 +114,10 @@ def build_pipeline(
                 seed=seed,
             )
             img = fn.resize(img, resize_x=image.size, resize_y=image.size, interp_type=types.INTERP_CUBIC)
-            return _normalize(img, image), txt
-        exts = ["jpg;jpeg;png", "txt"] + (["cls"] if labelled else [])
-        outputs = _reader(paths, exts, rank=rank, world_size=world_size, shuffle=False, data=data, seed=seed)
-        img = fn.decoders.image(outputs[0], device=device, output_type=types.RGB)
+            return _normalize(img, image)
+        img = fn.decoders.image(encoded, device=device, output_type=types.RGB)
         img = fn.resize(img, resize_shorter=image.size, interp_type=types.INTERP_CUBIC)
-        return (_normalize(img, image, crop=(image.size, image.size)), *outputs[1:])
+        return _normalize(img, image, crop=(image.size, image.size))
 
     pipe = pipeline()
     pipe.build()
@@ -112,30 +131,81 @@ def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
     return out
 
 
-def _strings(tensor_list) -> list[str]:
-    return [np.array(tensor_list[i]).tobytes().decode("utf-8", errors="replace") for i in range(len(tensor_list))]
+def _strings(tensor_list, n: int) -> list[str]:
+    return [np.array(tensor_list[i]).tobytes().decode("utf-8", errors="replace") for i in range(n)]
 
 
-def _labels(tensor_list) -> torch.Tensor:
+def _labels(tensor_list, n: int) -> list[int]:
     values = []
-    for i in range(len(tensor_list)):
+    for i in range(n):
         raw = np.array(tensor_list[i]).tobytes().strip()
         values.append(int(raw) if raw else -1)
-    return torch.tensor(values, dtype=torch.long)
+    return values
+
+
+def _reason(error: Exception) -> str:
+    """The line of a DALI error that says what went wrong ('nvImageCodec failure: ...')."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("Current pipeline", "Critical error", "Error in", "File"))]
+    return useful[-1] if useful else (lines[-1] if lines else type(error).__name__)
+
+
+@dataclass
+class _Encoded:
+    """Samples read but not decoded, copied out of the reader's buffers (which DALI reuses a few runs later), so
+    that a failed batch can still be examined image by image: ~0.4 ms per 256 JPEGs of 46 KB."""
+
+    images: list[np.ndarray]
+    captions: list[str]
+    labels: list[int] | None
+    sources: list[str]  # 'shard.tar:offset:key.jpg'
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def pick(self, index) -> _Encoded:
+        return _Encoded(
+            [self.images[i] for i in index], [self.captions[i] for i in index],
+            None if self.labels is None else [self.labels[i] for i in index], [self.sources[i] for i in index],
+        )  # fmt: skip
+
+    def __add__(self, other: _Encoded) -> _Encoded:
+        if not len(self):
+            return other
+        if not len(other):
+            return self
+        return _Encoded(
+            self.images + other.images, self.captions + other.captions,
+            None if self.labels is None else self.labels + other.labels, self.sources + other.sources,
+        )  # fmt: skip
+
+    def split(self, n: int) -> tuple[_Encoded, _Encoded]:
+        return self.pick(range(min(n, len(self)))), self.pick(range(n, len(self)))
 
 
 class DaliLoader:
-    """Iterates batches from a DALI pipeline; a thread keeps ``prefetch`` batches ready.
+    """Iterates batches from two DALI pipelines, a reader and a decoder; a thread keeps ``prefetch`` batches
+    ready.
 
     A training loader never ends (the reader wraps epochs); ``samples_per_epoch`` says how many training
     samples one pass over all ranks holds. A validation loader yields each of this rank's samples exactly
     once per iteration, the reader's padding cut off.
+
+    An image that does not decode is skipped, named in the log (shard and key) and counted (``skipped``): DALI
+    stops a pipeline on such an image without saying which it was, so the loader decodes the failed batch's
+    images one at a time to find it, rebuilds the decoder, and fills the batch from the next samples, so that
+    every training batch keeps its size.
     """
+
+    MAX_ALL_BAD = 3  # consecutive batches without one decodable image: the data is broken, not a sample
+    IN_FLIGHT = 2  # decoders, one batch each: one decodes while the other's images are handed over
 
     def __init__(
         self,
         *,
-        pipe,
+        reader,
+        make_decoder: Callable[[int], Any],
+        make_checker: Callable[[], Any],
         tokenizer: Callable[[list[str]], torch.Tensor],
         train: bool,
         rank: int,
@@ -143,44 +213,108 @@ class DaliLoader:
         device: torch.device,
         prefetch: int = 2,
     ):
-        self.pipe, self.tokenizer, self.train, self.device, self.prefetch = pipe, tokenizer, train, device, prefetch
-        self.samples_per_epoch = pipe.reader_meta("reader")["epoch_size"]
+        self.reader, self.make_decoder, self.make_checker = reader, make_decoder, make_checker
+        self.tokenizer, self.train, self.device, self.prefetch = tokenizer, train, device, prefetch
+        self.rebuilds = 0
+        self.decoders, self.checker = [make_decoder(i) for i in range(self.IN_FLIGHT)], None
+        self.skips = Skips(f"on rank {rank}")
+        self.samples_per_epoch = reader.reader_meta("reader")["epoch_size"]
         total = self.samples_per_epoch
         # DALI gives shard i the samples [total * i // n, total * (i + 1) // n)
         self.local_samples = total * (rank + 1) // world_size - total * rank // world_size
-        self.batch_size = pipe.max_batch_size
-        self.image_device = device if _is_gpu_pipe(pipe) else torch.device("cpu")
+        self.batch_size = reader.max_batch_size
+        self.image_device = device if _is_gpu_pipe(self.decoders[0]) else torch.device("cpu")
 
-    def _produce(self, n_batches: int | None) -> Iterator[Batch]:
-        remaining = self.local_samples
-        produced = 0
-        while n_batches is None or produced < n_batches:
+    @property
+    def skipped(self) -> int:
+        return self.skips.count
+
+    def _read(self, limit: int | None) -> _Encoded:
+        out = self.reader.run()
+        n = len(out[1]) if limit is None else min(len(out[1]), limit)  # eval: the reader's padding cut off
+        labels = _labels(out[2], n) if len(out) > 3 else None
+        images = [np.array(out[0][i]) for i in range(n)]
+        return _Encoded(images, _strings(out[1], n), labels, _strings(out[-1], n))
+
+    def _undecodable(self, batch: _Encoded) -> dict[int, str]:
+        """Which of ``batch``'s images DALI cannot decode, one image at a time, and why."""
+        bad = {}
+        for i, array in enumerate(batch.images):
+            self.checker = self.checker or self.make_checker()
             try:
-                outputs = self.pipe.run()
+                self.checker.feed_input("encoded", [array])
+                self.checker.schedule_run()
+                self.checker.outputs()
             except RuntimeError as e:
-                raise RuntimeError(
-                    f"the DALI pipeline stopped: {e}\nA corrupt image in the shards stops DALI's decoder. Remove "
-                    "that sample, or run with --data.loader torch, which skips such samples and logs each one."
-                ) from e
-            images = _to_torch(outputs[0], self.image_device)
-            texts = self.tokenizer(_strings(outputs[1]))
-            labels = _labels(outputs[2]) if len(outputs) > 2 else None
-            if not self.train:
-                keep = min(self.batch_size, remaining)
-                remaining -= keep
-                images, texts = images[:keep], texts[:keep]
-                labels = labels[:keep] if labels is not None else None
+                bad[i] = _reason(e)
+                self.checker = None  # a pipeline that failed is spent
+        return bad
+
+    def _skip(self, batch: _Encoded, error: RuntimeError, slot: int) -> _Encoded:
+        """Log and drop the images of a failed batch that do not decode; the rest, to decode again."""
+        bad = self._undecodable(batch)
+        if not bad:
+            raise RuntimeError(
+                f"the DALI pipeline stopped: {error}\nEvery image of the failed batch decodes on its own, so this is "
+                "not a corrupt sample; --data.loader torch runs without DALI."
+            ) from error
+        for i, reason in bad.items():
+            shard, _, name = batch.sources[i].rsplit(":", 2)
+            self.skips.skip(key=name.rsplit(".", 1)[0], shard=shard, error=reason)
+        self.rebuilds += 1
+        self.decoders[slot] = self.make_decoder(len(self.decoders) + self.rebuilds)  # the failed one is spent
+        return batch.pick([i for i in range(len(batch)) if i not in bad])
+
+    def _produce(self) -> Iterator[Batch]:
+        """Keep every decoder busy with one batch; hand over the oldest when its images are ready."""
+        left = None if self.train else self.local_samples  # eval: samples of this pass not read yet
+        carry = _Encoded([], [], None, [])
+        in_flight: deque[tuple[int, _Encoded]] = deque()
+        free = deque(range(len(self.decoders)))
+        all_bad = 0
+        while True:
+            while free:
+                while len(carry) < self.batch_size and (left is None or left > 0):
+                    read = self._read(left)
+                    left = None if left is None else left - len(read)
+                    carry = carry + read
+                if not len(carry):
+                    break
+                batch, carry = carry.split(self.batch_size)
+                slot = free.popleft()
+                self.decoders[slot].feed_input("encoded", batch.images)
+                self.decoders[slot].schedule_run()
+                in_flight.append((slot, batch))
+            if not in_flight:
+                return
+            slot, batch = in_flight.popleft()
+            texts = self.tokenizer(batch.captions)  # while the decoders work
+            try:
+                (images,) = self.decoders[slot].outputs()
+                images = _to_torch(images, self.image_device)
+            except RuntimeError as e:
+                good = self._skip(batch, e, slot)
+                all_bad = 0 if len(good) else all_bad + 1
+                if all_bad >= self.MAX_ALL_BAD:
+                    raise RuntimeError(
+                        f"{self.MAX_ALL_BAD} batches in a row held no image that decodes ({self.skipped} skipped); "
+                        "check the shards' image files"
+                    ) from e
+                carry = good + carry
+                free.append(slot)
+                continue
+            free.append(slot)
+            all_bad = 0
+            labels = torch.tensor(batch.labels, dtype=torch.long) if batch.labels is not None else None
             if texts.device.type == "cpu" and self.device.type == "cuda":
                 texts = texts.pin_memory()
             yield Batch(images=images, texts=texts, labels=labels)
-            produced += 1
 
     def __iter__(self) -> Iterator[Batch]:
-        n_batches = None if self.train else -(-self.local_samples // self.batch_size)
-        if n_batches == 0:
+        if not self.train and self.local_samples == 0:
             return iter(())
         self._close_prefetcher()
-        self._prefetcher = _Prefetcher(self._produce(n_batches), depth=self.prefetch, device=self.device)
+        self._prefetcher = _Prefetcher(self._produce(), depth=self.prefetch, device=self.device)
         return self._prefetcher
 
     def _close_prefetcher(self) -> None:
@@ -189,10 +323,9 @@ class DaliLoader:
             self._prefetcher = None
 
     def close(self) -> None:
-        """Stop the prefetch thread, then free the pipeline (its C++ threads must not outlive the process)."""
+        """Stop the prefetch thread, then free the pipelines (their C++ threads must not outlive the process)."""
         self._close_prefetcher()
-        if getattr(self, "pipe", None) is not None:
-            self.pipe = None
+        self.reader, self.decoders, self.checker = None, [], None
 
 
 def _is_gpu_pipe(pipe) -> bool:
@@ -268,5 +401,11 @@ def build_loader(
 ) -> DaliLoader:
     field = "data.train_shards" if train else "data.val_shards"
     paths = resolve_shards(data.train_shards if train else data.val_shards, field=field)
-    pipe = build_pipeline(data=data, image=image, paths=paths, train=train, rank=rank, world_size=world_size, seed=seed)
-    return DaliLoader(pipe=pipe, tokenizer=tokenizer, train=train, rank=rank, world_size=world_size, device=device)
+    reader = reader_pipeline(data=data, paths=paths, train=train, rank=rank, world_size=world_size, seed=seed)
+    return DaliLoader(
+        reader=reader,
+        # a rebuilt decoder draws other crops than the one it replaces
+        make_decoder=lambda rebuilds: decode_pipeline(data=data, image=image, train=train, seed=seed + 7919 * rebuilds),
+        make_checker=lambda: decode_pipeline(data=data, image=image, train=False, seed=seed, batch_size=1),
+        tokenizer=tokenizer, train=train, rank=rank, world_size=world_size, device=device,
+    )  # fmt: skip

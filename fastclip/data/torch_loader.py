@@ -9,8 +9,6 @@ process decodes the whole batch on the GPU (torchvision.io.decode_jpeg(device='c
 
 from __future__ import annotations
 
-import logging
-import os
 import random
 import tarfile
 from collections.abc import Callable, Iterator
@@ -21,13 +19,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from fastclip.config import DataConfig
 from fastclip.data.batch import Batch
 from fastclip.data.shards import resolve_shards
+from fastclip.data.skips import Skips
 from fastclip.model import ImageSpec
 
 IMAGE_EXTS = ("jpg", "jpeg", "png")
-log = logging.getLogger("fastclip.data")
-if not log.handlers:  # loader workers are separate processes: each writes its skips straight to fd 2
-    log.addHandler(logging.StreamHandler(os.fdopen(2, "w", buffering=1, closefd=False)))
-    log.propagate = False
 
 
 def _samples(path: str) -> Iterator[dict]:
@@ -48,20 +43,6 @@ def _samples(path: str) -> Iterator[dict]:
             sample["__key__"], sample["__shard__"] = key, path
     if sample:
         yield sample
-
-
-class _Skips:
-    """Counts samples dropped because their image does not decode, and says which, in the log."""
-
-    def __init__(self):
-        self.count = 0
-
-    def skip(self, sample: dict, error: Exception) -> None:
-        self.count += 1
-        log.warning(
-            "skipped sample %s in shard %s: its image does not decode (%s); %d skipped so far in this worker",
-            sample.get("__key__"), sample.get("__shard__"), str(error).strip().splitlines()[-1], self.count,
-        )  # fmt: skip
 
 
 def _usable(sample: dict) -> bool:
@@ -108,14 +89,14 @@ class _ShardStream(IterableDataset):
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         slots, slot = self.world_size * workers, self.rank * workers + worker
         rng = random.Random(self.seed * 7919 + slot)
-        skips = _Skips()
+        skips = Skips()
         epoch = 0
         while True:
             for sample in self._shuffled(self._ordered(epoch, slot, slots), rng):
                 try:  # a corrupt image is dropped before batching, so every batch stays full
                     yield self.transform(sample)
                 except (RuntimeError, ValueError, OSError) as e:
-                    skips.skip(sample, e)
+                    skips.skip(key=sample.get("__key__"), shard=sample.get("__shard__"), error=e)
             if not self.train:
                 return
             epoch += 1
@@ -200,7 +181,7 @@ class TorchLoader:
         self.local_samples = len(range(rank, total, world_size))
         self.batch_size, self.train, self.device, self.image, self.data = data.batch_size, train, device, image, data
         self.gpu_decode = device.type == "cuda" and data.decode_device in ("auto", "mixed")
-        self._skips = _Skips()
+        self._skips = Skips("on the GPU decode")
         transform = _Transform(image=image, data=data, tokenizer=tokenizer, train=train, gpu_decode=self.gpu_decode)
         stream = _ShardStream(
             paths=paths, train=train, rank=rank, world_size=world_size, seed=seed,
@@ -233,7 +214,7 @@ class TorchLoader:
             texts = texts.clone()
             for i, d in enumerate(decoded):
                 if isinstance(d, Exception):
-                    self._skips.skip({"__key__": f"batch position {i}"}, d)
+                    self._skips.skip(key=f"at batch position {i}", shard=None, error=d)
                     decoded[i], texts[i] = decoded[good[0]], texts[good[0]]
         return torch.stack([prepare(img, self.image, self.data, self.train) for img in decoded]), texts
 
