@@ -3,9 +3,10 @@ against open_clip's own ``train_one_epoch`` (autocast bf16, AdamW, open_clip's C
 batch size. "data excluded" feeds both the same pre-made batches; "data included" runs each with its own
 loader on the same shards (fastclip: DALI; open_clip: get_wds_dataset).
 
-CPU: the tiny demo architecture at 64 px, one rank. GPU: ViT-B/32 and ViT-B/16 at 224 px (fastclip's torch
-loader with nvJPEG decode, since the bare GPU image has no DALI), with MFU against the card's measured bf16
-matmul rate.
+CPU: the tiny demo architecture at 64 px, one rank. GPU: ViT-B/32 and ViT-B/16 at 224 px with the largest batch
+of a ladder that fastclip fits (open_clip at the same batch, or at its own largest if that does not fit), the
+data-included case with fastclip's torch loader and nvJPEG decode (the bare GPU image has no DALI), with MFU
+against the card's measured bf16 matmul rate.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from harness import Result, time_fn
 
 BATCH = 64
 STEPS = {"full": 6, "quick": 2}  # steps per timed block; the full run takes the median of 3 blocks
-GPU_CASES = [("ViT-B-32", 512, 44.3e9), ("ViT-B-16", 256, 123.3e9)]  # (model, batch, train FLOPs per sample)
+# (model, batch ladder searched for the largest that fits, train FLOPs per sample)
+GPU_CASES = [("ViT-B-32", (256, 512, 1024, 1536, 2048), 44.3e9), ("ViT-B-16", (128, 256, 384, 512, 768), 123.3e9)]
 
 
 def _fixed_batches(n: int, size: int, tokenizer, batch: int = BATCH, device: str = "cpu"):
@@ -169,34 +171,105 @@ def _open_clip_loader_for(root, size: int):
     return get_wds_dataset(args, preprocess_train, is_train=True, tokenizer=open_clip.get_tokenizer(name)).dataloader
 
 
+def _fits(fn) -> bool:
+    """Whether ``fn`` runs without exhausting GPU memory (what it allocated is freed either way)."""
+    import gc
+
+    try:
+        fn()
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def _largest(ladder: tuple[int, ...], fits) -> int | None:
+    """The largest batch of the ascending ``ladder`` that ``fits``; the search stops at the first that does not."""
+    best = None
+    for batch in ladder:
+        if not fits(batch):
+            break
+        best = batch
+    return best
+
+
+def _fastclip_largest(trainer_at, ladder: tuple[int, ...]) -> tuple[int | None, int, object]:
+    """The largest batch of ``ladder`` that fastclip's step fits, found on a probe engine (DeepSpeed's state after an
+    out-of-memory step is not trusted, so the measured engine is a fresh one); also the image size and tokenizer."""
+    from fastclip.data.batch import Batch
+
+    probe = trainer_at(ladder[0])
+    size, tokenizer = probe.image.size, probe.tokenizer
+
+    def step(b: int) -> None:
+        images, texts = _fixed_batches(1, size, tokenizer, batch=b, device="cuda")[0]
+        probe.train_step(iter([Batch(images=images, texts=texts)]))
+        torch.cuda.synchronize()
+
+    try:
+        return _largest(ladder, lambda b: _fits(lambda: step(b))), size, tokenizer
+    finally:
+        probe.close()
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("model_name, batch, flops_per_sample", GPU_CASES)
-def test_train_step_gpu(benchmark, record, quick, single_rank, model_name, batch, flops_per_sample):
+@pytest.mark.parametrize("model_name, ladder, flops_per_sample", GPU_CASES)
+def test_train_step_gpu(benchmark, record, quick, single_rank, model_name, ladder, flops_per_sample):
     from bench_loss import _bf16_matmul_peak
 
     from fastclip.data.batch import Batch
 
     steps, repeats = (3, 1) if quick else (5, 3)
+    ladder = ladder[:2] if quick else ladder
     root = _shards("quick" if quick else "full")
-    extra = ("--model.name", model_name, "--data.batch_size", str(batch), "--data.loader", "torch",
-             "--data.num_threads", "8")  # fmt: skip
-    trainer = _fastclip_trainer(single_rank, root, steps, extra)
+
+    def trainer_at(batch: int):
+        extra = ("--model.name", model_name, "--data.batch_size", str(batch), "--data.loader", "torch",
+                 "--data.num_threads", "8")  # fmt: skip
+        return _fastclip_trainer(single_rank, root, steps, extra)
+
+    batch, size, tokenizer = _fastclip_largest(trainer_at, ladder)
+    params = {"model": model_name, "image_px": size, "ranks": 1, "precision": "bf16", "device": "cuda"}
+    if batch is None:
+        note = f"fastclip ran out of memory at batch {ladder[0]}"
+        params["batch"] = ladder[0]
+        record(
+            Result("train_step", "samples/s/GPU, data excluded", params, "samples_per_second", None, None, note=note)
+        )
+        pytest.skip("no batch of the ladder fits")
+    torch.cuda.reset_peak_memory_stats()
+    trainer = trainer_at(batch)
     try:
-        fixed = _fixed_batches(2, trainer.image.size, trainer.tokenizer, batch=batch, device="cuda")
+        fixed = _fixed_batches(2, size, trainer.tokenizer, batch=batch, device="cuda")
         cycle = (Batch(images=img, texts=txt) for _ in range(10**6) for img, txt in fixed)
         ours_fixed = _fastclip_run(trainer, cycle, steps, repeats=repeats)
         ours_loaded = _fastclip_run(trainer, iter(trainer.train_loader), steps, repeats=repeats)
+        peak_memory = torch.cuda.max_memory_allocated()
     finally:
         trainer.close()
-    theirs = _open_clip_run(
-        itertools.cycle(fixed), steps, repeats=repeats, model_name=model_name, batch=batch, device="cuda"
-    )
+
+    def open_clip_at(b: int, steps: int, repeats: int) -> float:
+        batches = itertools.cycle(_fixed_batches(2, size, tokenizer, batch=b, device="cuda"))
+        return _open_clip_run(batches, steps, repeats=repeats, model_name=model_name, batch=b, device="cuda")
+
+    theirs_batch, theirs = batch, None
+    if not _fits(lambda: open_clip_at(batch, 1, 1)):
+        theirs_batch = _largest(tuple(b for b in ladder if b < batch), lambda b: _fits(lambda: open_clip_at(b, 1, 1)))
+    if theirs_batch is not None:
+        theirs = open_clip_at(theirs_batch, steps, repeats) / theirs_batch  # seconds per sample
     peak = _bf16_matmul_peak()
-    params = {"model": model_name, "image_px": 224, "batch": batch, "ranks": 1, "precision": "bf16", "device": "cuda"}
+    base_note = "" if theirs_batch == batch else (
+        f"; open_clip at batch {theirs_batch}, its largest that fits" if theirs_batch else "; open_clip: no batch fits"
+    )  # fmt: skip
+    params["batch"] = batch
     for case, ours, base in (("data excluded", ours_fixed, theirs), ("data included", ours_loaded, None)):
         mfu = batch / ours * flops_per_sample / peak
         record(Result("train_step", f"samples/s/GPU, {case}", params, "samples_per_second", batch / ours,
-                      batch / base if base else None, extra={"fastclip_mfu": mfu, "matmul_peak_flops": peak},
-                      note=f"MFU {mfu:.0%} of the measured bf16 matmul rate"
-                           + ("" if base else "; open_clip's loader not measured on the GPU image")))  # fmt: skip
+                      1 / base if base else None,
+                      extra={"fastclip_mfu": mfu, "matmul_peak_flops": peak, "baseline_batch": theirs_batch,
+                             "fastclip_peak_memory_bytes": peak_memory, "ladder": list(ladder)},
+                      note=f"largest batch of {list(ladder)} that fits; MFU {mfu:.0%} of the bf16 matmul rate"
+                           + (base_note if base else "; open_clip's loader not run on the GPU image")))  # fmt: skip
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
