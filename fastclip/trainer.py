@@ -6,6 +6,7 @@ eval and checkpoint steps copy numbers to the host; every such place is marked `
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import math
@@ -22,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from fastclip.config import Config, ConfigError, LossConfig, deepspeed_config, total_steps
-from fastclip.data.batch import Batch
+from fastclip.data.batch import Batch, DataPosition
 from fastclip.data.loader import build_loader
 from fastclip.data.tokenizer import build_tokenizer
 from fastclip.distributed import World
@@ -82,6 +83,7 @@ class Trainer:
         self.step = 0
         self.samples_seen = 0
         self.grad_norms_seen = False
+        self.data_position: DataPosition | None = None
         if cfg.checkpoint.resume:
             self.resume(cfg.checkpoint.resume)
 
@@ -114,7 +116,9 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ the step
 
     def fetch(self, batches: Iterator[Batch]) -> Batch:
-        return next(batches)
+        batch = next(batches)
+        self.data_position = batch.position  # host-side bookkeeping, saved with checkpoints
+        return batch
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         return self.engine(batch.images.to(self.dtype), batch.texts)
@@ -301,9 +305,55 @@ class Trainer:
         if bad.item():
             self._diverged("the loss or grad norm since the last log step is not finite")
         tag = f"step_{self.step:08d}"
+        self._save_data_position(Path(self.cfg.checkpoint.dir) / tag)
         self.engine.save_checkpoint(self.cfg.checkpoint.dir, tag=tag, client_state=self.client_state())
         if self.world.is_main:
             print(f"checkpoint: {Path(self.cfg.checkpoint.dir) / tag}", flush=True)
+
+    def _data_state_path(self, folder: Path) -> Path:
+        return folder / f"data_rank{self.world.rank:05d}.json"
+
+    def _data_identity(self) -> dict[str, Any]:
+        """What a saved data position is only valid for."""
+        data = self.cfg.data
+        return {"world_size": self.world.world_size, "train_shards": data.train_shards, "batch_size": data.batch_size}
+
+    def _save_data_position(self, folder: Path) -> None:
+        """Each rank's train-stream position, in the checkpoint's folder (written before 'latest' moves)."""
+        if self.data_position is None:
+            return  # the torch loader keeps no position
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {
+            **self._data_identity(),
+            "reader": base64.b64encode(self.data_position.reader).decode(),
+            "consumed": self.data_position.consumed,
+        }
+        tmp = self._data_state_path(folder).with_suffix(".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(self._data_state_path(folder))
+
+    def _restore_data_position(self, folder: Path) -> None:
+        path, restore = self._data_state_path(folder), getattr(self.train_loader, "restore", None)
+        why = None
+        if restore is None:
+            why = "the torch loader does not keep a data position"
+        elif not path.is_file():
+            why = f"{path.name} is not in {folder}"
+        else:
+            state = json.loads(path.read_text())
+            changed = [k for k, v in self._data_identity().items() if state.get(k) != v]
+            if changed:
+                why = f"{', '.join(changed)} changed since the checkpoint"
+            else:
+                self.data_position = DataPosition(base64.b64decode(state["reader"]), int(state["consumed"]))
+                restore(self.data_position)
+        if self.world.is_main:
+            print(
+                "data: the train stream goes on from the checkpoint's position"
+                if why is None
+                else f"data: the train stream starts afresh ({why})",
+                flush=True,
+            )
 
     def resume(self, where: str) -> None:
         directory, tag = self.cfg.checkpoint.dir, None
@@ -316,10 +366,12 @@ class Trainer:
             if self.world.is_main:
                 print(f"checkpoint.resume=latest: no checkpoint in {directory} yet, starting from step 0", flush=True)
             return
+        tag = tag or (Path(directory) / "latest").read_text().strip()
         loaded, state = self.engine.load_checkpoint(directory, tag=tag)
         if loaded is None:
             raise ConfigError(f"checkpoint.resume: could not load a checkpoint from {where!r} (dir {directory})")
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
+        self._restore_data_position(Path(directory) / tag)
         if self.world.is_main:
             print(f"resumed from {loaded} at step {self.step}", flush=True)
 

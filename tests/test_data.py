@@ -228,3 +228,28 @@ def _decodes(jpeg: bytes) -> bool:
         return True
     except OSError:
         return False
+
+
+def test_dali_train_stream_restores_its_position(world_dir):
+    texts = lambda b: [tuple(t.tolist()) for t in b.texts]  # noqa: E731
+    first = _loader(world_dir, train=True)
+    try:
+        it = iter(first)
+        batches = [next(it) for _ in range(40)]  # 640 samples: across an epoch boundary (512)
+    finally:
+        first.close()
+    for k, consumed in ((2, None), (30, None), (5, 5)):  # after whole batches, and mid-read
+        position = batches[k].position
+        if consumed is not None:
+            position = type(position)(position.reader, consumed)
+        again = _loader(world_dir, train=True)
+        try:
+            again.restore(position)
+            it = iter(again)
+            got = [texts(next(it)) for _ in range(3)]
+        finally:
+            again.close()
+        if consumed is None:
+            assert got == [texts(b) for b in batches[k + 1 : k + 4]]
+        else:  # the read of batch k, from its 6th sample on, then the next read
+            assert got[0] == texts(batches[k])[5:] + texts(batches[k + 1])[:5]

@@ -141,6 +141,7 @@ def test_killed_run_leaves_a_loadable_checkpoint_and_resumes(world_dir, tmp_path
     )
     _check(resumed)
     assert f"at step {step}" in resumed.stdout
+    assert "the train stream goes on from the checkpoint's position" in resumed.stdout
     steps = [r["step"] for r in _records(out) if "loss" in r]
     assert steps[-2:] == [step + 1, step + 2]
 
