@@ -20,6 +20,8 @@ from typing import Any, Union
 
 import yaml
 
+from fastclip.schedules import SCHEDULES
+
 DEMO_DIR = os.environ.get("FASTCLIP_DEMO_DIR", ".cache/fastclip-demo")
 
 
@@ -101,8 +103,12 @@ class OptimConfig:
     weight_decay: float = 0.1  # AdamW decay; never applied to biases, norms, embeddings or the logit scale
     betas: tuple[float, float] = (0.9, 0.98)  # AdamW betas (open_clip's ViT defaults)
     eps: float = 1e-6  # AdamW epsilon
-    warmup_steps: int = 50  # linear warmup from 0 to lr, in optimizer steps
-    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50  # linear warmup to lr, in optimizer steps
+    schedule: str = "cosine"  # after warmup: 'cosine', 'cosine_restarts' (SGDR) or 'constant'
+    min_lr_ratio: float = 0.0  # cosine (and each restart cycle) decays to lr * min_lr_ratio
+    restart_steps: int = 0  # cosine_restarts: steps in the first cycle; 0 means a quarter of the post-warmup steps
+    restart_mult: float = 1.0  # cosine_restarts: each cycle this many times longer than the one before
+    restart_decay: float = 1.0  # cosine_restarts: each cycle's peak lr this many times the one before
     grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
     fused_adam: bool = False  # on CUDA, DeepSpeed's FusedAdam (JIT-compiled with nvcc) instead of torch's AdamW
     skip_nonfinite: bool = False  # skip steps whose grads hold inf/NaN (DeepSpeed's check: a host sync per step)
@@ -113,6 +119,11 @@ class OptimConfig:
         _require(all(0 <= b < 1 for b in self.betas), "optim.betas", f"must be two numbers in [0, 1), got {self.betas}")
         _require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        choices = ", ".join(SCHEDULES)
+        _require(self.schedule in SCHEDULES, "optim.schedule", f"must be one of {choices}, got {self.schedule!r}")
+        _require(self.restart_steps >= 0, "optim.restart_steps", f"must be >= 0, got {self.restart_steps}")
+        _require(self.restart_mult >= 1, "optim.restart_mult", f"must be >= 1, got {self.restart_mult}")
+        _require(0 < self.restart_decay <= 1, "optim.restart_decay", f"must be in (0, 1], got {self.restart_decay}")
         _require(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables), got {self.grad_clip}")
 
 
@@ -162,11 +173,21 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     every: int = 0  # optimizer steps between evaluations; 0 evaluates only at the end
+    early_stop_patience: int = 0  # stop when val clip loss has not improved for this many evaluations; 0 never
+    early_stop_min_delta: float = 0.0  # an improvement must lower the val clip loss by more than this
     zeroshot: bool = True  # zero-shot top-1 when class names and templates are known
     batch_size: int = 0  # eval batch per rank; 0 uses data.batch_size
 
     def __post_init__(self):
         _require(self.every >= 0, "eval.every", f"must be >= 0, got {self.every}")
+        patience, delta = self.early_stop_patience, self.early_stop_min_delta
+        _require(patience >= 0, "eval.early_stop_patience", f"must be >= 0 (0 never stops early), got {patience}")
+        _require(
+            patience == 0 or self.every > 0,
+            "eval.early_stop_patience",
+            "needs evaluations during training: set eval.every too",
+        )
+        _require(delta >= 0, "eval.early_stop_min_delta", f"must be >= 0, got {delta}")
         _require(
             self.batch_size >= 0, "eval.batch_size", f"must be >= 0 (0 uses data.batch_size), got {self.batch_size}"
         )
@@ -398,6 +419,8 @@ def check_inputs(cfg: Config) -> None:
             raise ConfigError(f"data.{name}: {path!r} must hold a non-empty JSON list of strings")
     if cfg.model.pretrained is not None and not Path(cfg.model.pretrained).is_file():
         raise ConfigError(f"model.pretrained: no such file {cfg.model.pretrained!r} (only local files are loaded)")
+    if cfg.eval.early_stop_patience and not (cfg.data.val_shards or cfg.data.demo):
+        raise ConfigError("eval.early_stop_patience: needs a validation set; set data.val_shards")
     if cfg.deepspeed_config is not None and not Path(cfg.deepspeed_config).is_file():
         raise ConfigError(f"--deepspeed_config: no such file {cfg.deepspeed_config!r}")
 
@@ -419,7 +442,7 @@ def use_demo_world(cfg: Config) -> Config:
     return dataclasses.replace(cfg, data=data)
 
 
-def deepspeed_config(cfg: Config, *, world_size: int, total_steps: int, cuda: bool) -> dict[str, Any]:
+def deepspeed_config(cfg: Config, *, world_size: int, cuda: bool) -> dict[str, Any]:
     """The DeepSpeed config for this run, derived from ``cfg`` or read from ``cfg.deepspeed_config``."""
     micro, accum = cfg.data.batch_size, cfg.train.grad_accum
     derived: dict[str, Any] = {
@@ -442,16 +465,6 @@ def deepspeed_config(cfg: Config, *, world_size: int, total_steps: int, cuda: bo
                 "weight_decay": cfg.optim.weight_decay,
                 # torch's foreach AdamW unless asked for DeepSpeed's FusedAdam (a CUDA op JIT-built at start-up)
                 "torch_adam": not (cuda and cfg.optim.fused_adam),
-            },
-        },
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": max(total_steps, cfg.optim.warmup_steps + 1),
-                "warmup_num_steps": cfg.optim.warmup_steps,
-                "warmup_min_ratio": 0.0,
-                "cos_min_ratio": cfg.optim.min_lr_ratio,
-                "warmup_type": "linear",
             },
         },
     }

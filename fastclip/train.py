@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     try:
         check_inputs(cfg)  # every rank, before any process group, model or pipeline exists
         # a --deepspeed_config whose batch sizes disagree with the run config fails here, not after model set-up
-        deepspeed_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")), total_steps=1, cuda=False)
+        deepspeed_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")), cuda=False)
         cfg = use_demo_world(cfg)
     except ConfigError as e:
         _fail(str(e))

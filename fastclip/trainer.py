@@ -15,12 +15,14 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.optim.lr_scheduler import LambdaLR
 
 from fastclip.config import Config, ConfigError, LossConfig, deepspeed_config, total_steps
 from fastclip.data.batch import Batch, DataPosition
@@ -31,8 +33,30 @@ from fastclip.eval import evaluate
 from fastclip.loss import ClipLoss
 from fastclip.meters import Meters
 from fastclip.model import build_model, image_spec, logit_scale_of, open_clip_state_dict, param_groups
+from fastclip.schedules import LrSchedule
 from fastclip.sinks import MetricSinks
 from fastclip.zero import sync_free_clipping
+
+
+@dataclass
+class EarlyStopping:
+    """Stop when the val clip loss has not improved by more than ``min_delta`` for ``patience`` evaluations."""
+
+    patience: int  # 0: never stop early
+    min_delta: float = 0.0
+    best: float = math.inf
+    best_step: int = 0
+    evals_since_best: int = 0
+
+    def update(self, val_loss: float | None, step: int) -> bool:
+        """Record an evaluation; True when training should stop."""
+        if not self.patience or val_loss is None:
+            return False
+        if val_loss < self.best - self.min_delta:
+            self.best, self.best_step, self.evals_since_best = val_loss, step, 0
+            return False
+        self.evals_since_best += 1
+        return self.evals_since_best >= self.patience
 
 
 class TrainingDiverged(RuntimeError):
@@ -83,7 +107,9 @@ class Trainer:
         self.step = 0
         self.samples_seen = 0
         self.grad_norms_seen = False
+        self.lr = 0.0
         self.data_position: DataPosition | None = None
+        self.early_stopping = EarlyStopping(cfg.eval.early_stop_patience, cfg.eval.early_stop_min_delta)
         if cfg.checkpoint.resume:
             self.resume(cfg.checkpoint.resume)
 
@@ -102,13 +128,18 @@ class Trainer:
         import deepspeed
 
         cfg, world = self.cfg, self.world
-        ds_config = deepspeed_config(
-            cfg, world_size=world.world_size, total_steps=self.total_steps, cuda=world.device.type == "cuda"
-        )
+        ds_config = deepspeed_config(cfg, world_size=world.world_size, cuda=world.device.type == "cuda")
+        optim = cfg.optim
+        schedule = LrSchedule(
+            kind=optim.schedule, warmup=optim.warmup_steps, total=self.total_steps, min_ratio=optim.min_lr_ratio,
+            cycle=optim.restart_steps, mult=optim.restart_mult, decay=optim.restart_decay,
+        )  # fmt: skip
         engine, _, _, scheduler = deepspeed.initialize(
             model=self.clip,
             model_parameters=param_groups(self.clip, weight_decay=cfg.optim.weight_decay),
             config=ds_config,
+            # a "scheduler" in a --deepspeed_config file wins: DeepSpeed would prefer this callable to it
+            lr_scheduler=None if "scheduler" in ds_config else (lambda opt: LambdaLR(opt, schedule)),
         )
         sync_free_clipping(engine.optimizer)
         return engine, scheduler
@@ -131,6 +162,7 @@ class Trainer:
         self.engine.backward(loss)
 
     def optimizer_step(self) -> None:
+        self.lr = self.scheduler.get_last_lr()[0]  # the rate this update uses (a host float); logged
         self.engine.step()  # applies the update at the accumulation boundary, with clipping and the LR schedule
 
     def update_meters(self, loss: torch.Tensor, scale: torch.Tensor) -> None:
@@ -170,7 +202,7 @@ class Trainer:
         self._announce()
         bar = self._progress_bar()
         interval_start, interval_steps, interval_data = time.perf_counter(), 0, 0.0
-        metrics: dict[str, float] = {}
+        metrics: dict[str, float] | None = None  # the last evaluation's, when training ends on one
         try:
             while self.step < self.total_steps:
                 interval_data += self.train_step(batches)
@@ -182,10 +214,17 @@ class Trainer:
                     self.log_train(time.perf_counter() - interval_start, interval_steps, interval_data, bar)
                     interval_start, interval_steps, interval_data = time.perf_counter(), 0, 0.0
                 if cfg.eval.every and self.step % cfg.eval.every == 0 and not last:
-                    self.evaluate()
+                    metrics = self.evaluate()
+                    if self.early_stopping.update(metrics.get("val/clip_loss"), self.step):
+                        if interval_steps:  # the steps since the last log line
+                            self.log_train(time.perf_counter() - interval_start, interval_steps, interval_data, bar)
+                        self._stop_early()
+                        break
+                    metrics = None
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and not last:
                     self.save()
-            metrics = self.evaluate()
+            if metrics is None:
+                metrics = self.evaluate()
             self.save()
             if cfg.checkpoint.export_open_clip:
                 self.export_open_clip()
@@ -193,6 +232,18 @@ class Trainer:
             if bar is not None:
                 bar.close()
         return metrics
+
+    def _stop_early(self) -> None:
+        stop = self.early_stopping
+        record = {"step": self.step, "early_stop": True, "val/best_clip_loss": stop.best}
+        record["val/best_step"] = stop.best_step
+        self.sinks.write(
+            record,
+            console=(
+                f"early stop at step {self.step}: val clip loss has not improved on {stop.best:.4f} (step "
+                f"{stop.best_step}) by more than {stop.min_delta} in {stop.patience} evaluations"
+            ),
+        )
 
     def _progress_bar(self):
         if not (self.world.is_main and self.cfg.log.progress and sys.stderr.isatty()):
@@ -221,7 +272,7 @@ class Trainer:
             "epoch": round(self.step / self.steps_per_epoch, 4),
             "samples_seen": self.samples_seen,
             "loss": means["loss"],
-            "lr": float(self.scheduler.get_last_lr()[0]),
+            "lr": float(self.lr),
             "logit_scale": means["logit_scale"],
             "samples_per_second": samples_per_second,
             "samples_per_second_per_gpu": samples_per_second / self.world.world_size,
@@ -293,7 +344,12 @@ class Trainer:
         return metrics
 
     def client_state(self) -> dict[str, Any]:
-        return {"step": self.step, "samples_seen": self.samples_seen, "config": self.cfg.to_dict()}
+        return {
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "early_stopping": dataclasses.asdict(self.early_stopping),
+            "config": self.cfg.to_dict(),
+        }
 
     def save(self) -> None:
         """A DeepSpeed checkpoint in its own folder; 'latest' moves only after it is complete."""
@@ -371,6 +427,10 @@ class Trainer:
         if loaded is None:
             raise ConfigError(f"checkpoint.resume: could not load a checkpoint from {where!r} (dir {directory})")
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
+        if "early_stopping" in state:  # the patience count goes on (with this run's patience and min delta)
+            saved, stop = state["early_stopping"], self.early_stopping
+            stop.best, stop.best_step = saved["best"], saved["best_step"]
+            stop.evals_since_best = saved["evals_since_best"]
         self._restore_data_position(Path(directory) / tag)
         if self.world.is_main:
             print(f"resumed from {loaded} at step {self.step}", flush=True)

@@ -40,7 +40,7 @@ def _config_with_timers(world_dir, tmp_path, extra):
     from fastclip.config import deepspeed_config, parse_args
 
     cfg = parse_args(small_run_args(world_dir, tmp_path, steps=20) + extra)
-    ds = deepspeed_config(cfg, world_size=1, total_steps=20, cuda=False)
+    ds = deepspeed_config(cfg, world_size=1, cuda=False)
     assert ds["timers"]["throughput"]["enabled"] is False
     ds["timers"]["throughput"]["enabled"] = True
     path = tmp_path / "ds_timers.json"
@@ -109,7 +109,7 @@ def test_sync_free_clipping_matches_deepspeed(norm):
 def test_divergence_stops_the_run_and_keeps_the_last_checkpoint(world_dir, tmp_path, log_every):
     out = tmp_path / "run"
     args = small_run_args(world_dir, out, steps=8) + [
-        "--optim.lr", "1e30", "--checkpoint.every", "2", "--eval.every", "0", "--log.every", str(log_every),
+        "--optim.lr", "1e30", "--checkpoint.every", "1", "--eval.every", "0", "--log.every", str(log_every),
     ]  # fmt: skip
     proc = run_cli([sys.executable, "-m", "fastclip.train", *args], cwd=ROOT, timeout=300)
     assert proc.returncode == 1, proc.stderr[-3000:]

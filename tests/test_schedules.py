@@ -1,0 +1,94 @@
+"""Learning-rate schedules (against open_clip's own) and early stopping, alone and inside the trainer."""
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+from runs import ROOT, run_cli, small_run_args
+
+from fastclip.config import ConfigError, check_inputs, parse_args
+from fastclip.schedules import LrSchedule
+from fastclip.trainer import EarlyStopping
+
+
+@pytest.mark.parametrize("kind", ["cosine", "constant"])
+def test_schedules_match_open_clip(kind):
+    from open_clip_train.scheduler import const_lr, cosine_lr
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    theirs = (cosine_lr if kind == "cosine" else const_lr)(opt, 3e-4, 25, 400)
+    ours = LrSchedule(kind=kind, warmup=25, total=400)
+    for step in range(400):
+        assert 3e-4 * ours(step) == pytest.approx(theirs(step), rel=1e-12, abs=1e-18)
+
+
+def test_cosine_floor_and_restarts():
+    cos = LrSchedule(kind="cosine", warmup=10, total=110, min_ratio=0.1)
+    assert cos(0) == pytest.approx(0.1) and cos(9) == 1.0 and cos(10) == 1.0
+    assert cos(60) == pytest.approx(0.55) and cos(110) == pytest.approx(0.1) and cos(500) == pytest.approx(0.1)
+    sgdr = LrSchedule(kind="cosine_restarts", warmup=0, total=1000, cycle=10, mult=2.0, decay=0.5)
+    starts = [0, 10, 30, 70]  # cycles of 10, 20, 40, ...
+    for i, start in enumerate(starts):
+        assert sgdr(start) == pytest.approx(0.5**i)  # each restart at its (decayed) peak
+        assert sgdr(start - 1) < 0.05 * 0.5 ** max(i - 1, 0) if start else True  # just before: near the floor
+    assert sgdr(5) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.5)))
+    quarter = LrSchedule(kind="cosine_restarts", warmup=20, total=420)  # cycle 0: a quarter of 400
+    assert quarter(120) == 1.0 and quarter(119) < 0.01
+
+
+def test_early_stopping_counts_evaluations_without_improvement():
+    stop = EarlyStopping(patience=2, min_delta=0.1)
+    assert [stop.update(v, s) for s, v in enumerate([3.0, 2.5, 2.45, 2.5, 2.0, 1.95])] == [
+        False, False, False, True, False, False,
+    ]  # fmt: skip
+    assert (stop.best, stop.best_step) == (2.0, 4)
+    assert not EarlyStopping(patience=0).update(1.0, 1) and not EarlyStopping(patience=1).update(None, 1)
+
+
+def test_early_stopping_config_errors(world_dir):
+    with pytest.raises(ConfigError, match="eval.early_stop_patience: needs evaluations during training"):
+        parse_args(["--eval.early_stop_patience", "3"])
+    train = str(world_dir / "train" / "*.tar")
+    cfg = parse_args(["--eval.early_stop_patience", "3", "--eval.every", "10", "--data.train_shards", train])
+    with pytest.raises(ConfigError, match="eval.early_stop_patience: needs a validation set"):
+        check_inputs(cfg)
+    with pytest.raises(ConfigError, match="optim.schedule: must be one of cosine, cosine_restarts, constant"):
+        parse_args(["--optim.schedule", "linear"])
+
+
+def test_trainer_steps_the_schedule(single_rank, world_dir, tmp_path):
+    from fastclip.trainer import Trainer
+
+    args = small_run_args(world_dir, tmp_path, steps=12) + [
+        "--optim.schedule", "cosine_restarts", "--optim.restart_steps", "4", "--optim.lr", "1e-3", "--log.every", "100",
+    ]  # fmt: skip
+    trainer = Trainer(parse_args(args), single_rank)
+    try:
+        schedule = LrSchedule(kind="cosine_restarts", warmup=2, total=12, cycle=4)
+        batches = iter(trainer.train_loader)
+        for step in range(12):
+            lr = trainer.engine.optimizer.param_groups[0]["lr"]  # what this step's update uses
+            assert lr == pytest.approx(1e-3 * schedule(step)), step
+            trainer.train_step(batches)
+    finally:
+        trainer.close()
+
+
+@pytest.mark.slow
+def test_early_stop_ends_training_with_a_checkpoint(world_dir, tmp_path):
+    out = tmp_path / "run"
+    args = small_run_args(world_dir, out, steps=40) + [
+        "--optim.lr", "1e-12", "--eval.every", "2", "--eval.early_stop_patience", "2",
+        "--eval.early_stop_min_delta", "0.01", "--eval.zeroshot", "false",
+    ]  # fmt: skip
+    proc = run_cli([sys.executable, "-m", "fastclip.train", *args], cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val/clip_loss" in r] == [2, 4, 6]  # no second evaluation at the stop
+    (stop,) = [r for r in records if r.get("early_stop")]
+    assert stop["step"] == 6 and stop["val/best_step"] == 2
+    assert max(r["step"] for r in records if "loss" in r) == 6
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000006"
+    assert (out / "checkpoints" / "open_clip.pt").is_file() and "early stop at step 6" in proc.stdout
