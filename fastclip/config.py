@@ -134,6 +134,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro batches per optimizer step
     zero_stage: int = 2  # DeepSpeed ZeRO stage, 0 to 3 (1 and 2 step without host syncs; 0 and 3 sync)
     precision: str = "bf16"  # 'bf16' or 'fp32'
+    tf32: bool = True  # on CUDA: TF32 tensor cores for fp32 matmuls and convs, cuDNN autotuning
     seed: int = 0  # seeds model init and data order (offset by rank for the data)
 
     def __post_init__(self):

@@ -59,3 +59,19 @@ def test_meters_average_on_device_and_reset():
     assert meters.collect() == {"loss": pytest.approx(3.0), "scale": pytest.approx(3.0)}
     out = meters.collect()
     assert out["loss"] != out["loss"]  # nothing since the reset: nan, not a stale number
+
+
+def test_tf32_only_on_cuda():
+    from fastclip.trainer import configure_matmuls
+
+    before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark)
+    try:
+        configure_matmuls(torch.device("cpu"), tf32=True)
+        assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark) == before
+        configure_matmuls(torch.device("cuda", 0), tf32=False)
+        assert (torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark) == before
+        configure_matmuls(torch.device("cuda", 0), tf32=True)  # flags only: no device needed
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.benchmark
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.benchmark = before[1]
