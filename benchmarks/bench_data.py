@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from harness import Result, time_fn
 
 ROOT = Path(__file__).resolve().parents[1]

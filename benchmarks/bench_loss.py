@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from harness import Result, peak_extra_rss, time_fn
 
 CPU_SIZES = {"full": [4096, 8192, 16384], "quick": [256, 1024]}

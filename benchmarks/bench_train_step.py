@@ -16,6 +16,7 @@ import itertools
 
 import pytest
 import torch
+
 from bench_data import _shards
 from harness import Result, time_fn
 
@@ -217,9 +218,9 @@ def _fastclip_largest(trainer_at, ladder: tuple[int, ...]) -> tuple[int | None, 
 @pytest.mark.gpu
 @pytest.mark.parametrize("model_name, ladder, flops_per_sample", GPU_CASES)
 def test_train_step_gpu(benchmark, record, quick, single_rank, model_name, ladder, flops_per_sample):
-    from bench_loss import _bf16_matmul_peak
-
     from fastclip.data.batch import Batch
+
+    from bench_loss import _bf16_matmul_peak
 
     steps, repeats = (3, 1) if quick else (5, 3)
     ladder = ladder[:2] if quick else ladder

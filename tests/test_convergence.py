@@ -4,6 +4,7 @@ import json
 import sys
 
 import pytest
+
 from runs import ROOT, run_cli, small_run_args
 
 pytestmark = pytest.mark.slow

@@ -7,9 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from runs import ROOT, run_cli, small_run_args
 
 from fastclip.syncs import HostSyncAudit, optimizer_step_counters
+
+from runs import ROOT, run_cli, small_run_args
 
 
 def test_audit_counts_value_reads_and_spares_host_tensors():

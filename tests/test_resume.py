@@ -1,8 +1,8 @@
 """A resumed run goes on with the samples the interrupted run had not reached, in the same order."""
 
-from runs import small_run_args
-
 from fastclip.config import parse_args
+
+from runs import small_run_args
 
 
 def _recording(trainer, seen: list):

@@ -6,11 +6,12 @@ import sys
 
 import pytest
 import torch
-from runs import ROOT, run_cli, small_run_args
 
 from fastclip.config import ConfigError, check_inputs, parse_args
 from fastclip.schedules import LrSchedule
 from fastclip.trainer import EarlyStopping
+
+from runs import ROOT, run_cli, small_run_args
 
 
 @pytest.mark.parametrize("kind", ["cosine", "constant"])

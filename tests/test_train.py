@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+
 from runs import ROOT, clean_env, deepspeed_cmd, run_cli, small_run_args
 
 pytestmark = pytest.mark.slow
