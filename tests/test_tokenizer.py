@@ -45,9 +45,11 @@ def _random_captions(n: int, alphabet: str, seed: int) -> list[str]:
     ],
     ids=["awkward", "printable-ascii", "entities", "unicode"],
 )
-def test_ids_equal_open_clip(captions):
-    ours, theirs = build_tokenizer("ViT-B-32"), open_clip.get_tokenizer("ViT-B-32")
-    assert isinstance(ours, FastTokenizer)
+@pytest.mark.parametrize("compiled", [True, False], ids=["cpp-bpe", "python-bpe"])
+def test_ids_equal_open_clip(captions, compiled):
+    theirs = open_clip.get_tokenizer("ViT-B-32")
+    ours = FastTokenizer(open_clip.get_tokenizer("ViT-B-32"), compiled=compiled)
+    assert (ours._bpe is not None) == compiled  # the C++ extension is built in every test environment
     for _ in range(2):  # the second pass runs on the word cache
         got, want = ours(captions), theirs(captions)
         assert got.dtype == want.dtype == torch.long and got.shape == want.shape
@@ -69,6 +71,7 @@ def test_other_tokenizers_are_open_clips_own(monkeypatch, kwargs):
 def test_demo_model_keeps_its_context_length():
     tok = build_tokenizer("fastclip-tiny")
     assert isinstance(tok, FastTokenizer) and tok("a red circle").shape == (1, 32)
+    assert tok._bpe is not None
 
 
 def test_word_cache_is_bounded(monkeypatch):

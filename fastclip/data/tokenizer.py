@@ -6,8 +6,9 @@ microsecond here is one the step may wait for. For the CLIP BPE tokenizer (``Sim
 
 - cleaning: ``ftfy.fix_text`` and ``html.unescape`` leave printable ASCII without an ``&`` as it is, so such a
   caption (most web captions) only has its whitespace collapsed and is lower-cased, as open_clip then does;
-- encoding: printable ASCII words are their own byte-level form (CLIP maps bytes 33-126 to themselves), and
-  each word's ids are cached (bounded), so a known word costs one dict lookup;
+- encoding: printable ASCII words are their own byte-level form (CLIP maps bytes 33-126 to themselves), a new
+  word's merges run in C++ (csrc/bpe.cpp; open_clip's Python loop where the extension is not built), and each
+  word's ids are cached (bounded), so a known word costs one dict lookup;
 - batching: rows are written into one int64 array instead of one small tensor per caption.
 
 Anything else (other tokenizers, other clean modes, reduction masks) is open_clip's tokenizer unchanged.
@@ -28,11 +29,13 @@ from fastclip.model import resolve_model_name
 class FastTokenizer:
     CACHE_WORDS = 1 << 20  # cached words before the cache starts over (open_clip's own BPE cache is unbounded)
 
-    def __init__(self, inner):
+    def __init__(self, inner, *, compiled: bool = True):
         self.inner = inner
         self.context_length = inner.context_length
         self.sot, self.eot = inner.sot_token_id, inner.eot_token_id
         self._ids: dict[str, list[int]] = {}
+        self._special = {inner.decoder[i] for i in inner.all_special_ids}  # kept whole, never merged
+        self._bpe = _compiled_bpe(inner) if compiled else None
 
     def _clean(self, text: str) -> str:
         if text.isascii() and text.isprintable() and "&" not in text:
@@ -44,7 +47,10 @@ class FastTokenizer:
         symbols = word
         if not (word.isascii() and word.isprintable()):  # CLIP's byte-level form of the word's UTF-8
             symbols = "".join(inner.byte_encoder[b] for b in word.encode())
-        ids = [inner.encoder[piece] for piece in inner.bpe(symbols).split(" ")]
+        if self._bpe is not None and symbols not in self._special:
+            ids = self._bpe.encode(symbols)
+        else:
+            ids = [inner.encoder[piece] for piece in inner.bpe(symbols).split(" ")]
         if len(self._ids) >= self.CACHE_WORDS:
             self._ids.clear()
         self._ids[word] = ids
@@ -70,6 +76,17 @@ class FastTokenizer:
                 ids[-1] = self.eot
             out[row, : len(ids)] = ids
         return torch.from_numpy(out)
+
+
+def _compiled_bpe(inner):
+    """csrc/bpe.cpp's merge loop over ``inner``'s vocabulary and merges, or None without the C++ extension."""
+    try:
+        from fastclip import _C
+    except ImportError:
+        return None
+    vocab = [inner.decoder[i] for i in range(len(inner.decoder))]
+    merges = [pair for pair, _ in sorted(inner.bpe_ranks.items(), key=lambda item: item[1])]
+    return _C.Bpe(vocab, merges)
 
 
 def build_tokenizer(model_name: str) -> Callable[[list[str]], torch.Tensor]:
