@@ -166,9 +166,11 @@ class CheckpointConfig:
     every: int = 0  # optimizer steps between checkpoints; 0 saves only at the end
     resume: str | None = None  # 'latest' or a checkpoint folder to resume the engine from
     export_open_clip: bool = True  # at the end, write open_clip.pt that open_clip.create_model(pretrained=) loads
+    keep: int = 0  # newest step folders to keep, older ones deleted after each save; 0 keeps all
 
     def __post_init__(self):
         _require(self.every >= 0, "checkpoint.every", f"must be >= 0 (0 saves at the end only), got {self.every}")
+        _require(self.keep >= 0, "checkpoint.keep", f"must be >= 0 (0 keeps every checkpoint), got {self.keep}")
 
 
 @dataclass

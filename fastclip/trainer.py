@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -376,6 +377,22 @@ class Trainer:
         self.engine.save_checkpoint(self.cfg.checkpoint.dir, tag=tag, client_state=self.client_state())
         if self.world.is_main:
             print(f"checkpoint: {Path(self.cfg.checkpoint.dir) / tag}", flush=True)
+        self._prune_checkpoints()
+
+    def _prune_checkpoints(self) -> None:
+        """Delete all but the newest ``checkpoint.keep`` step folders, never the one 'latest' names."""
+        keep, root = self.cfg.checkpoint.keep, Path(self.cfg.checkpoint.dir)
+        if not keep:
+            return
+        if dist.is_initialized():
+            dist.barrier()  # every rank has finished writing before rank 0 deletes anything
+        if not self.world.is_main:
+            return
+        latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
+        steps = sorted(p for p in root.glob("step_*") if p.is_dir())  # step_XXXXXXXX sorts by step
+        for old in steps[:-keep]:
+            if old.name != latest:
+                shutil.rmtree(old, ignore_errors=True)
 
     def _data_state_path(self, folder: Path) -> Path:
         return folder / f"data_rank{self.world.rank:05d}.json"

@@ -181,3 +181,12 @@ def test_gpu_short_train_run(world_dir, tmp_path):
     train = [r for r in _records(out) if "loss" in r]
     assert len(train) == 20 and sum(r["loss"] for r in train[-3:]) < sum(r["loss"] for r in train[:3])
     assert (out / "checkpoints" / "open_clip.pt").exists()
+
+
+def test_checkpoint_keep_deletes_the_oldest(world_dir, tmp_path):
+    out = tmp_path / "keep"
+    args = small_run_args(world_dir, out, steps=5) + ["--checkpoint.every", "1", "--checkpoint.keep", "2"]
+    _check(run_cli([sys.executable, "-m", "fastclip.train", *args, "--eval.zeroshot", "false"], cwd=ROOT, timeout=300))
+    ckpt = out / "checkpoints"
+    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_00000004", "step_00000005"]
+    assert (ckpt / "latest").read_text().strip() == "step_00000005" and (ckpt / "open_clip.pt").is_file()
