@@ -253,3 +253,38 @@ def test_dali_train_stream_restores_its_position(world_dir):
             assert got == [texts(b) for b in batches[k + 1 : k + 4]]
         else:  # the read of batch k, from its 6th sample on, then the next read
             assert got[0] == texts(batches[k])[5:] + texts(batches[k + 1])[:5]
+
+
+def test_refill_keeps_training_batches_full_and_in_order():
+    from fastclip.data.torch_loader import _Refill
+
+    refill, out, start = _Refill(4), [], 0
+    for n in (4, 3, 4, 4, 2, 4, 1):  # batches after dropped samples: some short
+        ids = torch.arange(start, start + n)
+        start += n
+        out += [batch for batch in refill.push(ids.float(), ids * 10, ids)]
+    assert all(len(b[0]) == 4 for b in out) and len(out) == 5  # 22 samples: 5 full batches, 2 held back
+    assert torch.cat([b[2] for b in out]).tolist() == list(range(20))  # every sample once, in order
+    assert all(torch.equal(b[1], b[2] * 10) and torch.equal(b[0], b[2].float()) for b in out)
+
+
+@pytest.mark.gpu
+def test_corrupt_jpeg_on_the_gpu_decode_is_dropped_and_batches_stay_full(world_dir, tmp_path, capfd):
+    shard = tmp_path / "corrupt-000.tar"
+    _corrupt_copy(world_dir / "val" / "shard-000000.tar", shard, "val00000005.jpg")
+    args = ["--data.train_shards", str(shard), "--data.val_shards", str(shard), "--data.batch_size", "16"]
+    data = parse_args([*args, "--data.loader", "torch", "--data.num_threads", "1"]).data
+    common = dict(data=data, image=SPEC, tokenizer=build_tokenizer("fastclip-tiny"), rank=0, world_size=1, seed=0)
+    val = build_loader(train=False, device=torch.device("cuda"), **common)
+    assert sum(b.images.shape[0] for b in val) == 99
+    train = build_loader(train=True, device=torch.device("cuda"), **common)
+    try:
+        batches = iter(train)
+        for _ in range(14):  # two passes over the shard
+            batch = next(batches)
+            assert batch.images.shape[0] == batch.texts.shape[0] == 16 and batch.images.is_cuda
+        assert train._skips.count >= 1  # the refill that kept them full: test_refill_keeps_training_batches_full...
+    finally:
+        train.close()
+    log = capfd.readouterr().err
+    assert "skipped sample val00000005 in shard" in log and "corrupt-000.tar" in log

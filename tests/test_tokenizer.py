@@ -80,3 +80,12 @@ def test_word_cache_is_bounded(monkeypatch):
     captions = _random_captions(50, string.ascii_lowercase + " ", 3)
     assert torch.equal(tok(captions), open_clip.get_tokenizer("ViT-B-32")(captions))
     assert len(tok._ids) <= 10
+
+
+def test_pickled_copy_gives_the_same_ids():
+    import pickle
+
+    tok = build_tokenizer("ViT-B-32")
+    copy = pickle.loads(pickle.dumps(tok))  # what a DataLoader worker started by spawn receives
+    assert copy._bpe is not None and copy._bpe is not tok._bpe
+    assert torch.equal(copy(AWKWARD), open_clip.get_tokenizer("ViT-B-32")(AWKWARD))

@@ -37,6 +37,13 @@ class FastTokenizer:
         self._special = {inner.decoder[i] for i in inner.all_special_ids}  # kept whole, never merged
         self._bpe = _compiled_bpe(inner) if compiled else None
 
+    def __getstate__(self) -> dict:  # loader workers started by spawn get a copy: the C++ object is rebuilt there
+        return {**self.__dict__, "_bpe": self._bpe is not None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._bpe = _compiled_bpe(self.inner) if state["_bpe"] else None
+
     def _clean(self, text: str) -> str:
         if text.isascii() and text.isprintable() and "&" not in text:
             return " ".join(text.split()).lower()

@@ -115,7 +115,8 @@ class _ShardStream(IterableDataset):
 
 
 class _Transform:
-    """Sample -> (image [3, S, S] float normalized, or JPEG bytes as uint8 for GPU decode; tokens; label)."""
+    """Sample -> (image [3, S, S] float normalized, or JPEG bytes as uint8 for GPU decode; tokens; label;
+    'shard:key' for GPU decode)."""
 
     def __init__(self, *, image: ImageSpec, data: DataConfig, tokenizer, train: bool, gpu_decode: bool):
         self.image, self.data, self.tokenizer, self.train, self.gpu_decode = image, data, tokenizer, train, gpu_decode
@@ -126,11 +127,12 @@ class _Transform:
         label = int(sample["cls"].strip()) if sample.get("cls", b"").strip() else -1
         tokens = self.tokenizer([caption])[0]
         data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-        if self.gpu_decode:
-            return data, tokens, label
+        if self.gpu_decode:  # decoded after batching, on the GPU; the source names a sample that fails there
+            return data, tokens, label, f"{sample.get('__shard__')}:{sample.get('__key__')}"
         from torchvision.io import ImageReadMode, decode_image
 
-        return prepare(decode_image(data, mode=ImageReadMode.RGB), self.image, self.data, self.train), tokens, label
+        image = prepare(decode_image(data, mode=ImageReadMode.RGB), self.image, self.data, self.train)
+        return image, tokens, label, None
 
 
 def prepare(img: torch.Tensor, image: ImageSpec, data: DataConfig, train: bool) -> torch.Tensor:
@@ -154,9 +156,29 @@ def prepare(img: torch.Tensor, image: ImageSpec, data: DataConfig, train: bool) 
 
 
 def _collate(items):
-    images, tokens, labels = zip(*items)
+    images, tokens, labels, sources = zip(*items)
     stacked = list(images) if images[0].dim() == 1 else torch.stack(images)  # JPEG bytes stay a list
-    return stacked, torch.stack(tokens), torch.tensor(labels, dtype=torch.long)
+    return stacked, torch.stack(tokens), torch.tensor(labels, dtype=torch.long), list(sources)
+
+
+class _Refill:
+    """Keeps training batches full when samples are dropped after batching (a JPEG that fails the GPU decode):
+    a short batch waits and is topped up from the next, so the contrastive batch never holds a duplicate."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def push(self, images: torch.Tensor, texts: torch.Tensor, labels: torch.Tensor) -> Iterator[tuple]:
+        if not self.parts and len(images) == self.size:  # the usual case: nothing held back, nothing to copy
+            yield images, texts, labels
+            return
+        self.parts.append((images, texts, labels))
+        while sum(len(p[0]) for p in self.parts) >= self.size:
+            joined = [torch.cat(field) for field in zip(*self.parts)]
+            yield tuple(t[: self.size] for t in joined)
+            rest = tuple(t[self.size :] for t in joined)
+            self.parts = [rest] if len(rest[0]) else []
 
 
 class TorchLoader:
@@ -194,43 +216,52 @@ class TorchLoader:
             prefetch_factor=4 if workers > 0 else None,
         )  # fmt: skip
 
-    def _decode_on_gpu(self, jpegs: list[torch.Tensor], texts: torch.Tensor):
-        """One nvJPEG batch decode; if an image in it is corrupt, decode one by one and let the pair of a good
-        sample stand in for each bad one (counted and logged), so that the batch keeps its size."""
+    def _decode_on_gpu(self, jpegs: list[torch.Tensor], keep: list[int] | None = None) -> torch.Tensor:
+        """One nvJPEG batch decode of ``jpegs`` (of those at ``keep``), then crop/resize/normalize."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        try:
-            decoded = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device)
-        except RuntimeError:
-            decoded = []
-            for data in jpegs:
-                try:
-                    decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
-                except RuntimeError as e:
-                    decoded.append(e)
-            good = [i for i, d in enumerate(decoded) if not isinstance(d, Exception)]
-            if not good:
-                raise
-            texts = texts.clone()
-            for i, d in enumerate(decoded):
-                if isinstance(d, Exception):
-                    self._skips.skip(key=f"at batch position {i}", shard=None, error=d)
-                    decoded[i], texts[i] = decoded[good[0]], texts[good[0]]
-        return torch.stack([prepare(img, self.image, self.data, self.train) for img in decoded]), texts
+        chosen = jpegs if keep is None else [jpegs[i] for i in keep]
+        decoded = decode_jpeg(chosen, mode=ImageReadMode.RGB, device=self.device)
+        return torch.stack([prepare(img, self.image, self.data, self.train) for img in decoded])
+
+    def _decodable(self, jpegs: list[torch.Tensor], sources: list[str]) -> list[int]:
+        """After a failed batch decode: which images decode one by one; the others are logged and counted."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        keep = []
+        for i, data in enumerate(jpegs):
+            try:
+                decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
+                keep.append(i)
+            except RuntimeError as e:
+                shard, _, key = sources[i].rpartition(":")
+                self._skips.skip(key=key, shard=shard, error=e)
+        return keep
 
     def __iter__(self) -> Iterator[Batch]:
         labelled: bool | None = None
-        for images, texts, labels in self.loader:
+        refill = _Refill(self.batch_size) if self.train else None
+        for images, texts, labels, sources in self.loader:
             if isinstance(images, list):
-                images, texts = self._decode_on_gpu(images, texts)
+                try:
+                    images = self._decode_on_gpu(images)
+                except RuntimeError:
+                    keep = self._decodable(images, sources)
+                    if not keep:
+                        continue
+                    images = self._decode_on_gpu(images, keep)
+                    index = torch.tensor(keep)
+                    texts, labels = texts[index], labels[index]
             if labelled is None:
                 labelled = bool((labels >= 0).any())
             non_blocking = self.device.type == "cuda"
-            yield Batch(
-                images=images.to(self.device, non_blocking=non_blocking),
-                texts=texts.to(self.device, non_blocking=non_blocking),
-                labels=labels if (labelled and not self.train) else None,
-            )
+            full = refill.push(images, texts, labels) if refill else [(images, texts, labels)]
+            for batch_images, batch_texts, batch_labels in full:
+                yield Batch(
+                    images=batch_images.to(self.device, non_blocking=non_blocking),
+                    texts=batch_texts.to(self.device, non_blocking=non_blocking),
+                    labels=batch_labels if (labelled and not self.train) else None,
+                )
 
     def close(self) -> None:
         self.loader = None
