@@ -13,6 +13,8 @@ Found with :class:`fastclip.syncs.HostSyncAudit` on DeepSpeed 0.19 (tests/test_h
 
 ZeRO-0 under bf16 (DeepSpeed's unfused optimizer takes the grad norm with ``.item()`` per parameter) and
 ZeRO-3 (its step decides on the host whether the norm is valid) keep their syncs; ZeRO-1 and 2 have none.
+``zero_optimization.overlap_comm`` stays off (DeepSpeed's default for ZeRO-1/2): on CUDA its reduction path
+calls ``synchronize()`` before reusing a gradient bucket.
 """
 
 from __future__ import annotations
