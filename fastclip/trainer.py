@@ -6,7 +6,6 @@ eval and checkpoint steps copy numbers to the host; every such place is marked `
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 import math
@@ -26,7 +25,7 @@ import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
 
 from fastclip.config import Config, ConfigError, LossConfig, deepspeed_config, total_steps
-from fastclip.data.batch import Batch, DataPosition
+from fastclip.data.batch import Batch, BatchCount, DataPosition
 from fastclip.data.loader import build_loader
 from fastclip.data.tokenizer import build_tokenizer
 from fastclip.distributed import World
@@ -120,7 +119,7 @@ class Trainer:
         self.samples_seen = 0
         self.grad_norms_seen = False
         self.lr = 0.0
-        self.data_position: DataPosition | None = None
+        self.data_position: DataPosition | BatchCount | None = None
         self.early_stopping = EarlyStopping(cfg.eval.early_stop_patience, cfg.eval.early_stop_min_delta)
         if cfg.checkpoint.resume:
             self.resume(cfg.checkpoint.resume)
@@ -405,23 +404,16 @@ class Trainer:
     def _save_data_position(self, folder: Path) -> None:
         """Each rank's train-stream position, in the checkpoint's folder (written before 'latest' moves)."""
         if self.data_position is None:
-            return  # the torch loader keeps no position
+            return  # no train batch taken yet
         folder.mkdir(parents=True, exist_ok=True)
-        state = {
-            **self._data_identity(),
-            "reader": base64.b64encode(self.data_position.reader).decode(),
-            "consumed": self.data_position.consumed,
-        }
+        state = {**self._data_identity(), **self.data_position.state()}
         tmp = self._data_state_path(folder).with_suffix(".tmp")
         tmp.write_text(json.dumps(state))
         tmp.replace(self._data_state_path(folder))
 
     def _restore_data_position(self, folder: Path) -> None:
-        path, restore = self._data_state_path(folder), getattr(self.train_loader, "restore", None)
-        why = None
-        if restore is None:
-            why = "the torch loader does not keep a data position"
-        elif not path.is_file():
+        path, why = self._data_state_path(folder), None
+        if not path.is_file():
             why = f"{path.name} is not in {folder}"
         else:
             state = json.loads(path.read_text())
@@ -429,8 +421,10 @@ class Trainer:
             if changed:
                 why = f"{', '.join(changed)} changed since the checkpoint"
             else:
-                self.data_position = DataPosition(base64.b64decode(state["reader"]), int(state["consumed"]))
-                restore(self.data_position)
+                try:
+                    self.train_loader.restore(state)
+                except ValueError as e:  # saved by the other loader
+                    why = str(e)
         if self.world.is_main:
             print(
                 "data: the train stream goes on from the checkpoint's position"

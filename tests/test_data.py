@@ -230,6 +230,26 @@ def _decodes(jpeg: bytes) -> bool:
         return False
 
 
+def test_torch_train_stream_restores_its_position(world_dir):
+    texts = lambda b: [tuple(t.tolist()) for t in b.texts]  # noqa: E731
+    first = _loader(world_dir, train=True, kind="torch")
+    try:
+        it = iter(first)
+        batches = [next(it) for _ in range(40)]  # past the 32 batches of an epoch
+    finally:
+        first.close()
+    for k in (0, 4, 33):
+        again = _loader(world_dir, train=True, kind="torch")
+        try:
+            again.restore(batches[k].position.state())
+            it = iter(again)
+            assert [texts(next(it)) for _ in range(3)] == [texts(b) for b in batches[k + 1 : k + 4]], k
+        finally:
+            again.close()
+    with pytest.raises(ValueError, match="saved by the dali loader"):
+        _loader(world_dir, train=True, kind="torch").restore({"loader": "dali"})
+
+
 def test_dali_train_stream_restores_its_position(world_dir):
     texts = lambda b: [tuple(t.tolist()) for t in b.texts]  # noqa: E731
     first = _loader(world_dir, train=True)
@@ -244,7 +264,7 @@ def test_dali_train_stream_restores_its_position(world_dir):
             position = type(position)(position.reader, consumed)
         again = _loader(world_dir, train=True)
         try:
-            again.restore(position)
+            again.restore(position.state())
             it = iter(again)
             got = [texts(next(it)) for _ in range(3)]
         finally:

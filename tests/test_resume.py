@@ -1,5 +1,7 @@
 """A resumed run goes on with the samples the interrupted run had not reached, in the same order."""
 
+import pytest
+
 from fastclip.config import parse_args
 
 from runs import small_run_args
@@ -17,10 +19,11 @@ def _recording(trainer, seen: list):
     return trainer
 
 
-def test_resume_replays_the_samples_after_the_checkpoint(single_rank, world_dir, tmp_path, capsys):
+@pytest.mark.parametrize("loader", ["dali", "torch"])
+def test_resume_replays_the_samples_after_the_checkpoint(single_rank, world_dir, tmp_path, capsys, loader):
     from fastclip.trainer import Trainer
 
-    args = small_run_args(world_dir, tmp_path / "run", steps=40) + ["--log.every", "1000"]
+    args = small_run_args(world_dir, tmp_path / "run", steps=40) + ["--log.every", "1000", "--data.loader", loader]
     seen_first: list = []
     first = _recording(Trainer(parse_args(args), single_rank), seen_first)
     try:
@@ -60,3 +63,8 @@ def test_changed_batch_size_starts_the_stream_afresh(single_rank, world_dir, tmp
     again.close()
     assert again.step == 1
     assert "starts afresh (batch_size changed since the checkpoint)" in capsys.readouterr().out
+    other = Trainer(parse_args(args + ["--checkpoint.resume", "latest", "--data.loader", "torch"]), single_rank)
+    other.close()
+    assert "starts afresh (the position was saved by the dali loader, this is the torch loader)" in (
+        capsys.readouterr().out
+    )

@@ -2,21 +2,39 @@
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 
 @dataclass(frozen=True)
 class DataPosition:
-    """Where a rank's train stream stands after a batch: the reader's checkpoint before the read that held the
-    batch's last sample, and how many samples of that read the batch consumed. Restoring it replays the same
-    samples in the same order (random crops are drawn afresh). Near a skipped corrupt image the loader decodes
-    the batch around it a little out of read order, so a checkpoint taken there may replay or miss up to one
-    batch of samples."""
+    """Where a rank's DALI train stream stands after a batch: the reader's checkpoint before the read that held
+    the batch's last sample, and how many samples of that read the batch consumed. Restoring it replays the
+    same samples in the same order (random crops are drawn afresh). Near a skipped corrupt image the loader
+    decodes the batch around it a little out of read order, so a checkpoint taken there may replay or miss up
+    to one batch of samples."""
 
     reader: bytes  # DALI's pipeline checkpoint
     consumed: int
+
+    def state(self) -> dict[str, Any]:
+        return {"loader": "dali", "reader": base64.b64encode(self.reader).decode(), "consumed": self.consumed}
+
+
+@dataclass(frozen=True)
+class BatchCount:
+    """Where a rank's torch-loader train stream stands: batches taken from its DataLoader. Its workers' streams
+    are deterministic, so restoring replays them and drops what was consumed, reading the skipped samples'
+    bytes but not decoding them."""
+
+    batches: int
+    workers: int  # the replay is exact only with as many DataLoader workers
+
+    def state(self) -> dict[str, Any]:
+        return {"loader": "torch", "batches": self.batches, "workers": self.workers}
 
 
 @dataclass
@@ -24,4 +42,4 @@ class Batch:
     images: torch.Tensor  # [B, 3, H, W], normalized, on the step's device
     texts: torch.Tensor  # [B, context_length] token ids (int64)
     labels: torch.Tensor | None = None  # [B] class index from KEY.cls, -1 where absent (val only)
-    position: DataPosition | None = None  # the stream's position after this batch (loaders that can resume)
+    position: DataPosition | BatchCount | None = None  # the train stream's position after this batch

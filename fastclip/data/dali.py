@@ -9,6 +9,7 @@ images reach the step on its device.
 
 from __future__ import annotations
 
+import base64
 import queue
 import tarfile
 import threading
@@ -257,12 +258,14 @@ class DaliLoader:
             read, self._consumed_on_restore = read.split(self._consumed_on_restore)[1], 0
         return read
 
-    def restore(self, position: DataPosition) -> None:
-        """Go on from ``position`` (a train batch's): the reader from its checkpoint, the samples it had consumed
-        of that read dropped."""
+    def restore(self, state: dict[str, Any]) -> None:
+        """Go on from a train batch's position (``DataPosition.state()``): the reader from its checkpoint, the
+        samples it had consumed of that read dropped."""
+        if state.get("loader") != "dali":
+            raise ValueError(f"the position was saved by the {state.get('loader')} loader, this is DALI")
         self._close_prefetcher()
-        self.reader = self.make_reader(position.reader)
-        self._consumed_on_restore = position.consumed
+        self.reader = self.make_reader(base64.b64decode(state["reader"]))
+        self._consumed_on_restore = int(state["consumed"])
 
     def _undecodable(self, batch: _Encoded) -> dict[int, str]:
         """Which of ``batch``'s images DALI cannot decode, one image at a time, and why."""

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fastclip.config import DataConfig
-from fastclip.data.batch import Batch
+from fastclip.data.batch import Batch, BatchCount
 from fastclip.data.shards import resolve_shards
 from fastclip.data.skips import Skips
 from fastclip.model import ImageSpec
@@ -70,6 +70,12 @@ class _ShardStream(IterableDataset):
     def __init__(self, *, paths, train: bool, rank: int, world_size: int, seed: int, shuffle_buffer: int, transform):
         self.paths, self.train, self.rank, self.world_size = paths, train, rank, world_size
         self.seed, self.shuffle_buffer, self.transform = seed, shuffle_buffer, transform
+        self.resume_batches, self.batch_size = 0, 1  # set by TorchLoader.restore before the workers start
+
+    def _consumed(self, worker: int, workers: int) -> int:
+        """Samples this worker had delivered before the restored position: the DataLoader takes batches from
+        its workers in turn, starting with worker 0."""
+        return len(range(worker, self.resume_batches, workers)) * self.batch_size
 
     def _ordered(self, epoch: int, slot: int, slots: int) -> Iterator[dict]:
         paths = list(self.paths)
@@ -87,12 +93,18 @@ class _ShardStream(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        # after a restore the DataLoader asks its workers in turn from worker 0 again, while the stream's next
+        # batch belongs to the stream of worker resume_batches % workers: rotate which stream each worker runs
+        worker = (worker + self.resume_batches) % workers
         slots, slot = self.world_size * workers, self.rank * workers + worker
         rng = random.Random(self.seed * 7919 + slot)
         skips = Skips()
-        epoch = 0
+        epoch, consumed = 0, self._consumed(worker, workers)
         while True:
             for sample in self._shuffled(self._ordered(epoch, slot, slots), rng):
+                if consumed:  # replaying up to a restored position: the same order, nothing decoded
+                    consumed -= 1
+                    continue
                 try:  # a corrupt image is dropped before batching, so every batch stays full
                     yield self.transform(sample)
                 except (RuntimeError, ValueError, OSError) as e:
@@ -205,16 +217,29 @@ class TorchLoader:
         self.gpu_decode = device.type == "cuda" and data.decode_device in ("auto", "mixed")
         self._skips = Skips("on the GPU decode")
         transform = _Transform(image=image, data=data, tokenizer=tokenizer, train=train, gpu_decode=self.gpu_decode)
-        stream = _ShardStream(
+        self.stream = stream = _ShardStream(
             paths=paths, train=train, rank=rank, world_size=world_size, seed=seed,
             shuffle_buffer=data.shuffle_buffer, transform=transform,
         )  # fmt: skip
+        self._batches_taken = 0
         workers = min(data.num_threads, len(paths) * 64) if train else min(data.num_threads, max(total // 64, 1))
+        self.workers = max(workers, 1)  # 0 workers: the one stream runs in this process
         self.loader = DataLoader(
             stream, batch_size=data.batch_size, num_workers=workers, collate_fn=_collate,
             pin_memory=device.type == "cuda", drop_last=train, persistent_workers=train and workers > 0,
             prefetch_factor=4 if workers > 0 else None,
         )  # fmt: skip
+
+    def restore(self, state: dict) -> None:
+        """Go on from a train batch's position (``BatchCount.state()``); before the first iteration only. A
+        corrupt image among the replayed samples, or samples held back to refill a batch after one, shift the
+        stream by those few samples."""
+        if state.get("loader") != "torch":
+            raise ValueError(f"the position was saved by the {state.get('loader')} loader, this is the torch loader")
+        if state.get("workers") != self.workers:
+            raise ValueError(f"the position was saved with {state.get('workers')} loader workers, now {self.workers}")
+        self.stream.resume_batches, self.stream.batch_size = int(state["batches"]), self.batch_size
+        self._batches_taken = int(state["batches"])
 
     def _decode_on_gpu(self, jpegs: list[torch.Tensor], keep: list[int] | None = None) -> torch.Tensor:
         """One nvJPEG batch decode of ``jpegs`` (of those at ``keep``), then crop/resize/normalize."""
@@ -242,6 +267,7 @@ class TorchLoader:
         labelled: bool | None = None
         refill = _Refill(self.batch_size) if self.train else None
         for images, texts, labels, sources in self.loader:
+            self._batches_taken += 1
             if isinstance(images, list):
                 try:
                     images = self._decode_on_gpu(images)
@@ -261,6 +287,7 @@ class TorchLoader:
                     images=batch_images.to(self.device, non_blocking=non_blocking),
                     texts=batch_texts.to(self.device, non_blocking=non_blocking),
                     labels=batch_labels if (labelled and not self.train) else None,
+                    position=BatchCount(self._batches_taken, self.workers) if self.train else None,
                 )
 
     def close(self) -> None:
