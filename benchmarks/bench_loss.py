@@ -43,6 +43,14 @@ def _open_clip_step(a, b, s, autocast: bool = False):
     loss.backward()
 
 
+def _size(sizes: dict[str, list[int]], quick: bool, index: int) -> int:
+    """The N of parametrized case ``index`` in this mode; cases past the mode's list skip."""
+    mode = sizes["quick" if quick else "full"]
+    if index >= len(mode):
+        pytest.skip("no such size in this mode")
+    return mode[index]
+
+
 def _clear_grads(*ts):
     for t in ts:
         t.grad = None
@@ -65,10 +73,7 @@ def _cpu_memory(which: str, n: int, d: int) -> float:
 @pytest.mark.parametrize("d", DIMS)
 @pytest.mark.parametrize("size_index", range(3))
 def test_loss_cpu_fp32(benchmark, record, quick, size_index, d):
-    sizes = CPU_SIZES["quick" if quick else "full"]
-    if size_index >= len(sizes):
-        pytest.skip("no such size in this mode")
-    n = sizes[size_index]
+    n = _size(CPU_SIZES, quick, size_index)
     a, b, s = inputs(n, d, torch.float32, "cpu")  # noqa: F821 (defined by exec above)
     repeats = 1 if quick else 3
 
@@ -113,10 +118,7 @@ def test_matmul_peak_gpu(record):
 @pytest.mark.parametrize("d", DIMS)
 @pytest.mark.parametrize("size_index", range(3))
 def test_loss_gpu_bf16(benchmark, record, quick, size_index, d):
-    sizes = GPU_SIZES["quick" if quick else "full"]
-    if size_index >= len(sizes):
-        pytest.skip("no such size in this mode")
-    n = sizes[size_index]
+    n = _size(GPU_SIZES, quick, size_index)
     a, b, s = inputs(n, d, torch.bfloat16, "cuda")  # noqa: F821
     params = {"N": n, "D": d, "dtype": "bf16", "device": "cuda"}
 

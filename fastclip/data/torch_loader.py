@@ -241,27 +241,27 @@ class TorchLoader:
         self.stream.resume_batches, self.stream.batch_size = int(state["batches"]), self.batch_size
         self._batches_taken = int(state["batches"])
 
-    def _decode_on_gpu(self, jpegs: list[torch.Tensor], keep: list[int] | None = None) -> torch.Tensor:
-        """One nvJPEG batch decode of ``jpegs`` (of those at ``keep``), then crop/resize/normalize."""
+    def _decode_on_gpu(self, jpegs: list[torch.Tensor], sources: list[str]) -> tuple[torch.Tensor, list[int] | None]:
+        """One nvJPEG batch decode, then crop/resize/normalize. If an image in it is corrupt, the batch is decoded
+        one image at a time and the bad ones are logged and counted; returns the images and, then, which were
+        kept (None when all were)."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        chosen = jpegs if keep is None else [jpegs[i] for i in keep]
-        decoded = decode_jpeg(chosen, mode=ImageReadMode.RGB, device=self.device)
-        return torch.stack([prepare(img, self.image, self.data, self.train) for img in decoded])
-
-    def _decodable(self, jpegs: list[torch.Tensor], sources: list[str]) -> list[int]:
-        """After a failed batch decode: which images decode one by one; the others are logged and counted."""
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        keep = []
-        for i, data in enumerate(jpegs):
-            try:
-                decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device)
-                keep.append(i)
-            except RuntimeError as e:
-                shard, _, key = sources[i].rpartition(":")
-                self._skips.skip(key=key, shard=shard, error=e)
-        return keep
+        keep = None
+        try:
+            decoded = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device)
+        except RuntimeError:
+            decoded, keep = [], []
+            for i, data in enumerate(jpegs):
+                try:
+                    decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
+                    keep.append(i)
+                except RuntimeError as e:
+                    shard, _, key = sources[i].rpartition(":")
+                    self._skips.skip(key=key, shard=shard, error=e)
+            if not decoded:
+                return torch.empty(0), keep
+        return torch.stack([prepare(img, self.image, self.data, self.train) for img in decoded]), keep
 
     def __iter__(self) -> Iterator[Batch]:
         labelled: bool | None = None
@@ -269,15 +269,11 @@ class TorchLoader:
         for images, texts, labels, sources in self.loader:
             self._batches_taken += 1
             if isinstance(images, list):
-                try:
-                    images = self._decode_on_gpu(images)
-                except RuntimeError:
-                    keep = self._decodable(images, sources)
+                images, keep = self._decode_on_gpu(images, sources)
+                if keep is not None:
                     if not keep:
                         continue
-                    images = self._decode_on_gpu(images, keep)
-                    index = torch.tensor(keep)
-                    texts, labels = texts[index], labels[index]
+                    texts, labels = texts[keep], labels[keep]
             if labelled is None:
                 labelled = bool((labels >= 0).any())
             non_blocking = self.device.type == "cuda"
