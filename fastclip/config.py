@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import types
 import typing
@@ -62,6 +63,7 @@ class DataConfig:
     loader: str = "auto"  # 'dali', 'torch' (DataLoader + torchvision) or 'auto' (DALI when it is installed)
     decode_device: str = "auto"  # 'auto' (GPU decode when CUDA exists), 'mixed' (nvJPEG) or 'cpu'
     crop_scale: tuple[float, float] = (0.9, 1.0)  # random-resized-crop area range, as open_clip's default
+    max_bad_fraction: float = 0.01  # damaged shards (truncated, unreadable) skipped up to this fraction, else stop
 
     def __post_init__(self):
         _require(self.batch_size > 0, "data.batch_size", f"must be a positive integer, got {self.batch_size}")
@@ -75,6 +77,8 @@ class DataConfig:
             "data.decode_device",
             f"must be 'auto', 'mixed' or 'cpu', got {self.decode_device!r}",
         )
+        bad = self.max_bad_fraction
+        _require(0 <= bad < 1, "data.max_bad_fraction", f"must be in [0, 1) (0 stops on any damaged shard), got {bad}")
         lo, hi = self.crop_scale
         _require(
             0 < lo <= hi <= 1, "data.crop_scale", f"must be [lo, hi] with 0 < lo <= hi <= 1, got {self.crop_scale}"
@@ -112,11 +116,13 @@ class OptimConfig:
     grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
     fused_adam: bool = False  # on CUDA, DeepSpeed's FusedAdam (JIT-compiled with nvcc) instead of torch's AdamW
     skip_nonfinite: bool = False  # skip steps whose grads hold inf/NaN (DeepSpeed's check: a host sync per step)
+    max_skipped_steps: int = 10  # with skip_nonfinite: this many skipped steps in a row end the run (exit 1)
 
     def __post_init__(self):
         _require(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
         _require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _require(all(0 <= b < 1 for b in self.betas), "optim.betas", f"must be two numbers in [0, 1), got {self.betas}")
+        _require(self.eps > 0, "optim.eps", f"must be positive (AdamW divides by sqrt(v) + eps), got {self.eps}")
         _require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
         choices = ", ".join(SCHEDULES)
@@ -125,6 +131,8 @@ class OptimConfig:
         _require(self.restart_mult >= 1, "optim.restart_mult", f"must be >= 1, got {self.restart_mult}")
         _require(0 < self.restart_decay <= 1, "optim.restart_decay", f"must be in (0, 1], got {self.restart_decay}")
         _require(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables), got {self.grad_clip}")
+        skips = self.max_skipped_steps
+        _require(skips > 0, "optim.max_skipped_steps", f"must be a positive number of steps, got {skips}")
 
 
 @dataclass
@@ -250,14 +258,20 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             return int(value)
         raise ConfigError(f"{name}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{name}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        # inf and nan pass every `x > 0` style check below them and poison the run much later
+        if not math.isfinite(number):
+            raise ConfigError(f"{name}: must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -271,8 +285,17 @@ def _unknown(kind: str, name: str, choices: list[str]) -> ConfigError:
     return ConfigError(f"unknown {kind} {name!r}.{hint} Known: {', '.join(sorted(choices))}")
 
 
+def _sections() -> set[str]:
+    """The names of Config's nested sections (those with fields), as opposed to its plain values."""
+    hints = typing.get_type_hints(Config)
+    return {name for name, tp in hints.items() if dataclasses.is_dataclass(tp)}
+
+
 def _apply(tree: dict[str, Any], section: str, key: str, value: Any) -> None:
-    tree.setdefault(section, {})[key] = value
+    body = tree.setdefault(section, {})
+    if not isinstance(body, dict):
+        raise ConfigError(f"{section}: takes a single value, not fields; got a value for {section}.{key}")
+    body[key] = value
 
 
 def build_config(tree: dict[str, Any]) -> Config:
@@ -365,6 +388,9 @@ def parse_args(argv: list[str]) -> Config:
             if i + 1 >= len(argv):
                 raise ConfigError(f"--{key} needs a value")
             value = argv[i + 1]
+            # a single dash is a value (--optim.eps -1); two start the next option, so this one has no value
+            if value.startswith("--"):
+                raise ConfigError(f"--{key} needs a value (got the option {value} instead)")
             i += 1
         i += 1
         if key in ("local_rank", "local-rank"):
@@ -385,8 +411,16 @@ def parse_args(argv: list[str]) -> Config:
             raise ConfigError(f"--config {config_file}: not valid YAML: {e}") from e
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config {config_file}: expected a mapping of sections, got {type(loaded).__name__}")
+        sections = _sections()
         for section, body in loaded.items():
+            if section in sections and body is None:
+                body = {}  # `optim:` with nothing under it: all defaults
+            if section in sections and not isinstance(body, dict):
+                raise ConfigError(
+                    f"--config {config_file}: section {section!r} must hold fields (or nothing), got {body!r}"
+                )
             if isinstance(body, dict):
+                tree.setdefault(section, {})
                 for k, v in body.items():
                     _apply(tree, section, k, v)
             else:

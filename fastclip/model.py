@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +24,8 @@ class ImageSpec:
 SCALAR_PARAMS = ("logit_scale", "logit_bias")  # 0-dim parameters of open_clip models
 _BUILTIN_CONFIGS = Path(__file__).parent / "model_configs"
 _registered = False
+_RANDOM_INIT = "No pretrained weights loaded for model"  # open_clip's create_model, with no pretrained= given
+log = logging.getLogger("fastclip")
 
 
 def resolve_model_name(name: str) -> str:
@@ -46,17 +51,46 @@ def resolve_model_name(name: str) -> str:
     return name
 
 
+@contextlib.contextmanager
+def _quiet_random_init():
+    """Hide open_clip's "Model initialized randomly" warning, untrue once the pretrained file is loaded after it."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return _RANDOM_INIT not in record.getMessage()
+
+    root = logging.getLogger()  # open_clip warns with logging.warning(), on the root logger
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
+def _say(message: str) -> None:
+    """One start-up line from rank 0: to the log when one is set up to show INFO, else to stdout as the trainer's."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if log.isEnabledFor(logging.INFO) and log.hasHandlers():
+        log.info(message)
+    else:
+        print(message, flush=True)
+
+
 def build_model(model: ModelConfig) -> torch.nn.Module:
     """An fp32 open_clip CLIP model on the CPU that returns a dict of features and the logit scale."""
     import open_clip
 
     name = resolve_model_name(model.name)
-    clip = open_clip.create_model(name, force_image_size=model.force_image_size, output_dict=True)
+    quiet = _quiet_random_init() if model.pretrained is not None else contextlib.nullcontext()
+    with quiet:
+        clip = open_clip.create_model(name, force_image_size=model.force_image_size, output_dict=True)
     if model.pretrained is not None:
         try:
             open_clip.load_checkpoint(clip, model.pretrained)
         except (RuntimeError, KeyError, ValueError) as e:
             raise ConfigError(f"model.pretrained: {model.pretrained!r} does not fit {name}: {e}") from e
+        # strict loading: every tensor of the model came from the file
+        _say(f"fastclip: loaded {len(clip.state_dict())} tensors from {model.pretrained} into {name}")
     for attr in SCALAR_PARAMS:
         param = getattr(clip, attr, None)
         if isinstance(param, torch.nn.Parameter) and param.ndim == 0:

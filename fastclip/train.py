@@ -49,7 +49,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from fastclip.distributed import close_distributed, init_distributed
     from fastclip.trainer import Trainer, TrainingDiverged
 
-    world = init_distributed()
+    try:
+        world = init_distributed()
+    except ConfigError as e:  # MASTER_PORT taken
+        _fail(str(e))
     trainer = None
     try:
         trainer = Trainer(cfg, world)

@@ -55,6 +55,76 @@ def test_bad_config_names_the_field(argv, names):
         assert name in str(err.value)
 
 
+@pytest.mark.parametrize("body", ["optim:\n", "optim:\ntrain:\n  steps: 4\n", "optim: ~\n", "optim: {}\n"])
+def test_empty_yaml_section_means_defaults(tmp_path, body):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(body)
+    cfg = parse_args(["--config", str(yaml_file), "--optim.lr", "1e-4"])
+    assert cfg.optim.lr == 1e-4 and cfg.optim.eps == 1e-6
+    assert parse_args(["--config", str(yaml_file)]).optim.lr == 1e-3
+
+
+@pytest.mark.parametrize("body", ["optim: 3\n", "optim: fast\n", "optim: [1, 2]\n"])
+@pytest.mark.parametrize("extra", [[], ["--optim.lr", "1e-4"]])
+def test_scalar_yaml_section_is_refused(tmp_path, body, extra):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(body)
+    with pytest.raises(ConfigError) as err:
+        parse_args(["--config", str(yaml_file), *extra])
+    assert "optim" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("text", ["inf", "-inf", "nan", ".inf", "-.inf", ".nan", "Infinity", "1e999"])
+@pytest.mark.parametrize(
+    "name", ["optim.lr", "optim.eps", "optim.grad_clip", "optim.weight_decay", "eval.early_stop_min_delta"]
+)
+def test_non_finite_floats_are_refused(name, text):
+    with pytest.raises(ConfigError, match="finite") as err:
+        parse_args([f"--{name}", text])
+    assert str(err.value).startswith(f"{name}: ")
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), ".inf", "-.inf", ".nan"])
+def test_non_finite_floats_from_yaml_are_refused(tmp_path, value):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text(f"optim:\n  lr: {value}\ndata:\n  crop_scale: [0.5, 1.0]\n")
+    with pytest.raises(ConfigError, match=r"^optim\.lr: must be a finite number"):
+        parse_args(["--config", str(yaml_file)])
+    with pytest.raises(ConfigError, match=r"^data\.crop_scale\[1\]: must be a finite number"):
+        parse_args(["--data.crop_scale", f"[0.5, {value}]"])
+
+
+@pytest.mark.parametrize("eps", ["0", "-1", "-1e-8"])
+def test_optim_eps_must_be_positive(eps):
+    with pytest.raises(ConfigError, match=r"^optim\.eps: must be positive"):
+        parse_args(["--optim.eps", eps])
+    assert parse_args(["--optim.eps", "1e-8"]).optim.eps == 1e-8
+
+
+@pytest.mark.parametrize(
+    "argv, flag, instead",
+    [
+        (["--train.steps", "--log.every", "3"], "--train.steps", "--log.every"),
+        (["--optim.lr", "--optim.eps=1e-8"], "--optim.lr", "--optim.eps=1e-8"),
+        (["--config", "--train.steps", "3"], "--config", "--train.steps"),
+        (["--deepspeed_config", "--help"], "--deepspeed_config", "--help"),
+    ],
+)
+def test_flag_without_value_names_the_next_option(argv, flag, instead):
+    with pytest.raises(ConfigError) as err:
+        parse_args(argv)
+    assert str(err.value) == f"{flag} needs a value (got the option {instead} instead)"
+
+
+def test_negative_numbers_are_values():
+    cfg = parse_args(["--optim.weight_decay", "-0", "--train.steps", "3", "--optim.min_lr_ratio", "-0.0"])
+    assert cfg.train.steps == 3 and cfg.optim.weight_decay == 0
+    with pytest.raises(ConfigError, match=r"^optim\.eps: must be positive.*got -1"):
+        parse_args(["--optim.eps", "-1"])
+    with pytest.raises(ConfigError, match=r"^data\.batch_size: "):
+        parse_args(["--data.batch_size", "-3"])
+
+
 def test_missing_and_unreadable_shards_name_the_field_and_file(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.train_shards: .*matches no file"):
         check_inputs(parse_args(["--data.train_shards", str(tmp_path / "nothing-*.tar")]))

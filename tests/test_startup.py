@@ -1,0 +1,143 @@
+"""Start-up: the rendezvous port of a run, and what it says about the weights it starts from."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import subprocess
+import sys
+import tarfile
+
+import pytest
+import torch
+
+from fastclip.config import ModelConfig
+from fastclip.model import build_model, open_clip_state_dict
+
+from runs import ROOT, clean_env
+
+# Each child initializes its own process group: the test session may hold one already (conftest's single_rank).
+_INIT = """
+import os, sys
+from fastclip.config import ConfigError
+from fastclip.distributed import close_distributed, init_distributed
+try:
+    world = init_distributed()
+except ConfigError as e:
+    print("error:", e)
+    sys.exit(2)
+print("world:", os.environ["MASTER_PORT"], world.rank, world.world_size)
+close_distributed()
+"""
+
+# occupies the port the old code derived from this process's pid, before asking for a process group
+_PID_PORT_BUSY = """
+import os, socket
+pid_port = 29500 + os.getpid() % 1000
+sock = socket.socket()
+try:
+    sock.bind(("", pid_port))
+    sock.listen()
+except OSError:
+    pass  # someone else holds it already: just as busy
+print("pid port:", pid_port)
+"""
+
+_RANDOM_INIT = "Model initialized randomly"
+
+
+def _python(code: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def busy_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        yield sock.getsockname()[1]
+
+
+def test_taken_master_port_is_a_one_line_error(busy_port):
+    env = {**clean_env(), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    env["MASTER_PORT"] = str(busy_port)
+    proc = _python(_INIT, env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    [line] = [x for x in proc.stdout.splitlines() if x.startswith("error:")]
+    assert f"MASTER_PORT {busy_port} is already in use" in line and "--master_port" in line
+
+
+def test_train_says_the_taken_port_in_one_line(busy_port, tmp_path):
+    shard = tmp_path / "shard-000.tar"
+    member = tmp_path / "0.txt"
+    member.write_text("a")
+    with tarfile.open(shard, "w") as tar:
+        tar.add(member, arcname="0.txt")
+    args = ["--data.train_shards", str(shard), "--data.val_shards", str(shard)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastclip.train", *args],
+        cwd=tmp_path,
+        env={**clean_env(), "MASTER_PORT": str(busy_port), "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    [line] = [x for x in proc.stderr.splitlines() if x.startswith("fastclip:")]
+    assert line.startswith(f"fastclip: MASTER_PORT {busy_port} is already in use")
+
+
+def test_single_rank_run_picks_a_free_port_not_the_pid_one():
+    proc = _python(_PID_PORT_BUSY + _INIT, clean_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    said = dict(line.split(": ", 1) for line in proc.stdout.splitlines() if ": " in line)
+    pid_port, (port, rank, world_size) = said["pid port"], said["world"].split()
+    assert port != pid_port and (rank, world_size) == ("0", "1")
+
+
+def test_free_port_is_free():
+    from fastclip.distributed import free_port
+
+    port = free_port()
+    with socket.socket() as sock:
+        sock.bind(("", port))  # raises if anything holds it
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    torch.manual_seed(1)  # not the seed the model under test starts from, so equal weights mean loaded ones
+    state = open_clip_state_dict(build_model(ModelConfig(name="fastclip-tiny")).state_dict())
+    path = tmp_path_factory.mktemp("pretrained") / "tiny.pt"
+    torch.save(state, path)
+    return path, state
+
+
+@pytest.mark.parametrize("level", [logging.WARNING, logging.INFO], ids=["warning", "info"])
+def test_pretrained_weights_are_loaded_and_said_truthfully(tiny_checkpoint, caplog, capsys, level):
+    path, saved = tiny_checkpoint
+    caplog.set_level(level)
+    filters = list(logging.getLogger().filters)
+    torch.manual_seed(0)
+    clip = build_model(ModelConfig(name="fastclip-tiny", pretrained=str(path)))
+    out, err = capsys.readouterr()
+    said = caplog.text + out + err
+    assert _RANDOM_INIT not in said
+    assert f"loaded {len(saved)} tensors from {path} into fastclip-tiny" in said
+    loaded = open_clip_state_dict(clip.state_dict())
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+    assert logging.getLogger().filters == filters  # open_clip's warning is hidden for that one call only
+
+
+def test_pretrained_line_reaches_the_console(tiny_checkpoint):
+    path, _ = tiny_checkpoint
+    code = (
+        "from fastclip.config import ModelConfig\nfrom fastclip.model import build_model\n"
+        f"build_model(ModelConfig(name='fastclip-tiny', pretrained={str(path)!r}))\n"
+    )
+    proc = _python(code, clean_env())
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _RANDOM_INIT not in proc.stdout + proc.stderr
+    assert f"fastclip: loaded {len(torch.load(path))} tensors from {path} into fastclip-tiny" in proc.stdout
+    proc = _python(code.replace(f", pretrained={str(path)!r}", ""), clean_env())
+    assert _RANDOM_INIT in proc.stderr  # still said when it is true
