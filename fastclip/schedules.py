@@ -43,3 +43,19 @@ class LrSchedule:
 
     def _cosine(self, progress: float, *, peak: float) -> float:
         return peak * (self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def restart_at(scheduler, schedule: LrSchedule, *, base_lr: float, step: int) -> None:
+    """Put a ``LambdaLR`` over ``schedule`` and its optimizer at optimizer step ``step`` with peak ``base_lr``.
+
+    On resume the schedule comes from the run's config, not from the checkpoint: a saved ``LambdaLR`` state
+    carries the old run's peak lr and its callable's fields (total steps among them), so a resume with a new
+    ``optim.lr`` or ``train.steps`` would otherwise train on the old schedule (or at lr 0 past its end).
+    """
+    groups = scheduler.optimizer.param_groups
+    lr = base_lr * schedule(step)
+    scheduler.base_lrs = [base_lr] * len(groups)
+    scheduler.last_epoch = step  # LambdaLR's count of optimizer steps taken; the next step uses schedule(step)
+    for group in groups:
+        group["initial_lr"], group["lr"] = base_lr, lr
+    scheduler._last_lr = [lr] * len(groups)

@@ -52,7 +52,9 @@ class MetricSinks:
         if not self.enabled:
             return
         record = {"time": round(time.time(), 3), **record}
-        self.file.write(json.dumps(record) + "\n")
+        # strict JSON: a non-finite number is written as null (json.dumps would write the bare NaN of JavaScript)
+        finite = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        self.file.write(json.dumps(finite, allow_nan=False) + "\n")
         step = record["step"]
         scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
         if self.tb is not None:

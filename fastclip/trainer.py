@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
 
-from fastclip.config import Config, ConfigError, LossConfig, deepspeed_config, total_steps
+from fastclip.checkpoint import changed_settings, commit_latest, read_latest
+from fastclip.config import Config, ConfigError, LossConfig, OptimConfig, deepspeed_config, total_steps
 from fastclip.data.batch import Batch, BatchCount, DataPosition
 from fastclip.data.loader import build_loader
 from fastclip.data.tokenizer import build_tokenizer
@@ -33,7 +34,7 @@ from fastclip.eval import evaluate
 from fastclip.loss import ClipLoss
 from fastclip.meters import Meters
 from fastclip.model import build_model, image_spec, logit_scale_of, open_clip_state_dict, param_groups
-from fastclip.schedules import LrSchedule
+from fastclip.schedules import LrSchedule, restart_at
 from fastclip.sinks import MetricSinks
 from fastclip.zero import sync_free_clipping
 
@@ -57,6 +58,13 @@ class EarlyStopping:
             return False
         self.evals_since_best += 1
         return self.evals_since_best >= self.patience
+
+
+def apply_adamw_settings(groups: list[dict], optim: OptimConfig) -> None:
+    """This run's betas, eps and weight decay on the optimizer's groups (a checkpoint's state restores its own)."""
+    for group in groups:
+        group["betas"], group["eps"] = tuple(optim.betas), optim.eps
+        group["weight_decay"] = optim.weight_decay if group.get("name") == "decay" else 0.0  # see param_groups
 
 
 class TrainingDiverged(RuntimeError):
@@ -119,10 +127,15 @@ class Trainer:
         self.samples_seen = 0
         self.grad_norms_seen = False
         self.lr = 0.0
+        self.skipped_in_a_row, self._skipped_before = 0, 0  # optim.skip_nonfinite: DeepSpeed's skipped steps
         self.data_position: DataPosition | BatchCount | None = None
         self.early_stopping = EarlyStopping(cfg.eval.early_stop_patience, cfg.eval.early_stop_min_delta)
         if cfg.checkpoint.resume:
-            self.resume(cfg.checkpoint.resume)
+            try:
+                self.resume(cfg.checkpoint.resume)
+            except BaseException:
+                self.close()  # the caller never gets this trainer to close: stop the loaders' threads here
+                raise
 
     def _build_loaders(self):
         cfg, world = self.cfg, self.world
@@ -141,16 +154,17 @@ class Trainer:
         cfg, world = self.cfg, self.world
         ds_config = deepspeed_config(cfg, world_size=world.world_size, cuda=world.device.type == "cuda")
         optim = cfg.optim
-        schedule = LrSchedule(
+        self.schedule = schedule = LrSchedule(
             kind=optim.schedule, warmup=optim.warmup_steps, total=self.total_steps, min_ratio=optim.min_lr_ratio,
             cycle=optim.restart_steps, mult=optim.restart_mult, decay=optim.restart_decay,
         )  # fmt: skip
+        self.own_schedule = "scheduler" not in ds_config
         engine, _, _, scheduler = deepspeed.initialize(
             model=self.clip,
             model_parameters=param_groups(self.clip, weight_decay=cfg.optim.weight_decay),
             config=ds_config,
             # a "scheduler" in a --deepspeed_config file wins: DeepSpeed would prefer this callable to it
-            lr_scheduler=None if "scheduler" in ds_config else (lambda opt: LambdaLR(opt, schedule)),
+            lr_scheduler=(lambda opt: LambdaLR(opt, schedule)) if self.own_schedule else None,
         )
         sync_free_clipping(engine.optimizer)
         return engine, scheduler
@@ -202,7 +216,24 @@ class Trainer:
         self.update_grad_norm()
         self.step += 1
         self.samples_seen += self.global_batch
+        if self.cfg.optim.skip_nonfinite:
+            self.count_skipped_steps()
         return data_time
+
+    def count_skipped_steps(self) -> None:
+        """Stop when DeepSpeed has skipped ``optim.max_skipped_steps`` steps in a row: gradients that are never
+        finite mean the model is not learning (a NaN in the weights or the data), and going on would only end
+        in a checkpoint and an export of that state."""
+        skipped = self.engine.skipped_steps  # a host int: DeepSpeed's own overflow check synchronized this step
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped > self._skipped_before else 0
+        self._skipped_before = skipped
+        limit = self.cfg.optim.max_skipped_steps
+        if self.skipped_in_a_row >= limit:
+            self._diverged(
+                f"steps {self.step - limit + 1}-{self.step} were all skipped because their gradients were not finite "
+                f"(optim.max_skipped_steps={limit}; {skipped} skipped in all)",
+                skipping=False,
+            )
 
     # ---------------------------------------------------------------------------------------- the loop
 
@@ -292,6 +323,8 @@ class Trainer:
         }
         if self.grad_norms_seen:
             record["grad_norm"] = means["grad_norm"]  # pre-clip global norm, mean over the interval's steps
+        if self.cfg.optim.skip_nonfinite:
+            record["skipped_steps"] = self.engine.skipped_steps
         if bar is not None:
             bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{samples_per_second:.0f}", refresh=False)
         self.sinks.write(
@@ -308,12 +341,12 @@ class Trainer:
         if not (math.isfinite(record["loss"]) and math.isfinite(record.get("grad_norm", 0.0))):
             self._diverged(f"mean loss {record['loss']}, mean grad norm {record.get('grad_norm')} since the last log")
 
-    def _diverged(self, what: str) -> None:
+    def _diverged(self, what: str, *, skipping: bool | None = None) -> None:
         """Stop on a non-finite loss or grad norm unless DeepSpeed skips such steps (optim.skip_nonfinite)."""
-        if self.cfg.optim.skip_nonfinite:
+        if self.cfg.optim.skip_nonfinite if skipping is None else skipping:
             return
-        latest = Path(self.cfg.checkpoint.dir) / "latest"
-        kept = f"{Path(self.cfg.checkpoint.dir) / latest.read_text().strip()}" if latest.is_file() else "none yet"
+        latest = read_latest(self.cfg.checkpoint.dir)
+        kept = str(Path(self.cfg.checkpoint.dir) / latest) if latest else "none yet"
         raise TrainingDiverged(
             f"training diverged at step {self.step}: {what}. The weights may hold inf/NaN now, so nothing was saved; "
             f"the newest checkpoint ({kept}) is untouched. Resume from it with --checkpoint.resume latest and a "
@@ -362,20 +395,38 @@ class Trainer:
             "config": self.cfg.to_dict(),
         }
 
-    def save(self) -> None:
-        """A DeepSpeed checkpoint in its own folder; 'latest' moves only after it is complete."""
-        # note: host sync, at checkpoint steps only: the steps since the last log step must be finite
-        pending = torch.stack([self.meters["loss"].total, self.meters["grad_norm"].total])
-        bad = (~torch.isfinite(pending)).any().to(torch.float32)
+    def _any_rank(self, flag: torch.Tensor) -> bool:
+        """True when ``flag`` (a 0-dim bool tensor) is true on any rank; every rank gets the same answer."""
+        flag = flag.to(torch.float32)
         if dist.is_initialized():
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank decides alike
-        if bad.item():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())  # note: host sync, at checkpoint and export time only
+
+    def _first_nonfinite_weight(self) -> str | None:
+        """The name of a parameter holding inf/NaN on some rank (this rank's partition under ZeRO-3), else None."""
+        named = list(self.engine.module.named_parameters())
+        local = [getattr(p, "ds_tensor", p) for _, p in named]  # ZeRO-3: the module holds empty placeholders
+        bad = torch.stack([~torch.isfinite(t).all() for t in local])
+        if not self._any_rank(bad.any()):
+            return None
+        return next((name for (name, _), b in zip(named, bad.tolist()) if b), "a parameter on another rank")
+
+    def save(self) -> None:
+        """A DeepSpeed checkpoint in its own folder; 'latest' moves only after every rank's files are complete."""
+        # the steps since the last log step must be finite, and under skip_nonfinite the weights too
+        pending = torch.stack([self.meters["loss"].total, self.meters["grad_norm"].total])
+        if self._any_rank((~torch.isfinite(pending)).any()):
             self._diverged("the loss or grad norm since the last log step is not finite")
-        tag = f"step_{self.step:08d}"
-        self._save_data_position(Path(self.cfg.checkpoint.dir) / tag)
-        self.engine.save_checkpoint(self.cfg.checkpoint.dir, tag=tag, client_state=self.client_state())
+        if self.cfg.optim.skip_nonfinite and (name := self._first_nonfinite_weight()):
+            self._diverged(f"the weights hold non-finite values ({name})", skipping=False)
+        root, tag = Path(self.cfg.checkpoint.dir), f"step_{self.step:08d}"
+        self._save_data_position(root / tag)
+        self.engine.save_checkpoint(str(root), tag=tag, client_state=self.client_state(), save_latest=False)
+        if dist.is_initialized():
+            dist.barrier()  # every rank has written and closed its files: only now may 'latest' name them
         if self.world.is_main:
-            print(f"checkpoint: {Path(self.cfg.checkpoint.dir) / tag}", flush=True)
+            commit_latest(root, tag)
+            print(f"checkpoint: {root / tag}", flush=True)
         self._prune_checkpoints()
 
     def _prune_checkpoints(self) -> None:
@@ -387,7 +438,7 @@ class Trainer:
             dist.barrier()  # every rank has finished writing before rank 0 deletes anything
         if not self.world.is_main:
             return
-        latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
+        latest = read_latest(root)
         steps = sorted(p for p in root.glob("step_*") if p.is_dir())  # step_XXXXXXXX sorts by step
         for old in steps[:-keep]:
             if old.name != latest:
@@ -440,22 +491,42 @@ class Trainer:
             if not path.is_dir():
                 raise ConfigError(f"checkpoint.resume: {where!r} is not a checkpoint folder (or say 'latest')")
             directory, tag = str(path.parent), path.name
-        elif not (Path(directory) / "latest").is_file():
+        elif read_latest(directory) is None:
             if self.world.is_main:
                 print(f"checkpoint.resume=latest: no checkpoint in {directory} yet, starting from step 0", flush=True)
             return
-        tag = tag or (Path(directory) / "latest").read_text().strip()
-        loaded, state = self.engine.load_checkpoint(directory, tag=tag)
+        tag = tag or read_latest(directory)
+        # fastclip's schedule is rebuilt from this run's config below; a DeepSpeed-config scheduler keeps its state
+        loaded, state = self.engine.load_checkpoint(directory, tag=tag, load_lr_scheduler_states=not self.own_schedule)
         if loaded is None:
             raise ConfigError(f"checkpoint.resume: could not load a checkpoint from {where!r} (dir {directory})")
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
+        self._skipped_before = self.engine.skipped_steps
         if "early_stopping" in state:  # the patience count goes on (with this run's patience and min delta)
             saved, stop = state["early_stopping"], self.early_stopping
             stop.best, stop.best_step = saved["best"], saved["best_step"]
             stop.evals_since_best = saved["evals_since_best"]
+        changed = changed_settings(state.get("config", {}), self.cfg.to_dict())
+        if self.own_schedule:
+            self._restart_schedule(where)
         self._restore_data_position(Path(directory) / tag)
         if self.world.is_main:
             print(f"resumed from {loaded} at step {self.step}", flush=True)
+            if changed:
+                print(f"resume: changed since the checkpoint: {'; '.join(changed)}", flush=True)
+
+    def _restart_schedule(self, where: str) -> None:
+        """The learning rate at the restored step from this run's config (lr, schedule, steps), and its AdamW
+        settings; the optimizer's moments stay the checkpoint's. Every schedule gives a positive lr before its last
+        step, so the one resume that cannot learn is one with no step left: refused."""
+        remaining = range(self.step, self.total_steps)
+        if not remaining:
+            raise ConfigError(
+                f"checkpoint.resume: {where!r} is at step {self.step} and this run ends at step {self.total_steps} "
+                "(train.steps, or train.epochs): nothing is left to train. Raise --train.steps to train further."
+            )
+        restart_at(self.scheduler, self.schedule, base_lr=self.cfg.optim.lr, step=self.step)
+        apply_adamw_settings(self.engine.optimizer.param_groups, self.cfg.optim)
 
     def export_open_clip(self) -> Path | None:
         """fp32 weights as ``{'state_dict': ...}``, which ``open_clip.create_model(pretrained=path)`` loads."""
@@ -469,6 +540,9 @@ class Trainer:
         for name, buf in self.engine.module.named_buffers():
             if name in persistent:
                 state[name] = buf.detach().cpu()
+        bad = next((name for name, value in state.items() if not torch.isfinite(value).all()), None)
+        if bad is not None:  # every rank holds the whole state here, so every rank stops alike
+            self._diverged(f"the weights hold non-finite values ({bad}); open_clip.pt was not written", skipping=False)
         if not self.world.is_main:
             return None
         path = Path(self.cfg.checkpoint.dir) / "open_clip.pt"

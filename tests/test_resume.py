@@ -68,3 +68,54 @@ def test_changed_batch_size_starts_the_stream_afresh(single_rank, world_dir, tmp
     assert "starts afresh (the position was saved by the dali loader, this is the torch loader)" in (
         capsys.readouterr().out
     )
+
+
+def _train(trainer, steps):
+    batches = iter(trainer.train_loader)
+    lrs = []
+    for _ in range(steps):
+        trainer.train_step(batches)
+        lrs.append(trainer.lr)
+    return lrs
+
+
+def test_resume_follows_this_runs_schedule_and_adamw_settings(single_rank, world_dir, tmp_path, capsys):
+    from fastclip.schedules import LrSchedule
+    from fastclip.trainer import Trainer
+
+    args = small_run_args(world_dir, tmp_path / "run", steps=4) + ["--log.every", "1000"]
+    first = Trainer(parse_args(args), single_rank)
+    try:
+        _train(first, 4)  # a finished run: its cosine has reached lr 0
+        first.save()
+    finally:
+        first.close()
+    more = ["--checkpoint.resume", "latest", "--train.steps", "12", "--optim.lr", "5e-4", "--optim.eps", "1e-7"]
+    again = Trainer(parse_args(args + more + ["--optim.weight_decay", "0.2"]), single_rank)
+    try:
+        lrs = _train(again, 3)
+        groups = again.engine.optimizer.param_groups
+    finally:
+        again.close()
+    schedule = LrSchedule(kind="cosine", warmup=2, total=12)
+    assert lrs == pytest.approx([5e-4 * schedule(k) for k in (4, 5, 6)])
+    assert min(lrs) > 1e-4  # the old run's schedule would give lr 0 here
+    assert [g["weight_decay"] for g in groups] == [0.2, 0.0] and {g["eps"] for g in groups} == {1e-7}
+    out = capsys.readouterr().out
+    assert "changed since the checkpoint: " in out
+    assert "optim.lr 0.001 -> 0.0005" in out and "train.steps 4 -> 12" in out and "optim.weight_decay 0.1 -> 0.2" in out
+
+
+def test_resume_with_nothing_left_to_train_is_refused(single_rank, world_dir, tmp_path):
+    from fastclip.config import ConfigError
+    from fastclip.trainer import Trainer
+
+    args = small_run_args(world_dir, tmp_path / "run", steps=2) + ["--log.every", "1000"]
+    first = Trainer(parse_args(args), single_rank)
+    try:
+        _train(first, 2)
+        first.save()
+    finally:
+        first.close()
+    with pytest.raises(ConfigError, match=r"at step 2 and this run ends at step 2 .*Raise --train.steps"):
+        Trainer(parse_args(args + ["--checkpoint.resume", "latest"]), single_rank)
