@@ -440,10 +440,9 @@ def check_inputs(cfg: Config) -> None:
     """Filesystem checks, run by every rank before any model is built: shards exist and open, files parse."""
     from fastclip.data.shards import resolve_shards
 
-    if cfg.data.train_shards:
-        resolve_shards(cfg.data.train_shards, field="data.train_shards")
-    if cfg.data.val_shards:
-        resolve_shards(cfg.data.val_shards, field="data.val_shards")
+    for name in ("train_shards", "val_shards"):
+        if spec := getattr(cfg.data, name):
+            resolve_shards(spec, field=f"data.{name}", max_bad_fraction=cfg.data.max_bad_fraction)
     for name in ("zeroshot_classnames", "zeroshot_templates"):
         path = getattr(cfg.data, name)
         if path is None:

@@ -140,9 +140,8 @@ class Trainer:
     def _build_loaders(self):
         cfg, world = self.cfg, self.world
         common = dict(image=self.image, tokenizer=self.tokenizer, rank=world.rank, world_size=world.world_size)
-        train = build_loader(
-            data=cfg.data, train=True, seed=cfg.train.seed * 1009 + world.rank, device=world.device, **common
-        )
+        # the run's seed on every rank: the loaders split each epoch among ranks and draw per-rank seeds themselves
+        train = build_loader(data=cfg.data, train=True, seed=cfg.train.seed, device=world.device, **common)
         if not cfg.data.val_shards:
             return train, None
         eval_data = dataclasses.replace(cfg.data, batch_size=cfg.eval.batch_size or cfg.data.batch_size)

@@ -162,7 +162,7 @@ def test_samples_without_caption_are_skipped_and_unlabelled_val_still_evaluates(
     val = build_loader(train=False, **common)
     try:
         batches = list(val)
-        assert sum(b.images.shape[0] for b in batches) == 100 and all(b.labels is None for b in batches)
+        assert sum(b.images.shape[0] for b in batches) == 100 and all((b.labels == -1).all() for b in batches)
     finally:
         val.close()
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import queue
-import tarfile
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -25,7 +24,7 @@ from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from fastclip.config import DataConfig
 from fastclip.data.batch import Batch, DataPosition
-from fastclip.data.shards import index_paths, resolve_shards
+from fastclip.data.shards import IMAGE_EXTS, index_paths, resolve_shards
 from fastclip.data.skips import Skips
 from fastclip.model import ImageSpec
 
@@ -47,22 +46,15 @@ def _normalize(images, spec: ImageSpec, crop: tuple[int, int] | None = None):
     )
 
 
-def _has_labels(path: str) -> bool:
-    """Whether a shard's first samples carry a KEY.cls (zero-shot label); read from the tar headers only."""
-    with tarfile.open(path) as tar:
-        for _, member in zip(range(64), tar):
-            if member.name.endswith(".cls"):
-                return True
-    return False
-
-
 def _reader(paths: list[str], exts: list[str], *, rank: int, world_size: int, shuffle: bool, data: DataConfig, seed):
     return fn.readers.webdataset(
         paths=paths,
         index_paths=index_paths(paths),
         ext=exts,
-        # a sample without an image or a caption is skipped, as open_clip's filter_no_caption_or_no_image does
-        missing_component_behavior="skip",
+        # a sample without an image or a caption is skipped, as open_clip's filter_no_caption_or_no_image does;
+        # eval reads the optional KEY.cls too, and "skip" would drop every sample without one: there missing
+        # parts come through empty and the loader drops image- or caption-less samples itself
+        missing_component_behavior="skip" if shuffle else "empty",
         shard_id=rank,
         num_shards=world_size,
         random_shuffle=shuffle,
@@ -84,15 +76,14 @@ def reader_pipeline(
     seed: int,
     checkpoint: bytes | None = None,
 ):
-    """This rank's encoded samples as DALI reads them: (image bytes, caption bytes[, cls bytes], source info).
-    With ``checkpoint`` (from ``pipe.checkpoint()``), it goes on from where that pipeline stood."""
-    labelled = not train and _has_labels(paths[0])
+    """This rank's encoded samples as DALI reads them: (image bytes, caption bytes[, cls bytes for eval], source
+    info). With ``checkpoint`` (from ``pipe.checkpoint()``), it goes on from where that pipeline stood."""
 
     @pipeline_def(
         batch_size=data.batch_size, num_threads=data.num_threads, device_id=None, seed=seed, enable_checkpointing=True
     )
     def pipeline():
-        exts = ["jpg;jpeg;png", "txt"] + (["cls"] if labelled else [])
+        exts = [";".join(IMAGE_EXTS), "txt"] + ([] if train else ["cls"])
         outputs = _reader(paths, exts, rank=rank, world_size=world_size, shuffle=train, data=data, seed=seed)
         return (*outputs, fn.get_property(outputs[0], key="source_info"))  # 'shard.tar:offset:key.jpg'
 
@@ -234,7 +225,7 @@ class DaliLoader:
         self.tokenizer, self.train, self.device, self.prefetch = tokenizer, train, device, prefetch
         self.rebuilds = 0
         self.decoders, self.checker = [make_decoder(i) for i in range(self.IN_FLIGHT)], None
-        self.skips = Skips(f"on rank {rank}")
+        self.skips = Skips(rank=rank)
         self.samples_per_epoch = self.reader.reader_meta("reader")["epoch_size"]
         total = self.samples_per_epoch
         # DALI gives shard i the samples [total * i // n, total * (i + 1) // n)
@@ -246,7 +237,9 @@ class DaliLoader:
     def skipped(self) -> int:
         return self.skips.count
 
-    def _read(self, limit: int | None) -> _Encoded:
+    def _read(self, limit: int | None) -> tuple[_Encoded, int]:
+        """The next read's samples, and how many the reader gave (eval: before image- or caption-less ones are
+        dropped, which is what ``limit`` counts)."""
         checkpoint = self.reader.checkpoint() if self.train else b""  # ~0.06 ms
         out = self.reader.run()
         n = len(out[1]) if limit is None else min(len(out[1]), limit)  # eval: the reader's padding cut off
@@ -254,9 +247,11 @@ class DaliLoader:
         images = [np.array(out[0][i]) for i in range(n)]
         positions = [DataPosition(checkpoint, i + 1) for i in range(n)]
         read = _Encoded(images, _strings(out[1], n), labels, _strings(out[-1], n), positions)
+        if not self.train:  # the eval reader passes samples with a missing part through empty (see _reader)
+            read = read.pick([i for i in range(n) if images[i].size and np.array(out[1][i]).size])
         if self._consumed_on_restore:  # the restored read's first samples were trained on before the checkpoint
             read, self._consumed_on_restore = read.split(self._consumed_on_restore)[1], 0
-        return read
+        return read, n
 
     def restore(self, state: dict[str, Any]) -> None:
         """Go on from a train batch's position (``DataPosition.state()``): the reader from its checkpoint, the
@@ -291,7 +286,7 @@ class DaliLoader:
             ) from error
         for i, reason in bad.items():
             shard, _, name = batch.sources[i].rsplit(":", 2)
-            self.skips.skip(key=name.rsplit(".", 1)[0], shard=shard, error=reason)
+            self.skips.skip(key=name.rsplit(".", 1)[0], shard=shard, data=batch.images[i].tobytes(), error=reason)
         self.rebuilds += 1
         self.decoders[slot] = self.make_decoder(len(self.decoders) + self.rebuilds)  # the failed one is spent
         return batch.pick([i for i in range(len(batch)) if i not in bad])
@@ -306,8 +301,8 @@ class DaliLoader:
         while True:
             while free:
                 while len(carry) < self.batch_size and (left is None or left > 0):
-                    read = self._read(left)
-                    left = None if left is None else left - len(read)
+                    read, n = self._read(left)
+                    left = None if left is None else left - n
                     carry = carry + read
                 if not len(carry):
                     break
@@ -432,14 +427,31 @@ def build_loader(
     seed: int,
     device: torch.device,
 ) -> DaliLoader:
+    """``seed`` is the run's, the same on every rank. DALI splits the samples among ranks by position whatever
+    the shuffle, so each rank shuffles and crops with its own seed."""
     field = "data.train_shards" if train else "data.val_shards"
-    paths = resolve_shards(data.train_shards if train else data.val_shards, field=field)
-    return DaliLoader(
-        make_reader=lambda checkpoint: reader_pipeline(
-            data=data, paths=paths, train=train, rank=rank, world_size=world_size, seed=seed, checkpoint=checkpoint
-        ),
-        # a rebuilt decoder draws other crops than the one it replaces
-        make_decoder=lambda rebuilds: decode_pipeline(data=data, image=image, train=train, seed=seed + 7919 * rebuilds),
-        make_checker=lambda: decode_pipeline(data=data, image=image, train=False, seed=seed, batch_size=1),
-        tokenizer=tokenizer, train=train, rank=rank, world_size=world_size, device=device,
-    )  # fmt: skip
+    spec = data.train_shards if train else data.val_shards
+    paths = resolve_shards(spec, field=field, max_bad_fraction=data.max_bad_fraction).paths
+    seed = seed * 1009 + rank
+
+    def build(paths: list[str]) -> DaliLoader:
+        return DaliLoader(
+            make_reader=lambda checkpoint: reader_pipeline(
+                data=data, paths=paths, train=train, rank=rank, world_size=world_size, seed=seed, checkpoint=checkpoint
+            ),
+            # a rebuilt decoder draws other crops than the one it replaces
+            make_decoder=lambda rebuilds: decode_pipeline(
+                data=data, image=image, train=train, seed=seed + 7919 * rebuilds
+            ),
+            make_checker=lambda: decode_pipeline(data=data, image=image, train=False, seed=seed, batch_size=1),
+            tokenizer=tokenizer, train=train, rank=rank, world_size=world_size, device=device,
+        )  # fmt: skip
+
+    try:
+        return build(paths)
+    except RuntimeError:  # DALI's index inference stops on a tar damaged in the middle ("Invalid seek")
+        # the cheap end check passed them all: walk every header to find the damaged ones (else re-raise)
+        good = resolve_shards(spec, field=field, max_bad_fraction=data.max_bad_fraction, count=True).paths
+        if len(good) == len(paths):
+            raise
+        return build(good)

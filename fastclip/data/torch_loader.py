@@ -18,11 +18,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fastclip.config import DataConfig
 from fastclip.data.batch import Batch, BatchCount
-from fastclip.data.shards import resolve_shards
-from fastclip.data.skips import Skips
+from fastclip.data.shards import IMAGE_EXTS, resolve_shards
+from fastclip.data.skips import Skips, log
 from fastclip.model import ImageSpec
 
-IMAGE_EXTS = ("jpg", "jpeg", "png")
+JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 def _samples(path: str) -> Iterator[dict]:
@@ -50,26 +50,16 @@ def _usable(sample: dict) -> bool:
     return "txt" in sample and any(e in sample for e in IMAGE_EXTS)
 
 
-def count_samples(paths: list[str]) -> int:
-    """Samples with an image and a caption, from the tar headers (no payload is decoded)."""
-    total = 0
-    for path in paths:
-        keys: dict[str, set] = {}
-        with tarfile.open(path, "r:*") as tar:
-            for member in tar.getmembers():
-                if member.isfile():
-                    key, _, ext = member.name.partition(".")
-                    keys.setdefault(key, set()).add(ext.lower())
-        total += sum(1 for exts in keys.values() if "txt" in exts and exts & set(IMAGE_EXTS))
-    return total
-
-
 class _ShardStream(IterableDataset):
-    """This rank's and this worker's share of the samples: every ``slots``-th usable sample, from ``slot``."""
+    """This rank's and this worker's share of the samples: every ``slots``-th usable sample, from ``slot``, of one
+    order of the shards that every rank and worker draws alike (from ``seed`` and the epoch), so that the slots
+    partition each epoch: every sample is read once, by one worker of one rank."""
 
-    def __init__(self, *, paths, train: bool, rank: int, world_size: int, seed: int, shuffle_buffer: int, transform):
+    def __init__(
+        self, *, paths, train: bool, rank: int, world_size: int, seed: int, shuffle_buffer: int, transform, skips
+    ):
         self.paths, self.train, self.rank, self.world_size = paths, train, rank, world_size
-        self.seed, self.shuffle_buffer, self.transform = seed, shuffle_buffer, transform
+        self.seed, self.shuffle_buffer, self.transform, self.skips = seed, shuffle_buffer, transform, skips
         self.resume_batches, self.batch_size = 0, 1  # set by TorchLoader.restore before the workers start
 
     def _consumed(self, worker: int, workers: int) -> int:
@@ -83,12 +73,15 @@ class _ShardStream(IterableDataset):
             random.Random(self.seed + epoch).shuffle(paths)  # same order on every rank: the split stays exact
         index = 0
         for path in paths:
-            for sample in _samples(path):
-                if not _usable(sample):
-                    continue
-                if index % slots == slot:
-                    yield sample
-                index += 1
+            try:
+                for sample in _samples(path):
+                    if not _usable(sample):
+                        continue
+                    if index % slots == slot:
+                        yield sample
+                    index += 1
+            except (tarfile.TarError, OSError) as e:  # it read whole at start-up: changed or damaged since
+                log.warning("shard %s stopped reading (%s): the rest of it is skipped this epoch", path, e)
 
     def __iter__(self):
         info = get_worker_info()
@@ -98,7 +91,6 @@ class _ShardStream(IterableDataset):
         worker = (worker + self.resume_batches) % workers
         slots, slot = self.world_size * workers, self.rank * workers + worker
         rng = random.Random(self.seed * 7919 + slot)
-        skips = Skips()
         epoch, consumed = 0, self._consumed(worker, workers)
         while True:
             for sample in self._shuffled(self._ordered(epoch, slot, slots), rng):
@@ -108,7 +100,8 @@ class _ShardStream(IterableDataset):
                 try:  # a corrupt image is dropped before batching, so every batch stays full
                     yield self.transform(sample)
                 except (RuntimeError, ValueError, OSError) as e:
-                    skips.skip(key=sample.get("__key__"), shard=sample.get("__shard__"), error=e)
+                    raw = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
+                    self.skips.skip(key=sample.get("__key__"), shard=sample.get("__shard__"), data=raw, error=e)
             if not self.train:
                 return
             epoch += 1
@@ -127,8 +120,8 @@ class _ShardStream(IterableDataset):
 
 
 class _Transform:
-    """Sample -> (image [3, S, S] float normalized, or JPEG bytes as uint8 for GPU decode; tokens; label;
-    'shard:key' for GPU decode)."""
+    """Sample -> (image [3, S, S] float normalized, or for GPU decode the JPEG's bytes [n] or another format's
+    decoded pixels [3, H, W], both uint8; tokens; label; 'shard:key' for GPU decode)."""
 
     def __init__(self, *, image: ImageSpec, data: DataConfig, tokenizer, train: bool, gpu_decode: bool):
         self.image, self.data, self.tokenizer, self.train, self.gpu_decode = image, data, tokenizer, train, gpu_decode
@@ -139,10 +132,12 @@ class _Transform:
         label = int(sample["cls"].strip()) if sample.get("cls", b"").strip() else -1
         tokens = self.tokenizer([caption])[0]
         data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-        if self.gpu_decode:  # decoded after batching, on the GPU; the source names a sample that fails there
-            return data, tokens, label, f"{sample.get('__shard__')}:{sample.get('__key__')}"
         from torchvision.io import ImageReadMode, decode_image
 
+        if self.gpu_decode:  # decoded after batching, on the GPU; the source names a sample that fails there
+            # nvJPEG decodes JPEGs only: PNG and WebP images are decoded here, cropped there
+            image = data if raw[:3] == JPEG_MAGIC else decode_image(data, mode=ImageReadMode.RGB)
+            return image, tokens, label, f"{sample.get('__shard__')}:{sample.get('__key__')}"
         image = prepare(decode_image(data, mode=ImageReadMode.RGB), self.image, self.data, self.train)
         return image, tokens, label, None
 
@@ -169,7 +164,8 @@ def prepare(img: torch.Tensor, image: ImageSpec, data: DataConfig, train: bool) 
 
 def _collate(items):
     images, tokens, labels, sources = zip(*items)
-    stacked = list(images) if images[0].dim() == 1 else torch.stack(images)  # JPEG bytes stay a list
+    gpu = images[0].dtype == torch.uint8  # to decode (or crop) on the GPU: a list of differently shaped tensors
+    stacked = list(images) if gpu else torch.stack(images)
     return stacked, torch.stack(tokens), torch.tensor(labels, dtype=torch.long), list(sources)
 
 
@@ -209,26 +205,38 @@ class TorchLoader:
         device: torch.device,
     ):
         field = "data.train_shards" if train else "data.val_shards"
-        paths = resolve_shards(data.train_shards if train else data.val_shards, field=field)
-        self.samples_per_epoch = count_samples(paths)
+        shards = resolve_shards(
+            data.train_shards if train else data.val_shards, field=field, max_bad_fraction=data.max_bad_fraction,
+            count=True,
+        )  # fmt: skip
+        paths, self.samples_per_epoch = shards.paths, shards.samples
         total = self.samples_per_epoch
-        self.local_samples = len(range(rank, total, world_size))
         self.batch_size, self.train, self.device, self.image, self.data = data.batch_size, train, device, image, data
         self.gpu_decode = device.type == "cuda" and data.decode_device in ("auto", "mixed")
-        self._skips = Skips("on the GPU decode")
+        self._skips = Skips(rank=rank, shared=True)  # one count for this rank's workers and its GPU decode
         transform = _Transform(image=image, data=data, tokenizer=tokenizer, train=train, gpu_decode=self.gpu_decode)
         self.stream = stream = _ShardStream(
             paths=paths, train=train, rank=rank, world_size=world_size, seed=seed,
-            shuffle_buffer=data.shuffle_buffer, transform=transform,
+            shuffle_buffer=data.shuffle_buffer, transform=transform, skips=self._skips,
         )  # fmt: skip
         self._batches_taken = 0
         workers = min(data.num_threads, len(paths) * 64) if train else min(data.num_threads, max(total // 64, 1))
+        # a worker whose slot held no sample would spin forever on an empty stream: at least one each
+        workers = min(workers, total // world_size)
         self.workers = max(workers, 1)  # 0 workers: the one stream runs in this process
+        slots = world_size * self.workers  # this rank's samples of an epoch: those of its workers' slots
+        self.local_samples = sum(len(range(rank * self.workers + w, total, slots)) for w in range(self.workers))
         self.loader = DataLoader(
             stream, batch_size=data.batch_size, num_workers=workers, collate_fn=_collate,
             pin_memory=device.type == "cuda", drop_last=train, persistent_workers=train and workers > 0,
             prefetch_factor=4 if workers > 0 else None,
+            # the workers' crops: drawn apart on each rank (the process-wide RNG is seeded alike on every rank)
+            generator=torch.Generator().manual_seed(seed * 1009 + rank),
         )  # fmt: skip
+
+    @property
+    def skipped(self) -> int:
+        return self._skips.count
 
     def restore(self, state: dict) -> None:
         """Go on from a train batch's position (``BatchCount.state()``); before the first iteration only. A
@@ -241,30 +249,34 @@ class TorchLoader:
         self.stream.resume_batches, self.stream.batch_size = int(state["batches"]), self.batch_size
         self._batches_taken = int(state["batches"])
 
-    def _decode_on_gpu(self, jpegs: list[torch.Tensor], sources: list[str]) -> tuple[torch.Tensor, list[int] | None]:
-        """One nvJPEG batch decode, then crop/resize/normalize. If an image in it is corrupt, the batch is decoded
-        one image at a time and the bad ones are logged and counted; returns the images and, then, which were
-        kept (None when all were)."""
+    def _decode_on_gpu(self, images: list[torch.Tensor], sources: list[str]) -> tuple[torch.Tensor, list[int] | None]:
+        """JPEG bytes: one nvJPEG batch decode; other formats arrive decoded. Then crop/resize/normalize on the GPU.
+        If a JPEG in the batch is corrupt, they are decoded one at a time and the bad ones are logged and counted;
+        returns the images and, then, which were kept (None when all were)."""
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        keep = None
+        decoded: list[torch.Tensor | None] = [im.to(self.device) if im.dim() == 3 else None for im in images]
+        jpegs = [i for i, im in enumerate(images) if im.dim() == 1]
         try:
-            decoded = decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=self.device)
+            batch = (
+                [] if not jpegs else decode_jpeg([images[i] for i in jpegs], mode=ImageReadMode.RGB, device=self.device)
+            )
+            for i, out in zip(jpegs, batch):
+                decoded[i] = out
         except RuntimeError:
-            decoded, keep = [], []
-            for i, data in enumerate(jpegs):
+            for i in jpegs:
                 try:
-                    decoded.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=self.device))
-                    keep.append(i)
+                    decoded[i] = decode_jpeg(images[i], mode=ImageReadMode.RGB, device=self.device)
                 except RuntimeError as e:
                     shard, _, key = sources[i].rpartition(":")
-                    self._skips.skip(key=key, shard=shard, error=e)
-            if not decoded:
-                return torch.empty(0), keep
-        return torch.stack([prepare(img, self.image, self.data, self.train) for img in decoded]), keep
+                    self._skips.skip(key=key, shard=shard, data=images[i].numpy().tobytes(), error=e)
+        keep = [i for i, im in enumerate(decoded) if im is not None]
+        if not keep:
+            return torch.empty(0), keep
+        prepared = torch.stack([prepare(decoded[i], self.image, self.data, self.train) for i in keep])
+        return prepared, (None if len(keep) == len(images) else keep)
 
     def __iter__(self) -> Iterator[Batch]:
-        labelled: bool | None = None
         refill = _Refill(self.batch_size) if self.train else None
         for images, texts, labels, sources in self.loader:
             self._batches_taken += 1
@@ -274,15 +286,13 @@ class TorchLoader:
                     if not keep:
                         continue
                     texts, labels = texts[keep], labels[keep]
-            if labelled is None:
-                labelled = bool((labels >= 0).any())
             non_blocking = self.device.type == "cuda"
             full = refill.push(images, texts, labels) if refill else [(images, texts, labels)]
             for batch_images, batch_texts, batch_labels in full:
                 yield Batch(
                     images=batch_images.to(self.device, non_blocking=non_blocking),
                     texts=batch_texts.to(self.device, non_blocking=non_blocking),
-                    labels=batch_labels if (labelled and not self.train) else None,
+                    labels=None if self.train else batch_labels,  # -1 where a sample has no KEY.cls
                     position=BatchCount(self._batches_taken, self.workers) if self.train else None,
                 )
 
