@@ -12,7 +12,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from fastclip.config import ConfigError
+
 LATEST = "latest"
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be resumed; raised on the rank that meets it (each rank loads its own files)."""
 
 
 def read_latest(root: str | Path) -> str | None:

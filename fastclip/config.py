@@ -323,8 +323,15 @@ def build_config(tree: dict[str, Any]) -> Config:
 
 
 def _parse_value(text: str) -> Any:
-    value = yaml.safe_load(text)
-    return text if value is None and text not in ("null", "~", "None", "none") else value
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:  # 'a: b: c', '@x': not YAML, so the plain string (a str field takes it; others say)
+        return text
+    if value is None and text not in ("null", "~", "None", "none"):
+        return text
+    if isinstance(value, (dict, list)) and not text.lstrip().startswith(("[", "{")):
+        return text  # 'shards/*.tar::' is YAML for a mapping: only brackets ask for a list or a mapping
+    return value
 
 
 class HelpRequested(Exception):
@@ -396,6 +403,8 @@ def parse_args(argv: list[str]) -> Config:
         if key in ("local_rank", "local-rank"):
             continue  # the launcher's; LOCAL_RANK in the environment says the same
         if key == "config":
+            if config_file is not None:
+                raise ConfigError(f"--config given twice ({config_file}, {value}): merge them into one file")
             config_file = value
         elif key in ("deepspeed_config", "deepspeed-config"):
             tree["deepspeed_config"] = value
@@ -436,13 +445,31 @@ def parse_args(argv: list[str]) -> Config:
 # ------------------------------------------------------------------------------ inputs and derived values
 
 
+def _check_checkpoint_file(path: str) -> None:
+    """A file torch.load or safetensors can read, by its first bytes: a zip (torch.save), a pickle (older torch)
+    or a safetensors header; anything else would fail deep in unpickling with advice that does not apply."""
+    if not Path(path).is_file():
+        raise ConfigError(f"model.pretrained: no such file {path!r} (only local files are loaded)")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if path.endswith(".safetensors") or head.startswith((b"PK\x03\x04", b"\x80")):
+        return
+    raise ConfigError(
+        f"model.pretrained: {path!r} is not a torch checkpoint file (it starts with {head.hex(' ')}); give a file "
+        "written by torch.save (a state_dict or {'state_dict': ...}) or a .safetensors file"
+    )
+
+
 def check_inputs(cfg: Config) -> None:
     """Filesystem checks, run by every rank before any model is built: shards exist and open, files parse."""
+    from fastclip.data.loader import dali_available
     from fastclip.data.shards import resolve_shards
 
+    # the torch loader walks every tar header to count samples: walk them here, before any model (it reuses it)
+    walk = cfg.data.loader == "torch" or (cfg.data.loader == "auto" and not dali_available())
     for name in ("train_shards", "val_shards"):
         if spec := getattr(cfg.data, name):
-            resolve_shards(spec, field=f"data.{name}", max_bad_fraction=cfg.data.max_bad_fraction)
+            resolve_shards(spec, field=f"data.{name}", max_bad_fraction=cfg.data.max_bad_fraction, count=walk)
     for name in ("zeroshot_classnames", "zeroshot_templates"):
         path = getattr(cfg.data, name)
         if path is None:
@@ -453,8 +480,8 @@ def check_inputs(cfg: Config) -> None:
             raise ConfigError(f"data.{name}: cannot read a JSON list from {path!r}: {e}") from e
         if not isinstance(items, list) or not items or not all(isinstance(x, str) for x in items):
             raise ConfigError(f"data.{name}: {path!r} must hold a non-empty JSON list of strings")
-    if cfg.model.pretrained is not None and not Path(cfg.model.pretrained).is_file():
-        raise ConfigError(f"model.pretrained: no such file {cfg.model.pretrained!r} (only local files are loaded)")
+    if cfg.model.pretrained is not None:
+        _check_checkpoint_file(cfg.model.pretrained)
     if cfg.eval.early_stop_patience and not (cfg.data.val_shards or cfg.data.demo):
         raise ConfigError("eval.early_stop_patience: needs a validation set; set data.val_shards")
     if cfg.deepspeed_config is not None and not Path(cfg.deepspeed_config).is_file():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,15 @@ def _say(message: str) -> None:
         print(message, flush=True)
 
 
+def _one_line(error: Exception, limit: int = 400) -> str:
+    """An exception as one line: load_state_dict lists every key on its own line, unpickling adds advice about
+    weights_only that does not apply to a file that is not a checkpoint at all."""
+    if isinstance(error, pickle.UnpicklingError) or "weights_only" in str(error):
+        return f"it is not a torch checkpoint file ({type(error).__name__})"
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:limit]}{' ...' if len(text) > limit else ''}"
+
+
 def build_model(model: ModelConfig) -> torch.nn.Module:
     """An fp32 open_clip CLIP model on the CPU that returns a dict of features and the logit scale."""
     import open_clip
@@ -87,8 +97,9 @@ def build_model(model: ModelConfig) -> torch.nn.Module:
     if model.pretrained is not None:
         try:
             open_clip.load_checkpoint(clip, model.pretrained)
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise ConfigError(f"model.pretrained: {model.pretrained!r} does not fit {name}: {e}") from e
+        except Exception as e:  # torch.load's unpickling errors, load_state_dict's key lists, a file of another shape
+            said = _one_line(e)
+            raise ConfigError(f"model.pretrained: {model.pretrained!r} does not load into {name}: {said}") from e
         # strict loading: every tensor of the model came from the file
         _say(f"fastclip: loaded {len(clip.state_dict())} tensors from {model.pretrained} into {name}")
     for attr in SCALAR_PARAMS:

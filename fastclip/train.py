@@ -23,9 +23,12 @@ from fastclip.config import (  # noqa: E402
 )
 
 
-def _fail(message: str, code: int = 2) -> None:
-    if os.environ.get("RANK", "0") == "0":
-        print(f"fastclip: {message}", file=sys.stderr, flush=True)
+def _fail(message: str, code: int = 2, *, any_rank: bool = False) -> None:
+    """Exit with one line on stderr: from rank 0 for what every rank finds alike, from the rank itself (named)
+    for what one rank may meet alone (its own data)."""
+    rank = os.environ.get("RANK", "0")
+    if any_rank or rank == "0":
+        print(f"fastclip{f' (rank {rank})' if any_rank else ''}: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
 
 
@@ -46,6 +49,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     except ConfigError as e:
         _fail(str(e))
 
+    from fastclip.checkpoint import CheckpointError
+    from fastclip.data.skips import DataBroken
     from fastclip.distributed import close_distributed, init_distributed
     from fastclip.trainer import Trainer, TrainingDiverged
 
@@ -57,10 +62,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     try:
         trainer = Trainer(cfg, world)
         return trainer.train()
+    except CheckpointError as e:
+        _fail(str(e), any_rank=True)
     except ConfigError as e:
         _fail(str(e))
     except TrainingDiverged as e:
         _fail(str(e), code=1)
+    except DataBroken as e:
+        _fail(str(e), code=1, any_rank=True)
     finally:
         if trainer is not None:
             trainer.close()

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
 
-from fastclip.checkpoint import changed_settings, commit_latest, read_latest
+from fastclip.checkpoint import CheckpointError, changed_settings, commit_latest, read_latest
 from fastclip.config import Config, ConfigError, LossConfig, OptimConfig, deepspeed_config, total_steps
 from fastclip.data.batch import Batch, BatchCount, DataPosition
 from fastclip.data.loader import build_loader
@@ -296,7 +296,7 @@ class Trainer:
     def _announce(self) -> None:
         if not self.world.is_main:
             return
-        n_params = sum(p.numel() for p in self.clip.parameters())
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.clip.parameters())  # ZeRO-3: partitioned
         print(
             f"fastclip: {self.cfg.model.name} ({n_params / 1e6:.1f}M params), {self.world.world_size} rank(s) on "
             f"{self.world.device.type}, {self.cfg.train.precision}, ZeRO-{self.cfg.train.zero_stage}, global batch "
@@ -346,11 +346,17 @@ class Trainer:
             return
         latest = read_latest(self.cfg.checkpoint.dir)
         kept = str(Path(self.cfg.checkpoint.dir) / latest) if latest else "none yet"
+        if self.cfg.optim.skip_nonfinite:  # skipping did not help: the NaN is in the weights or comes every step
+            advice = "Check --model.pretrained and the data, or resume from it with a lower --optim.lr."
+        else:
+            advice = (
+                "Resume from it with --checkpoint.resume latest and a lower --optim.lr (or more --optim.warmup_steps), "
+                "or add --optim.skip_nonfinite true to skip steps whose gradients are not finite (DeepSpeed's check, "
+                "one host sync per step)."
+            )
         raise TrainingDiverged(
             f"training diverged at step {self.step}: {what}. The weights may hold inf/NaN now, so nothing was saved; "
-            f"the newest checkpoint ({kept}) is untouched. Resume from it with --checkpoint.resume latest and a "
-            "lower --optim.lr (or more --optim.warmup_steps), or add --optim.skip_nonfinite true to skip steps "
-            "whose gradients are not finite (DeepSpeed's check, one host sync per step)."
+            f"the newest checkpoint ({kept}) is untouched. {advice}"
         )
 
     # -------------------------------------------------------------------------------- eval, checkpoints
@@ -495,10 +501,7 @@ class Trainer:
                 print(f"checkpoint.resume=latest: no checkpoint in {directory} yet, starting from step 0", flush=True)
             return
         tag = tag or read_latest(directory)
-        # fastclip's schedule is rebuilt from this run's config below; a DeepSpeed-config scheduler keeps its state
-        loaded, state = self.engine.load_checkpoint(directory, tag=tag, load_lr_scheduler_states=not self.own_schedule)
-        if loaded is None:
-            raise ConfigError(f"checkpoint.resume: could not load a checkpoint from {where!r} (dir {directory})")
+        loaded, state = self._load_engine(directory, tag)
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
         self._skipped_before = self.engine.skipped_steps
         if "early_stopping" in state:  # the patience count goes on (with this run's patience and min delta)
@@ -509,10 +512,35 @@ class Trainer:
         if self.own_schedule:
             self._restart_schedule(where)
         self._restore_data_position(Path(directory) / tag)
-        if self.world.is_main:
-            print(f"resumed from {loaded} at step {self.step}", flush=True)
-            if changed:
-                print(f"resume: changed since the checkpoint: {'; '.join(changed)}", flush=True)
+        changes = f"; changed since the checkpoint: {'; '.join(changed)}" if changed else ""
+        # a record in metrics.jsonl too: the steps after it may repeat ones logged before a kill
+        self.sinks.write(
+            {"step": self.step, "resumed_from": str(Path(directory) / tag), "changed": changed},
+            console=f"resumed from {loaded} at step {self.step}{changes}",
+        )
+
+    def _load_engine(self, directory: str, tag: str) -> tuple[str, dict]:
+        """DeepSpeed's load of ``directory/tag``; what fails is said in one line naming the folder."""
+        folder = Path(directory) / tag
+        if not folder.is_dir():
+            raise CheckpointError(
+                f"checkpoint.resume: {folder} does not exist (it is what {directory}/latest names); resume from "
+                "another step folder with --checkpoint.resume DIR/step_XXXXXXXX"
+            )
+        try:  # fastclip's schedule is rebuilt from this run's config; a DeepSpeed-config scheduler keeps its state
+            loaded, state = self.engine.load_checkpoint(
+                directory, tag=tag, load_lr_scheduler_states=not self.own_schedule
+            )
+        except Exception as e:  # DeepSpeed raises AssertionError, FileNotFoundError, its ZeRO errors, ...
+            said = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+            raise CheckpointError(
+                f"checkpoint.resume: {folder} does not load on this run ({self.world.world_size} ranks, ZeRO-"
+                f"{self.cfg.train.zero_stage}): {type(e).__name__}: {said}. A checkpoint resumes on the number of "
+                "ranks and the ZeRO stage it was saved with; a file missing from it means its save did not finish."
+            ) from e
+        if loaded is None:
+            raise CheckpointError(f"checkpoint.resume: DeepSpeed found no checkpoint in {folder}")
+        return loaded, state
 
     def _restart_schedule(self, where: str) -> None:
         """The learning rate at the restored step from this run's config (lr, schedule, steps), and its AdamW

@@ -104,6 +104,7 @@ def test_skipping_nonfinite_steps_never_ends_in_a_nan_export(world_dir, tmp_path
     proc = run_cli([sys.executable, "-m", "fastclip.train", *args], cwd=ROOT, timeout=300)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert message in proc.stderr and "nothing was saved" in proc.stderr
+    assert "add --optim.skip_nonfinite" not in proc.stderr and "Check --model.pretrained" in proc.stderr  # it is on
     assert not (out / "checkpoints" / "open_clip.pt").exists() and not (out / "checkpoints" / "latest").exists()
     train = [r for r in _strict_records(out) if "loss" in r]
     assert train and all(r["loss"] is None for r in train) and train[-1]["skipped_steps"] == train[-1]["step"]

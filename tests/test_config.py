@@ -199,3 +199,14 @@ def test_help_lists_every_field_with_its_doc():
     assert "peak learning rate" in text and "ZeRO stage" in text
     proc = subprocess.run([sys.executable, "-m", "fastclip.train", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "--data.train_shards" in proc.stdout
+
+
+def test_a_second_config_file_and_yaml_looking_values_are_not_misread(tmp_path):
+    one, two = tmp_path / "one.yaml", tmp_path / "two.yaml"
+    one.write_text("data:\n  batch_size: 8\n")
+    two.write_text("data:\n  batch_size: 16\n")
+    with pytest.raises(ConfigError, match=r"--config given twice .*one\.yaml.*two\.yaml"):
+        parse_args(["--config", str(one), "--config", str(two)])
+    # a trailing '::' reads as a YAML mapping; the shard spec stays the string the user typed
+    assert parse_args(["--data.train_shards", "a/*.tar::"]).data.train_shards == "a/*.tar::"
+    assert parse_args(["--optim.betas", "[0.9, 0.95]"]).optim.betas == (0.9, 0.95)

@@ -119,3 +119,26 @@ def test_resume_with_nothing_left_to_train_is_refused(single_rank, world_dir, tm
         first.close()
     with pytest.raises(ConfigError, match=r"at step 2 and this run ends at step 2 .*Raise --train.steps"):
         Trainer(parse_args(args + ["--checkpoint.resume", "latest"]), single_rank)
+
+
+def test_a_checkpoint_that_does_not_load_is_named_in_one_line(single_rank, world_dir, tmp_path):
+    from fastclip.checkpoint import CheckpointError
+    from fastclip.trainer import Trainer
+
+    args = small_run_args(world_dir, tmp_path / "run", steps=4) + ["--log.every", "1000"]
+    first = Trainer(parse_args(args), single_rank)
+    try:
+        _train(first, 1)
+        first.save()
+    finally:
+        first.close()
+    ckpt = tmp_path / "run" / "checkpoints"
+    (optim,) = (ckpt / "step_00000001").glob("*optim_states.pt")
+    optim.unlink()  # as a rank whose save never finished leaves it
+    resume = args + ["--checkpoint.resume", "latest"]
+    with pytest.raises(CheckpointError, match=r"step_00000001 does not load on this run \(1 ranks, ZeRO-2\)") as err:
+        Trainer(parse_args(resume), single_rank)
+    assert "\n" not in str(err.value)
+    (ckpt / "latest").write_text("step_00000009")
+    with pytest.raises(CheckpointError, match=r"step_00000009 does not exist \(it is what .*latest names\)"):
+        Trainer(parse_args(resume), single_rank)

@@ -141,3 +141,21 @@ def test_pretrained_line_reaches_the_console(tiny_checkpoint):
     assert f"fastclip: loaded {len(torch.load(path))} tensors from {path} into fastclip-tiny" in proc.stdout
     proc = _python(code.replace(f", pretrained={str(path)!r}", ""), clean_env())
     assert _RANDOM_INIT in proc.stderr  # still said when it is true
+
+
+@pytest.mark.parametrize(
+    "content, said",
+    [
+        (b"these bytes are no checkpoint" * 8, "is not a torch checkpoint file (it starts with 74 68 65 73"),
+        ([1, 2, 3], "does not load into fastclip-tiny: AttributeError"),
+    ],
+)
+def test_a_pretrained_file_that_does_not_load_is_one_line(tmp_path, content, said):
+    from fastclip.config import ConfigError, check_inputs, parse_args
+
+    path = tmp_path / "weights.pt"
+    path.write_bytes(content) if isinstance(content, bytes) else torch.save(content, path)
+    with pytest.raises(ConfigError, match=r"model\.pretrained: .*weights\.pt") as err:
+        check_inputs(parse_args(["--model.pretrained", str(path)]))  # before any model is built
+        build_model(ModelConfig(force_image_size=32, pretrained=str(path)))
+    assert said in str(err.value) and "\n" not in str(err.value) and "weights_only" not in str(err.value)

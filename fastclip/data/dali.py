@@ -22,10 +22,10 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
-from fastclip.config import DataConfig
+from fastclip.config import ConfigError, DataConfig
 from fastclip.data.batch import Batch, DataPosition
 from fastclip.data.shards import IMAGE_EXTS, index_paths, resolve_shards
-from fastclip.data.skips import Skips
+from fastclip.data.skips import DataBroken, Skips
 from fastclip.model import ImageSpec
 
 
@@ -83,7 +83,9 @@ def reader_pipeline(
         batch_size=data.batch_size, num_threads=data.num_threads, device_id=None, seed=seed, enable_checkpointing=True
     )
     def pipeline():
-        exts = [";".join(IMAGE_EXTS), "txt"] + ([] if train else ["cls"])
+        # DALI matches extensions case-sensitively; the torch loader lower-cases them (KEY.JPG is common)
+        images = ";".join([*IMAGE_EXTS, *(e.upper() for e in IMAGE_EXTS)])
+        exts = [images, "txt"] + ([] if train else ["cls"])
         outputs = _reader(paths, exts, rank=rank, world_size=world_size, shuffle=train, data=data, seed=seed)
         return (*outputs, fn.get_property(outputs[0], key="source_info"))  # 'shard.tar:offset:key.jpg'
 
@@ -276,6 +278,15 @@ class DaliLoader:
                 self.checker = None  # a pipeline that failed is spent
         return bad
 
+    def _take(self, slot: int) -> torch.Tensor | RuntimeError:
+        """Decoder ``slot``'s images, or the error it stopped with, without its traceback: those frames hold the
+        spent pipeline, whose threads must not outlive it (a loader worker forked later would inherit them)."""
+        try:
+            (images,) = self.decoders[slot].outputs()
+            return _to_torch(images, self.image_device)
+        except RuntimeError as e:
+            return e.with_traceback(None)
+
     def _skip(self, batch: _Encoded, error: RuntimeError, slot: int) -> _Encoded:
         """Log and drop the images of a failed batch that do not decode; the rest, to decode again."""
         bad = self._undecodable(batch)
@@ -315,17 +326,15 @@ class DaliLoader:
                 return
             slot, batch = in_flight.popleft()
             texts = self.tokenizer(batch.captions)  # while the decoders work
-            try:
-                (images,) = self.decoders[slot].outputs()
-                images = _to_torch(images, self.image_device)
-            except RuntimeError as e:
-                good = self._skip(batch, e, slot)
+            images = self._take(slot)
+            if isinstance(images, RuntimeError):
+                good = self._skip(batch, images, slot)
                 all_bad = 0 if len(good) else all_bad + 1
                 if all_bad >= self.MAX_ALL_BAD:
-                    raise RuntimeError(
-                        f"{self.MAX_ALL_BAD} batches in a row held no image that decodes ({self.skipped} skipped); "
-                        "check the shards' image files"
-                    ) from e
+                    raise DataBroken(
+                        f"{self.MAX_ALL_BAD} batches in a row held no image that decodes ({self.skipped} skipped on "
+                        f"rank {self.skips.rank}): the data is broken, not a sample. Check the shards' image files."
+                    )
                 carry = good + carry
                 free.append(slot)
                 continue
@@ -449,9 +458,13 @@ def build_loader(
 
     try:
         return build(paths)
-    except RuntimeError:  # DALI's index inference stops on a tar damaged in the middle ("Invalid seek")
+    except RuntimeError as e:  # DALI's index inference stops on a tar damaged in the middle ("Invalid seek")
         # the cheap end check passed them all: walk every header to find the damaged ones (else re-raise)
-        good = resolve_shards(spec, field=field, max_bad_fraction=data.max_bad_fraction, count=True).paths
-        if len(good) == len(paths):
-            raise
-        return build(good)
+        shards = resolve_shards(spec, field=field, max_bad_fraction=data.max_bad_fraction, count=True)
+        if len(shards.paths) < len(paths):
+            return build(shards.paths)
+        if (samples := sum(shards.samples)) < world_size:  # DALI's "num_shards_ <= Size()"
+            raise ConfigError(
+                f"{field}: {samples} samples for {world_size} ranks, and every rank needs one at least. Add shards."
+            ) from e
+        raise

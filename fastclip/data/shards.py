@@ -9,9 +9,13 @@ set always holds a few of: it is skipped, named in the log with what is wrong, a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import glob
+import itertools
 import os
 import tarfile
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,20 +30,72 @@ OTHER_IMAGE_EXTS = ("gif", "bmp", "tif", "tiff", "avif", "heic", "jxl", "jp2")
 BLOCK = 512  # tar's block; an archive ends with two zero blocks
 
 
+def _matches(pattern: str, *, field: str, spec: str) -> list[str]:
+    where = f" (part of {spec!r})" if pattern != spec else ""
+    if not pattern:
+        raise ConfigError(f"{field}: {spec!r} has an empty part (a '::' at its start or end, or two in a row)")
+    if Path(pattern).is_dir():
+        raise ConfigError(f"{field}: {pattern!r}{where} is a folder; name its shards, e.g. '{pattern}/*.tar'")
+    matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+    if not matches:
+        raise ConfigError(
+            f"{field}: {pattern!r}{where} matches no file. Check the path, or quote the glob in the shell."
+        )
+    return matches
+
+
 def expand(spec: str, *, field: str = "shards") -> list[str]:
     """'a/{000..003}.tar::b/*.tar' -> the matching paths, in order; a glob part that matches nothing is an error
     (alone or in a list: a list whose part went missing would silently train on less data)."""
-    paths: list[str] = []
-    for part in spec.split("::"):
-        for pattern in braceexpand(part.strip()):
-            matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-            if not matches:
-                where = f" (part of {spec!r})" if pattern != spec else ""
-                raise ConfigError(
-                    f"{field}: {pattern!r}{where} matches no file. Check the path, or quote the glob in the shell."
-                )
-            paths.extend(matches)
+    paths = [m for part in spec.split("::") for pattern in braceexpand(part.strip())
+             for m in _matches(pattern, field=field, spec=spec)]  # fmt: skip
+    repeated = sorted(p for p, n in Counter(paths).items() if n > 1)
+    if repeated:
+        _say_once(field, f"{field}: {len(repeated)} shards are listed more than once (e.g. {repeated[0]}): their "
+                  "samples are read that many times per epoch")  # fmt: skip
     return paths
+
+
+def sample_key(name: str) -> tuple[str, str]:
+    """webdataset's rule for a tar member: (key, extension). The key is the folder and the file name up to its
+    first dot ('./a.b/000.jpg' -> './a.b/000'), the extension the rest, lower-cased ('jpg', 'seg.png')."""
+    folder, slash, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return folder + slash + stem, ext.lower()
+
+
+class LayoutError(tarfile.TarError):
+    """A tar whose members are not grouped by sample, as webdataset requires."""
+
+
+def member_groups(members) -> Iterator[tuple[str, dict[str, tarfile.TarInfo]]]:
+    """(key, {extension: member}) for each run of consecutive files with one key, as webdataset groups samples.
+    A key met again after another one means the tar was not written sample by sample (``tar cf x.tar *.jpg
+    *.txt``): readers that pair consecutive files would find no sample in it, so it is an error here."""
+    seen: set[str] = set()
+    key, group = None, {}
+    for member in members:
+        if not member.isfile():
+            continue
+        k, ext = sample_key(member.name)
+        if k != key:
+            if group:
+                yield key, group
+            if k in seen:
+                raise LayoutError(
+                    f"the files of sample {k!r} are not next to each other ({member.name} comes after other samples'); "
+                    "webdataset shards hold each sample's files in a row: re-create it with webdataset or img2dataset"
+                )
+            seen.add(k)
+            key, group = k, {}
+        group[ext] = member
+    if group:
+        yield key, group
+
+
+def usable(exts) -> bool:
+    """An image fastclip decodes and a caption, as open_clip's filter_no_caption_or_no_image asks."""
+    return "txt" in exts and any(e in exts for e in IMAGE_EXTS)
 
 
 def _tail_damage(path: str) -> str | None:
@@ -75,23 +131,27 @@ def _check_only_zeros_after(path: str, offset: int) -> None:
 
 def walk_headers(path: str) -> ShardCount:
     """Count a shard's samples from its tar headers; raises tarfile.TarError/OSError where the tar is damaged."""
-    keys: dict[str, set] = {}
+    count = ShardCount()
     with tarfile.open(path, "r:") as tar:
-        for member in tar:
-            if member.isfile():
-                key, _, ext = member.name.partition(".")
-                keys.setdefault(key, set()).add(ext.lower())
+        for key, group in member_groups(tar):
+            if usable(group):
+                count.usable += 1
+            elif "txt" in group and (other := sorted(set(group) & set(OTHER_IMAGE_EXTS))):
+                count.other_format.append(f"{key}.{other[0]}")
         end = tar.offset  # where tarfile stopped: the end-of-archive blocks, or a header it could not parse
     _check_only_zeros_after(path, end)
-    count = ShardCount()
-    for key, exts in keys.items():
-        if "txt" not in exts:
-            continue
-        if exts & set(IMAGE_EXTS):
-            count.usable += 1
-        elif exts & set(OTHER_IMAGE_EXTS):
-            count.other_format.append(f"{key}.{sorted(exts & set(OTHER_IMAGE_EXTS))[0]}")
     return count
+
+
+@functools.cache
+def _walk_cached(path: str, size: int, mtime_ns: int) -> ShardCount:
+    return walk_headers(path)
+
+
+def walk(path: str) -> ShardCount:
+    """:func:`walk_headers`, once per file version in a process: the start-up check and the loader share it."""
+    stat = os.stat(path)
+    return _walk_cached(path, stat.st_size, stat.st_mtime_ns)
 
 
 def damage(path: str) -> str | None:
@@ -101,7 +161,7 @@ def damage(path: str) -> str | None:
     if suspect is None:
         return None
     try:
-        walk_headers(path)
+        walk(path)
     except (tarfile.TarError, OSError) as e:
         return _walk_damage(path, e)
     return None
@@ -164,22 +224,19 @@ def _say_other_formats(field: str, keys: list[tuple[str, str]], *, probed: bool)
 
 def _probe_formats(path: str, members: int = 128) -> list[tuple[str, str]]:
     """Samples among a shard's first ``members`` tar members whose image only comes in another format."""
-    names = []
-    with tarfile.open(path, "r:") as tar:
-        for _, member in zip(range(members), tar):
-            names.append(member.name)
-    exts: dict[str, set] = {}
-    for name in names:
-        key, _, ext = name.partition(".")
-        exts.setdefault(key, set()).add(ext.lower())
-    return [(path, f"{k}.{sorted(e & set(OTHER_IMAGE_EXTS))[0]}") for k, e in exts.items()
-            if e & set(OTHER_IMAGE_EXTS) and not e & set(IMAGE_EXTS)]  # fmt: skip
+    try:
+        with tarfile.open(path, "r:") as tar:
+            groups = list(member_groups(itertools.islice(tar, members)))
+    except tarfile.TarError:  # a layout the loader's own read will name
+        return []
+    return [(path, f"{key}.{sorted(set(g) & set(OTHER_IMAGE_EXTS))[0]}") for key, g in groups
+            if "txt" in g and set(g) & set(OTHER_IMAGE_EXTS) and not usable(g)]  # fmt: skip
 
 
 @dataclass
 class Shards:
     paths: list[str]  # the shards to read, damaged ones left out
-    samples: int | None = None  # usable samples in them, when their headers were walked
+    samples: list[int] | None = None  # usable samples in each, when the headers were walked
 
 
 def resolve_shards(spec: str, *, field: str, max_bad_fraction: float = 0.0, count: bool = False) -> Shards:
@@ -188,7 +245,7 @@ def resolve_shards(spec: str, *, field: str, max_bad_fraction: float = 0.0, coun
     headers are walked to count its usable samples (which also finds damage anywhere in a tar)."""
     paths = expand(spec, field=field)
     damaged: dict[str, str] = {}
-    samples, other = 0, []
+    counts, other = {}, []
     for path in paths:
         _check_opens(path, field=field, spec=spec)
         if not count:
@@ -196,16 +253,16 @@ def resolve_shards(spec: str, *, field: str, max_bad_fraction: float = 0.0, coun
                 damaged[path] = why
             continue
         try:
-            found = walk_headers(path)
+            found = walk(path)
         except (tarfile.TarError, OSError) as e:
             damaged[path] = _walk_damage(path, e)
             continue
-        samples += found.usable
+        counts[path] = found.usable
         other += [(path, key) for key in found.other_format]
     _set_aside(damaged, total=len(paths), field=field, max_bad_fraction=max_bad_fraction)
     good = [p for p in paths if p not in damaged]
     _say_other_formats(field, other if count else _probe_formats(good[0]), probed=not count)
-    return Shards(good, samples if count else None)
+    return Shards(good, [counts[p] for p in good] if count else None)
 
 
 def index_paths(paths: list[str]) -> list[str] | None:

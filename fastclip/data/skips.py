@@ -28,14 +28,27 @@ def describe(data: bytes) -> str:
     return f"not a JPEG, PNG or WebP file (it starts with {data[:8].hex(' ')})"
 
 
+class DataBroken(RuntimeError):
+    """So many samples in a row held no image that decodes that the data is broken, not a sample: the run stops
+    (rather than skipping forever)."""
+
+    @classmethod
+    def from_worker(cls, error: Exception) -> DataBroken:
+        """The one-line message of a DataBroken raised in a DataLoader worker (torch re-raises it with the
+        worker's traceback as its text)."""
+        line = str(error).strip().splitlines()[-1]
+        return cls(line.split(f"{cls.__name__}: ", 1)[-1])
+
+
 class Skips:
     """Counts samples dropped because their image does not decode, and says which, in the log.
 
     The count is per rank: with ``shared`` it lives in shared memory, so that a rank's loader worker processes
-    and its main process add to one total (workers are forked or spawned with it)."""
+    and its main process add to one total (workers are forked or spawned with it). ``limit`` skips in a row
+    (with no :meth:`kept` between them, in one process) raise :class:`DataBroken`."""
 
-    def __init__(self, *, rank: int, shared: bool = False):
-        self.rank = rank
+    def __init__(self, *, rank: int, shared: bool = False, limit: int | None = None):
+        self.rank, self.limit, self.in_a_row = rank, limit, 0
         self._count = multiprocessing.Value("q", 0) if shared else None
         self._local = 0
 
@@ -59,3 +72,14 @@ class Skips:
             "skipped sample %s in shard %s: its image does not decode (%s); %d skipped so far on rank %d",
             key, shard, reason, total, self.rank,
         )  # fmt: skip
+        self.in_a_row += 1
+        if self.limit is not None and self.in_a_row >= self.limit:
+            raise DataBroken(
+                f"{self.in_a_row} samples in a row on rank {self.rank} held no image that decodes (the last: {key} in "
+                f"shard {shard}: {reason}; {total} skipped in all): the data is broken, not a sample. Check the "
+                "shards' image files."
+            )
+
+    def kept(self) -> None:
+        """A sample decoded: the run of skips in a row is over."""
+        self.in_a_row = 0

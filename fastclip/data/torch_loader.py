@@ -18,36 +18,25 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fastclip.config import DataConfig
 from fastclip.data.batch import Batch, BatchCount
-from fastclip.data.shards import IMAGE_EXTS, resolve_shards
-from fastclip.data.skips import Skips, log
+from fastclip.data.shards import IMAGE_EXTS, member_groups, resolve_shards, usable
+from fastclip.data.skips import DataBroken, Skips, log
 from fastclip.model import ImageSpec
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
-def _samples(path: str) -> Iterator[dict]:
-    """(key -> {ext: bytes}) groups of consecutive tar members, as webdataset writes them."""
-    current_key, sample = None, {}
-    with tarfile.open(path, "r|*") as tar:  # streaming: one pass, no seeks
-        for member in tar:
-            if not member.isfile():
+def _samples(path: str, slot: int, slots: int, first: int) -> Iterator[dict]:
+    """The usable samples of a shard whose running index (``first`` for its first one) is ``slot`` modulo
+    ``slots``, as {extension: bytes}; the other samples' headers are read, their payloads skipped."""
+    index = first
+    with tarfile.open(path, "r:") as tar:  # seekable: a sample of another slot costs one header read per file
+        for key, group in member_groups(tar):
+            if not usable(group):
                 continue
-            key, _, ext = member.name.rpartition("/")[2].partition(".")
-            prefix = member.name.rpartition("/")[0]
-            key = f"{prefix}/{key}" if prefix else key
-            if key != current_key and sample:
-                yield sample
-                sample = {}
-            current_key = key
-            sample[ext.lower()] = tar.extractfile(member).read()
-            sample["__key__"], sample["__shard__"] = key, path
-    if sample:
-        yield sample
-
-
-def _usable(sample: dict) -> bool:
-    """An image and a caption, as open_clip's filter_no_caption_or_no_image asks."""
-    return "txt" in sample and any(e in sample for e in IMAGE_EXTS)
+            if index % slots == slot:
+                sample = {ext: tar.extractfile(member).read() for ext, member in group.items()}
+                yield {**sample, "__key__": key, "__shard__": path}
+            index += 1
 
 
 class _ShardStream(IterableDataset):
@@ -56,9 +45,9 @@ class _ShardStream(IterableDataset):
     partition each epoch: every sample is read once, by one worker of one rank."""
 
     def __init__(
-        self, *, paths, train: bool, rank: int, world_size: int, seed: int, shuffle_buffer: int, transform, skips
+        self, *, shards, train: bool, rank: int, world_size: int, seed: int, shuffle_buffer: int, transform, skips
     ):
-        self.paths, self.train, self.rank, self.world_size = paths, train, rank, world_size
+        self.shards, self.train, self.rank, self.world_size = shards, train, rank, world_size  # [(path, samples)]
         self.seed, self.shuffle_buffer, self.transform, self.skips = seed, shuffle_buffer, transform, skips
         self.resume_batches, self.batch_size = 0, 1  # set by TorchLoader.restore before the workers start
 
@@ -68,20 +57,16 @@ class _ShardStream(IterableDataset):
         return len(range(worker, self.resume_batches, workers)) * self.batch_size
 
     def _ordered(self, epoch: int, slot: int, slots: int) -> Iterator[dict]:
-        paths = list(self.paths)
+        shards = list(self.shards)
         if self.train:
-            random.Random(self.seed + epoch).shuffle(paths)  # same order on every rank: the split stays exact
+            random.Random(self.seed + epoch).shuffle(shards)  # same order on every rank: the split stays exact
         index = 0
-        for path in paths:
+        for path, samples in shards:
             try:
-                for sample in _samples(path):
-                    if not _usable(sample):
-                        continue
-                    if index % slots == slot:
-                        yield sample
-                    index += 1
+                yield from _samples(path, slot, slots, index)
             except (tarfile.TarError, OSError) as e:  # it read whole at start-up: changed or damaged since
                 log.warning("shard %s stopped reading (%s): the rest of it is skipped this epoch", path, e)
+            index += samples  # as counted at start-up, so that one bad read cannot shift every later slot
 
     def __iter__(self):
         info = get_worker_info()
@@ -98,10 +83,13 @@ class _ShardStream(IterableDataset):
                     consumed -= 1
                     continue
                 try:  # a corrupt image is dropped before batching, so every batch stays full
-                    yield self.transform(sample)
+                    item = self.transform(sample)
                 except (RuntimeError, ValueError, OSError) as e:
                     raw = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
                     self.skips.skip(key=sample.get("__key__"), shard=sample.get("__shard__"), data=raw, error=e)
+                    continue
+                self.skips.kept()
+                yield item
             if not self.train:
                 return
             epoch += 1
@@ -209,14 +197,15 @@ class TorchLoader:
             data.train_shards if train else data.val_shards, field=field, max_bad_fraction=data.max_bad_fraction,
             count=True,
         )  # fmt: skip
-        paths, self.samples_per_epoch = shards.paths, shards.samples
+        paths, self.samples_per_epoch = shards.paths, sum(shards.samples)
         total = self.samples_per_epoch
         self.batch_size, self.train, self.device, self.image, self.data = data.batch_size, train, device, image, data
         self.gpu_decode = device.type == "cuda" and data.decode_device in ("auto", "mixed")
-        self._skips = Skips(rank=rank, shared=True)  # one count for this rank's workers and its GPU decode
+        # one count for this rank's workers and its GPU decode; three batches' worth in a row stop the run
+        self._skips = Skips(rank=rank, shared=True, limit=3 * data.batch_size)
         transform = _Transform(image=image, data=data, tokenizer=tokenizer, train=train, gpu_decode=self.gpu_decode)
         self.stream = stream = _ShardStream(
-            paths=paths, train=train, rank=rank, world_size=world_size, seed=seed,
+            shards=list(zip(shards.paths, shards.samples)), train=train, rank=rank, world_size=world_size, seed=seed,
             shuffle_buffer=data.shuffle_buffer, transform=transform, skips=self._skips,
         )  # fmt: skip
         self._batches_taken = 0
@@ -263,10 +252,12 @@ class TorchLoader:
             )
             for i, out in zip(jpegs, batch):
                 decoded[i] = out
+            self._skips.kept()
         except RuntimeError:
             for i in jpegs:
                 try:
                     decoded[i] = decode_jpeg(images[i], mode=ImageReadMode.RGB, device=self.device)
+                    self._skips.kept()
                 except RuntimeError as e:
                     shard, _, key = sources[i].rpartition(":")
                     self._skips.skip(key=key, shard=shard, data=images[i].numpy().tobytes(), error=e)
@@ -276,9 +267,15 @@ class TorchLoader:
         prepared = torch.stack([prepare(decoded[i], self.image, self.data, self.train) for i in keep])
         return prepared, (None if len(keep) == len(images) else keep)
 
+    def _from_workers(self) -> Iterator:
+        try:
+            yield from self.loader
+        except DataBroken as e:
+            raise DataBroken.from_worker(e) from None
+
     def __iter__(self) -> Iterator[Batch]:
         refill = _Refill(self.batch_size) if self.train else None
-        for images, texts, labels, sources in self.loader:
+        for images, texts, labels, sources in self._from_workers():
             self._batches_taken += 1
             if isinstance(images, list):
                 images, keep = self._decode_on_gpu(images, sources)
