@@ -29,3 +29,33 @@ def single_rank():
 
     yield init_distributed()
     close_distributed()
+
+
+def _torch_flags():
+    import torch
+
+    return (
+        torch.get_float32_matmul_precision(),
+        torch.backends.cudnn.benchmark,
+        torch.backends.cudnn.allow_tf32,
+        torch.backends.cuda.matmul.allow_tf32,
+        torch.get_default_dtype(),
+        torch.are_deterministic_algorithms_enabled(),
+    )
+
+
+@pytest.fixture(autouse=True)
+def restore_torch_flags():
+    """Global torch settings a test changes (a Trainer on CUDA turns TF32 and cuDNN autotuning on) are put back,
+    so that no test's numbers depend on which tests ran before it."""
+    import torch
+
+    before = _torch_flags()
+    yield
+    if _torch_flags() != before:
+        precision, benchmark, cudnn_tf32, matmul_tf32, dtype, deterministic = before
+        torch.set_float32_matmul_precision(precision)
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.allow_tf32 = benchmark, cudnn_tf32
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+        torch.set_default_dtype(dtype)
+        torch.use_deterministic_algorithms(deterministic)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from harness import Result, peak_extra_rss, time_fn
+from harness import Result, bench_time, peak_extra_rss, time_fn
 
 CPU_SIZES = {"full": [4096, 8192, 16384], "quick": [256, 1024]}
 GPU_SIZES = {"full": [8192, 32768, 65536], "quick": [4096]}
@@ -85,7 +85,7 @@ def test_loss_cpu_fp32(benchmark, record, quick, size_index, d):
         _clear_grads(a, b, s)
         _open_clip_step(a, b, s)
 
-    t_ours = time_fn(ours, repeats=repeats)
+    t_ours = bench_time(benchmark, ours, repeats=repeats)
     t_theirs = time_fn(theirs, repeats=repeats)
     params = {"N": n, "D": d, "dtype": "fp32", "device": "cpu", "threads": torch.get_num_threads()}
     record(Result("loss", "fwd+bwd time", params, "seconds", t_ours.median_s, t_theirs.median_s,
@@ -95,7 +95,6 @@ def test_loss_cpu_fp32(benchmark, record, quick, size_index, d):
     record(Result("loss", "fwd+bwd peak extra memory", params, "bytes", m_ours, m_theirs))
     benchmark.extra_info.update(params=params, time_ratio=t_ours.median_s / t_theirs.median_s,
                                 memory_ratio=m_ours / m_theirs if m_theirs else None)  # fmt: skip
-    benchmark.pedantic(ours, rounds=1, iterations=1)
 
 
 def _bf16_matmul_peak() -> float:
@@ -130,20 +129,20 @@ def test_loss_gpu_bf16(benchmark, record, quick, size_index, d):
         _clear_grads(a, b, s)
         _open_clip_step(a, b, s, autocast=True)
 
-    def measure(fn):
+    def measure(fn, timer):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         try:
-            t = time_fn(fn, repeats=3 if quick else 10, warmup=2, cuda=True)
+            t = timer(fn, repeats=3 if quick else 10, warmup=2, cuda=True)
         except torch.OutOfMemoryError:
             _clear_grads(a, b, s)
             torch.cuda.empty_cache()
             return None, None
         return t, torch.cuda.max_memory_allocated() - base
 
-    t_ours, m_ours = measure(ours)
-    t_theirs, m_theirs = measure(theirs)
+    t_ours, m_ours = measure(ours, lambda *a, **k: bench_time(benchmark, *a, **k))
+    t_theirs, m_theirs = measure(theirs, time_fn)
     note = "" if t_theirs is not None else "open_clip ran out of GPU memory"
     work = 8 * n * n * d
     record(Result("loss", "fwd+bwd time", params, "seconds", t_ours.median_s if t_ours else None,
@@ -151,4 +150,3 @@ def test_loss_gpu_bf16(benchmark, record, quick, size_index, d):
                   extra={"fastclip_tflops": work / t_ours.median_s / 1e12 if t_ours else None,
                          "baseline_tflops": work / t_theirs.median_s / 1e12 if t_theirs else None}))  # fmt: skip
     record(Result("loss", "fwd+bwd peak extra memory", params, "bytes", m_ours, m_theirs, note=note))
-    benchmark.pedantic(ours, rounds=1, iterations=1)

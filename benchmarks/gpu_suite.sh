@@ -24,6 +24,8 @@ if [ -n "${FASTCLIP_WHEELS:-}" ]; then
     export PYTHONPATH="$site:${PYTHONPATH:-}"
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+# not installed here: setup.py would map the top-level kernels/ to fastclip.kernels; a link (git-ignored) does it
+"$py" -c "import fastclip.kernels" 2>/dev/null || ln -sfn ../kernels fastclip/kernels
 
 "$py" - "$out/versions.json" <<'PY'
 import json, sys, datetime, subprocess

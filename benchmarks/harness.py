@@ -53,6 +53,34 @@ def time_fn(fn: Callable[[], Any], *, repeats: int, warmup: int = 1, cuda: bool 
     return Timing(statistics.median(times), min(times), max(times), len(times))
 
 
+def bench_time(benchmark, fn: Callable[[], Any], *, repeats: int, warmup: int = 1, cuda: bool = False) -> Timing:
+    """fastclip's timed body under pytest-benchmark's fixture (pedantic rounds after warm-up), so that
+    ``--benchmark-autosave`` / ``--benchmark-compare`` track it from commit to commit; returns the same
+    :class:`Timing` as :func:`time_fn` (the baseline's clock: perf_counter; on a GPU the body synchronizes). With
+    ``--benchmark-disable`` (CI's quick run) the fixture runs its target once untimed: that target is then
+    :func:`time_fn` over the body."""
+    if benchmark.disabled:
+        return bench_once(benchmark, lambda: time_fn(fn, repeats=repeats, warmup=warmup, cuda=cuda))
+
+    def body() -> None:
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+
+    if cuda:
+        torch.cuda.synchronize()
+    benchmark.pedantic(body, rounds=repeats, warmup_rounds=warmup, iterations=1)
+    stats = benchmark.stats.stats
+    return Timing(stats.median, stats.min, stats.max, stats.rounds)
+
+
+def bench_once(benchmark, fn: Callable[[], Any]) -> Any:
+    """``fn()`` as the fixture's one timed round (a whole multi-rank run, say), its result returned."""
+    out = []
+    benchmark.pedantic(lambda: out.append(fn()), rounds=1, iterations=1)  # disabled: run once, untimed
+    return out[0]
+
+
 def peak_extra_rss(code: str, *, timeout: float = 900) -> float:
     """Peak resident memory (bytes) that ``code``'s ``run()`` adds beyond what ``setup()`` left, in a fresh process.
 

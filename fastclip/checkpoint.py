@@ -1,24 +1,60 @@
-"""The checkpoint folder's pointer: ``latest`` names the newest complete ``step_XXXXXXXX`` folder.
+"""Checkpoints: the folder, its ``latest`` pointer, save, prune, resume, and the open_clip export.
+
+``checkpoint.dir/step_XXXXXXXX/`` holds a DeepSpeed checkpoint (the engine: weights, optimizer, scheduler), the
+train state (:class:`TrainState`, as DeepSpeed's client state) and each rank's position in its train stream
+(``data_rankNNNNN.json``). ``latest`` names the newest complete folder.
 
 fastclip writes ``latest`` itself rather than through DeepSpeed: DeepSpeed's rank 0 writes it before the final
 barrier of ``save_checkpoint``, so with a slow rank (a shared filesystem under load) ``latest`` could name a
 folder whose other ranks' files were still being written, and a kill then left a checkpoint that does not
-load. Here it moves only after every rank has returned from the save, and atomically: a temporary file,
-fsync, rename, fsync of the folder, so a crash leaves either the old name or the new one, never half of it.
+load. Here it moves only after every rank has returned from the save, and atomically: a temporary file, fsync,
+rename, fsync of the folder, so a crash leaves either the old name or the new one, never half of it.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from fastclip.config import ConfigError
+import torch
+import torch.distributed as dist
+
+from fastclip.config import CheckpointConfig
+from fastclip.console import log, say
+from fastclip.errors import ConfigError, TrainingDiverged
+from fastclip.eval import EarlyStopping
 
 LATEST = "latest"
 
 
 class CheckpointError(ConfigError):
     """A checkpoint that cannot be resumed; raised on the rank that meets it (each rank loads its own files)."""
+
+
+@dataclass
+class TrainState:
+    """What the loop adds to the engine's state: saved with every checkpoint, restored on resume."""
+
+    early_stopping: EarlyStopping = field(default_factory=lambda: EarlyStopping(patience=0))
+    step: int = 0
+    samples_seen: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "samples_seen": self.samples_seen, **self.early_stopping.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
+        self.early_stopping.load_state_dict(state)  # this run's patience and min delta, the saved count
+
+
+@dataclass(frozen=True)
+class Resumed:
+    folder: Path
+    saved_config: dict[str, Any]  # the run config the checkpoint was written with
 
 
 def read_latest(root: str | Path) -> str | None:
@@ -75,3 +111,170 @@ def changed_settings(saved: dict, current: dict) -> list[str]:
         for key in sorted(old.keys() | new.keys())
         if key != "checkpoint.resume" and old.get(key) != new.get(key)
     ]
+
+
+def any_rank(flag: torch.Tensor) -> bool:
+    """True when ``flag`` (a 0-dim bool tensor) is true on any rank; every rank gets the same answer."""
+    flag = flag.to(torch.float32)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())  # note: host sync, at checkpoint and export time only
+
+
+class CheckpointManager:
+    """One run's checkpoint folder. Every rank calls :meth:`save`, :meth:`resume` and :meth:`export_open_clip`
+    (each rank writes and reads its own files; the collectives are DeepSpeed's and the barriers here)."""
+
+    def __init__(self, cfg: CheckpointConfig, *, engine, rank: int, world_size: int, data_identity: dict[str, Any]):
+        self.cfg, self.engine, self.rank, self.world_size = cfg, engine, rank, world_size
+        self.root = Path(cfg.dir)
+        self.data_identity = data_identity  # what a saved data position is only valid for
+
+    @property
+    def latest(self) -> Path | None:
+        tag = read_latest(self.root)
+        return self.root / tag if tag else None
+
+    # ------------------------------------------------------------------------------------------------ save
+
+    def save(self, state: TrainState, *, position, config: dict[str, Any]) -> Path:
+        """Write ``step_XXXXXXXX``: each rank's data position, then DeepSpeed's files; then move ``latest``."""
+        tag = f"step_{state.step:08d}"
+        self._save_position(self.root / tag, position)
+        client = {**state.state_dict(), "config": config}
+        self.engine.save_checkpoint(str(self.root), tag=tag, client_state=client, save_latest=False)
+        if dist.is_initialized():
+            dist.barrier()  # every rank has written and closed its files: only now may 'latest' name them
+        if self.rank == 0:
+            commit_latest(self.root, tag)
+            say(f"checkpoint: {self.root / tag}")
+        self.prune()
+        return self.root / tag
+
+    def prune(self) -> None:
+        """Delete all but the newest ``checkpoint.keep`` step folders, never the one ``latest`` names."""
+        if not self.cfg.keep:
+            return
+        if dist.is_initialized():
+            dist.barrier()  # every rank has finished writing before rank 0 deletes anything
+        if self.rank != 0:
+            return
+        latest = read_latest(self.root)
+        steps = sorted(p for p in self.root.glob("step_*") if p.is_dir())  # step_XXXXXXXX sorts by step
+        for old in steps[: -self.cfg.keep]:
+            if old.name != latest:
+                shutil.rmtree(old, onerror=self._undeleted)
+
+    @staticmethod
+    def _undeleted(function, path, excinfo) -> None:
+        log.warning("checkpoint.keep: could not delete %s (%s); it stays, and takes its disk space", path, excinfo[1])
+
+    def _position_path(self, folder: Path) -> Path:
+        return folder / f"data_rank{self.rank:05d}.json"
+
+    def _save_position(self, folder: Path, position) -> None:
+        """This rank's train-stream position, in the checkpoint's folder (written before 'latest' moves)."""
+        if position is None:
+            return  # no train batch taken yet
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = self._position_path(folder).with_suffix(".tmp")
+        tmp.write_text(json.dumps({**self.data_identity, **position.state()}))
+        tmp.replace(self._position_path(folder))
+
+    # ---------------------------------------------------------------------------------------------- resume
+
+    def locate(self, where: str) -> Path | None:
+        """The folder ``checkpoint.resume`` names ('latest' or a step folder); None when 'latest' has none yet."""
+        if where == "latest":
+            return self.latest
+        path = Path(where)
+        if not path.is_dir():
+            raise ConfigError(f"checkpoint.resume: {where!r} is not a checkpoint folder (or say 'latest')")
+        return path
+
+    def resume(self, folder: Path, state: TrainState, *, loader, load_scheduler: bool, stage: int) -> Resumed:
+        """Load the engine, ``state`` and this rank's data position (into ``loader``) from ``folder``."""
+        saved = self._load_engine(folder, load_scheduler=load_scheduler, stage=stage)
+        state.load_state_dict(saved)
+        self._restore_position(folder, loader)
+        return Resumed(folder, saved.get("config", {}))
+
+    def _load_engine(self, folder: Path, *, load_scheduler: bool, stage: int) -> dict[str, Any]:
+        """DeepSpeed's load of ``folder``; what fails is said in one line naming the folder."""
+        if not folder.is_dir():
+            raise CheckpointError(
+                f"checkpoint.resume: {folder} does not exist (it is what {folder.parent}/latest names); resume "
+                "from another step folder with --checkpoint.resume DIR/step_XXXXXXXX"
+            )
+        try:
+            loaded, client = self.engine.load_checkpoint(
+                str(folder.parent), tag=folder.name, load_lr_scheduler_states=load_scheduler
+            )
+        except Exception as e:  # DeepSpeed raises AssertionError, FileNotFoundError, its ZeRO errors, ...
+            said = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+            raise CheckpointError(
+                f"checkpoint.resume: {folder} does not load on this run ({self.world_size} ranks, ZeRO-{stage}): "
+                f"{type(e).__name__}: {said}. A checkpoint resumes on the number of ranks and the ZeRO stage it "
+                "was saved with; a file missing from it means its save did not finish."
+            ) from e
+        if loaded is None:
+            raise CheckpointError(f"checkpoint.resume: DeepSpeed found no checkpoint in {folder}")
+        return client
+
+    def _restore_position(self, folder: Path, loader) -> None:
+        path, why = self._position_path(folder), None
+        if not path.is_file():
+            why = f"{path.name} is not in {folder}"
+        else:
+            saved = json.loads(path.read_text())
+            changed = [k for k, v in self.data_identity.items() if saved.get(k) != v]
+            if changed:
+                why = f"{', '.join(changed)} changed since the checkpoint"
+            else:
+                try:
+                    loader.restore(saved)
+                except ValueError as e:  # saved by the other loader
+                    why = str(e)
+        say(
+            "data: the train stream goes on from the checkpoint's position"
+            if why is None
+            else f"data: the train stream starts afresh ({why})"
+        )
+
+    # ---------------------------------------------------------------------------------------------- export
+
+    def export_open_clip(self, *, step: int, model_name: str) -> Path | None:
+        """fp32 weights as ``{'state_dict': ...}``, which ``open_clip.create_model(pretrained=path)`` loads;
+        refused (:class:`TrainingDiverged`) when a weight is not finite."""
+        from fastclip.model import open_clip_state_dict
+
+        state = self._full_state()
+        bad = next((name for name, value in state.items() if not torch.isfinite(value).all()), None)
+        if bad is not None:  # every rank holds the whole state here, so every rank stops alike
+            latest = self.latest or "none yet"
+            raise TrainingDiverged(
+                f"the weights hold non-finite values ({bad}) at step {step}: open_clip.pt was not written, and "
+                f"nothing was saved; the newest checkpoint ({latest}) is untouched. Check --model.pretrained and the "
+                "data, or resume from it with a lower --optim.lr."
+            )
+        if self.rank != 0:
+            return None
+        path = self.root / "open_clip.pt"
+        tmp = path.with_suffix(".pt.tmp")
+        torch.save({"state_dict": open_clip_state_dict(state), "step": step, "model": model_name}, tmp)
+        tmp.replace(path)
+        say(f"open_clip weights: {path}")
+        return path
+
+    def _full_state(self) -> dict[str, torch.Tensor]:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        module, state = self.engine.module, {}
+        for name, param in module.named_parameters():
+            full = safe_get_full_fp32_param(param)  # collective under ZeRO-3: every rank takes part
+            state[name] = (full if full is not None else param.detach()).float().cpu()
+        persistent = module.state_dict().keys()  # leaves out non-persistent buffers (attn_mask)
+        for name, buf in module.named_buffers():
+            if name in persistent:
+                state[name] = buf.detach().cpu()
+        return state

@@ -1,33 +1,22 @@
-"""Run configuration: nested dataclasses, a YAML file, ``--section.field value`` overrides.
+"""The run configuration: nested dataclasses, one per concern, and :func:`build_config` from a nested mapping.
 
-Every field is documented in one line beside it. Structural checks run in ``__post_init__`` (cheap, no
-I/O); :func:`check_inputs` touches the filesystem (shards exist and open) and runs in every rank before
-any model is built. :func:`deepspeed_config` derives the DeepSpeed JSON from the run config, or checks a
-user-given one against it.
+Every field is documented in one line beside it (``--help`` prints those lines: fastclip/cli.py). Checks here are
+structural, in ``__post_init__``, with no I/O; what touches files runs in fastclip/preflight.py, and the
+DeepSpeed settings derived from the config live with the engine (fastclip/engine.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
-import os
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Union
 
-import yaml
-
+from fastclip.errors import ConfigError
 from fastclip.schedules import SCHEDULES
-
-DEMO_DIR = os.environ.get("FASTCLIP_DEMO_DIR", ".cache/fastclip-demo")
-
-
-class ConfigError(ValueError):
-    """A configuration or input problem the user must fix; the message names the field and the fix."""
 
 
 def _require(ok: bool, name: str, message: str) -> None:
@@ -57,7 +46,7 @@ class DataConfig:
     batch_size: int = 64  # samples per GPU (rank) per micro step
     zeroshot_classnames: str | None = None  # JSON list of class names; index = the sample's .cls
     zeroshot_templates: str | None = None  # JSON list of prompt templates with one '{}'
-    demo_dir: str = DEMO_DIR  # with no train_shards, the synthetic demo world is generated (once) here
+    demo_dir: str = ".cache/fastclip-demo"  # with no train_shards, the synthetic demo world is generated (once) here
     num_threads: int = 2  # DALI CPU threads per rank (torch loader: DataLoader workers)
     shuffle_buffer: int = 1024  # samples in the shuffle buffer (per rank; per worker with the torch loader)
     loader: str = "auto"  # 'dali', 'torch' (DataLoader + torchvision) or 'auto' (DALI when it is installed)
@@ -97,8 +86,10 @@ class LossConfig:
     backend: str = "auto"  # 'auto' (fused: C++ on CPU, Triton on CUDA), 'cpp', 'triton', 'torch', 'open_clip'
 
     def __post_init__(self):
-        choices = ("auto", "cpp", "triton", "torch", "open_clip")
-        _require(self.backend in choices, "loss.backend", f"must be one of {', '.join(choices)}; got {self.backend!r}")
+        from fastclip.loss import BACKENDS
+
+        choices = ", ".join(BACKENDS)
+        _require(self.backend in BACKENDS, "loss.backend", f"must be one of {choices}; got {self.backend!r}")
 
 
 @dataclass
@@ -220,9 +211,6 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# ---------------------------------------------------------------------------------------------- parsing
-
-
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
@@ -285,19 +273,6 @@ def _unknown(kind: str, name: str, choices: list[str]) -> ConfigError:
     return ConfigError(f"unknown {kind} {name!r}.{hint} Known: {', '.join(sorted(choices))}")
 
 
-def _sections() -> set[str]:
-    """The names of Config's nested sections (those with fields), as opposed to its plain values."""
-    hints = typing.get_type_hints(Config)
-    return {name for name, tp in hints.items() if dataclasses.is_dataclass(tp)}
-
-
-def _apply(tree: dict[str, Any], section: str, key: str, value: Any) -> None:
-    body = tree.setdefault(section, {})
-    if not isinstance(body, dict):
-        raise ConfigError(f"{section}: takes a single value, not fields; got a value for {section}.{key}")
-    body[key] = value
-
-
 def build_config(tree: dict[str, Any]) -> Config:
     """Build a validated Config from a nested dict ({'data': {'batch_size': 64}, ...})."""
     sections = {f.name: f for f in dataclasses.fields(Config)}
@@ -320,266 +295,3 @@ def build_config(tree: dict[str, Any]) -> Config:
             values[key] = _coerce(value, field_types[key], f"{section}.{key}")
         kwargs[section] = tp(**values)
     return Config(**kwargs)
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:  # 'a: b: c', '@x': not YAML, so the plain string (a str field takes it; others say)
-        return text
-    if value is None and text not in ("null", "~", "None", "none"):
-        return text
-    if isinstance(value, (dict, list)) and not text.lstrip().startswith(("[", "{")):
-        return text  # 'shards/*.tar::' is YAML for a mapping: only brackets ask for a list or a mapping
-    return value
-
-
-class HelpRequested(Exception):
-    """--help: the caller prints :func:`usage` and exits 0."""
-
-
-def _field_docs(tp) -> dict[str, str]:
-    """name -> the one-line comment beside the field in this file (the documentation users read)."""
-    import inspect
-
-    docs = {}
-    for line in inspect.getsource(tp).splitlines():
-        head, _, comment = line.partition("  # ")
-        name = head.strip().split(":", 1)[0]
-        if comment and name.isidentifier() and ":" in head:
-            docs[name] = comment.strip()
-    return docs
-
-
-def usage() -> str:
-    """Every section and field with its type, default and one-line doc."""
-    lines = [
-        "usage: deepspeed [--num_gpus K] fastclip/train.py [--config FILE.yaml] [--section.field VALUE ...]",
-        "       [--deepspeed_config FILE.json]      (also: python -m fastclip.train, torchrun -m fastclip.train)",
-        "",
-        "With no arguments: the demo (a tiny CLIP model on the generated synthetic world).",
-    ]
-    defaults = Config()
-    for section in dataclasses.fields(Config):
-        tp = typing.get_type_hints(Config)[section.name]
-        if not dataclasses.is_dataclass(tp):
-            continue
-        lines += ["", f"{section.name}:"]
-        docs = _field_docs(tp)
-        for f in dataclasses.fields(tp):
-            value = getattr(getattr(defaults, section.name), f.name)
-            lines.append(f"  --{section.name}.{f.name} (default {value!r})  {docs.get(f.name, '')}".rstrip())
-    return "\n".join(lines)
-
-
-def parse_args(argv: list[str]) -> Config:
-    """``[--config FILE] [--section.field VALUE | --section.field=VALUE ...] [--deepspeed_config FILE]``.
-
-    ``--local_rank`` / ``--local-rank`` (added by the deepspeed launcher) and ``--deepspeed`` are accepted.
-    """
-    tree: dict[str, Any] = {}
-    overrides: list[tuple[str, str]] = []
-    config_file = None
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("-h", "--help"):
-            raise HelpRequested
-        if not arg.startswith("--"):
-            raise ConfigError(f"unexpected argument {arg!r}: options look like --section.field VALUE")
-        key, eq, value = arg[2:].partition("=")
-        if key in ("deepspeed",):  # a flag with no value
-            i += 1
-            continue
-        if not eq:
-            if i + 1 >= len(argv):
-                raise ConfigError(f"--{key} needs a value")
-            value = argv[i + 1]
-            # a single dash is a value (--optim.eps -1); two start the next option, so this one has no value
-            if value.startswith("--"):
-                raise ConfigError(f"--{key} needs a value (got the option {value} instead)")
-            i += 1
-        i += 1
-        if key in ("local_rank", "local-rank"):
-            continue  # the launcher's; LOCAL_RANK in the environment says the same
-        if key == "config":
-            if config_file is not None:
-                raise ConfigError(f"--config given twice ({config_file}, {value}): merge them into one file")
-            config_file = value
-        elif key in ("deepspeed_config", "deepspeed-config"):
-            tree["deepspeed_config"] = value
-        else:
-            overrides.append((key, value))
-    if config_file is not None:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"--config: no such file {config_file!r}")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config {config_file}: not valid YAML: {e}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"--config {config_file}: expected a mapping of sections, got {type(loaded).__name__}")
-        sections = _sections()
-        for section, body in loaded.items():
-            if section in sections and body is None:
-                body = {}  # `optim:` with nothing under it: all defaults
-            if section in sections and not isinstance(body, dict):
-                raise ConfigError(
-                    f"--config {config_file}: section {section!r} must hold fields (or nothing), got {body!r}"
-                )
-            if isinstance(body, dict):
-                tree.setdefault(section, {})
-                for k, v in body.items():
-                    _apply(tree, section, k, v)
-            else:
-                tree[section] = body
-    for key, value in overrides:
-        section, dot, name = key.partition(".")
-        if not dot:
-            raise _unknown("option", f"--{key}", ["--config", "--deepspeed_config", "--section.field"])
-        _apply(tree, section, name, _parse_value(value))
-    return build_config(tree)
-
-
-# ------------------------------------------------------------------------------ inputs and derived values
-
-
-def _check_checkpoint_file(path: str) -> None:
-    """A file torch.load or safetensors can read, by its first bytes: a zip (torch.save), a pickle (older torch)
-    or a safetensors header; anything else would fail deep in unpickling with advice that does not apply."""
-    if not Path(path).is_file():
-        raise ConfigError(f"model.pretrained: no such file {path!r} (only local files are loaded)")
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if path.endswith(".safetensors") or head.startswith((b"PK\x03\x04", b"\x80")):
-        return
-    raise ConfigError(
-        f"model.pretrained: {path!r} is not a torch checkpoint file (it starts with {head.hex(' ')}); give a file "
-        "written by torch.save (a state_dict or {'state_dict': ...}) or a .safetensors file"
-    )
-
-
-def check_inputs(cfg: Config) -> None:
-    """Filesystem checks, run by every rank before any model is built: shards exist and open, files parse."""
-    from fastclip.data.loader import dali_available
-    from fastclip.data.shards import resolve_shards
-
-    # the torch loader walks every tar header to count samples: walk them here, before any model (it reuses it)
-    walk = cfg.data.loader == "torch" or (cfg.data.loader == "auto" and not dali_available())
-    for name in ("train_shards", "val_shards"):
-        if spec := getattr(cfg.data, name):
-            resolve_shards(spec, field=f"data.{name}", max_bad_fraction=cfg.data.max_bad_fraction, count=walk)
-    for name in ("zeroshot_classnames", "zeroshot_templates"):
-        path = getattr(cfg.data, name)
-        if path is None:
-            continue
-        try:
-            items = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConfigError(f"data.{name}: cannot read a JSON list from {path!r}: {e}") from e
-        if not isinstance(items, list) or not items or not all(isinstance(x, str) for x in items):
-            raise ConfigError(f"data.{name}: {path!r} must hold a non-empty JSON list of strings")
-    if cfg.model.pretrained is not None:
-        _check_checkpoint_file(cfg.model.pretrained)
-    if cfg.eval.early_stop_patience and not (cfg.data.val_shards or cfg.data.demo):
-        raise ConfigError("eval.early_stop_patience: needs a validation set; set data.val_shards")
-    if cfg.deepspeed_config is not None and not Path(cfg.deepspeed_config).is_file():
-        raise ConfigError(f"--deepspeed_config: no such file {cfg.deepspeed_config!r}")
-
-
-def use_demo_world(cfg: Config) -> Config:
-    """With no train shards, point the data config at the synthetic demo world (generating it if needed)."""
-    if not cfg.data.demo:
-        return cfg
-    from fastclip.data.synthetic import generate
-
-    root = generate(cfg.data.demo_dir)
-    data = dataclasses.replace(
-        cfg.data,
-        train_shards=str(root / "train" / "*.tar"),
-        val_shards=cfg.data.val_shards or str(root / "val" / "*.tar"),
-        zeroshot_classnames=cfg.data.zeroshot_classnames or str(root / "classnames.json"),
-        zeroshot_templates=cfg.data.zeroshot_templates or str(root / "templates.json"),
-    )
-    return dataclasses.replace(cfg, data=data)
-
-
-def deepspeed_config(cfg: Config, *, world_size: int, cuda: bool) -> dict[str, Any]:
-    """The DeepSpeed config for this run, derived from ``cfg`` or read from ``cfg.deepspeed_config``."""
-    micro, accum = cfg.data.batch_size, cfg.train.grad_accum
-    derived: dict[str, Any] = {
-        "train_batch_size": micro * accum * world_size,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": accum,
-        "steps_per_print": 10**9,  # fastclip logs on its own cadence, without extra host syncs
-        "wall_clock_breakdown": False,
-        # DeepSpeed's throughput timer synchronizes the device at every forward and step (fastclip/zero.py)
-        "timers": {"throughput": {"enabled": False}},
-        "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": cfg.train.zero_stage},
-        "bf16": {"enabled": cfg.train.precision == "bf16", "check_grad_overflow": cfg.optim.skip_nonfinite},
-        "optimizer": {
-            "type": "AdamW",
-            "params": {
-                "lr": cfg.optim.lr,
-                "betas": list(cfg.optim.betas),
-                "eps": cfg.optim.eps,
-                "weight_decay": cfg.optim.weight_decay,
-                # torch's foreach AdamW unless asked for DeepSpeed's FusedAdam (a CUDA op JIT-built at start-up)
-                "torch_adam": not (cuda and cfg.optim.fused_adam),
-            },
-        },
-    }
-    if cfg.deepspeed_config is None:
-        return derived
-    path = cfg.deepspeed_config
-    try:
-        given = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"--deepspeed_config: cannot read JSON from {path!r}: {e}") from e
-    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
-        if key in given and given[key] != derived[key]:
-            raise ConfigError(
-                f"--deepspeed_config {path}: {key}={given[key]} disagrees with the run config, which gives "
-                f"{derived[key]} (data.batch_size={micro}, train.grad_accum={accum}, world size {world_size}). "
-                "Change one so they agree, or drop the key from the JSON."
-            )
-        given.setdefault(key, derived[key])
-    return given
-
-
-def total_steps(cfg: Config, *, samples_per_epoch: int, world_size: int) -> tuple[int, int]:
-    """(optimizer steps to run, optimizer steps per epoch) for ``samples_per_epoch`` training samples."""
-    global_batch = cfg.data.batch_size * cfg.train.grad_accum * world_size
-    per_epoch = samples_per_epoch // global_batch
-    if per_epoch == 0:
-        raise ConfigError(
-            f"data.train_shards hold {samples_per_epoch} samples, fewer than one global batch of {global_batch} "
-            f"(data.batch_size={cfg.data.batch_size} x train.grad_accum={cfg.train.grad_accum} x {world_size} ranks). "
-            "Lower data.batch_size or add shards."
-        )
-    steps = cfg.train.steps or cfg.train.epochs * per_epoch
-    return steps, per_epoch
-
-
-__all__ = [
-    "CheckpointConfig",
-    "Config",
-    "ConfigError",
-    "HelpRequested",
-    "DataConfig",
-    "EvalConfig",
-    "LogConfig",
-    "LossConfig",
-    "ModelConfig",
-    "OptimConfig",
-    "TrainConfig",
-    "build_config",
-    "check_inputs",
-    "deepspeed_config",
-    "parse_args",
-    "total_steps",
-    "usage",
-    "use_demo_world",
-]

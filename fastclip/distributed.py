@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from fastclip.config import ConfigError
+from fastclip.errors import ConfigError
 
 
 @dataclass(frozen=True)

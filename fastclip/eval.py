@@ -6,13 +6,60 @@ scored over the whole set, the same numbers on every rank.
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from fastclip.errors import ConfigError
 from fastclip.loss import contrastive_loss_local
 from fastclip.model import logit_scale_of
+
+
+@dataclass
+class EarlyStopping:
+    """Stop when the val clip loss has not improved by more than ``min_delta`` for ``patience`` evaluations."""
+
+    patience: int  # 0: never stop early
+    min_delta: float = 0.0
+    best: float = math.inf
+    best_step: int = 0
+    evals_since_best: int = 0
+
+    def update(self, val_loss: float | None, step: int) -> bool:
+        """Record an evaluation; True when training should stop."""
+        if not self.patience or val_loss is None:
+            return False
+        if val_loss < self.best - self.min_delta:
+            self.best, self.best_step, self.evals_since_best = val_loss, step, 0
+            return False
+        self.evals_since_best += 1
+        return self.evals_since_best >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"early_stopping": {"best": self.best, "best_step": self.best_step, "evals": self.evals_since_best}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """The count goes on across a resume; patience and min delta stay this run's."""
+        if saved := state.get("early_stopping"):
+            self.best, self.best_step = saved["best"], saved["best_step"]
+            self.evals_since_best = saved.get("evals", saved.get("evals_since_best", 0))
+
+
+def read_zeroshot_list(path: str, *, field: str) -> list[str]:
+    """Class names or prompt templates: a non-empty JSON list of strings (a class's index is its KEY.cls)."""
+    try:
+        items = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{field}: cannot read a JSON list from {path!r}: {e}") from e
+    if not isinstance(items, list) or not items or not all(isinstance(x, str) for x in items):
+        raise ConfigError(f"{field}: {path!r} must hold a non-empty JSON list of strings")
+    return items
 
 
 def _gather_rows(x: torch.Tensor) -> torch.Tensor:

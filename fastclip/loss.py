@@ -13,13 +13,25 @@ diagonal targets L_ii = s a_i . b_i in plain torch (O(nD)), so autograd adds the
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
 from fastclip.distributed import all_gather_no_grad, all_gather_with_grad
 
-BACKENDS = ("auto", "cpp", "triton", "torch")
+if TYPE_CHECKING:
+    from fastclip.config import LossConfig
+
+# every backend loss.backend (and ClipLoss(backend=...)) accepts; the config validates against this registry
+BACKENDS = {
+    "auto": "the fused op: the C++ kernel on CPU tensors, the Triton kernel on CUDA tensors",
+    "cpp": "the fused C++ kernel (CPU tensors)",
+    "triton": "the fused Triton kernel (CUDA tensors; CPU tensors under TRITON_INTERPRET=1)",
+    "torch": "plain logits in torch: the N x N matrix exists (the reference)",
+    "open_clip": "open_clip's own ClipLoss (for A/B runs; build_loss only)",
+}
 
 
 def gather_features(
@@ -27,15 +39,19 @@ def gather_features(
     text_features: torch.Tensor,
     *,
     gather_with_grad: bool,
+    local_loss: bool,
     rank: int,
     world_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every rank's features, rank-major. Without grad, this rank's block is the local (differentiable) one."""
+    """Every rank's features, rank-major. Without grad they are constants, except (as open_clip has it) this
+    rank's own block when every rank computes the whole loss (not ``local_loss``): a local loss already has its
+    gradient through its rows."""
     if gather_with_grad:
         return all_gather_with_grad(image_features), all_gather_with_grad(text_features)
     images = list(all_gather_no_grad(image_features).chunk(world_size))
     texts = list(all_gather_no_grad(text_features).chunk(world_size))
-    images[rank], texts[rank] = image_features, text_features
+    if not local_loss:
+        images[rank], texts[rank] = image_features, text_features
     return torch.cat(images), torch.cat(texts)
 
 
@@ -104,8 +120,9 @@ class ClipLoss(torch.nn.Module):
         backend: str = "auto",
     ):
         super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"ClipLoss(backend={backend!r}): choose one of {', '.join(BACKENDS)}")
+        if backend not in BACKENDS or backend == "open_clip":
+            choices = ", ".join(b for b in BACKENDS if b != "open_clip")
+            raise ValueError(f"ClipLoss(backend={backend!r}): choose one of {choices}")
         self.backend = backend
         if use_horovod:
             raise ValueError("ClipLoss(use_horovod=True): fastclip runs on torch.distributed only; drop use_horovod")
@@ -144,6 +161,7 @@ class ClipLoss(torch.nn.Module):
                 image_features,
                 text_features,
                 gather_with_grad=self.gather_with_grad,
+                local_loss=self.local_loss,
                 rank=self.rank,
                 world_size=self.world_size,
             )
@@ -155,3 +173,13 @@ class ClipLoss(torch.nn.Module):
         else:
             loss = self._loss(image_features, text_features, image_features, text_features, logit_scale, 0)
         return {"contrastive_loss": loss} if output_dict else loss
+
+
+def build_loss(loss: LossConfig, *, rank: int, world_size: int) -> torch.nn.Module:
+    """The run's contrastive loss: fastclip's ClipLoss on ``loss.backend``, or open_clip's own for comparisons."""
+    kwargs = dict(local_loss=loss.local_loss, gather_with_grad=loss.gather_with_grad, rank=rank, world_size=world_size)
+    if loss.backend == "open_clip":
+        from open_clip.loss import ClipLoss as OpenClipLoss
+
+        return OpenClipLoss(**kwargs)
+    return ClipLoss(**kwargs, backend=loss.backend)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,7 +11,9 @@ from pathlib import Path
 
 import torch
 
-from fastclip.config import ConfigError, ModelConfig
+from fastclip.config import ModelConfig
+from fastclip.console import say
+from fastclip.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,21 @@ SCALAR_PARAMS = ("logit_scale", "logit_bias")  # 0-dim parameters of open_clip m
 _BUILTIN_CONFIGS = Path(__file__).parent / "model_configs"
 _registered = False
 _RANDOM_INIT = "No pretrained weights loaded for model"  # open_clip's create_model, with no pretrained= given
-log = logging.getLogger("fastclip")
+
+
+def check_pretrained_file(path: str) -> None:
+    """A file torch.load or safetensors can read, by its first bytes: a zip (torch.save), a pickle (older torch)
+    or a safetensors header; anything else would fail deep in unpickling with advice that does not apply."""
+    if not Path(path).is_file():
+        raise ConfigError(f"model.pretrained: no such file {path!r} (only local files are loaded)")
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if path.endswith(".safetensors") or head.startswith((b"PK\x03\x04", b"\x80")):
+        return
+    raise ConfigError(
+        f"model.pretrained: {path!r} is not a torch checkpoint file (it starts with {head.hex(' ')}); give a file "
+        "written by torch.save (a state_dict or {'state_dict': ...}) or a .safetensors file"
+    )
 
 
 def resolve_model_name(name: str) -> str:
@@ -67,16 +82,6 @@ def _quiet_random_init():
         root.removeFilter(keep)
 
 
-def _say(message: str) -> None:
-    """One start-up line from rank 0: to the log when one is set up to show INFO, else to stdout as the trainer's."""
-    if os.environ.get("RANK", "0") != "0":
-        return
-    if log.isEnabledFor(logging.INFO) and log.hasHandlers():
-        log.info(message)
-    else:
-        print(message, flush=True)
-
-
 def _one_line(error: Exception, limit: int = 400) -> str:
     """An exception as one line: load_state_dict lists every key on its own line, unpickling adds advice about
     weights_only that does not apply to a file that is not a checkpoint at all."""
@@ -101,7 +106,7 @@ def build_model(model: ModelConfig) -> torch.nn.Module:
             said = _one_line(e)
             raise ConfigError(f"model.pretrained: {model.pretrained!r} does not load into {name}: {said}") from e
         # strict loading: every tensor of the model came from the file
-        _say(f"fastclip: loaded {len(clip.state_dict())} tensors from {model.pretrained} into {name}")
+        say(f"fastclip: loaded {len(clip.state_dict())} tensors from {model.pretrained} into {name}")
     for attr in SCALAR_PARAMS:
         param = getattr(clip, attr, None)
         if isinstance(param, torch.nn.Parameter) and param.ndim == 0:

@@ -1,6 +1,6 @@
 """The fused contrastive op, registered with torch.library so that torch.compile can trace it.
 
-``fastclip::contrastive_lse(q, k, scale, with_col) -> (row_lse, col_lse)`` is the log-sum-exp over each row
+``fastclip::contrastive_lse(q, k, scale, with_col, kernel) -> (row_lse, col_lse)`` is the log-sum-exp over each row
 (and, with ``with_col``, each column) of ``L = scale * q k^T``, without materializing L. Its backward is the
 op ``fastclip::contrastive_lse_backward``. CPU tensors run the C++ kernel (csrc/, ``fastclip._C``); CUDA
 tensors run the Triton kernels (kernels/, ``fastclip.kernels``). The contrastive loss built on it lives in
@@ -34,20 +34,46 @@ def _empty_f32(like: Tensor) -> Tensor:
     return torch.empty(0, device=like.device, dtype=torch.float32)
 
 
+# Each op takes the kernel by name: "auto" is the device's own (C++ on CPU, Triton on CUDA); "cpp" and "triton"
+# name one whatever the device (Triton on CPU tensors runs under TRITON_INTERPRET=1, for tests). Named or not, the
+# call goes through the registered op, so opcheck, the fake kernel and torch.compile cover what users run.
+KERNELS = ("auto", "cpp", "triton")
+
+
+def _cpu_kernel(kernel: str):
+    if kernel not in KERNELS:
+        raise ValueError(f"contrastive_lse: kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    return _triton() if kernel == "triton" else _cpp()
+
+
+def _cuda_kernel(kernel: str):
+    if kernel == "cpp":
+        raise ValueError("contrastive_lse: the C++ kernel runs on CPU tensors; these are on CUDA (use 'auto')")
+    if kernel not in KERNELS:
+        raise ValueError(f"contrastive_lse: kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    return _triton()
+
+
+def _host_scale(scale: Tensor, kernel: str) -> Tensor | float:
+    """The C++ kernel takes the scale as a host float (a CPU tensor: reading it is no device sync); Triton takes
+    the tensor, so that a CUDA scale never leaves the device."""
+    return scale if kernel == "triton" else float(scale)
+
+
 @torch.library.custom_op("fastclip::contrastive_lse", mutates_args=(), device_types="cpu")
-def contrastive_lse(q: Tensor, k: Tensor, scale: Tensor, with_col: bool) -> tuple[Tensor, Tensor]:
+def contrastive_lse(q: Tensor, k: Tensor, scale: Tensor, with_col: bool, kernel: str = "auto") -> tuple[Tensor, Tensor]:
     _check_scale(scale)
-    return _cpp().lse_forward(q, k, float(scale), with_col)  # CPU tensor: reading it is not a device sync
+    return _cpu_kernel(kernel).lse_forward(q, k, _host_scale(scale, kernel), with_col)
 
 
 @contrastive_lse.register_kernel("cuda")
-def _(q: Tensor, k: Tensor, scale: Tensor, with_col: bool) -> tuple[Tensor, Tensor]:
+def _(q: Tensor, k: Tensor, scale: Tensor, with_col: bool, kernel: str = "auto") -> tuple[Tensor, Tensor]:
     _check_scale(scale)
-    return _triton().lse_forward(q, k, scale, with_col)  # scale stays on the device: no host sync
+    return _cuda_kernel(kernel).lse_forward(q, k, scale, with_col)  # scale stays on the device: no host sync
 
 
 @contrastive_lse.register_fake
-def _(q: Tensor, k: Tensor, scale: Tensor, with_col: bool) -> tuple[Tensor, Tensor]:
+def _(q: Tensor, k: Tensor, scale: Tensor, with_col: bool, kernel: str = "auto") -> tuple[Tensor, Tensor]:
     row = q.new_empty(q.shape[0], dtype=torch.float32)
     col = q.new_empty(k.shape[0] if with_col else 0, dtype=torch.float32)
     return row, col
@@ -55,38 +81,39 @@ def _(q: Tensor, k: Tensor, scale: Tensor, with_col: bool) -> tuple[Tensor, Tens
 
 @torch.library.custom_op("fastclip::contrastive_lse_backward", mutates_args=(), device_types="cpu")
 def contrastive_lse_backward(
-    q: Tensor, k: Tensor, scale: Tensor, row_lse: Tensor, col_lse: Tensor, grad_row: Tensor, grad_col: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    dq, dk, ds = _cpp().lse_backward(
-        q, k, float(scale), row_lse, col_lse, grad_row.float().contiguous(), grad_col.float().contiguous()
+    q: Tensor, k: Tensor, scale: Tensor, row_lse: Tensor, col_lse: Tensor, grad_row: Tensor, grad_col: Tensor,
+    kernel: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    dq, dk, ds = _cpu_kernel(kernel).lse_backward(
+        q, k, _host_scale(scale, kernel), row_lse, col_lse, grad_row.float().contiguous(), grad_col.float().contiguous()
     )
     return dq, dk, ds.reshape(scale.shape).to(scale.dtype)
 
 
 @contrastive_lse_backward.register_kernel("cuda")
-def _(q, k, scale, row_lse, col_lse, grad_row, grad_col):
-    dq, dk, ds = _triton().lse_backward(q, k, scale, row_lse, col_lse, grad_row, grad_col)
+def _(q, k, scale, row_lse, col_lse, grad_row, grad_col, kernel="auto"):
+    dq, dk, ds = _cuda_kernel(kernel).lse_backward(q, k, scale, row_lse, col_lse, grad_row, grad_col)
     return dq, dk, ds.reshape(scale.shape).to(scale.dtype)
 
 
 @contrastive_lse_backward.register_fake
-def _(q, k, scale, row_lse, col_lse, grad_row, grad_col):
+def _(q, k, scale, row_lse, col_lse, grad_row, grad_col, kernel="auto"):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(scale)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, scale, with_col = inputs
+    q, k, scale, with_col, kernel = inputs
     row_lse, col_lse = output
     ctx.save_for_backward(q, k, scale, row_lse, col_lse)
-    ctx.with_col = with_col
+    ctx.with_col, ctx.kernel = with_col, kernel
 
 
 def _backward(ctx, grad_row, grad_col):
     q, k, scale, row_lse, col_lse = ctx.saved_tensors
     grad_row = grad_row if grad_row is not None else _empty_f32(q)
     grad_col = grad_col if (grad_col is not None and ctx.with_col) else _empty_f32(q)
-    dq, dk, ds = contrastive_lse_backward(q, k, scale, row_lse, col_lse, grad_row, grad_col)
-    return dq, dk, ds, None
+    dq, dk, ds = contrastive_lse_backward(q, k, scale, row_lse, col_lse, grad_row, grad_col, ctx.kernel)
+    return dq, dk, ds, None, None
 
 
 contrastive_lse.register_autograd(_backward, setup_context=_setup_context)
@@ -97,43 +124,8 @@ def _check_scale(scale: Tensor) -> None:
         raise ValueError(f"contrastive_lse: scale must hold one value, got shape {tuple(scale.shape)}")
 
 
-def contrastive_lse_reference(q: Tensor, k: Tensor, scale: Tensor, with_col: bool) -> tuple[Tensor, Tensor]:
-    """The same values with the N x N logits materialized (float64 when given float64): for tests."""
-    logits = scale * q @ k.T
-    row = torch.logsumexp(logits, dim=1)
-    col = torch.logsumexp(logits, dim=0) if with_col else logits.new_empty(0)
-    return row, col
-
-
-class _DirectLSE(torch.autograd.Function):
-    """contrastive_lse through one named backend, bypassing device dispatch (tests, TRITON_INTERPRET=1)."""
-
-    @staticmethod
-    def forward(ctx, q, k, scale, with_col, backend):
-        fwd = _cpp().lse_forward if backend == "cpp" else _triton().lse_forward
-        s = float(scale) if backend == "cpp" else scale
-        row, col = fwd(q, k, s, with_col)
-        ctx.save_for_backward(q, k, scale, row, col)
-        ctx.with_col, ctx.backend = with_col, backend
-        return row, col
-
-    @staticmethod
-    def backward(ctx, grad_row, grad_col):
-        q, k, scale, row, col = ctx.saved_tensors
-        grad_row = grad_row.float().contiguous() if grad_row is not None else _empty_f32(q)
-        grad_col = grad_col.float().contiguous() if grad_col is not None and ctx.with_col else _empty_f32(q)
-        if ctx.backend == "cpp":
-            dq, dk, ds = _cpp().lse_backward(q, k, float(scale), row, col, grad_row, grad_col)
-        else:
-            dq, dk, ds = _triton().lse_backward(q, k, scale, row, col, grad_row, grad_col)
-        return dq, dk, ds.reshape(scale.shape).to(scale.dtype), None, None
-
-
 def lse(q: Tensor, k: Tensor, scale: Tensor, with_col: bool, backend: str = "auto") -> tuple[Tensor, Tensor]:
-    """Row (and column) LSE of ``scale * q k^T``. ``auto``: the registered op (CPU -> C++, CUDA -> Triton);
-    ``cpp`` / ``triton``: that kernel whatever the device (Triton on CPU needs TRITON_INTERPRET=1)."""
-    if backend == "auto":
-        return contrastive_lse(q, k, scale, with_col)
-    if backend not in ("cpp", "triton"):
+    """Row (and column) LSE of ``scale * q k^T`` through the registered op; ``backend`` names its kernel."""
+    if backend not in KERNELS:
         raise ValueError(f"lse: backend must be 'auto', 'cpp' or 'triton', got {backend!r}")
-    return _DirectLSE.apply(q, k, scale, with_col, backend)
+    return contrastive_lse(q, k, scale, with_col, backend)

@@ -15,6 +15,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from fastclip.errors import ConfigError
+
 SCHEDULES = ("cosine", "cosine_restarts", "constant")
 
 
@@ -59,3 +61,18 @@ def restart_at(scheduler, schedule: LrSchedule, *, base_lr: float, step: int) ->
     for group in groups:
         group["initial_lr"], group["lr"] = base_lr, lr
     scheduler._last_lr = [lr] * len(groups)
+
+
+def total_steps(
+    samples_per_epoch: int, *, batch_size: int, grad_accum: int, world_size: int, steps: int, epochs: int
+) -> tuple[int, int]:
+    """(optimizer steps to run, optimizer steps per epoch): ``steps``, or ``epochs`` passes over the samples."""
+    global_batch = batch_size * grad_accum * world_size
+    per_epoch = samples_per_epoch // global_batch
+    if per_epoch == 0:
+        raise ConfigError(
+            f"data.train_shards hold {samples_per_epoch} samples, fewer than one global batch of {global_batch} "
+            f"(data.batch_size={batch_size} x train.grad_accum={grad_accum} x {world_size} ranks). "
+            "Lower data.batch_size or add shards."
+        )
+    return steps or epochs * per_epoch, per_epoch

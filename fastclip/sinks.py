@@ -9,7 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fastclip.config import Config, ConfigError, LogConfig
+from fastclip.config import Config, LogConfig
+from fastclip.console import say
+from fastclip.errors import ConfigError
 
 
 def _fmt(key: str, value: Any) -> str:
@@ -62,10 +64,7 @@ class MetricSinks:
                 self.tb.add_scalar(key if "/" in key else f"train/{key}", value, step)
         if self.wandb is not None:
             self.wandb.log(scalars, step=step)
-        line = console or " | ".join(_fmt(k, v) for k, v in record.items() if k != "time")
-        from tqdm import tqdm
-
-        tqdm.write(line, file=sys.stdout)
+        say(console or " | ".join(_fmt(k, v) for k, v in record.items() if k != "time"))
 
     def close(self) -> None:
         if self.file is not None:
@@ -74,3 +73,24 @@ class MetricSinks:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def train_line(record: dict[str, Any], *, total_steps: int) -> str:
+    """A training log record as its console line."""
+    return (
+        f"step {record['step']}/{total_steps} | epoch {record['epoch']:.2f} | loss {record['loss']:.4f} | "
+        f"lr {record['lr']:.3e} | logit_scale {record['logit_scale']:.2f} | "
+        + (f"grad_norm {record['grad_norm']:.3f} | " if "grad_norm" in record else "")
+        + f"{record['samples_per_second']:.1f} samples/s ({record['samples_per_second_per_gpu']:.1f}/GPU) | "
+        f"data {1e3 * record['data_time']:.1f} ms | batch {1e3 * record['batch_time']:.1f} ms"
+    )
+
+
+def progress_bar(*, enabled: bool, total: int, done: int):
+    """A tqdm bar on a terminal (rank 0, log.progress); None where output goes to a file, which gets the log
+    lines rather than carriage-return redraws."""
+    if not (enabled and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=done, desc="train", unit="step", dynamic_ncols=True)

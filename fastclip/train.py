@@ -12,15 +12,9 @@ import sys
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     sys.path.pop(0)  # run as a script: fastclip/ itself must not shadow top-level modules
 
-from fastclip.config import (  # noqa: E402
-    ConfigError,
-    HelpRequested,
-    check_inputs,
-    deepspeed_config,
-    parse_args,
-    usage,
-    use_demo_world,
-)
+from fastclip.cli import HelpRequested, parse_args, usage  # noqa: E402
+from fastclip.errors import ConfigError  # noqa: E402
+from fastclip.preflight import check_inputs  # noqa: E402
 
 
 def _fail(message: str, code: int = 2, *, any_rank: bool = False) -> None:
@@ -32,27 +26,30 @@ def _fail(message: str, code: int = 2, *, any_rank: bool = False) -> None:
     sys.exit(code)
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def _config(argv: list[str]):
+    """The run config, checked against the files it names (every rank, before any process group or model)."""
+    from fastclip.data.synthetic import use_demo_world
+
     try:
-        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        cfg = parse_args(argv)
+        check_inputs(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        return use_demo_world(cfg)
     except HelpRequested:
         if os.environ.get("RANK", "0") == "0":
             print(usage())
         sys.exit(0)
     except ConfigError as e:
         _fail(str(e))
-    try:
-        check_inputs(cfg)  # every rank, before any process group, model or pipeline exists
-        # a --deepspeed_config whose batch sizes disagree with the run config fails here, not after model set-up
-        deepspeed_config(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")), cuda=False)
-        cfg = use_demo_world(cfg)
-    except ConfigError as e:
-        _fail(str(e))
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    cfg = _config(sys.argv[1:] if argv is None else argv)
 
     from fastclip.checkpoint import CheckpointError
     from fastclip.data.skips import DataBroken
     from fastclip.distributed import close_distributed, init_distributed
-    from fastclip.trainer import Trainer, TrainingDiverged
+    from fastclip.errors import TrainingDiverged
+    from fastclip.trainer import Trainer
 
     try:
         world = init_distributed()

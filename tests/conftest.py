@@ -18,3 +18,13 @@ def world_dir(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("world")
     return generate(root, WorldSpec(train_samples=512, val_samples=100, samples_per_shard=128, image_size=48, seed=3))
+
+
+@pytest.fixture(autouse=True)
+def console():
+    """fastclip's console as a run sets it up (the entry point, the Trainer): its lines and warnings reach the
+    test's stdout and stderr, from loader worker processes too, instead of pytest's own log capture."""
+    from fastclip import console
+
+    console.setup(0)
+    return console

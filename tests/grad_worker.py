@@ -9,7 +9,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from fastclip.config import parse_args
+from fastclip.cli import parse_args
 from fastclip.data.batch import Batch
 from fastclip.distributed import close_distributed, init_distributed
 from fastclip.trainer import Trainer

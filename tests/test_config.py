@@ -1,9 +1,15 @@
 import json
+import re
 import tarfile
 
 import pytest
 
-from fastclip.config import Config, ConfigError, check_inputs, deepspeed_config, parse_args, total_steps
+from fastclip.cli import parse_args
+from fastclip.config import Config
+from fastclip.engine import deepspeed_config
+from fastclip.errors import ConfigError
+from fastclip.preflight import check_inputs
+from fastclip.schedules import total_steps
 
 
 def test_defaults_are_the_demo():
@@ -158,21 +164,40 @@ def test_derived_deepspeed_config():
     assert ds["timers"]["throughput"]["enabled"] is False and ds["bf16"]["check_grad_overflow"] is False
 
 
-def test_user_deepspeed_config_must_agree_on_batch(tmp_path):
+def test_a_deepspeed_config_file_is_merged_over_the_derived_one(tmp_path):
     path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 16, "zero_optimization": {"stage": 1}}))
-    cfg = parse_args(["--deepspeed_config", str(path), "--data.batch_size", "16"])
-    ds = deepspeed_config(cfg, world_size=2, cuda=False)
-    assert ds["zero_optimization"] == {"stage": 1} and ds["train_batch_size"] == 32
-    cfg = parse_args(["--deepspeed_config", str(path), "--data.batch_size", "8"])
-    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu=16 disagrees.*data.batch_size=8"):
-        deepspeed_config(cfg, world_size=2, cuda=False)
+    path.write_text(json.dumps({"zero_optimization": {"overlap_comm": True}, "gradient_clipping": 0.5}))
+    ds = deepspeed_config(parse_args(["--deepspeed_config", str(path)]), world_size=2, cuda=False)
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True} and ds["gradient_clipping"] == 0.5
+    assert ds["timers"]["throughput"]["enabled"] is False and ds["bf16"]["check_grad_overflow"] is False  # kept
+
+
+@pytest.mark.parametrize(
+    "given, args, said",
+    [
+        ({"train_micro_batch_size_per_gpu": 16}, ["--data.batch_size", "8"], "train_micro_batch_size_per_gpu=16 where"),
+        ({"zero_optimization": {"stage": 1}}, [], "zero_optimization.stage=1 where train.zero_stage=2"),
+        ({"bf16": {"enabled": False}}, [], "bf16.enabled=false where train.precision=bf16"),
+        ({"fp16": {"enabled": True}}, ["--train.precision", "fp32"], "fp16.enabled=true: fastclip trains in bf16 or"),
+    ],
+)
+def test_a_deepspeed_config_that_contradicts_the_run_config_names_both(tmp_path, given, args, said):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(given))
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        deepspeed_config(parse_args(["--deepspeed_config", str(path), *args]), world_size=2, cuda=False)
+    if "stage" in json.dumps(given):  # the same file with the run config saying the same: accepted
+        ds = deepspeed_config(
+            parse_args(["--deepspeed_config", str(path), "--train.zero_stage", "1"]), world_size=2, cuda=False
+        )
+        assert ds["zero_optimization"]["stage"] == 1
 
 
 def test_too_few_samples_for_one_batch():
     with pytest.raises(ConfigError, match="fewer than one global batch"):
-        total_steps(Config(), samples_per_epoch=100, world_size=2)
-    assert total_steps(parse_args(["--train.epochs", "2"]), samples_per_epoch=1280, world_size=2) == (20, 10)
+        total_steps(100, batch_size=64, grad_accum=1, world_size=2, steps=0, epochs=3)
+    assert total_steps(1280, batch_size=64, grad_accum=1, world_size=2, steps=0, epochs=2) == (20, 10)
+    assert total_steps(1280, batch_size=64, grad_accum=1, world_size=2, steps=7, epochs=2) == (7, 10)
 
 
 def test_shipped_configs_parse():
@@ -187,7 +212,7 @@ def test_help_lists_every_field_with_its_doc():
     import subprocess
     import sys
 
-    from fastclip.config import Config, usage
+    from fastclip.cli import usage
 
     text = usage()
     defaults = Config()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastclip.config import parse_args
+from fastclip.cli import parse_args
 from fastclip.data.loader import build_loader
 from fastclip.data.synthetic import COLOURS, SHAPES, class_names
 from fastclip.data.tokenizer import build_tokenizer

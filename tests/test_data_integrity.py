@@ -2,6 +2,7 @@
 set aside, every list part matching, the image formats img2dataset writes, the same val set from both loaders."""
 
 import io
+import os
 import tarfile
 from collections import Counter
 from types import SimpleNamespace
@@ -11,12 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from fastclip.config import ConfigError, check_inputs, parse_args
+from fastclip.cli import parse_args
 from fastclip.data.loader import build_loader
 from fastclip.data.skips import DataBroken
 from fastclip.data.tokenizer import build_tokenizer
 from fastclip.distributed import World
+from fastclip.errors import ConfigError
 from fastclip.model import ImageSpec
+from fastclip.preflight import check_inputs
 from fastclip.trainer import Trainer
 
 SPEC = ImageSpec(size=32, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
@@ -286,3 +289,90 @@ def test_dali_val_with_fewer_samples_than_ranks_is_named(tmp_path):
     data = _data("--data.val_shards", str(shard), "--data.loader", "dali")
     with pytest.raises(ConfigError, match=r"data\.val_shards: 1 samples for 2 ranks"):
         _loader(data, train=False, kind="dali", rank=1, world_size=2).close()
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_val_pixels_are_open_clips_eval_transform(tmp_path, kind):
+    import open_clip
+
+    from fastclip.data.synthetic import render_sample
+
+    rng, samples, jpegs = np.random.default_rng(0), [], []
+    for i, (w, h) in enumerate([(240, 180), (180, 250), (131, 97), (64, 64), (203, 77), (66, 95)]):
+        jpeg, caption, _ = render_sample(rng, 256, 90)
+        out = io.BytesIO()
+        Image.open(io.BytesIO(jpeg)).resize((w, h)).save(out, format="JPEG", quality=90)
+        jpegs.append(out.getvalue())
+        samples.append((f"{i:05d}", {"jpg": out.getvalue(), "txt": caption.encode()}))
+    shard = _write_shard(tmp_path / "sizes-000.tar", samples)
+    spec = ImageSpec(size=64, mean=SPEC.mean, std=SPEC.std)
+    data = _data("--data.val_shards", str(shard), "--data.batch_size", "6", "--data.loader", kind)
+    loader = build_loader(
+        data=data,
+        image=spec,
+        tokenizer=TOKENIZER,
+        train=False,
+        rank=0,
+        world_size=1,
+        seed=0,
+        device=torch.device("cpu"),
+    )
+    try:
+        (batch,) = list(loader)
+    finally:
+        loader.close()
+    transform = open_clip.image_transform(64, is_train=False, mean=SPEC.mean, std=SPEC.std)
+    want = torch.stack([transform(Image.open(io.BytesIO(j))) for j in jpegs])
+    error = (batch.images - want).abs() * torch.tensor(SPEC.std).view(3, 1, 1) * 255  # in intensity levels
+    # the same resize and crop; resamplers round apart by a level or two (DALI's own centring was off by up to 8)
+    assert error.mean() < (0.05 if kind == "torch" else 0.5) and error.max() <= 3, (error.mean(), error.max())
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+@pytest.mark.parametrize("prefix", ["./", "a.b/", "./v1.0/"])
+def test_folders_and_dot_slash_in_member_names_keep_their_samples(tmp_path, kind, prefix):
+    captions = [f"prefixed {i}" for i in range(10)]
+    samples = [(f"{prefix}{i:05d}", {"jpg": _image("JPEG", i), "txt": c.encode()}) for i, c in enumerate(captions)]
+    shard = _write_shard(tmp_path / "prefixed-000.tar", samples)
+    loader = _loader(_data("--data.val_shards", str(shard), "--data.loader", kind), train=False, kind=kind)
+    try:
+        assert loader.samples_per_epoch == 10 or kind == "dali"  # DALI counts by its own index
+        texts = [t for b in loader for t in _texts(b)]
+    finally:
+        loader.close()
+    assert Counter(texts) == Counter(_ids(captions))
+
+
+@pytest.mark.parametrize("kind", LOADERS)
+def test_a_bad_label_is_unlabelled_and_named_not_an_undecodable_image(tmp_path, capfd, monkeypatch, kind):
+    from fastclip.data import shards
+
+    monkeypatch.setattr(shards, "_bad_labels_said", False)  # said once per process: the other loader's test said it
+    samples = [
+        (f"{i:05d}", {"jpg": _image("JPEG", i), "txt": f"labelled {i}".encode(), "cls": b"seven" if i == 3 else b"2"})
+        for i in range(8)
+    ]
+    shard = _write_shard(tmp_path / "labels-000.tar", samples)
+    loader = _loader(_data("--data.val_shards", str(shard), "--data.loader", kind), train=False, kind=kind)
+    try:
+        labels = torch.cat([b.labels for b in loader])
+    finally:
+        loader.close()
+    assert sorted(labels.tolist()) == [-1] + [2] * 7
+    err = capfd.readouterr().err
+    assert "00003" in err and "is not an integer class index" in err and "does not decode" not in err
+
+
+def test_importing_fastclip_changes_nothing_outside_it(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, os, fastclip, fastclip.config, fastclip.data.skips, fastclip.data.loader\n"
+        "assert list(fastclip.__path__) == [os.path.dirname(fastclip.__file__)], fastclip.__path__\n"
+        "assert not logging.getLogger('fastclip').handlers and not logging.getLogger('fastclip.data').handlers\n"
+        "assert fastclip.config.DataConfig().demo_dir == '.cache/fastclip-demo'\n"
+    )
+    env = {**os.environ, "FASTCLIP_DEMO_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -30,7 +30,7 @@ def test_audit_counts_value_reads_and_spares_host_tensors():
 
 
 def _trainer(world, world_dir, tmp_path, extra):
-    from fastclip.config import parse_args
+    from fastclip.cli import parse_args
     from fastclip.trainer import Trainer
 
     cfg = parse_args(small_run_args(world_dir, tmp_path, steps=20) + ["--log.every", "1000", *extra])
@@ -38,7 +38,8 @@ def _trainer(world, world_dir, tmp_path, extra):
 
 
 def _config_with_timers(world_dir, tmp_path, extra):
-    from fastclip.config import deepspeed_config, parse_args
+    from fastclip.cli import parse_args
+    from fastclip.engine import deepspeed_config
 
     cfg = parse_args(small_run_args(world_dir, tmp_path, steps=20) + extra)
     ds = deepspeed_config(cfg, world_size=1, cuda=False)

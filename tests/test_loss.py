@@ -117,3 +117,47 @@ def test_ranks_match_one_rank_on_the_global_batch(world, local_loss, backend):
     # local-loss rows each see every column: the loss over ranks averages to the global loss
     for ours, ref in zip(result, one_rank):
         torch.testing.assert_close(torch.from_numpy(ours), ref, rtol=1e-5, atol=1e-6)
+
+
+def _no_grad_gather_worker(rank, world, port, a, b, s, local_loss, out):
+    import torch.distributed as dist
+    from open_clip.loss import ClipLoss as OpenClipLoss
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    n = a.shape[0] // world
+    rows = slice(rank * n, (rank + 1) * n)
+    kwargs = dict(local_loss=local_loss, gather_with_grad=False, rank=rank, world_size=world)
+    ours = _loss_and_grads(ClipLoss(**kwargs), a[rows], b[rows], s)
+    theirs = _loss_and_grads(OpenClipLoss(**kwargs), a[rows], b[rows], s)
+    out.put((rank, [t.numpy() for t in ours], [t.numpy() for t in theirs]))
+    dist.barrier()
+    dist.destroy_process_group()
+    out.close()
+    out.join_thread()
+    os._exit(0)  # as _rank_worker: skip a gloo worker's interpreter teardown
+
+
+@pytest.mark.parametrize("local_loss", [True, False])
+def test_gather_without_grad_matches_open_clip_rank_by_rank(local_loss):
+    """With gather_with_grad false the other ranks' features are constants, so a rank's gradients are not the
+    one-rank ones: the contract is open_clip's own numbers, rank by rank."""
+    world = 2
+    a, b, s = _features(10 * world, 24, seed=7)
+    ctx = mp.get_context("spawn")
+    out, port = ctx.Queue(), _free_port()
+    procs = [
+        ctx.Process(target=_no_grad_gather_worker, args=(r, world, port, a, b, s, local_loss, out))
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    results = [out.get(timeout=120) for _ in range(world)]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for rank, ours, theirs in results:
+        for x, y in zip(ours, theirs):
+            torch.testing.assert_close(
+                torch.from_numpy(x), torch.from_numpy(y), rtol=1e-5, atol=1e-6, msg=f"rank {rank}"
+            )

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from fastclip.config import ConfigError, ModelConfig
+from fastclip.config import ModelConfig
+from fastclip.errors import ConfigError
 from fastclip.meters import Meters
 from fastclip.model import build_model, image_spec, open_clip_state_dict, param_groups
 
@@ -75,3 +76,14 @@ def test_tf32_only_on_cuda():
     finally:
         torch.set_float32_matmul_precision(before[0])
         torch.backends.cudnn.benchmark = before[1]
+
+
+def test_a_test_may_change_global_torch_flags():
+    torch.set_float32_matmul_precision("high")  # as a Trainer on CUDA does; not restored here, on purpose
+    torch.backends.cudnn.benchmark = True
+
+
+def test_global_torch_flags_are_restored_after_each_test():
+    """The root conftest's restore_torch_flags put back what the test before this one changed (pytest runs a
+    file's tests in order), so no test's numbers depend on which tests ran before it."""
+    assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.benchmark

@@ -2,7 +2,7 @@
 
 import pytest
 
-from fastclip.config import parse_args
+from fastclip.cli import parse_args
 
 from runs import small_run_args
 
@@ -107,7 +107,7 @@ def test_resume_follows_this_runs_schedule_and_adamw_settings(single_rank, world
 
 
 def test_resume_with_nothing_left_to_train_is_refused(single_rank, world_dir, tmp_path):
-    from fastclip.config import ConfigError
+    from fastclip.errors import ConfigError
     from fastclip.trainer import Trainer
 
     args = small_run_args(world_dir, tmp_path / "run", steps=2) + ["--log.every", "1000"]

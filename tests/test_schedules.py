@@ -7,7 +7,9 @@ import sys
 import pytest
 import torch
 
-from fastclip.config import ConfigError, check_inputs, parse_args
+from fastclip.cli import parse_args
+from fastclip.errors import ConfigError
+from fastclip.preflight import check_inputs
 from fastclip.schedules import LrSchedule
 from fastclip.trainer import EarlyStopping
 

@@ -19,7 +19,7 @@ from runs import ROOT, clean_env
 # Each child initializes its own process group: the test session may hold one already (conftest's single_rank).
 _INIT = """
 import os, sys
-from fastclip.config import ConfigError
+from fastclip.errors import ConfigError
 from fastclip.distributed import close_distributed, init_distributed
 try:
     world = init_distributed()
@@ -115,7 +115,10 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.mark.parametrize("level", [logging.WARNING, logging.INFO], ids=["warning", "info"])
 def test_pretrained_weights_are_loaded_and_said_truthfully(tiny_checkpoint, caplog, capsys, level):
+    from fastclip import console
+
     path, saved = tiny_checkpoint
+    console.setup(0)  # as a run does: fastclip's lines go to the console through its own handler
     caplog.set_level(level)
     filters = list(logging.getLogger().filters)
     torch.manual_seed(0)
@@ -132,7 +135,8 @@ def test_pretrained_weights_are_loaded_and_said_truthfully(tiny_checkpoint, capl
 def test_pretrained_line_reaches_the_console(tiny_checkpoint):
     path, _ = tiny_checkpoint
     code = (
-        "from fastclip.config import ModelConfig\nfrom fastclip.model import build_model\n"
+        "from fastclip import console\nfrom fastclip.config import ModelConfig\n"
+        "from fastclip.model import build_model\nconsole.setup(0)\n"
         f"build_model(ModelConfig(name='fastclip-tiny', pretrained={str(path)!r}))\n"
     )
     proc = _python(code, clean_env())
@@ -151,7 +155,9 @@ def test_pretrained_line_reaches_the_console(tiny_checkpoint):
     ],
 )
 def test_a_pretrained_file_that_does_not_load_is_one_line(tmp_path, content, said):
-    from fastclip.config import ConfigError, check_inputs, parse_args
+    from fastclip.cli import parse_args
+    from fastclip.errors import ConfigError
+    from fastclip.preflight import check_inputs
 
     path = tmp_path / "weights.pt"
     path.write_bytes(content) if isinstance(content, bytes) else torch.save(content, path)
@@ -159,3 +165,25 @@ def test_a_pretrained_file_that_does_not_load_is_one_line(tmp_path, content, sai
         check_inputs(parse_args(["--model.pretrained", str(path)]))  # before any model is built
         build_model(ModelConfig(force_image_size=32, pretrained=str(path)))
     assert said in str(err.value) and "\n" not in str(err.value) and "weights_only" not in str(err.value)
+
+
+def test_a_partial_deepspeed_config_trains_with_fastclips_other_settings(single_rank, world_dir, tmp_path, capsys):
+    import json
+
+    from fastclip.cli import parse_args
+    from fastclip.trainer import Trainer
+
+    from runs import small_run_args
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 1}, "gradient_clipping": 0.5}))
+    args = small_run_args(world_dir, tmp_path, steps=2) + ["--deepspeed_config", str(ds), "--log.every", "1000"]
+    trainer = Trainer(parse_args(args + ["--train.zero_stage", "1"]), single_rank)
+    try:
+        trainer.train_step(iter(trainer.train_loader))
+        assert trainer.stage == 1 and trainer.engine.gradient_clipping() == 0.5 and trainer.precision == "bf16"
+        assert trainer.ds_config["timers"]["throughput"]["enabled"] is False  # fastclip's, kept under the file's
+        assert trainer.ds_config["optimizer"]["type"] == "AdamW"
+    finally:
+        trainer.close()
+    assert f"deepspeed: {ds} merged over the derived config" in capsys.readouterr().out

@@ -89,3 +89,23 @@ def test_pickled_copy_gives_the_same_ids():
     copy = pickle.loads(pickle.dumps(tok))  # what a DataLoader worker started by spawn receives
     assert copy._bpe is not None and copy._bpe is not tok._bpe
     assert torch.equal(copy(AWKWARD), open_clip.get_tokenizer("ViT-B-32")(AWKWARD))
+
+
+def test_the_python_bpe_fallback_is_said_once(monkeypatch, capfd):
+    import builtins
+
+    from fastclip.data import tokenizer as module
+
+    real_import = builtins.__import__
+
+    def no_extension(name, globals=None, locals=None, fromlist=(), level=0):
+        if name == "fastclip" and fromlist and "_C" in fromlist:
+            raise ImportError("fastclip._C is not built (simulated)")
+        return real_import(name, globals, locals, fromlist, level)
+
+    monkeypatch.setattr(builtins, "__import__", no_extension)
+    monkeypatch.setattr(module, "_fallback_said", False)
+    for _ in range(2):
+        assert build_tokenizer("ViT-B-32")._bpe is None
+    said = capfd.readouterr().err
+    assert said.count("BPE merges run in Python (fastclip._C is not built (simulated))") == 1

@@ -92,7 +92,7 @@ def test_batch_size_mismatch_with_deepspeed_config_is_an_error(world_dir, tmp_pa
         cwd=ROOT,
         timeout=300,
     )
-    assert proc.returncode == 2 and "train_batch_size=999 disagrees" in proc.stderr
+    assert proc.returncode == 2 and "train_batch_size=999 where the run config gives" in proc.stderr
     assert "params" not in proc.stdout  # refused before the model was built
 
 

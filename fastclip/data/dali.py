@@ -1,159 +1,37 @@
-"""DALI pipelines over webdataset shards: per-rank split, shuffle, decode, crop, normalize; captions tokenized.
+"""The DALI loader: a reader and a decoder pipeline (fastclip/data/dali_pipelines.py), the hand-over between them,
+and the tokenizer, run one batch ahead by a thread (fastclip/data/prefetch.py).
 
-Two pipelines: a reader (this rank's part of the shards, shuffled, as encoded bytes) and a decoder (JPEG decode
-on the GPU with ``device="mixed"``, nvJPEG; on a CPU-only machine the same ops with ``device_id=None``). The
-hand-over between them is where a corrupt image is cut out: DALI itself can only stop on one. A background
-thread runs both and the tokenizer one batch ahead, so the training step finds the next batch ready; the
-images reach the step on its device.
+The hand-over is where a corrupt image is cut out: DALI itself can only stop on one. The images reach the step
+on its device.
 """
 
 from __future__ import annotations
 
 import base64
-import queue
-import threading
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-from nvidia.dali import fn, pipeline_def, types
-from nvidia.dali.plugin.pytorch import feed_ndarray
 
-from fastclip.config import ConfigError, DataConfig
 from fastclip.data.batch import Batch, DataPosition
-from fastclip.data.shards import IMAGE_EXTS, index_paths, resolve_shards
+from fastclip.data.dali_pipelines import (
+    decode_pipeline,
+    is_gpu_pipe,
+    reader_pipeline,
+    reason,
+    strings,
+    to_torch,
+)
+from fastclip.data.dali_pipelines import labels as labels_of
+from fastclip.data.loader import LoaderOptions, derive_seed
+from fastclip.data.prefetch import Prefetcher
+from fastclip.data.shards import resolve_shards
 from fastclip.data.skips import DataBroken, Skips
+from fastclip.errors import ConfigError
 from fastclip.model import ImageSpec
-
-
-def _decode_device(data: DataConfig) -> str:
-    if data.decode_device == "auto":
-        return "mixed" if torch.cuda.is_available() else "cpu"
-    return data.decode_device
-
-
-def _normalize(images, spec: ImageSpec, crop: tuple[int, int] | None = None):
-    return fn.crop_mirror_normalize(
-        images,
-        dtype=types.FLOAT,
-        output_layout="CHW",
-        crop=crop,
-        mean=[255.0 * m for m in spec.mean],
-        std=[255.0 * s for s in spec.std],
-    )
-
-
-def _reader(paths: list[str], exts: list[str], *, rank: int, world_size: int, shuffle: bool, data: DataConfig, seed):
-    return fn.readers.webdataset(
-        paths=paths,
-        index_paths=index_paths(paths),
-        ext=exts,
-        # a sample without an image or a caption is skipped, as open_clip's filter_no_caption_or_no_image does;
-        # eval reads the optional KEY.cls too, and "skip" would drop every sample without one: there missing
-        # parts come through empty and the loader drops image- or caption-less samples itself
-        missing_component_behavior="skip" if shuffle else "empty",
-        shard_id=rank,
-        num_shards=world_size,
-        random_shuffle=shuffle,
-        initial_fill=data.shuffle_buffer,
-        pad_last_batch=not shuffle,
-        stick_to_shard=not shuffle,
-        seed=seed,
-        name="reader",
-    )
-
-
-def reader_pipeline(
-    *,
-    data: DataConfig,
-    paths: list[str],
-    train: bool,
-    rank: int,
-    world_size: int,
-    seed: int,
-    checkpoint: bytes | None = None,
-):
-    """This rank's encoded samples as DALI reads them: (image bytes, caption bytes[, cls bytes for eval], source
-    info). With ``checkpoint`` (from ``pipe.checkpoint()``), it goes on from where that pipeline stood."""
-
-    @pipeline_def(
-        batch_size=data.batch_size, num_threads=data.num_threads, device_id=None, seed=seed, enable_checkpointing=True
-    )
-    def pipeline():
-        # DALI matches extensions case-sensitively; the torch loader lower-cases them (KEY.JPG is common)
-        images = ";".join([*IMAGE_EXTS, *(e.upper() for e in IMAGE_EXTS)])
-        exts = [images, "txt"] + ([] if train else ["cls"])
-        outputs = _reader(paths, exts, rank=rank, world_size=world_size, shuffle=train, data=data, seed=seed)
-        return (*outputs, fn.get_property(outputs[0], key="source_info"))  # 'shard.tar:offset:key.jpg'
-
-    pipe = pipeline(checkpoint=checkpoint)
-    pipe.build()
-    return pipe
-
-
-def decode_pipeline(*, data: DataConfig, image: ImageSpec, train: bool, seed: int, batch_size: int | None = None):
-    """Encoded images in (``external_source`` 'encoded'), model-ready float CHW images out: decode on the GPU
-    where there is one, random-resized-crop for training, resize + centre crop for eval.
-
-    One batch in flight (``prefetch_queue_depth=1``): the loader feeds a batch, schedules it, tokenizes that
-    batch's captions while DALI decodes, then takes the images; a batch that fails is then known exactly.
-    """
-    device = _decode_device(data)
-    device_id = torch.cuda.current_device() if device == "mixed" else None
-
-    @pipeline_def(
-        batch_size=batch_size or data.batch_size, num_threads=data.num_threads, device_id=device_id, seed=seed,
-        prefetch_queue_depth=1,
-    )  # fmt: skip
-    def pipeline():
-        encoded = fn.external_source(name="encoded", no_copy=False)
-        if train:
-            img = fn.decoders.image_random_crop(
-                encoded,
-                device=device,
-                output_type=types.RGB,
-                random_area=list(data.crop_scale),
-                random_aspect_ratio=[3 / 4, 4 / 3],
-                seed=seed,
-            )
-            img = fn.resize(img, resize_x=image.size, resize_y=image.size, interp_type=types.INTERP_CUBIC)
-            return _normalize(img, image)
-        img = fn.decoders.image(encoded, device=device, output_type=types.RGB)
-        img = fn.resize(img, resize_shorter=image.size, interp_type=types.INTERP_CUBIC)
-        return _normalize(img, image, crop=(image.size, image.size))
-
-    pipe = pipeline()
-    pipe.build()
-    return pipe
-
-
-def _to_torch(tensor_list, device: torch.device) -> torch.Tensor:
-    dense = tensor_list.as_tensor()
-    out = torch.empty(dense.shape(), dtype=torch.float32, device=device)
-    feed_ndarray(dense, out, cuda_stream=torch.cuda.current_stream(device) if device.type == "cuda" else None)
-    return out
-
-
-def _strings(tensor_list, n: int) -> list[str]:
-    return [np.array(tensor_list[i]).tobytes().decode("utf-8", errors="replace") for i in range(n)]
-
-
-def _labels(tensor_list, n: int) -> list[int]:
-    values = []
-    for i in range(n):
-        raw = np.array(tensor_list[i]).tobytes().strip()
-        values.append(int(raw) if raw else -1)
-    return values
-
-
-def _reason(error: Exception) -> str:
-    """The line of a DALI error that says what went wrong ('nvImageCodec failure: ...')."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    useful = [line for line in lines if not line.startswith(("Current pipeline", "Critical error", "Error in", "File"))]
-    return useful[-1] if useful else (lines[-1] if lines else type(error).__name__)
 
 
 @dataclass
@@ -188,8 +66,23 @@ class _Encoded:
             self.positions + other.positions,
         )  # fmt: skip
 
+    @classmethod
+    def empty(cls) -> _Encoded:
+        return cls([], [], None, [], [])
+
     def split(self, n: int) -> tuple[_Encoded, _Encoded]:
         return self.pick(range(min(n, len(self)))), self.pick(range(n, len(self)))
+
+
+@dataclass
+class _Flow:
+    """One pass of the producer: samples read but not scheduled, batches in the decoders, decoders free."""
+
+    left: int | None  # eval: samples of this pass not read yet (None: a training stream, endless)
+    free: deque
+    carry: _Encoded = field(default_factory=_Encoded.empty)
+    in_flight: deque = field(default_factory=deque)
+    all_bad: int = 0  # batches in a row without an image that decodes
 
 
 class DaliLoader:
@@ -233,7 +126,7 @@ class DaliLoader:
         # DALI gives shard i the samples [total * i // n, total * (i + 1) // n)
         self.local_samples = total * (rank + 1) // world_size - total * rank // world_size
         self.batch_size = self.reader.max_batch_size
-        self.image_device = device if _is_gpu_pipe(self.decoders[0]) else torch.device("cpu")
+        self.image_device = device if is_gpu_pipe(self.decoders[0]) else torch.device("cpu")
 
     @property
     def skipped(self) -> int:
@@ -245,10 +138,11 @@ class DaliLoader:
         checkpoint = self.reader.checkpoint() if self.train else b""  # ~0.06 ms
         out = self.reader.run()
         n = len(out[1]) if limit is None else min(len(out[1]), limit)  # eval: the reader's padding cut off
-        labels = _labels(out[2], n) if len(out) > 3 else None
+        sources = strings(out[-1], n)
+        labels = labels_of(out[2], n, sources) if len(out) > 3 else None
         images = [np.array(out[0][i]) for i in range(n)]
         positions = [DataPosition(checkpoint, i + 1) for i in range(n)]
-        read = _Encoded(images, _strings(out[1], n), labels, _strings(out[-1], n), positions)
+        read = _Encoded(images, strings(out[1], n), labels, sources, positions)
         if not self.train:  # the eval reader passes samples with a missing part through empty (see _reader)
             read = read.pick([i for i in range(n) if images[i].size and np.array(out[1][i]).size])
         if self._consumed_on_restore:  # the restored read's first samples were trained on before the checkpoint
@@ -274,7 +168,7 @@ class DaliLoader:
                 self.checker.schedule_run()
                 self.checker.outputs()
             except RuntimeError as e:
-                bad[i] = _reason(e)
+                bad[i] = reason(e)
                 self.checker = None  # a pipeline that failed is spent
         return bad
 
@@ -283,7 +177,7 @@ class DaliLoader:
         spent pipeline, whose threads must not outlive it (a loader worker forked later would inherit them)."""
         try:
             (images,) = self.decoders[slot].outputs()
-            return _to_torch(images, self.image_device)
+            return to_torch(images, self.image_device)
         except RuntimeError as e:
             return e.with_traceback(None)
 
@@ -295,62 +189,68 @@ class DaliLoader:
                 f"the DALI pipeline stopped: {error}\nEvery image of the failed batch decodes on its own, so this is "
                 "not a corrupt sample; --data.loader torch runs without DALI."
             ) from error
-        for i, reason in bad.items():
+        for i, why in bad.items():
             shard, _, name = batch.sources[i].rsplit(":", 2)
-            self.skips.skip(key=name.rsplit(".", 1)[0], shard=shard, data=batch.images[i].tobytes(), error=reason)
+            self.skips.skip(key=name.rsplit(".", 1)[0], shard=shard, data=batch.images[i].tobytes(), error=why)
         self.rebuilds += 1
         self.decoders[slot] = self.make_decoder(len(self.decoders) + self.rebuilds)  # the failed one is spent
         return batch.pick([i for i in range(len(batch)) if i not in bad])
 
     def _produce(self) -> Iterator[Batch]:
         """Keep every decoder busy with one batch; hand over the oldest when its images are ready."""
-        left = None if self.train else self.local_samples  # eval: samples of this pass not read yet
-        carry = _Encoded([], [], None, [], [])
-        in_flight: deque[tuple[int, _Encoded]] = deque()
-        free = deque(range(len(self.decoders)))
-        all_bad = 0
+        flow = _Flow(None if self.train else self.local_samples, deque(range(len(self.decoders))))
         while True:
-            while free:
-                while len(carry) < self.batch_size and (left is None or left > 0):
-                    read, n = self._read(left)
-                    left = None if left is None else left - n
-                    carry = carry + read
-                if not len(carry):
-                    break
-                batch, carry = carry.split(self.batch_size)
-                slot = free.popleft()
-                self.decoders[slot].feed_input("encoded", batch.images)
-                self.decoders[slot].schedule_run()
-                in_flight.append((slot, batch))
-            if not in_flight:
+            self._schedule(flow)
+            if not flow.in_flight:
                 return
-            slot, batch = in_flight.popleft()
-            texts = self.tokenizer(batch.captions)  # while the decoders work
-            images = self._take(slot)
-            if isinstance(images, RuntimeError):
-                good = self._skip(batch, images, slot)
-                all_bad = 0 if len(good) else all_bad + 1
-                if all_bad >= self.MAX_ALL_BAD:
-                    raise DataBroken(
-                        f"{self.MAX_ALL_BAD} batches in a row held no image that decodes ({self.skipped} skipped on "
-                        f"rank {self.skips.rank}): the data is broken, not a sample. Check the shards' image files."
-                    )
-                carry = good + carry
-                free.append(slot)
-                continue
-            free.append(slot)
-            all_bad = 0
-            labels = torch.tensor(batch.labels, dtype=torch.long) if batch.labels is not None else None
-            if texts.device.type == "cpu" and self.device.type == "cuda":
-                texts = texts.pin_memory()
-            position = batch.positions[-1] if self.train else None
-            yield Batch(images=images, texts=texts, labels=labels, position=position)
+            batch = self._hand_over(flow)
+            if batch is not None:
+                yield batch
+
+    def _schedule(self, flow: _Flow) -> None:
+        """Give each free decoder a batch of the samples read, reading more as needed."""
+        while flow.free:
+            while len(flow.carry) < self.batch_size and (flow.left is None or flow.left > 0):
+                read, n = self._read(flow.left)
+                flow.left = None if flow.left is None else flow.left - n
+                flow.carry = flow.carry + read
+            if not len(flow.carry):
+                return
+            batch, flow.carry = flow.carry.split(self.batch_size)
+            slot = flow.free.popleft()
+            self.decoders[slot].feed_input("encoded", batch.images)
+            self.decoders[slot].schedule_run()
+            flow.in_flight.append((slot, batch))
+
+    def _hand_over(self, flow: _Flow) -> Batch | None:
+        """The oldest scheduled batch, decoded and tokenized; None when its decode failed (its good samples go
+        back to be scheduled again, ahead of the rest)."""
+        slot, batch = flow.in_flight.popleft()
+        texts = self.tokenizer(batch.captions)  # while the decoders work
+        images = self._take(slot)
+        flow.free.append(slot)
+        if isinstance(images, RuntimeError):
+            good = self._skip(batch, images, slot)
+            flow.all_bad = 0 if len(good) else flow.all_bad + 1
+            if flow.all_bad >= self.MAX_ALL_BAD:
+                raise DataBroken(
+                    f"{self.MAX_ALL_BAD} batches in a row held no image that decodes ({self.skipped} skipped on "
+                    f"rank {self.skips.rank}): the data is broken, not a sample. Check the shards' image files."
+                )
+            flow.carry = good + flow.carry
+            return None
+        flow.all_bad = 0
+        labels = torch.tensor(batch.labels, dtype=torch.long) if batch.labels is not None else None
+        if texts.device.type == "cpu" and self.device.type == "cuda":
+            texts = texts.pin_memory()
+        position = batch.positions[-1] if self.train else None
+        return Batch(images=images, texts=texts, labels=labels, position=position)
 
     def __iter__(self) -> Iterator[Batch]:
         if not self.train and self.local_samples == 0:
             return iter(())
         self._close_prefetcher()
-        self._prefetcher = _Prefetcher(self._produce(), depth=self.prefetch, device=self.device)
+        self._prefetcher = Prefetcher(self._produce(), depth=self.prefetch, device=self.device)
         return self._prefetcher
 
     def _close_prefetcher(self) -> None:
@@ -364,70 +264,11 @@ class DaliLoader:
         self.reader, self.decoders, self.checker = None, [], None
 
 
-def _is_gpu_pipe(pipe) -> bool:
-    return pipe.device_id is not None and pipe.device_id != types.CPU_ONLY_DEVICE_ID
-
-
-class _Prefetcher:
-    """Runs a batch generator in a daemon thread, ``depth`` batches ahead; re-raises its errors in the reader."""
-
-    _DONE = object()
-
-    def __init__(self, source: Iterator[Batch], *, depth: int, device: torch.device):
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.device = device
-        self.stopped = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(source,), daemon=True, name="fastclip-prefetch")
-        self.thread.start()
-
-    def _run(self, source: Iterator[Batch]) -> None:
-        try:
-            for item in source:
-                if self.stopped.is_set():
-                    return
-                while not self.stopped.is_set():
-                    try:
-                        self.queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-        except BaseException as e:  # handed to the consumer, which re-raises it with its traceback
-            self.queue.put(e)
-            return
-        if not self.stopped.is_set():
-            self.queue.put(self._DONE)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> Batch:
-        item = self.queue.get()
-        if item is self._DONE:
-            raise StopIteration
-        if isinstance(item, BaseException):
-            raise item
-        non_blocking = self.device.type == "cuda"
-        return Batch(
-            images=item.images.to(self.device, non_blocking=non_blocking),
-            texts=item.texts.to(self.device, non_blocking=non_blocking),
-            labels=item.labels,
-            position=item.position,
-        )
-
-    def close(self) -> None:
-        """Stop producing and wait for the thread, so nothing runs the pipeline after this returns."""
-        self.stopped.set()
-        while self.thread.is_alive():
-            try:  # unblock a producer waiting on a full queue
-                self.queue.get_nowait()
-            except queue.Empty:
-                pass
-            self.thread.join(timeout=0.05)
-
-
-def build_loader(
+def build_dali_loader(
     *,
-    data: DataConfig,
+    spec: str,
+    field: str,
+    options: LoaderOptions,
     image: ImageSpec,
     tokenizer: Callable[[list[str]], torch.Tensor],
     train: bool,
@@ -436,23 +277,21 @@ def build_loader(
     seed: int,
     device: torch.device,
 ) -> DaliLoader:
-    """``seed`` is the run's, the same on every rank. DALI splits the samples among ranks by position whatever
+    """The DALI loader over ``spec``'s readable shards. DALI splits the samples among ranks by position whatever
     the shuffle, so each rank shuffles and crops with its own seed."""
-    field = "data.train_shards" if train else "data.val_shards"
-    spec = data.train_shards if train else data.val_shards
-    paths = resolve_shards(spec, field=field, max_bad_fraction=data.max_bad_fraction).paths
-    seed = seed * 1009 + rank
+    paths = resolve_shards(spec, field=field, max_bad_fraction=options.max_bad_fraction).paths
 
     def build(paths: list[str]) -> DaliLoader:
         return DaliLoader(
             make_reader=lambda checkpoint: reader_pipeline(
-                data=data, paths=paths, train=train, rank=rank, world_size=world_size, seed=seed, checkpoint=checkpoint
+                options=options, paths=paths, train=train, rank=rank, world_size=world_size,
+                seed=derive_seed(seed, rank), checkpoint=checkpoint,
             ),
             # a rebuilt decoder draws other crops than the one it replaces
             make_decoder=lambda rebuilds: decode_pipeline(
-                data=data, image=image, train=train, seed=seed + 7919 * rebuilds
+                options=options, image=image, train=train, seed=derive_seed(seed, rank, 1 + rebuilds)
             ),
-            make_checker=lambda: decode_pipeline(data=data, image=image, train=False, seed=seed, batch_size=1),
+            make_checker=lambda: decode_pipeline(options=options, image=image, train=False, seed=0, batch_size=1),
             tokenizer=tokenizer, train=train, rank=rank, world_size=world_size, device=device,
         )  # fmt: skip
 
@@ -460,7 +299,7 @@ def build_loader(
         return build(paths)
     except RuntimeError as e:  # DALI's index inference stops on a tar damaged in the middle ("Invalid seek")
         # the cheap end check passed them all: walk every header to find the damaged ones (else re-raise)
-        shards = resolve_shards(spec, field=field, max_bad_fraction=data.max_bad_fraction, count=True)
+        shards = resolve_shards(spec, field=field, max_bad_fraction=options.max_bad_fraction, count=True)
         if len(shards.paths) < len(paths):
             return build(shards.paths)
         if (samples := sum(shards.samples)) < world_size:  # DALI's "num_shards_ <= Size()"

@@ -1,14 +1,76 @@
-"""One entry for the data path: the DALI loader where DALI is installed, else the torch fallback."""
+"""The data path's entry, and the contract both loaders keep.
+
+A loader is built for one rank and one split (``train`` or val) by :func:`build_loader`: DALI where it is
+installed (fastclip/data/dali.py), else a torch DataLoader (fastclip/data/torch_loader.py). Both read the same
+shards (fastclip/data/shards.py: which files, which samples) into the same :class:`~fastclip.data.batch.Batch`.
+"""
 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 
-from fastclip.config import ConfigError, DataConfig
+from fastclip.config import DataConfig
+from fastclip.data.batch import Batch
+from fastclip.errors import ConfigError
 from fastclip.model import ImageSpec
+
+
+class Loader(Protocol):
+    """What the trainer and the evaluation use of a loader.
+
+    A training loader never ends: it wraps epochs, and in each one every sample is read once, by one rank. A
+    val loader yields each of this rank's samples once per pass, in the same order every pass, with labels
+    (-1 where a sample has no ``KEY.cls``). Samples without an image or a caption are left out, as open_clip
+    does; an image that does not decode is skipped, named in the log and counted, and a training batch keeps
+    its size.
+    """
+
+    samples_per_epoch: int  # usable samples of one pass over all ranks
+    local_samples: int  # this rank's share of them
+    batch_size: int
+
+    @property
+    def skipped(self) -> int:
+        """Samples this rank dropped because their image did not decode."""
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Go on from a training batch's ``position.state()``; ValueError when another loader saved it."""
+
+    def close(self) -> None:
+        """Stop the loader's threads and processes."""
+
+
+@dataclass(frozen=True)
+class LoaderOptions:
+    """The data settings a loader uses (from :class:`~fastclip.config.DataConfig`)."""
+
+    batch_size: int
+    workers: int  # DALI CPU threads, or DataLoader worker processes
+    shuffle_buffer: int  # samples (per rank; per worker with the torch loader)
+    decode_device: str  # 'auto', 'mixed' or 'cpu'
+    crop_scale: tuple[float, float]
+    max_bad_fraction: float
+
+    @classmethod
+    def of(cls, data: DataConfig) -> LoaderOptions:
+        return cls(
+            batch_size=data.batch_size, workers=data.num_threads, shuffle_buffer=data.shuffle_buffer,
+            decode_device=data.decode_device, crop_scale=data.crop_scale, max_bad_fraction=data.max_bad_fraction,
+        )  # fmt: skip
+
+
+def derive_seed(seed: int, *stream: int) -> int:
+    """A seed for one random stream of a run (a rank's shuffle, a worker's buffer, a rebuilt decoder's crops),
+    independent of the others and the same in every run with ``seed``."""
+    return int(np.random.SeedSequence([seed, *stream]).generate_state(1)[0])
 
 
 def dali_available() -> bool:
@@ -25,18 +87,20 @@ def build_loader(
     world_size: int,
     seed: int,
     device: torch.device,
-):
-    """A loader for this rank's part of the train (``train``) or val shards, as ``data.loader`` says."""
+) -> Loader:
+    """A loader for this rank's part of the train (``train``) or val shards, as ``data.loader`` says. ``seed`` is
+    the run's, the same on every rank: loaders derive their per-rank streams from it."""
     kind = data.loader
     if kind == "auto":
         kind = "dali" if dali_available() else "torch"
     if kind == "dali":
         if not dali_available():
             raise ConfigError("data.loader: 'dali' needs nvidia-dali (pip install nvidia-dali-cuda120), or use 'torch'")
-        from fastclip.data.dali import build_loader as build
+        from fastclip.data.dali import build_dali_loader as build
     else:
-        from fastclip.data.torch_loader import TorchLoader as build
+        from fastclip.data.torch_loader import build_torch_loader as build
     return build(
-        data=data, image=image, tokenizer=tokenizer, train=train, rank=rank, world_size=world_size, seed=seed,
-        device=device,
+        spec=data.train_shards if train else data.val_shards, field="data.train_shards" if train else "data.val_shards",
+        options=LoaderOptions.of(data), image=image, tokenizer=tokenizer, train=train, rank=rank,
+        world_size=world_size, seed=seed, device=device,
     )  # fmt: skip

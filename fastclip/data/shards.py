@@ -21,8 +21,8 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
-from fastclip.config import ConfigError
 from fastclip.data.skips import log
+from fastclip.errors import ConfigError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # what both loaders decode; img2dataset's encode_format choices
 # images in other formats: their samples are left out, counted and named (a format the user can re-encode)
@@ -91,6 +91,26 @@ def member_groups(members) -> Iterator[tuple[str, dict[str, tarfile.TarInfo]]]:
         group[ext] = member
     if group:
         yield key, group
+
+
+_bad_labels_said = False
+
+
+def parse_label(raw: bytes, *, where: str) -> int:
+    """A sample's ``KEY.cls`` as a class index, -1 when it has none. One that is not an integer is read as none,
+    and said once (naming the first): a label is for zero-shot scoring only, not worth a stopped run."""
+    global _bad_labels_said
+    text = raw.strip()
+    if not text:
+        return -1
+    try:
+        return int(text)
+    except ValueError:
+        if not _bad_labels_said:
+            _bad_labels_said = True
+            log.warning("%s: its KEY.cls %r is not an integer class index; such samples count as unlabelled", where,
+                        text[:32].decode("utf-8", "replace"))  # fmt: skip
+        return -1
 
 
 def usable(exts) -> bool:

@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-import os
 
-log = logging.getLogger("fastclip.data")
-if not log.handlers:  # loader workers are separate processes: each writes its skips straight to fd 2
-    log.addHandler(logging.StreamHandler(os.fdopen(2, "w", buffering=1, closefd=False)))
-    log.propagate = False
+log = logging.getLogger("fastclip.data")  # a child of fastclip.console's logger: the run's console, or stderr
 
 
 def describe(data: bytes) -> str:

@@ -19,6 +19,7 @@ Layout written under ``--out`` (as img2dataset writes it, plus the zero-shot met
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import io
 import json
@@ -31,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from fastclip.config import Config
 
 COLOURS = {
     "red": (220, 30, 30),
@@ -212,6 +215,21 @@ def generate(out: str | os.PathLike, spec: WorldSpec = WorldSpec()) -> Path:
         (out / "templates.json").write_text(json.dumps(list(ZERO_SHOT_TEMPLATES), indent=1))
         stamp.write_text(json.dumps(asdict(spec), indent=1))  # written last: its presence means complete
     return out
+
+
+def use_demo_world(cfg: Config) -> Config:
+    """With no train shards, point the data config at the synthetic demo world (generating it if needed)."""
+    if not cfg.data.demo:
+        return cfg
+    root = generate(cfg.data.demo_dir)
+    data = dataclasses.replace(
+        cfg.data,
+        train_shards=str(root / "train" / "*.tar"),
+        val_shards=cfg.data.val_shards or str(root / "val" / "*.tar"),
+        zeroshot_classnames=cfg.data.zeroshot_classnames or str(root / "classnames.json"),
+        zeroshot_templates=cfg.data.zeroshot_templates or str(root / "templates.json"),
+    )
+    return dataclasses.replace(cfg, data=data)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from fastclip.console import log
 from fastclip.model import resolve_model_name
 
 
@@ -85,11 +86,18 @@ class FastTokenizer:
         return torch.from_numpy(out)
 
 
+_fallback_said = False
+
+
 def _compiled_bpe(inner):
     """csrc/bpe.cpp's merge loop over ``inner``'s vocabulary and merges, or None without the C++ extension."""
     try:
         from fastclip import _C
-    except ImportError:
+    except ImportError as e:
+        global _fallback_said
+        if not _fallback_said:  # a silent fallback would hide a build problem behind a slower data path
+            _fallback_said = True
+            log.warning("tokenizer: new words' BPE merges run in Python (%s); `make setup` builds fastclip._C", e)
         return None
     vocab = [inner.decoder[i] for i in range(len(inner.decoder))]
     merges = [pair for pair, _ in sorted(inner.bpe_ranks.items(), key=lambda item: item[1])]

@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from fastclip.config import DataConfig
 from fastclip.data.batch import Batch, BatchCount
-from fastclip.data.shards import IMAGE_EXTS, member_groups, resolve_shards, usable
+from fastclip.data.loader import LoaderOptions, derive_seed
+from fastclip.data.shards import IMAGE_EXTS, Shards, member_groups, parse_label, resolve_shards, usable
 from fastclip.data.skips import DataBroken, Skips, log
 from fastclip.model import ImageSpec
 
@@ -75,7 +75,7 @@ class _ShardStream(IterableDataset):
         # batch belongs to the stream of worker resume_batches % workers: rotate which stream each worker runs
         worker = (worker + self.resume_batches) % workers
         slots, slot = self.world_size * workers, self.rank * workers + worker
-        rng = random.Random(self.seed * 7919 + slot)
+        rng = random.Random(derive_seed(self.seed, self.rank, worker))
         epoch, consumed = 0, self._consumed(worker, workers)
         while True:
             for sample in self._shuffled(self._ordered(epoch, slot, slots), rng):
@@ -84,9 +84,9 @@ class _ShardStream(IterableDataset):
                     continue
                 try:  # a corrupt image is dropped before batching, so every batch stays full
                     item = self.transform(sample)
-                except (RuntimeError, ValueError, OSError) as e:
+                except _Undecodable as e:
                     raw = next((sample[e] for e in IMAGE_EXTS if e in sample), None)
-                    self.skips.skip(key=sample.get("__key__"), shard=sample.get("__shard__"), data=raw, error=e)
+                    self.skips.skip(key=sample["__key__"], shard=sample["__shard__"], data=raw, error=str(e))
                     continue
                 self.skips.kept()
                 yield item
@@ -107,36 +107,45 @@ class _ShardStream(IterableDataset):
             yield buffer.pop(rng.randrange(len(buffer)))
 
 
+class _Undecodable(Exception):
+    """A sample's image did not decode: the one failure a stream skips (any other is a bug, and raises)."""
+
+
 class _Transform:
     """Sample -> (image [3, S, S] float normalized, or for GPU decode the JPEG's bytes [n] or another format's
-    decoded pixels [3, H, W], both uint8; tokens; label; 'shard:key' for GPU decode)."""
+    decoded pixels [3, H, W], both uint8; tokens; label; 'shard:key')."""
 
-    def __init__(self, *, image: ImageSpec, data: DataConfig, tokenizer, train: bool, gpu_decode: bool):
-        self.image, self.data, self.tokenizer, self.train, self.gpu_decode = image, data, tokenizer, train, gpu_decode
+    def __init__(self, *, image: ImageSpec, crop_scale, tokenizer, train: bool, gpu_decode: bool):
+        self.image, self.crop_scale, self.tokenizer = image, crop_scale, tokenizer
+        self.train, self.gpu_decode = train, gpu_decode
 
     def __call__(self, sample: dict):
+        source = f"{sample['__shard__']}:{sample['__key__']}"
+        label = parse_label(sample.get("cls", b""), where=source)
+        tokens = self.tokenizer([sample["txt"].decode("utf-8", errors="replace")])[0]
         raw = next(sample[e] for e in IMAGE_EXTS if e in sample)
-        caption = sample["txt"].decode("utf-8", errors="replace")
-        label = int(sample["cls"].strip()) if sample.get("cls", b"").strip() else -1
-        tokens = self.tokenizer([caption])[0]
-        data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        try:
+            return self._image(raw), tokens, label, source
+        except (RuntimeError, ValueError, OSError) as e:  # torchvision's decoders raise these for bad bytes
+            raise _Undecodable(str(e)) from None
+
+    def _image(self, raw: bytes) -> torch.Tensor:
         from torchvision.io import ImageReadMode, decode_image
 
+        data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
         if self.gpu_decode:  # decoded after batching, on the GPU; the source names a sample that fails there
             # nvJPEG decodes JPEGs only: PNG and WebP images are decoded here, cropped there
-            image = data if raw[:3] == JPEG_MAGIC else decode_image(data, mode=ImageReadMode.RGB)
-            return image, tokens, label, f"{sample.get('__shard__')}:{sample.get('__key__')}"
-        image = prepare(decode_image(data, mode=ImageReadMode.RGB), self.image, self.data, self.train)
-        return image, tokens, label, None
+            return data if raw[:3] == JPEG_MAGIC else decode_image(data, mode=ImageReadMode.RGB)
+        return prepare(decode_image(data, mode=ImageReadMode.RGB), self.image, self.crop_scale, self.train)
 
 
-def prepare(img: torch.Tensor, image: ImageSpec, data: DataConfig, train: bool) -> torch.Tensor:
+def prepare(img: torch.Tensor, image: ImageSpec, crop_scale, train: bool) -> torch.Tensor:
     """uint8 [3, H, W] -> normalized float [3, S, S]: random-resized crop (train) or resize + center crop (val)."""
     from torchvision.transforms import v2
 
     if train:
         geometry = v2.RandomResizedCrop(
-            image.size, scale=data.crop_scale, ratio=(3 / 4, 4 / 3), interpolation=v2.InterpolationMode.BICUBIC
+            image.size, scale=crop_scale, ratio=(3 / 4, 4 / 3), interpolation=v2.InterpolationMode.BICUBIC
         )
     else:
         geometry = v2.Compose(
@@ -183,7 +192,8 @@ class TorchLoader:
     def __init__(
         self,
         *,
-        data: DataConfig,
+        shards: Shards,
+        options: LoaderOptions,
         image: ImageSpec,
         tokenizer: Callable[[list[str]], torch.Tensor],
         train: bool,
@@ -192,36 +202,35 @@ class TorchLoader:
         seed: int,
         device: torch.device,
     ):
-        field = "data.train_shards" if train else "data.val_shards"
-        shards = resolve_shards(
-            data.train_shards if train else data.val_shards, field=field, max_bad_fraction=data.max_bad_fraction,
-            count=True,
-        )  # fmt: skip
-        paths, self.samples_per_epoch = shards.paths, sum(shards.samples)
-        total = self.samples_per_epoch
-        self.batch_size, self.train, self.device, self.image, self.data = data.batch_size, train, device, image, data
-        self.gpu_decode = device.type == "cuda" and data.decode_device in ("auto", "mixed")
+        self.samples_per_epoch = total = sum(shards.samples)
+        self.batch_size, self.train, self.device, self.image = options.batch_size, train, device, image
+        self.crop_scale = options.crop_scale
+        self.gpu_decode = device.type == "cuda" and options.decode_device in ("auto", "mixed")
         # one count for this rank's workers and its GPU decode; three batches' worth in a row stop the run
-        self._skips = Skips(rank=rank, shared=True, limit=3 * data.batch_size)
-        transform = _Transform(image=image, data=data, tokenizer=tokenizer, train=train, gpu_decode=self.gpu_decode)
+        self._skips = Skips(rank=rank, shared=True, limit=3 * options.batch_size)
+        transform = _Transform(
+            image=image, crop_scale=options.crop_scale, tokenizer=tokenizer, train=train, gpu_decode=self.gpu_decode
+        )
         self.stream = stream = _ShardStream(
             shards=list(zip(shards.paths, shards.samples)), train=train, rank=rank, world_size=world_size, seed=seed,
-            shuffle_buffer=data.shuffle_buffer, transform=transform, skips=self._skips,
+            shuffle_buffer=options.shuffle_buffer, transform=transform, skips=self._skips,
         )  # fmt: skip
         self._batches_taken = 0
-        workers = min(data.num_threads, len(paths) * 64) if train else min(data.num_threads, max(total // 64, 1))
-        # a worker whose slot held no sample would spin forever on an empty stream: at least one each
-        workers = min(workers, total // world_size)
-        self.workers = max(workers, 1)  # 0 workers: the one stream runs in this process
+        self.workers = self._workers(options.workers, total, world_size)
         slots = world_size * self.workers  # this rank's samples of an epoch: those of its workers' slots
         self.local_samples = sum(len(range(rank * self.workers + w, total, slots)) for w in range(self.workers))
         self.loader = DataLoader(
-            stream, batch_size=data.batch_size, num_workers=workers, collate_fn=_collate,
-            pin_memory=device.type == "cuda", drop_last=train, persistent_workers=train and workers > 0,
-            prefetch_factor=4 if workers > 0 else None,
+            stream, batch_size=options.batch_size, num_workers=self.workers, collate_fn=_collate,
+            pin_memory=device.type == "cuda", drop_last=train, persistent_workers=train, prefetch_factor=4,
             # the workers' crops: drawn apart on each rank (the process-wide RNG is seeded alike on every rank)
-            generator=torch.Generator().manual_seed(seed * 1009 + rank),
+            generator=torch.Generator().manual_seed(derive_seed(seed, rank)),
         )  # fmt: skip
+
+    def _workers(self, asked: int, total: int, world_size: int) -> int:
+        """Worker processes: as asked, but fewer for a small val set (each costs a start-up), and never one whose
+        slot holds no sample (it would spin forever on an empty stream)."""
+        workers = asked if self.train else min(asked, max(total // 64, 1))
+        return max(min(workers, total // world_size), 1)
 
     @property
     def skipped(self) -> int:
@@ -264,7 +273,7 @@ class TorchLoader:
         keep = [i for i, im in enumerate(decoded) if im is not None]
         if not keep:
             return torch.empty(0), keep
-        prepared = torch.stack([prepare(decoded[i], self.image, self.data, self.train) for i in keep])
+        prepared = torch.stack([prepare(decoded[i], self.image, self.crop_scale, self.train) for i in keep])
         return prepared, (None if len(keep) == len(images) else keep)
 
     def _from_workers(self) -> Iterator:
@@ -295,3 +304,10 @@ class TorchLoader:
 
     def close(self) -> None:
         self.loader = None
+
+
+def build_torch_loader(*, spec: str, field: str, options: LoaderOptions, **kwargs) -> TorchLoader:
+    """The torch loader over ``spec``'s readable shards, whose headers are walked to count samples (at the
+    start-up check already, which this reuses)."""
+    shards = resolve_shards(spec, field=field, max_bad_fraction=options.max_bad_fraction, count=True)
+    return TorchLoader(shards=shards, options=options, **kwargs)

@@ -1,0 +1,136 @@
+"""The DeepSpeed engine: its config, derived from the run config with a ``--deepspeed_config`` file merged over it,
+and the engine built from it. The engine is then the one source of truth for its settings (ZeRO stage,
+precision): the trainer reads them back from it.
+
+A user file is a set of overrides: ``{"zero_optimization": {"overlap_comm": true}}`` changes that one key and
+keeps fastclip's others (the sync-free settings of fastclip/zero.py among them). A key that contradicts the run
+config (batch sizes, accumulation, ZeRO stage, precision) is an error naming both values, since the trainer
+sizes its batches and casts its inputs from the run config.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+from fastclip.config import Config, OptimConfig
+from fastclip.errors import ConfigError
+
+
+def derived_config(cfg: Config, *, world_size: int, cuda: bool) -> dict[str, Any]:
+    """The DeepSpeed config the run config asks for."""
+    micro, accum = cfg.data.batch_size, cfg.train.grad_accum
+    return {
+        "train_batch_size": micro * accum * world_size,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": accum,
+        "steps_per_print": 10**9,  # fastclip logs on its own cadence, without extra host syncs
+        "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer synchronizes the device at every forward and step (fastclip/zero.py)
+        "timers": {"throughput": {"enabled": False}},
+        "gradient_clipping": cfg.optim.grad_clip,
+        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "bf16": {"enabled": cfg.train.precision == "bf16", "check_grad_overflow": cfg.optim.skip_nonfinite},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.optim.lr,
+                "betas": list(cfg.optim.betas),
+                "eps": cfg.optim.eps,
+                "weight_decay": cfg.optim.weight_decay,
+                # torch's foreach AdamW unless asked for DeepSpeed's FusedAdam (a CUDA op JIT-built at start-up)
+                "torch_adam": not (cuda and cfg.optim.fused_adam),
+            },
+        },
+    }
+
+
+def _merged(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _read(path: str) -> dict[str, Any]:
+    try:
+        given = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--deepspeed_config: cannot read JSON from {path!r}: {e}") from e
+    if not isinstance(given, dict):
+        raise ConfigError(f"--deepspeed_config {path}: expected a JSON object, got {type(given).__name__}")
+    return given
+
+
+def _contradictions(given: dict, derived: dict, cfg: Config, world_size: int) -> list[str]:
+    """What a user file sets differently from what the run config derives, in the keys the trainer relies on."""
+    says = {
+        "train_batch_size": f"data.batch_size x train.grad_accum x {world_size} ranks",
+        "train_micro_batch_size_per_gpu": "data.batch_size",
+        "gradient_accumulation_steps": "train.grad_accum",
+    }
+    found = [
+        f"{key}={given[key]} where the run config gives {derived[key]} ({source})"
+        for key, source in says.items()
+        if key in given and given[key] != derived[key]
+    ]
+    stage = given.get("zero_optimization", {}).get("stage")
+    if stage is not None and stage != cfg.train.zero_stage:
+        found.append(f"zero_optimization.stage={stage} where train.zero_stage={cfg.train.zero_stage}")
+    bf16 = given.get("bf16", {}).get("enabled")
+    if bf16 is not None and bf16 != (cfg.train.precision == "bf16"):
+        found.append(f"bf16.enabled={json.dumps(bf16)} where train.precision={cfg.train.precision}")
+    if given.get("fp16", {}).get("enabled"):
+        found.append("fp16.enabled=true: fastclip trains in bf16 or fp32 (train.precision)")
+    return found
+
+
+def deepspeed_config(cfg: Config, *, world_size: int, cuda: bool) -> dict[str, Any]:
+    """The DeepSpeed config for this run: derived from ``cfg``, with ``cfg.deepspeed_config``'s keys over it."""
+    derived = derived_config(cfg, world_size=world_size, cuda=cuda)
+    if cfg.deepspeed_config is None:
+        return derived
+    path = cfg.deepspeed_config
+    given = _read(path)
+    if found := _contradictions(given, derived, cfg, world_size):
+        raise ConfigError(
+            f"--deepspeed_config {path} disagrees with the run config: {'; '.join(found)}. Set the run config "
+            "(--section.field) instead, or drop the key from the file."
+        )
+    return _merged(derived, given)
+
+
+def build_engine(clip, *, cfg: Config, world_size: int, cuda: bool, params: list[dict], lr_scheduler):
+    """``deepspeed.initialize`` on the merged config, with fastclip's sync-free clipping; returns (engine,
+    scheduler, config). ``lr_scheduler`` (a callable of the optimizer) gives way to a "scheduler" in a user file,
+    which DeepSpeed would otherwise ignore in favour of it."""
+    import deepspeed
+
+    from fastclip.zero import sync_free_clipping
+
+    ds_config = deepspeed_config(cfg, world_size=world_size, cuda=cuda)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=clip,
+        model_parameters=params,
+        config=ds_config,
+        lr_scheduler=None if "scheduler" in ds_config else lr_scheduler,
+    )
+    sync_free_clipping(engine.optimizer)
+    return engine, scheduler, ds_config
+
+
+def apply_adamw_settings(groups: list[dict], optim: OptimConfig) -> None:
+    """This run's betas, eps and weight decay on the optimizer's groups (a checkpoint's state restores its own)."""
+    for group in groups:
+        group["betas"], group["eps"] = tuple(optim.betas), optim.eps
+        group["weight_decay"] = optim.weight_decay if group.get("name") == "decay" else 0.0  # see param_groups
+
+
+def precision_of(engine) -> str:
+    """'bf16' or 'fp32', as the engine runs (read back, not from the run config)."""
+    return "bf16" if engine.bfloat16_enabled() else "fp32"

@@ -1,0 +1,11 @@
+"""Errors a user acts on, importable from every layer: each message names the field, file or rank and the fix."""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A configuration or input problem the user must fix; the message names the field and the fix."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stopped being finite; raised at a logging or checkpoint step, before anything is saved."""

@@ -1,0 +1,34 @@
+"""What every rank checks before any process group, model or pipeline exists: the files a run names.
+
+Each check lives with the code that owns the file (shards: fastclip/data/shards.py, a pretrained checkpoint:
+fastclip/model.py, the DeepSpeed JSON: fastclip/engine.py, zero-shot lists: fastclip/eval.py); this module only
+asks them all, so that a mistake costs seconds rather than a model build.
+"""
+
+from __future__ import annotations
+
+from fastclip.config import Config
+from fastclip.errors import ConfigError
+
+
+def check_inputs(cfg: Config, *, world_size: int = 1) -> None:
+    """Raise :class:`ConfigError` for the first file of ``cfg`` that is missing or unreadable."""
+    from fastclip.data.loader import dali_available
+    from fastclip.data.shards import resolve_shards
+    from fastclip.engine import deepspeed_config
+    from fastclip.eval import read_zeroshot_list
+    from fastclip.model import check_pretrained_file
+
+    # the torch loader walks every tar header to count samples: walk them here, before any model (it reuses it)
+    walk = cfg.data.loader == "torch" or (cfg.data.loader == "auto" and not dali_available())
+    for name in ("train_shards", "val_shards"):
+        if spec := getattr(cfg.data, name):
+            resolve_shards(spec, field=f"data.{name}", max_bad_fraction=cfg.data.max_bad_fraction, count=walk)
+    for name in ("zeroshot_classnames", "zeroshot_templates"):
+        if path := getattr(cfg.data, name):
+            read_zeroshot_list(path, field=f"data.{name}")
+    if cfg.model.pretrained is not None:
+        check_pretrained_file(cfg.model.pretrained)
+    if cfg.eval.early_stop_patience and not (cfg.data.val_shards or cfg.data.demo):
+        raise ConfigError("eval.early_stop_patience: needs a validation set; set data.val_shards")
+    deepspeed_config(cfg, world_size=world_size, cuda=False)  # a --deepspeed_config that disagrees fails here
