@@ -34,29 +34,27 @@ class Timing:
 
 
 def time_fn(fn: Callable[[], Any], *, repeats: int, warmup: int = 1, cuda: bool = False) -> Timing:
-    """Median wall time of ``fn`` over ``repeats`` runs after ``warmup``; CUDA events on a GPU."""
+    """Median wall time of ``fn`` over ``repeats`` runs after ``warmup``: perf_counter around the call and, on a
+    GPU, a synchronize after it. pytest-benchmark's rounds (:func:`bench_time`) are timed the same way, so a
+    fastclip figure and its baseline's come from one clock."""
     for _ in range(warmup):
         fn()
+    if cuda:
+        torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
         if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
     return Timing(statistics.median(times), min(times), max(times), len(times))
 
 
 def bench_time(benchmark, fn: Callable[[], Any], *, repeats: int, warmup: int = 1, cuda: bool = False) -> Timing:
     """fastclip's timed body under pytest-benchmark's fixture (pedantic rounds after warm-up), so that
     ``--benchmark-autosave`` / ``--benchmark-compare`` track it from commit to commit; returns the same
-    :class:`Timing` as :func:`time_fn` (the baseline's clock: perf_counter; on a GPU the body synchronizes). With
+    :class:`Timing` as :func:`time_fn`, on the same clock (perf_counter; on a GPU the body synchronizes). With
     ``--benchmark-disable`` (CI's quick run) the fixture runs its target once untimed: that target is then
     :func:`time_fn` over the body."""
     if benchmark.disabled:

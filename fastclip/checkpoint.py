@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,11 +45,16 @@ class TrainState:
     samples_seen: int = 0
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "samples_seen": self.samples_seen, **self.early_stopping.state_dict()}
+        return {
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "early_stopping": self.early_stopping.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
-        self.early_stopping.load_state_dict(state)  # this run's patience and min delta, the saved count
+        if "early_stopping" in state:  # this run's patience and min delta, the saved count
+            self.early_stopping.load_state_dict(state["early_stopping"])
 
 
 @dataclass(frozen=True)
@@ -113,12 +119,20 @@ def changed_settings(saved: dict, current: dict) -> list[str]:
     ]
 
 
-def any_rank(flag: torch.Tensor) -> bool:
-    """True when ``flag`` (a 0-dim bool tensor) is true on any rank; every rank gets the same answer."""
-    flag = flag.to(torch.float32)
-    if dist.is_initialized():
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())  # note: host sync, at checkpoint and export time only
+def _delete(folder: Path) -> None:
+    """Remove a step folder; what could not be removed is said in one line (not one per file), and stays."""
+    failed: list[str] = []
+
+    def note(function, path, error) -> None:  # error: an exception (onexc, 3.12+) or exc_info (onerror)
+        failed.append(f"{path}: {error[1] if isinstance(error, tuple) else error}")
+
+    if sys.version_info >= (3, 12):
+        shutil.rmtree(folder, onexc=note)
+    else:
+        shutil.rmtree(folder, onerror=note)
+    if failed:
+        log.warning("checkpoint.keep: %d files of %s could not be deleted (first: %s); they stay", len(failed), folder,
+                    failed[0])  # fmt: skip
 
 
 class CheckpointManager:
@@ -163,11 +177,7 @@ class CheckpointManager:
         steps = sorted(p for p in self.root.glob("step_*") if p.is_dir())  # step_XXXXXXXX sorts by step
         for old in steps[: -self.cfg.keep]:
             if old.name != latest:
-                shutil.rmtree(old, onerror=self._undeleted)
-
-    @staticmethod
-    def _undeleted(function, path, excinfo) -> None:
-        log.warning("checkpoint.keep: could not delete %s (%s); it stays, and takes its disk space", path, excinfo[1])
+                _delete(old)
 
     def _position_path(self, folder: Path) -> Path:
         return folder / f"data_rank{self.rank:05d}.json"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -39,6 +40,11 @@ class ModelConfig:
         )
 
 
+def _demo_dir() -> str:
+    """FASTCLIP_DEMO_DIR, read when a config is made (a test suite or a shared machine points it elsewhere)."""
+    return os.environ.get("FASTCLIP_DEMO_DIR", ".cache/fastclip-demo")
+
+
 @dataclass
 class DataConfig:
     train_shards: str | None = None  # webdataset tars: a glob, a brace range ({000..099}) or '::'-joined list
@@ -46,7 +52,7 @@ class DataConfig:
     batch_size: int = 64  # samples per GPU (rank) per micro step
     zeroshot_classnames: str | None = None  # JSON list of class names; index = the sample's .cls
     zeroshot_templates: str | None = None  # JSON list of prompt templates with one '{}'
-    demo_dir: str = ".cache/fastclip-demo"  # with no train_shards, the synthetic demo world is generated (once) here
+    demo_dir: str = field(default_factory=_demo_dir)  # with no train_shards: the synthetic world, generated once here
     num_threads: int = 2  # DALI CPU threads per rank (torch loader: DataLoader workers)
     shuffle_buffer: int = 1024  # samples in the shuffle buffer (per rank; per worker with the torch loader)
     loader: str = "auto"  # 'dali', 'torch' (DataLoader + torchvision) or 'auto' (DALI when it is installed)

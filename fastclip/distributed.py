@@ -106,3 +106,11 @@ def all_gather_no_grad(tensor: torch.Tensor, group=None) -> torch.Tensor:
     out = tensor.new_empty((world * tensor.shape[0], *tensor.shape[1:]))
     _all_gather_single(out, tensor.detach().contiguous(), group=group)
     return out
+
+
+def any_rank(flag: torch.Tensor) -> bool:
+    """True when ``flag`` (a 0-dim bool tensor) is true on any rank; every rank gets the same answer."""
+    flag = flag.to(torch.float32)
+    if dist.is_initialized():
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())  # note: host sync, at checkpoint and export time only

@@ -2,10 +2,11 @@
 and the engine built from it. The engine is then the one source of truth for its settings (ZeRO stage,
 precision): the trainer reads them back from it.
 
-A user file is a set of overrides: ``{"zero_optimization": {"overlap_comm": true}}`` changes that one key and
-keeps fastclip's others (the sync-free settings of fastclip/zero.py among them). A key that contradicts the run
-config (batch sizes, accumulation, ZeRO stage, precision) is an error naming both values, since the trainer
-sizes its batches and casts its inputs from the run config.
+A user file is a set of overrides: ``{"zero_optimization": {"reduce_bucket_size": 200000000}}`` changes that one
+key and keeps fastclip's others (the sync-free settings of fastclip/zero.py among them); an optimizer of
+another type than AdamW replaces fastclip's whole. A key that the run config also sets (batch sizes,
+accumulation, ZeRO stage, precision, the overflow check, clipping, AdamW's hyperparameters) must agree with it,
+or it is an error naming both values: the trainer, the non-finite guard and a resume read the run config.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ def derived_config(cfg: Config, *, world_size: int, cuda: bool) -> dict[str, Any
     }
 
 
+ADAM = ("adam", "adamw")
+SECTIONS = ("zero_optimization", "bf16", "fp16", "optimizer", "scheduler", "timers")  # JSON objects in DeepSpeed
+
+
 def _merged(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in over.items():
@@ -57,6 +62,16 @@ def _merged(base: dict, over: dict) -> dict:
     return out
 
 
+def _merge_user(derived: dict, given: dict) -> dict:
+    """``given`` over ``derived``, key by key; an optimizer of another type replaces fastclip's AdamW whole (its
+    params would not fit)."""
+    merged = _merged(derived, {k: v for k, v in given.items() if k != "optimizer"})
+    if "optimizer" in given:
+        kind = str(given["optimizer"].get("type", "AdamW")).lower()
+        merged["optimizer"] = _merged(derived["optimizer"], given["optimizer"]) if kind in ADAM else given["optimizer"]
+    return merged
+
+
 def _read(path: str) -> dict[str, Any]:
     try:
         given = json.loads(Path(path).read_text())
@@ -64,6 +79,11 @@ def _read(path: str) -> dict[str, Any]:
         raise ConfigError(f"--deepspeed_config: cannot read JSON from {path!r}: {e}") from e
     if not isinstance(given, dict):
         raise ConfigError(f"--deepspeed_config {path}: expected a JSON object, got {type(given).__name__}")
+    if "bfloat16" in given:  # DeepSpeed's older name of the section, which "bf16" (fastclip's) would shadow
+        given["bf16"] = _merged(given.pop("bfloat16") or {}, given.get("bf16") or {})
+    for key in SECTIONS:
+        if key in given and not isinstance(given[key], dict):
+            raise ConfigError(f"--deepspeed_config {path}: {key} must be a JSON object, got {given[key]!r}")
     return given
 
 
@@ -79,15 +99,39 @@ def _contradictions(given: dict, derived: dict, cfg: Config, world_size: int) ->
         for key, source in says.items()
         if key in given and given[key] != derived[key]
     ]
-    stage = given.get("zero_optimization", {}).get("stage")
-    if stage is not None and stage != cfg.train.zero_stage:
-        found.append(f"zero_optimization.stage={stage} where train.zero_stage={cfg.train.zero_stage}")
-    bf16 = given.get("bf16", {}).get("enabled")
-    if bf16 is not None and bf16 != (cfg.train.precision == "bf16"):
-        found.append(f"bf16.enabled={json.dumps(bf16)} where train.precision={cfg.train.precision}")
+    found += _differ(given, derived, {
+        "zero_optimization.stage": "train.zero_stage",
+        "bf16.enabled": "train.precision",
+        "bf16.check_grad_overflow": "optim.skip_nonfinite",
+        "gradient_clipping": "optim.grad_clip",
+    })  # fmt: skip
+    if str(given.get("optimizer", {}).get("type", "AdamW")).lower() in ADAM:  # another type replaces it whole
+        found += _differ(given, derived, {f"optimizer.params.{k}": f"optim.{k}" for k in ADAMW_PARAMS})
     if given.get("fp16", {}).get("enabled"):
         found.append("fp16.enabled=true: fastclip trains in bf16 or fp32 (train.precision)")
     return found
+
+
+ADAMW_PARAMS = ("lr", "betas", "eps", "weight_decay")
+
+
+def _lookup(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def _differ(given: dict, derived: dict, fields: dict[str, str]) -> list[str]:
+    """'key=X where run.field gives Y' for each DeepSpeed key that ``given`` sets otherwise than ``derived``; the
+    run config is the one place those settings are made (the trainer, the guard and a resume read it)."""
+    out = []
+    for key, field in fields.items():
+        mine, theirs = _lookup(given, key), _lookup(derived, key)
+        if mine is not None and mine != theirs:
+            out.append(f"{key}={json.dumps(mine)} where {field} gives {json.dumps(theirs)}")
+    return out
 
 
 def deepspeed_config(cfg: Config, *, world_size: int, cuda: bool) -> dict[str, Any]:
@@ -102,7 +146,7 @@ def deepspeed_config(cfg: Config, *, world_size: int, cuda: bool) -> dict[str, A
             f"--deepspeed_config {path} disagrees with the run config: {'; '.join(found)}. Set the run config "
             "(--section.field) instead, or drop the key from the file."
         )
-    return _merged(derived, given)
+    return _merge_user(derived, given)
 
 
 def build_engine(clip, *, cfg: Config, world_size: int, cuda: bool, params: list[dict], lr_scheduler):

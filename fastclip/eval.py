@@ -42,13 +42,12 @@ class EarlyStopping:
         return self.evals_since_best >= self.patience
 
     def state_dict(self) -> dict[str, Any]:
-        return {"early_stopping": {"best": self.best, "best_step": self.best_step, "evals": self.evals_since_best}}
+        return {"best": self.best, "best_step": self.best_step, "evals_since_best": self.evals_since_best}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """The count goes on across a resume; patience and min delta stay this run's."""
-        if saved := state.get("early_stopping"):
-            self.best, self.best_step = saved["best"], saved["best_step"]
-            self.evals_since_best = saved.get("evals", saved.get("evals_since_best", 0))
+        self.best, self.best_step = state["best"], state["best_step"]
+        self.evals_since_best = state["evals_since_best"]
 
 
 def read_zeroshot_list(path: str, *, field: str) -> list[str]:

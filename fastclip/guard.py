@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from fastclip.checkpoint import any_rank
 from fastclip.config import OptimConfig
+from fastclip.distributed import any_rank
 from fastclip.errors import TrainingDiverged
 
 

@@ -28,8 +28,10 @@ def _fail(message: str, code: int = 2, *, any_rank: bool = False) -> None:
 
 def _config(argv: list[str]):
     """The run config, checked against the files it names (every rank, before any process group or model)."""
+    from fastclip import console
     from fastclip.data.synthetic import use_demo_world
 
+    console.setup(int(os.environ.get("RANK", "0")))  # the checks' own lines (a damaged shard set aside) too
     try:
         cfg = parse_args(argv)
         check_inputs(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))

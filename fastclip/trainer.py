@@ -3,9 +3,9 @@
 A step reads top to bottom: fetch batch, forward, loss, backward, optimizer step, meters. Only logging,
 eval and checkpoint steps copy numbers to the host; every such place is marked ``note: host sync``. What a
 checkpoint holds and how it is written and resumed is fastclip/checkpoint.py's; the DeepSpeed settings are
-fastclip/engine.py's, read back from the engine; what stops a diverged run is fastclip/guard.py's. At about 360
-lines it is the one module past 300: its short methods share the run's state (engine, loaders, meters, step),
-and splitting them further would pass that state around rather than simplify it.
+fastclip/engine.py's, read back from the engine; what stops a diverged run is fastclip/guard.py's. It runs past
+300 lines: its short methods share the run's state (engine, loaders, meters, step), and splitting them further
+would pass that state around rather than simplify it.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ class Trainer:
             lr_scheduler=lambda opt: LambdaLR(opt, schedule),
         )  # fmt: skip
         self.ds_config, self.own_schedule = ds_config, "scheduler" not in ds_config
-        if self.cfg.deepspeed_config and self.world.is_main:
+        if self.cfg.deepspeed_config:
             say(f"deepspeed: {self.cfg.deepspeed_config} merged over the derived config: {ds_config}")
         return engine, scheduler
 
@@ -197,7 +197,7 @@ class Trainer:
         self.update_grad_norm()
         self.state.step += 1
         self.state.samples_seen += self.global_batch
-        if self.cfg.optim.skip_nonfinite:
+        if self.guard.skipping:  # DeepSpeed's count is a host int then: its own check synchronized this step
             self.guard.after_step(self.step, self.engine.skipped_steps)
         return data_time
 

@@ -6,7 +6,7 @@ Found with :class:`fastclip.syncs.HostSyncAudit` on DeepSpeed 0.19 (tests/test_h
   DeepSpeed config turns it off (``timers.throughput.enabled: false``); fastclip times steps on its own.
 - bf16 ``check_grad_overflow`` (on by default) reads every gradient for inf/NaN and ``.item()``s the result, then
   ``bool()``s the grad norm, every step: off unless ``optim.skip_nonfinite`` asks for it. Without it a
-  non-finite loss stops the run at the next logging step (see ``Trainer.log_train``), as open_clip's bf16
+  non-finite loss stops the run at the next logging step (see fastclip/guard.py), as open_clip's bf16
   path would train on; a checkpoint is never written from such a state.
 - ZeRO-1/2's ``unscale_and_clip_grads`` asks ``bool()`` of the grad norm to swap an invalid norm for +inf before
   clipping: :func:`sync_free_clipping` does the same swap with ``masked_fill`` on the device.

@@ -166,19 +166,30 @@ def test_derived_deepspeed_config():
 
 def test_a_deepspeed_config_file_is_merged_over_the_derived_one(tmp_path):
     path = tmp_path / "ds.json"
-    path.write_text(json.dumps({"zero_optimization": {"overlap_comm": True}, "gradient_clipping": 0.5}))
+    path.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 10**8}, "prescale_gradients": False}))
     ds = deepspeed_config(parse_args(["--deepspeed_config", str(path)]), world_size=2, cuda=False)
-    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": True} and ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 10**8} and ds["prescale_gradients"] is False
     assert ds["timers"]["throughput"]["enabled"] is False and ds["bf16"]["check_grad_overflow"] is False  # kept
+    path.write_text(json.dumps({"optimizer": {"type": "Lamb", "params": {"lr": 1e-3}}, "bfloat16": {"enabled": True}}))
+    ds = deepspeed_config(parse_args(["--deepspeed_config", str(path)]), world_size=2, cuda=False)
+    assert ds["optimizer"] == {"type": "Lamb", "params": {"lr": 1e-3}}  # another optimizer: whole, not merged
+    assert "bfloat16" not in ds and ds["bf16"]["enabled"] is True  # DeepSpeed's older name for the section
+    path.write_text(json.dumps({"optimizer": {"params": {"torch_adam": True}}}))
+    ds = deepspeed_config(parse_args(["--deepspeed_config", str(path)]), world_size=2, cuda=False)
+    assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["lr"] == 1e-3  # AdamW: merged
 
 
 @pytest.mark.parametrize(
     "given, args, said",
     [
         ({"train_micro_batch_size_per_gpu": 16}, ["--data.batch_size", "8"], "train_micro_batch_size_per_gpu=16 where"),
-        ({"zero_optimization": {"stage": 1}}, [], "zero_optimization.stage=1 where train.zero_stage=2"),
-        ({"bf16": {"enabled": False}}, [], "bf16.enabled=false where train.precision=bf16"),
+        ({"zero_optimization": {"stage": 1}}, [], "zero_optimization.stage=1 where train.zero_stage gives 2"),
+        ({"bf16": {"enabled": False}}, [], "bf16.enabled=false where train.precision gives true"),
         ({"fp16": {"enabled": True}}, ["--train.precision", "fp32"], "fp16.enabled=true: fastclip trains in bf16 or"),
+        ({"bf16": {"check_grad_overflow": True}}, [], "bf16.check_grad_overflow=true where optim.skip_nonfinite"),
+        ({"gradient_clipping": 0.5}, [], "gradient_clipping=0.5 where optim.grad_clip gives 1.0"),
+        ({"optimizer": {"params": {"lr": 0.1}}}, [], "optimizer.params.lr=0.1 where optim.lr gives 0.001"),
+        ({"zero_optimization": None}, [], "zero_optimization must be a JSON object, got None"),
     ],
 )
 def test_a_deepspeed_config_that_contradicts_the_run_config_names_both(tmp_path, given, args, said):

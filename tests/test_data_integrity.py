@@ -371,8 +371,9 @@ def test_importing_fastclip_changes_nothing_outside_it(tmp_path):
         "import logging, os, fastclip, fastclip.config, fastclip.data.skips, fastclip.data.loader\n"
         "assert list(fastclip.__path__) == [os.path.dirname(fastclip.__file__)], fastclip.__path__\n"
         "assert not logging.getLogger('fastclip').handlers and not logging.getLogger('fastclip.data').handlers\n"
-        "assert fastclip.config.DataConfig().demo_dir == '.cache/fastclip-demo'\n"
+        "os.environ['FASTCLIP_DEMO_DIR'] = 'set/after/import'\n"
+        "assert fastclip.config.DataConfig().demo_dir == 'set/after/import'  # read when a config is made\n"
     )
-    env = {**os.environ, "FASTCLIP_DEMO_DIR": str(tmp_path)}
+    env = {k: v for k, v in os.environ.items() if k != "FASTCLIP_DEMO_DIR"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]

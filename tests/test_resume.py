@@ -142,3 +142,44 @@ def test_a_checkpoint_that_does_not_load_is_named_in_one_line(single_rank, world
     (ckpt / "latest").write_text("step_00000009")
     with pytest.raises(CheckpointError, match=r"step_00000009 does not exist \(it is what .*latest names\)"):
         Trainer(parse_args(resume), single_rank)
+
+
+def test_train_state_round_trips_and_loads_the_previous_format():
+    from fastclip.checkpoint import TrainState
+    from fastclip.eval import EarlyStopping
+
+    state = TrainState(EarlyStopping(patience=3), step=12, samples_seen=768)
+    state.early_stopping.update(2.5, 4)
+    state.early_stopping.update(2.6, 8)
+    again = TrainState(EarlyStopping(patience=5))
+    again.load_state_dict(state.state_dict())
+    assert (again.step, again.samples_seen, again.early_stopping.best, again.early_stopping.evals_since_best) == (
+        12, 768, 2.5, 1
+    )  # fmt: skip
+    assert again.early_stopping.patience == 5  # this run's patience, the saved count
+    older = {"step": 3, "samples_seen": 96, "early_stopping": {"best": 1.5, "best_step": 2, "evals_since_best": 0},
+             "config": {}}  # fmt: skip
+    loaded = TrainState(EarlyStopping(patience=2))
+    loaded.load_state_dict(older)  # a client state as fastclip wrote it before TrainState
+    assert (loaded.step, loaded.early_stopping.best, loaded.early_stopping.best_step) == (3, 1.5, 2)
+    plain = TrainState(EarlyStopping(patience=2))
+    plain.load_state_dict({"step": 1, "samples_seen": 8})  # older still: no early-stopping state at all
+    assert plain.step == 1 and plain.early_stopping.best == float("inf")
+
+
+def test_a_checkpoint_folder_that_cannot_be_deleted_is_said_once(tmp_path, monkeypatch, capfd):
+    import os
+
+    from fastclip.checkpoint import _delete
+
+    folder = tmp_path / "step_00000001"
+    folder.mkdir()
+    for i in range(5):
+        (folder / f"shard{i}.pt").write_bytes(b"x")
+    unlink = os.unlink
+    monkeypatch.setattr(os, "unlink", lambda *a, **k: (_ for _ in ()).throw(PermissionError("read-only filesystem")))
+    _delete(folder)
+    monkeypatch.setattr(os, "unlink", unlink)
+    err = capfd.readouterr().err
+    assert err.count("checkpoint.keep:") == 1 and "files of" in err and "read-only filesystem" in err
+    assert folder.is_dir()  # it stays, and the run goes on

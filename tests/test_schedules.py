@@ -9,9 +9,9 @@ import torch
 
 from fastclip.cli import parse_args
 from fastclip.errors import ConfigError
+from fastclip.eval import EarlyStopping
 from fastclip.preflight import check_inputs
 from fastclip.schedules import LrSchedule
-from fastclip.trainer import EarlyStopping
 
 from runs import ROOT, run_cli, small_run_args
 

@@ -8,6 +8,18 @@ from typing import Any
 
 import torch
 
+# The streams' seed scheme: a position saved under another one would replay other samples. Raised when the seeds a
+# loader derives change (fastclip/data/loader.py derive_seed); positions of another scheme start the stream afresh.
+STREAMS_VERSION = 2
+
+
+def check_stream(state: dict[str, Any], loader: str) -> None:
+    """ValueError (the reason a position cannot be restored) unless ``state`` is ``loader``'s, of this scheme."""
+    if state.get("loader") != loader:
+        raise ValueError(f"the position was saved by the {state.get('loader')} loader, this is the {loader} loader")
+    if state.get("streams", 1) != STREAMS_VERSION:
+        raise ValueError("the position was saved by a fastclip whose data streams were seeded otherwise")
+
 
 @dataclass(frozen=True)
 class DataPosition:
@@ -21,7 +33,8 @@ class DataPosition:
     consumed: int
 
     def state(self) -> dict[str, Any]:
-        return {"loader": "dali", "reader": base64.b64encode(self.reader).decode(), "consumed": self.consumed}
+        reader = base64.b64encode(self.reader).decode()
+        return {"loader": "dali", "streams": STREAMS_VERSION, "reader": reader, "consumed": self.consumed}
 
 
 @dataclass(frozen=True)
@@ -34,7 +47,7 @@ class BatchCount:
     workers: int  # the replay is exact only with as many DataLoader workers
 
     def state(self) -> dict[str, Any]:
-        return {"loader": "torch", "batches": self.batches, "workers": self.workers}
+        return {"loader": "torch", "streams": STREAMS_VERSION, "batches": self.batches, "workers": self.workers}
 
 
 @dataclass

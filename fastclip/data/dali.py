@@ -2,7 +2,8 @@
 and the tokenizer, run one batch ahead by a thread (fastclip/data/prefetch.py).
 
 The hand-over is where a corrupt image is cut out: DALI itself can only stop on one. The images reach the step
-on its device.
+on its device. (A little over 300 lines: the loader's steps and the samples they pass between them belong
+together.)
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fastclip.data.batch import Batch, DataPosition
+from fastclip.data.batch import Batch, DataPosition, check_stream
 from fastclip.data.dali_pipelines import (
     decode_pipeline,
     is_gpu_pipe,
@@ -152,8 +153,7 @@ class DaliLoader:
     def restore(self, state: dict[str, Any]) -> None:
         """Go on from a train batch's position (``DataPosition.state()``): the reader from its checkpoint, the
         samples it had consumed of that read dropped."""
-        if state.get("loader") != "dali":
-            raise ValueError(f"the position was saved by the {state.get('loader')} loader, this is DALI")
+        check_stream(state, "dali")
         self._close_prefetcher()
         self.reader = self.make_reader(base64.b64decode(state["reader"]))
         self._consumed_on_restore = int(state["consumed"])
@@ -285,11 +285,11 @@ def build_dali_loader(
         return DaliLoader(
             make_reader=lambda checkpoint: reader_pipeline(
                 options=options, paths=paths, train=train, rank=rank, world_size=world_size,
-                seed=derive_seed(seed, rank), checkpoint=checkpoint,
+                seed=derive_seed(seed, "reader shuffle", rank), checkpoint=checkpoint,
             ),
-            # a rebuilt decoder draws other crops than the one it replaces
-            make_decoder=lambda rebuilds: decode_pipeline(
-                options=options, image=image, train=train, seed=derive_seed(seed, rank, 1 + rebuilds)
+            # decoder i: the i-th built (the first ones, then each rebuild), so a rebuilt one draws other crops
+            make_decoder=lambda i: decode_pipeline(
+                options=options, image=image, train=train, seed=derive_seed(seed, "decoder crops", rank, i)
             ),
             make_checker=lambda: decode_pipeline(options=options, image=image, train=False, seed=0, batch_size=1),
             tokenizer=tokenizer, train=train, rank=rank, world_size=world_size, device=device,

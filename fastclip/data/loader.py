@@ -67,10 +67,16 @@ class LoaderOptions:
         )  # fmt: skip
 
 
-def derive_seed(seed: int, *stream: int) -> int:
-    """A seed for one random stream of a run (a rank's shuffle, a worker's buffer, a rebuilt decoder's crops),
-    independent of the others and the same in every run with ``seed``."""
-    return int(np.random.SeedSequence([seed, *stream]).generate_state(1)[0])
+# the random streams of a run's data path; each draws its seed from the run's seed, its purpose and its ids
+STREAMS = ("shard order", "reader shuffle", "decoder crops", "buffer shuffle", "worker crops")
+
+
+def derive_seed(seed: int, stream: str, *ids: int) -> int:
+    """The seed of one random stream of a run (``stream``, one of :data:`STREAMS`, for the epoch, rank, worker or
+    decoder ``ids``): independent of every other stream, the same in every run with ``seed`` (negative ones too).
+    A stream always passes the same number of ids, so ids ending in 0 cannot collide with shorter ones."""
+    entropy = [seed % 2**64, STREAMS.index(stream), *ids]
+    return int(np.random.SeedSequence(entropy).generate_state(1)[0])
 
 
 def dali_available() -> bool:

@@ -1,7 +1,8 @@
 """The fallback loader: webdataset shards through a torch DataLoader, for machines without DALI.
 
-Same contract as the DALI loader (``fastclip.data.dali.DaliLoader``): a training loader never ends and says
-how many samples an epoch holds; a validation loader yields each of this rank's samples once per pass.
+It keeps the contract of ``fastclip.data.loader.Loader``, as the DALI loader does: a training loader never ends
+and says how many samples an epoch holds; a validation loader yields each of this rank's samples once per pass.
+(A little over 300 lines: the stream its workers run, the transform, the GPU decode and the loader itself.)
 Workers read tar members in order, shuffle through a buffer, decode JPEGs with torchvision (on the CPU), crop,
 normalize and tokenize. With ``data.decode_device`` 'mixed' the workers hand over the JPEG bytes and the main
 process decodes the whole batch on the GPU (torchvision.io.decode_jpeg(device='cuda'), nvJPEG), then crops.
@@ -16,7 +17,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from fastclip.data.batch import Batch, BatchCount
+from fastclip.data.batch import Batch, BatchCount, check_stream
 from fastclip.data.loader import LoaderOptions, derive_seed
 from fastclip.data.shards import IMAGE_EXTS, Shards, member_groups, parse_label, resolve_shards, usable
 from fastclip.data.skips import DataBroken, Skips, log
@@ -59,7 +60,8 @@ class _ShardStream(IterableDataset):
     def _ordered(self, epoch: int, slot: int, slots: int) -> Iterator[dict]:
         shards = list(self.shards)
         if self.train:
-            random.Random(self.seed + epoch).shuffle(shards)  # same order on every rank: the split stays exact
+            # the same order on every rank and worker: the split into slots stays exact
+            random.Random(derive_seed(self.seed, "shard order", epoch)).shuffle(shards)
         index = 0
         for path, samples in shards:
             try:
@@ -75,7 +77,7 @@ class _ShardStream(IterableDataset):
         # batch belongs to the stream of worker resume_batches % workers: rotate which stream each worker runs
         worker = (worker + self.resume_batches) % workers
         slots, slot = self.world_size * workers, self.rank * workers + worker
-        rng = random.Random(derive_seed(self.seed, self.rank, worker))
+        rng = random.Random(derive_seed(self.seed, "buffer shuffle", self.rank, worker))
         epoch, consumed = 0, self._consumed(worker, workers)
         while True:
             for sample in self._shuffled(self._ordered(epoch, slot, slots), rng):
@@ -111,6 +113,16 @@ class _Undecodable(Exception):
     """A sample's image did not decode: the one failure a stream skips (any other is a bug, and raises)."""
 
 
+def _decode(data: torch.Tensor) -> torch.Tensor:
+    """uint8 [3, H, W] from an image's bytes; :class:`_Undecodable` for bytes that are not one."""
+    from torchvision.io import ImageReadMode, decode_image
+
+    try:
+        return decode_image(data, mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError, OSError) as e:  # what torchvision's decoders raise for bad bytes
+        raise _Undecodable(str(e)) from None
+
+
 class _Transform:
     """Sample -> (image [3, S, S] float normalized, or for GPU decode the JPEG's bytes [n] or another format's
     decoded pixels [3, H, W], both uint8; tokens; label; 'shard:key')."""
@@ -124,19 +136,13 @@ class _Transform:
         label = parse_label(sample.get("cls", b""), where=source)
         tokens = self.tokenizer([sample["txt"].decode("utf-8", errors="replace")])[0]
         raw = next(sample[e] for e in IMAGE_EXTS if e in sample)
-        try:
-            return self._image(raw), tokens, label, source
-        except (RuntimeError, ValueError, OSError) as e:  # torchvision's decoders raise these for bad bytes
-            raise _Undecodable(str(e)) from None
-
-    def _image(self, raw: bytes) -> torch.Tensor:
-        from torchvision.io import ImageReadMode, decode_image
-
         data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-        if self.gpu_decode:  # decoded after batching, on the GPU; the source names a sample that fails there
-            # nvJPEG decodes JPEGs only: PNG and WebP images are decoded here, cropped there
-            return data if raw[:3] == JPEG_MAGIC else decode_image(data, mode=ImageReadMode.RGB)
-        return prepare(decode_image(data, mode=ImageReadMode.RGB), self.image, self.crop_scale, self.train)
+        if self.gpu_decode and raw[:3] == JPEG_MAGIC:  # nvJPEG decodes it after batching; the source names it
+            return data, tokens, label, source
+        image = _decode(data)
+        if self.gpu_decode:  # PNG and WebP: decoded here, cropped on the GPU with the JPEGs
+            return image, tokens, label, source
+        return prepare(image, self.image, self.crop_scale, self.train), tokens, label, source
 
 
 def prepare(img: torch.Tensor, image: ImageSpec, crop_scale, train: bool) -> torch.Tensor:
@@ -223,7 +229,7 @@ class TorchLoader:
             stream, batch_size=options.batch_size, num_workers=self.workers, collate_fn=_collate,
             pin_memory=device.type == "cuda", drop_last=train, persistent_workers=train, prefetch_factor=4,
             # the workers' crops: drawn apart on each rank (the process-wide RNG is seeded alike on every rank)
-            generator=torch.Generator().manual_seed(derive_seed(seed, rank)),
+            generator=torch.Generator().manual_seed(derive_seed(seed, "worker crops", rank)),
         )  # fmt: skip
 
     def _workers(self, asked: int, total: int, world_size: int) -> int:
@@ -240,8 +246,7 @@ class TorchLoader:
         """Go on from a train batch's position (``BatchCount.state()``); before the first iteration only. A
         corrupt image among the replayed samples, or samples held back to refill a batch after one, shift the
         stream by those few samples."""
-        if state.get("loader") != "torch":
-            raise ValueError(f"the position was saved by the {state.get('loader')} loader, this is the torch loader")
+        check_stream(state, "torch")
         if state.get("workers") != self.workers:
             raise ValueError(f"the position was saved with {state.get('workers')} loader workers, now {self.workers}")
         self.stream.resume_batches, self.stream.batch_size = int(state["batches"]), self.batch_size
