@@ -377,3 +377,12 @@ def test_importing_fastclip_changes_nothing_outside_it(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "FASTCLIP_DEMO_DIR"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_seed_streams_are_apart_and_any_run_seed_works():
+    from fastclip.data.loader import derive_seed
+
+    seeds = {derive_seed(s, stream, 0, 0) for s in (-3, 0, 3) for stream in ("buffer shuffle", "decoder crops")}
+    assert len(seeds) == 6  # negative run seeds too (np.random.SeedSequence takes no negative number)
+    assert derive_seed(5, "worker crops", 0) != derive_seed(5, "buffer shuffle", 0, 0)  # ids ending in 0: apart
+    assert derive_seed(5, "reader shuffle", 1) == derive_seed(5, "reader shuffle", 1)  # the same in every run
