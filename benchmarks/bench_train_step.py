@@ -51,10 +51,20 @@ class _Take:
 
 
 def _open_clip_run(
-    batches, steps: int, *, repeats: int, model_name: str = "fastclip-tiny", batch: int = BATCH, device="cpu"
+    batches,
+    steps: int,
+    *,
+    repeats: int,
+    model_name: str = "fastclip-tiny",
+    batch: int = BATCH,
+    device="cpu",
+    accum_freq: int = 1,
+    warmup: bool = True,
+    image_px: int | None = None,
 ) -> float:
-    """Median over ``repeats`` epochs of ``steps`` of open_clip_train.train.train_one_epoch's seconds per step,
-    after a one-step warm-up epoch; ``batches`` is one iterator that every epoch draws from."""
+    """Median over ``repeats`` epochs of ``steps`` of open_clip_train.train.train_one_epoch's seconds per optimizer
+    step (of ``accum_freq`` micro batches of ``batch``), after a one-step warm-up epoch; ``batches`` is one iterator
+    that every epoch draws from."""
     import open_clip
     from open_clip_train.data import DataInfo
     from open_clip_train.params import parse_args
@@ -65,23 +75,27 @@ def _open_clip_run(
 
     args = parse_args(
         ["--model", model_name, "--precision", "amp_bf16", "--batch-size", str(batch), "--lr", "1e-3",
-         "--wd", "0.1", "--grad-clip-norm", "1.0", "--log-every-n-steps", "1000", "--train-data", "unused"]
+         "--wd", "0.1", "--grad-clip-norm", "1.0", "--log-every-n-steps", "1000", "--train-data", "unused",
+         "--accum-freq", str(accum_freq)]
     )  # fmt: skip
     args.device, args.world_size, args.rank, args.local_rank, args.distributed = device, 1, 0, 0, False
     # set by open_clip_train.main, which this bypasses
     args.distill, args.wandb, args.tensorboard, args.save_logs = False, False, False, False
     torch.manual_seed(0)
-    model = open_clip.create_model(resolve_model_name(model_name), output_dict=True).to(device)
+    model = open_clip.create_model(resolve_model_name(model_name), output_dict=True, force_image_size=image_px).to(
+        device
+    )
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay=0.1), lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
     scheduler = cosine_lr(optimizer, 1e-3, 10, 10_000)
     loss = open_clip.ClipLoss()
 
     def epoch(n: int, index: int) -> None:
-        data = {"train": DataInfo(dataloader=_Take(batches, n, batch))}
+        data = {"train": DataInfo(dataloader=_Take(batches, n * accum_freq, batch))}
         train_one_epoch(model, data, loss, index, optimizer, None, scheduler, None, args)
         _sync(device)
 
-    epoch(1, 0)  # warm-up
+    if warmup:
+        epoch(1, 0)
     timing = time_fn(lambda: epoch(steps, 1), repeats=repeats, warmup=0)
     return timing.median_s / steps
 

@@ -136,7 +136,8 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 0  # optimizer steps to run; 0 means train.epochs passes over the train shards
     epochs: int = 3  # passes over the train shards, used when train.steps is 0
-    grad_accum: int = 1  # micro batches per optimizer step
+    grad_accum: int = 1  # micro batches per optimizer step: the step's contrastive batch is K x batch x ranks
+    accum_mode: str = "contrastive"  # with grad_accum > 1: 'contrastive' (one loss over the step) or 'independent'
     zero_stage: int = 2  # DeepSpeed ZeRO stage, 0 to 3 (1 and 2 step without host syncs; 0 and 3 sync)
     precision: str = "bf16"  # 'bf16' or 'fp32'
     tf32: bool = True  # on CUDA: TF32 tensor cores for fp32 matmuls and convs, cuDNN autotuning
@@ -146,6 +147,12 @@ class TrainConfig:
         _require(self.steps >= 0, "train.steps", f"must be >= 0 (0 means use train.epochs), got {self.steps}")
         _require(self.epochs > 0, "train.epochs", f"must be positive, got {self.epochs}")
         _require(self.grad_accum > 0, "train.grad_accum", f"must be positive, got {self.grad_accum}")
+        _require(
+            self.accum_mode in ("contrastive", "independent"),
+            "train.accum_mode",
+            f"must be 'contrastive' (one loss over every micro batch of a step) or 'independent' (a loss per micro "
+            f"batch), got {self.accum_mode!r}",
+        )
         _require(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
         _require(
             self.precision in ("bf16", "fp32"), "train.precision", f"must be 'bf16' or 'fp32', got {self.precision!r}"

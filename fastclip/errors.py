@@ -9,3 +9,7 @@ class ConfigError(ValueError):
 
 class TrainingDiverged(RuntimeError):
     """The loss stopped being finite; raised at a logging or checkpoint step, before anything is saved."""
+
+
+class OutOfMemory(RuntimeError):
+    """A training step did not fit in memory; the message names the batch that did not and what to lower."""

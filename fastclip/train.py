@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from fastclip.checkpoint import CheckpointError
     from fastclip.data.skips import DataBroken
     from fastclip.distributed import close_distributed, init_distributed
-    from fastclip.errors import TrainingDiverged
+    from fastclip.errors import OutOfMemory, TrainingDiverged
     from fastclip.trainer import Trainer
 
     try:
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         _fail(str(e))
     except TrainingDiverged as e:
         _fail(str(e), code=1)
-    except DataBroken as e:
+    except (DataBroken, OutOfMemory) as e:  # one rank's data, one rank's memory
         _fail(str(e), code=1, any_rank=True)
     finally:
         if trainer is not None:

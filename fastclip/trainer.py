@@ -22,6 +22,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from fastclip import console
+from fastclip.accumulation import ContrastiveAccumulation, is_out_of_memory
 from fastclip.checkpoint import CheckpointManager, TrainState, changed_settings
 from fastclip.config import Config
 from fastclip.console import say
@@ -30,7 +31,7 @@ from fastclip.data.loader import build_loader
 from fastclip.data.tokenizer import build_tokenizer
 from fastclip.distributed import World
 from fastclip.engine import apply_adamw_settings, build_engine, precision_of
-from fastclip.errors import ConfigError
+from fastclip.errors import ConfigError, OutOfMemory
 from fastclip.eval import EarlyStopping, evaluate, read_zeroshot_list
 from fastclip.guard import NonFiniteGuard
 from fastclip.loss import build_loss
@@ -89,10 +90,13 @@ class Trainer:
             world_size=world.world_size, steps=cfg.train.steps, epochs=cfg.train.epochs,
         )  # fmt: skip
         self.global_batch = cfg.data.batch_size * cfg.train.grad_accum * world.world_size
+        contrastive = cfg.train.grad_accum > 1 and cfg.train.accum_mode == "contrastive"
+        self.contrastive_batch = self.global_batch if contrastive else cfg.data.batch_size * world.world_size
         self.engine, self.scheduler = self._build_engine()
         self.stage, self.precision = self.engine.zero_optimization_stage(), precision_of(self.engine)
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         self.loss_fn = build_loss(cfg.loss, rank=world.rank, world_size=world.world_size)
+        self.accumulation = ContrastiveAccumulation(self.forward, self.loss_fn, world.device) if contrastive else None
         self.meters = Meters(["loss", "logit_scale", "grad_norm"], device=world.device)
         self.sinks = MetricSinks(cfg.log, enabled=world.is_main, config=cfg)
         self.state = TrainState(EarlyStopping(cfg.eval.early_stop_patience, cfg.eval.early_stop_min_delta))
@@ -184,6 +188,21 @@ class Trainer:
 
     def train_step(self, batches: Iterator[Batch]) -> float:
         """One optimizer step over ``train.grad_accum`` micro batches; returns host seconds spent waiting for data."""
+        try:
+            data_time = self.contrastive_step(batches) if self.accumulation else self.independent_steps(batches)
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            raise OutOfMemory(self._out_of_memory(e)) from e
+        self.update_grad_norm()
+        self.state.step += 1
+        self.state.samples_seen += self.global_batch
+        if self.guard.skipping:  # DeepSpeed's count is a host int then: its own check synchronized this step
+            self.guard.after_step(self.step, self.engine.skipped_steps)
+        return data_time
+
+    def independent_steps(self, batches: Iterator[Batch]) -> float:
+        """Each micro batch its own loss and backward (no accumulation, or ``train.accum_mode independent``)."""
         data_time = 0.0
         for _ in range(self.cfg.train.grad_accum):
             start = time.perf_counter()
@@ -194,12 +213,38 @@ class Trainer:
             self.backward(loss)
             self.optimizer_step()
             self.update_meters(loss, scale)
-        self.update_grad_norm()
-        self.state.step += 1
-        self.state.samples_seen += self.global_batch
-        if self.guard.skipping:  # DeepSpeed's count is a host int then: its own check synchronized this step
-            self.guard.after_step(self.step, self.engine.skipped_steps)
         return data_time
+
+    def contrastive_step(self, batches: Iterator[Batch]) -> float:
+        """One loss over every micro batch of the step (fastclip/accumulation.py), back-propagated micro batch by
+        micro batch through the engine."""
+        start = time.perf_counter()
+        # held until the replay, in the training dtype (each converted as it comes: never two copies of them all)
+        micro = [self._held(self.fetch(batches)) for _ in range(self.cfg.train.grad_accum)]
+        data_time = time.perf_counter() - start
+        cache = self.accumulation.cache(micro)
+        for k, batch in enumerate(micro):
+            self.engine.backward(self.accumulation.replay(cache, k, batch), scale_wrt_gas=False)
+            self.optimizer_step()
+        self.update_meters(cache.loss, cache.scale)
+        return data_time
+
+    def _held(self, batch: Batch) -> Batch:
+        return dataclasses.replace(batch, images=batch.images.to(self.dtype))
+
+    def _out_of_memory(self, error: Exception) -> str:
+        micro, k = self.cfg.data.batch_size, self.cfg.train.grad_accum
+        first = " ".join(str(error).split())[:200]
+        if self.accumulation:
+            return (
+                f"out of memory in a step with a contrastive batch of {self.contrastive_batch} ({k} micro batches "
+                f"of {micro} per rank x {self.world.world_size} ranks): lower data.batch_size (the activations of "
+                f"one micro batch) or train.grad_accum (the inputs held for the replay). ({first})"
+            )
+        return (
+            f"out of memory in a step with a micro batch of {micro} per rank: lower data.batch_size; "
+            f"train.grad_accum keeps the step's batch with smaller micro batches. ({first})"
+        )
 
     # ---------------------------------------------------------------------------------------- the loop
 
@@ -263,7 +308,21 @@ class Trainer:
             f"fastclip: {self.cfg.model.name} ({n_params / 1e6:.1f}M params), {self.world.world_size} rank(s) on "
             f"{self.world.device.type}, {self.precision}, ZeRO-{self.stage}, global batch {self.global_batch}, "
             f"{self.total_steps} steps ({self.steps_per_epoch}/epoch, {self.train_loader.samples_per_epoch} "
-            "samples/epoch)"
+            f"samples/epoch); {self._accumulation_line()}"
+        )
+
+    def _accumulation_line(self) -> str:
+        k, micro, ranks = self.cfg.train.grad_accum, self.cfg.data.batch_size, self.world.world_size
+        if k == 1:
+            return f"contrastive batch {self.contrastive_batch} ({micro} per rank)"
+        if self.accumulation:
+            return (
+                f"contrastive batch {self.contrastive_batch}: accumulation 'contrastive', one loss over {k} micro "
+                f"batches of {micro} per rank (each micro batch forwarded twice)"
+            )
+        return (
+            f"contrastive batch {self.contrastive_batch}: accumulation 'independent', {k} micro batches of {micro} "
+            f"per rank, each its own loss over {micro * ranks} samples"
         )
 
     def log_train(self, interval: Interval, bar) -> Interval:

@@ -55,7 +55,9 @@ def _config_with_timers(world_dir, tmp_path, extra):
     [
         (["--train.zero_stage", "1"], False),
         (["--train.zero_stage", "2"], False),
-        (["--train.zero_stage", "2", "--train.grad_accum", "2"], False),
+        (["--train.zero_stage", "1", "--train.grad_accum", "3"], False),  # contrastive: cache, one loss, replay
+        (["--train.zero_stage", "2", "--train.grad_accum", "3"], False),
+        (["--train.zero_stage", "2", "--train.grad_accum", "2", "--train.accum_mode", "independent"], False),
         # DeepSpeed's own per-step inf/NaN check, on request: the audit must see its syncs
         (["--train.zero_stage", "2", "--optim.skip_nonfinite", "true"], True),
         # DeepSpeed's throughput timer, which the derived config turns off, synchronizes twice a step
@@ -125,13 +127,15 @@ def test_divergence_stops_the_run_and_keeps_the_last_checkpoint(world_dir, tmp_p
 
 
 @pytest.mark.gpu
-def test_gpu_step_has_no_host_syncs(single_rank, world_dir, tmp_path):
+@pytest.mark.parametrize("accum", [1, 2])  # 2: contrastive accumulation, which captures and restores CUDA RNG state
+def test_gpu_step_has_no_host_syncs(single_rank, world_dir, tmp_path, accum):
     """On CUDA, torch's own sync detector and the audit together: a ZeRO-2 bf16 step with the Triton loss,
     on batches already on the device (the loaders' threads are not part of the step)."""
     import itertools
     import warnings
 
     extra = ["--data.loader", "torch", "--data.num_threads", "2", "--train.tf32", "false"]  # fp32 matmuls left exact
+    extra += ["--train.grad_accum", str(accum)]
     trainer = _trainer(single_rank, world_dir, tmp_path, extra)
     try:
         loaded = iter(trainer.train_loader)

@@ -19,11 +19,12 @@ def _recording(trainer, seen: list):
     return trainer
 
 
-@pytest.mark.parametrize("loader", ["dali", "torch"])
-def test_resume_replays_the_samples_after_the_checkpoint(single_rank, world_dir, tmp_path, capsys, loader):
+@pytest.mark.parametrize("loader, accum", [("dali", 1), ("torch", 1), ("dali", 2)])
+def test_resume_replays_the_samples_after_the_checkpoint(single_rank, world_dir, tmp_path, capsys, loader, accum):
     from fastclip.trainer import Trainer
 
-    args = small_run_args(world_dir, tmp_path / "run", steps=40) + ["--log.every", "1000", "--data.loader", loader]
+    args = small_run_args(world_dir, tmp_path / "run", steps=40, batch=16 // accum)
+    args += ["--log.every", "1000", "--data.loader", loader, "--train.grad_accum", str(accum)]
     seen_first: list = []
     first = _recording(Trainer(parse_args(args), single_rank), seen_first)
     try:
@@ -44,7 +45,8 @@ def test_resume_replays_the_samples_after_the_checkpoint(single_rank, world_dir,
             again.train_step(batches)
     finally:
         again.close()
-    assert seen_again == seen_first[35:38]
+    assert len(seen_first) == 38 * accum  # every micro batch of a step is fetched (contrastive: before the loss)
+    assert seen_again == seen_first[35 * accum : 38 * accum]
     assert "goes on from the checkpoint's position" in capsys.readouterr().out
 
 

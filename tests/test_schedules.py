@@ -82,10 +82,20 @@ def test_trainer_steps_the_schedule(single_rank, world_dir, tmp_path):
 @pytest.mark.slow
 def test_early_stop_ends_training_with_a_checkpoint(world_dir, tmp_path):
     out = tmp_path / "run"
-    args = small_run_args(world_dir, out, steps=40) + [
-        "--optim.lr", "1e-12", "--eval.every", "2", "--eval.early_stop_patience", "2",
-        "--eval.early_stop_min_delta", "0.01", "--eval.zeroshot", "false",
-    ]  # fmt: skip
+    args = small_run_args(world_dir, out, steps=40, batch=8) + [
+        "--optim.lr",
+        "1e-12",
+        "--eval.every",
+        "2",
+        "--eval.early_stop_patience",
+        "2",
+        "--eval.early_stop_min_delta",
+        "0.01",
+        "--eval.zeroshot",
+        "false",
+        "--train.grad_accum",
+        "2",
+    ]  # fmt: skip  (accumulated: the stop counts optimizer steps, not micro batches)
     proc = run_cli([sys.executable, "-m", "fastclip.train", *args], cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -31,9 +31,9 @@ def _check(proc):
 
 def test_two_ranks_train_log_eval_and_checkpoint(world_dir, tmp_path):
     out = tmp_path / "run"
-    proc = run_cli(
-        deepspeed_cmd(2, 29611) + small_run_args(world_dir, out, steps=14) + ["--optim.lr", "2e-3"], cwd=ROOT
-    )
+    # two micro batches of 8 per rank and step, accumulated contrastively: 32 samples a step, as one batch of 16
+    args = small_run_args(world_dir, out, steps=14, batch=8) + ["--optim.lr", "2e-3", "--train.grad_accum", "2"]
+    proc = run_cli(deepspeed_cmd(2, 29611) + args, cwd=ROOT)
     _check(proc)
     records = _records(out)
     train = [r for r in records if "loss" in r]
@@ -51,6 +51,7 @@ def test_two_ranks_train_log_eval_and_checkpoint(world_dir, tmp_path):
     assert (ckpt / "latest").read_text().strip() == "step_00000014"
     assert any((ckpt / "step_00000014").iterdir())
     assert "step 14/14" in proc.stdout and "samples/s" in proc.stdout and "zeroshot_top1" in proc.stdout
+    assert "contrastive batch 32: accumulation 'contrastive', one loss over 2 micro batches of 8" in proc.stdout
 
     import open_clip
 

@@ -1,0 +1,94 @@
+"""Run under a launcher: for each case (ZeRO stage / loss.local_loss / loss.gather_with_grad), one optimizer step
+of the real Trainer on the same samples in three ways: K=1 micro batch of 4n, K=4 micro batches of n accumulated
+contrastively, and (first case only, to show the comparison tells them apart) K=4 independent, DeepSpeed's plain
+accumulation. Rank 0 saves each way's parameter change, logged loss, grad norm and samples_seen to ``--out FILE``.
+
+    deepspeed --num_gpus R tests/accum_worker.py --out FILE --world DIR --log DIR --cases 1/true/true,3/false/true
+"""
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from fastclip.cli import parse_args
+from fastclip.data.batch import Batch
+from fastclip.data.tokenizer import build_tokenizer
+from fastclip.distributed import close_distributed, init_distributed
+from fastclip.trainer import Trainer
+
+from grad_worker import fixed_global_batch
+from runs import small_run_args
+
+N = 6  # micro batch per rank
+K = 4
+
+
+def _arg(argv, name, default=None):
+    return argv[argv.index(name) + 1] if name in argv else default
+
+
+def _params(trainer: Trainer) -> dict[str, torch.Tensor]:
+    with trainer._full_params():
+        return {name: p.detach().float().clone() for name, p in trainer.engine.module.named_parameters()}
+
+
+def one_step(args: list[str], world, rows: Batch, k: int, mode: str) -> dict:
+    """One optimizer step on ``rows`` (this rank's samples) as ``k`` micro batches in ``mode``."""
+    cfg = parse_args(args + ["--data.batch_size", str(len(rows.images) // k), "--train.grad_accum", str(k),
+                             "--train.accum_mode", mode])  # fmt: skip
+    trainer = Trainer(cfg, world)
+    try:
+        before = _params(trainer)
+        n = len(rows.images) // k
+        micro = [
+            Batch(images=rows.images[i * n : (i + 1) * n], texts=rows.texts[i * n : (i + 1) * n]) for i in range(k)
+        ]
+        trainer.train_step(iter(micro))
+        means = trainer.meters.collect()
+        after = _params(trainer)
+        return {"delta": {name: after[name] - before[name] for name in before}, "loss": means["loss"],
+                "grad_norm": means["grad_norm"], "samples_seen": trainer.state.samples_seen}  # fmt: skip
+    finally:
+        trainer.close()
+
+
+def main(argv):
+    out, cases = _arg(argv, "--out"), _arg(argv, "--cases").split(",")
+    base = small_run_args(Path(_arg(argv, "--world")), Path(_arg(argv, "--log")), steps=4)
+    # AdamW's first update is lr * g / (|g| + eps): with eps 1 it follows the gradient's size, not only its sign
+    base += ["--train.precision", "fp32", "--data.val_shards", "null", "--data.loader", "torch",
+             "--optim.warmup_steps", "0", "--optim.weight_decay", "0", "--optim.eps", "1",
+             "--optim.lr", "1", "--checkpoint.export_open_clip", "false"]  # fmt: skip
+    world = init_distributed()
+    # what fixed_global_batch reads of a trainer: the image size (small_run_args forces 32 px) and the tokenizer
+    probe = SimpleNamespace(image=SimpleNamespace(size=32), tokenizer=build_tokenizer(parse_args(base).model.name))
+    full = fixed_global_batch(probe, N * K * world.world_size)
+    rows = slice(world.rank * N * K, (world.rank + 1) * N * K)
+    mine = Batch(images=full.images[rows], texts=full.texts[rows])
+    results = {}
+    try:
+        for i, case in enumerate(cases):
+            stage, local, with_grad = case.split("/")
+            args = base + [
+                "--train.zero_stage",
+                stage,
+                "--loss.local_loss",
+                local,
+                "--loss.gather_with_grad",
+                with_grad,
+            ]
+            ways = {"one": one_step(args, world, mine, 1, "contrastive"),
+                    "contrastive": one_step(args, world, mine, K, "contrastive")}  # fmt: skip
+            if i == 0:
+                ways["independent"] = one_step(args, world, mine, K, "independent")
+            results[case] = ways
+        if world.is_main:
+            torch.save(results, out)
+    finally:
+        close_distributed()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,137 @@
+"""Contrastive accumulation (fastclip/accumulation.py): K micro batches give the gradients of one step on the whole
+batch, with every negative; the replay draws the random masks of the first forward; running out of memory says
+which batch did not fit and what to lower."""
+
+import json
+
+import pytest
+import torch
+
+from fastclip.cli import parse_args
+
+from runs import ROOT, deepspeed_cmd, run_cli, small_run_args
+
+
+def _check(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
+def _close(ours: dict, reference: dict, *, rtol: float) -> list[str]:
+    """The parameter changes of ``ours`` that differ from ``reference``'s by more than ``rtol`` of that tensor's
+    largest change. fp32 summation order alone moves a few (layer-norm gains, whose gradients are sums that
+    cancel) by up to 3e-4; plain accumulation moves most tensors by more than 5e-2."""
+    bad = []
+    for name, ref in reference["delta"].items():
+        err = (ours["delta"][name] - ref).abs().max() / ref.abs().max().clamp_min(1e-12)
+        if err > rtol:
+            bad.append(f"{name}: {err:.2e}")
+    return bad
+
+
+CASES = {
+    # stage/local_loss/gather_with_grad; with one rank there is nothing to gather, local or not
+    1: "1/true/true,2/true/true,3/true/true",
+    2: "1/true/true,2/true/true,3/true/true,1/false/true,2/false/true,3/false/true,2/true/false,2/false/false",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_k_micro_batches_step_as_one_batch_of_k_times_the_samples(world_dir, tmp_path, ranks):
+    out = tmp_path / "result.pt"
+    cmd = deepspeed_cmd(ranks, 29640 + ranks)
+    cmd[-1] = str(ROOT / "tests" / "accum_worker.py")
+    args = ["--out", str(out), "--world", str(world_dir), "--log", str(tmp_path / "log"), "--cases", CASES[ranks]]
+    _check(run_cli(cmd + args, cwd=ROOT, env={"PYTHONPATH": str(ROOT / "tests")}))
+    results = torch.load(out)
+    assert list(results) == CASES[ranks].split(",")
+    for case, ways in results.items():
+        one, ours = ways["one"], ways["contrastive"]
+        assert ours["loss"] == pytest.approx(one["loss"], rel=1e-5), case
+        assert ours["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4), case
+        assert ours["samples_seen"] == one["samples_seen"] == 24 * ranks
+        assert not _close(ours, one, rtol=1e-3), f"{case}: {_close(ours, one, rtol=1e-3)}"
+    # the comparison tells plain accumulation apart: its loss has a quarter of the negatives
+    first = results[CASES[ranks].split(",")[0]]
+    assert first["independent"]["loss"] < first["one"]["loss"] - 0.5
+    assert len(_close(first["independent"], first["one"], rtol=0.05)) > 10
+
+
+def _patch_dropout_model(tmp_path) -> str:
+    from fastclip.model import _BUILTIN_CONFIGS
+
+    spec = json.loads((_BUILTIN_CONFIGS / "fastclip-tiny.json").read_text())
+    spec["vision_cfg"]["patch_dropout"] = 0.5
+    path = tmp_path / "tiny-patch-dropout.json"
+    path.write_text(json.dumps(spec))
+    return str(path)
+
+
+def _trainer(single_rank, world_dir, tmp_path, extra):
+    from fastclip.trainer import Trainer
+
+    args = small_run_args(world_dir, tmp_path, steps=4) + ["--log.every", "1000", "--data.val_shards", "null"]
+    return Trainer(parse_args(args + extra), single_rank)
+
+
+def test_replay_draws_the_random_masks_of_the_first_forward(single_rank, world_dir, tmp_path):
+    extra = ["--model.name", _patch_dropout_model(tmp_path), "--train.grad_accum", "3", "--data.batch_size", "8"]
+    trainer = _trainer(single_rank, world_dir, tmp_path, extra)
+    outputs = []
+    forward = trainer.accumulation.forward
+
+    def recorded(batch):
+        out = forward(batch)
+        outputs.append(out["image_features"].detach().clone())
+        return out
+
+    trainer.accumulation.forward = recorded
+    try:
+        batches = iter(trainer.train_loader)
+        trainer.train_step(batches)
+        first, replay = outputs[:3], outputs[3:]
+        for k in range(3):
+            torch.testing.assert_close(replay[k], first[k], rtol=0, atol=0)
+        # patch dropout is live: the same batch forwarded twice from where the generators stand differs
+        batch = trainer.fetch(batches)
+        with torch.no_grad():
+            once, twice = forward(batch)["image_features"], forward(batch)["image_features"]
+        assert (once - twice).abs().max() > 1e-3
+    finally:
+        trainer.close()
+
+
+def test_out_of_memory_names_the_contrastive_batch_and_what_to_lower(single_rank, world_dir, tmp_path, capsys):
+    from fastclip.errors import OutOfMemory
+
+    trainer = _trainer(single_rank, world_dir, tmp_path, ["--train.grad_accum", "4", "--data.batch_size", "8"])
+
+    def too_big(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    trainer.accumulation.loss_fn = too_big
+    try:
+        trainer._announce()
+        assert "contrastive batch 32: accumulation 'contrastive', one loss over 4 micro batches of 8" in (
+            capsys.readouterr().out
+        )
+        with pytest.raises(OutOfMemory) as caught:
+            trainer.train_step(iter(trainer.train_loader))
+    finally:
+        trainer.close()
+    message = str(caught.value)
+    assert "contrastive batch of 32 (4 micro batches of 8 per rank x 1 ranks)" in message
+    assert "data.batch_size" in message and "train.grad_accum" in message and "Tried to allocate 20.00 GiB" in message
+
+
+def test_independent_accumulation_is_announced_with_its_smaller_contrastive_batch(
+    single_rank, world_dir, tmp_path, capsys
+):
+    extra = ["--train.grad_accum", "4", "--data.batch_size", "8", "--train.accum_mode", "independent"]
+    trainer = _trainer(single_rank, world_dir, tmp_path, extra)
+    try:
+        assert trainer.accumulation is None and trainer.global_batch == 32 and trainer.contrastive_batch == 8
+        trainer._announce()
+    finally:
+        trainer.close()
+    assert "contrastive batch 8: accumulation 'independent', 4 micro batches of 8 per rank" in capsys.readouterr().out
