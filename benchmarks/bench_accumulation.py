@@ -151,7 +151,12 @@ def _child(side: str, n: int, micro: int, root: Path) -> None:
     """One rung: a training step at contrastive batch ``n``; prints the process's peak RSS as JSON."""
     k = n // micro
     if side == "fastclip":
+        import fastclip.trainer
         from fastclip.distributed import init_distributed
+
+        # the rung's batch may exceed the bench shards' sample count, which the trainer refuses as an epoch: the
+        # step is fed random batches here, so its epoch arithmetic is set to one step of one epoch
+        fastclip.trainer.total_steps = lambda *args, **kwargs: (1, 1)
 
         extra = ("--model.force_image_size", str(PROBE_PX), "--data.batch_size", str(micro), "--train.grad_accum",
                  str(k), "--data.loader", "torch", "--data.shuffle_buffer", "8")  # fmt: skip
@@ -162,7 +167,7 @@ def _child(side: str, n: int, micro: int, root: Path) -> None:
     else:
         from fastclip.data.tokenizer import build_tokenizer
 
-        batches = _micro_batches(k, micro, PROBE_PX, build_tokenizer("fastclip-tiny"))
+        batches = ((b.images, b.texts) for b in _micro_batches(k, micro, PROBE_PX, build_tokenizer("fastclip-tiny")))
         _open_clip_run(batches, 1, repeats=1, batch=micro, accum_freq=k, warmup=False, image_px=PROBE_PX)
     with open("/proc/self/status") as f:
         peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
@@ -199,7 +204,7 @@ def test_contrastive_batch_65536_on_one_gpu(benchmark, record, quick, single_ran
     result: list[float] = []
 
     def open_clip_step() -> None:
-        batches = _micro_batches(k, micro, size, tokenizer, device="cuda")
+        batches = ((b.images, b.texts) for b in _micro_batches(k, micro, size, tokenizer, device="cuda"))
         result.append(_open_clip_run(batches, 1, repeats=1, model_name="ViT-B-32", batch=micro, device="cuda",
                                      accum_freq=k, warmup=False))  # fmt: skip
 

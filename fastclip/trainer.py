@@ -223,8 +223,8 @@ class Trainer:
         micro = [self._held(self.fetch(batches)) for _ in range(self.cfg.train.grad_accum)]
         data_time = time.perf_counter() - start
         cache = self.accumulation.cache(micro)
-        for k, batch in enumerate(micro):
-            self.engine.backward(self.accumulation.replay(cache, k, batch), scale_wrt_gas=False)
+        for surrogate in self.accumulation.backward_passes(cache, micro):
+            self.engine.backward(surrogate, scale_wrt_gas=False)  # the loss is already the whole batch's mean
             self.optimizer_step()
         self.update_meters(cache.loss, cache.scale)
         return data_time

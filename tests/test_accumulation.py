@@ -90,7 +90,8 @@ def test_replay_draws_the_random_masks_of_the_first_forward(single_rank, world_d
         batches = iter(trainer.train_loader)
         trainer.train_step(batches)
         first, replay = outputs[:3], outputs[3:]
-        for k in range(3):
+        assert len(replay) == 2  # the last micro batch kept its graph from the first pass: no replay for it
+        for k in range(2):
             torch.testing.assert_close(replay[k], first[k], rtol=0, atol=0)
         # patch dropout is live: the same batch forwarded twice from where the generators stand differs
         batch = trainer.fetch(batches)
