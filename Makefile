@@ -25,7 +25,7 @@ test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 	$(BIN)/python -m pytest -q -p no:cacheprovider benchmarks --quick --benchmark-disable
 
-bench: setup  # the full CPU benchmark run (minutes); writes benchmarks/results/cpu-DATE.json
+bench: setup  # the full CPU benchmark run (about 40 minutes); writes benchmarks/results/cpu-DATE.json
 	$(BIN)/python -m pytest -q -p no:cacheprovider benchmarks
 	$(BIN)/python benchmarks/report.py --update-readme
 

@@ -50,54 +50,54 @@ class _Take:
             yield next(self.batches)
 
 
-def _open_clip_run(
-    batches,
-    steps: int,
-    *,
-    repeats: int,
-    model_name: str = "fastclip-tiny",
-    batch: int = BATCH,
-    device="cpu",
-    accum_freq: int = 1,
-    warmup: bool = True,
-    image_px: int | None = None,
-) -> float:
-    """Median over ``repeats`` epochs of ``steps`` of open_clip_train.train.train_one_epoch's seconds per optimizer
-    step (of ``accum_freq`` micro batches of ``batch``), after a one-step warm-up epoch; ``batches`` is one iterator
-    that every epoch draws from."""
-    import open_clip
-    from open_clip_train.data import DataInfo
-    from open_clip_train.params import parse_args
-    from open_clip_train.scheduler import cosine_lr
-    from open_clip_train.train import train_one_epoch
+class OpenClipTrainer:
+    """open_clip_train.train.train_one_epoch on one device: the model, AdamW, the cosine schedule and ClipLoss as
+    open_clip's main sets them up; :meth:`epoch` runs ``n`` optimizer steps (each of ``accum_freq`` micro batches
+    of ``batch``) drawn from one iterator, ``batches``, that every epoch continues."""
 
-    from fastclip.model import param_groups, resolve_model_name
+    def __init__(self, batches, *, model_name: str = "fastclip-tiny", batch: int = BATCH, device="cpu",
+                 accum_freq: int = 1, image_px: int | None = None):  # fmt: skip
+        import open_clip
+        from open_clip_train.params import parse_args
+        from open_clip_train.scheduler import cosine_lr
 
-    args = parse_args(
-        ["--model", model_name, "--precision", "amp_bf16", "--batch-size", str(batch), "--lr", "1e-3",
-         "--wd", "0.1", "--grad-clip-norm", "1.0", "--log-every-n-steps", "1000", "--train-data", "unused",
-         "--accum-freq", str(accum_freq)]
-    )  # fmt: skip
-    args.device, args.world_size, args.rank, args.local_rank, args.distributed = device, 1, 0, 0, False
-    # set by open_clip_train.main, which this bypasses
-    args.distill, args.wandb, args.tensorboard, args.save_logs = False, False, False, False
-    torch.manual_seed(0)
-    model = open_clip.create_model(resolve_model_name(model_name), output_dict=True, force_image_size=image_px).to(
-        device
-    )
-    optimizer = torch.optim.AdamW(param_groups(model, weight_decay=0.1), lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
-    scheduler = cosine_lr(optimizer, 1e-3, 10, 10_000)
-    loss = open_clip.ClipLoss()
+        from fastclip.model import param_groups, resolve_model_name
 
-    def epoch(n: int, index: int) -> None:
-        data = {"train": DataInfo(dataloader=_Take(batches, n * accum_freq, batch))}
-        train_one_epoch(model, data, loss, index, optimizer, None, scheduler, None, args)
-        _sync(device)
+        self.args = args = parse_args(
+            ["--model", model_name, "--precision", "amp_bf16", "--batch-size", str(batch), "--lr", "1e-3",
+             "--wd", "0.1", "--grad-clip-norm", "1.0", "--log-every-n-steps", "1000", "--train-data", "unused",
+             "--accum-freq", str(accum_freq)]
+        )  # fmt: skip
+        args.device, args.world_size, args.rank, args.local_rank, args.distributed = device, 1, 0, 0, False
+        # set by open_clip_train.main, which this bypasses
+        args.distill, args.wandb, args.tensorboard, args.save_logs = False, False, False, False
+        torch.manual_seed(0)
+        name = resolve_model_name(model_name)
+        self.model = open_clip.create_model(name, output_dict=True, force_image_size=image_px).to(device)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, weight_decay=0.1), lr=1e-3, betas=(0.9, 0.98), eps=1e-6
+        )
+        self.scheduler = cosine_lr(self.optimizer, 1e-3, 10, 10_000)
+        self.loss = open_clip.ClipLoss()
+        self.batches, self.batch, self.accum_freq, self.device, self.epochs = batches, batch, accum_freq, device, 0
 
+    def epoch(self, n: int) -> None:
+        from open_clip_train.data import DataInfo
+        from open_clip_train.train import train_one_epoch
+
+        data = {"train": DataInfo(dataloader=_Take(self.batches, n * self.accum_freq, self.batch))}
+        train_one_epoch(self.model, data, self.loss, self.epochs, self.optimizer, None, self.scheduler, None, self.args)
+        self.epochs += 1
+        _sync(self.device)
+
+
+def _open_clip_run(batches, steps: int, *, repeats: int, warmup: bool = True, **kwargs) -> float:
+    """Median over ``repeats`` epochs of ``steps`` of open_clip's seconds per optimizer step, after a one-step
+    warm-up epoch (see :class:`OpenClipTrainer` for ``kwargs``)."""
+    runner = OpenClipTrainer(batches, **kwargs)
     if warmup:
-        epoch(1, 0)
-    timing = time_fn(lambda: epoch(steps, 1), repeats=repeats, warmup=0)
-    return timing.median_s / steps
+        runner.epoch(1)
+    return time_fn(lambda: runner.epoch(steps), repeats=repeats, warmup=0).median_s / steps
 
 
 def _sync(device) -> None:

@@ -46,13 +46,13 @@ def _write(config) -> None:
     if path is None or not _RESULTS:
         return
     results = [r.to_json() for r in _RESULTS]
-    ran = {r["suite"] for r in results}
+    ran = {(r["suite"], r["case"]) for r in results}
     payload = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "quick": bool(config.getoption("--quick")),
         "machine": machine(),
-        # a partial rerun replaces its own suites and keeps the other suites' figures
-        "results": [r for r in _PREVIOUS if r["suite"] not in ran] + results,
+        # a partial rerun (-k CASE) replaces the cases it measured and keeps every other figure
+        "results": [r for r in _PREVIOUS if (r["suite"], r["case"]) not in ran] + results,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")

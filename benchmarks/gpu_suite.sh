@@ -7,7 +7,7 @@
 # Installs nothing from the network. Packages the machine lacks come as wheels from $FASTCLIP_WHEELS
 # (made here by benchmarks/prepare_wheels.sh). fastclip itself runs from this checkout (PYTHONPATH=.).
 # Writes into OUTDIR: versions.json, gpu_tests.xml, gpu_bench.json (fastclip vs open_clip, ratios),
-# pytest_benchmark.json, suite.log.
+# pytest_benchmark*.json, suite.log. Limits: tests 150 s, benchmarks 220 s, accumulation 90 s (<= 8 min in all).
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_suite.sh OUTDIR [--dry]}
 mode=${2:-}
@@ -57,11 +57,15 @@ quick=()
 
 status=0
 echo "== GPU tests"
-timeout 180 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/ --junitxml="$out/gpu_tests.xml" || status=1
+timeout 150 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/ --junitxml="$out/gpu_tests.xml" || status=1
 echo "== GPU benchmarks"
 # most important first: a run cut off by the timeout keeps what it measured (results are written per case)
-timeout 240 "$py" -m pytest -q -p no:cacheprovider -m gpu "${quick[@]}" \
+timeout 220 "$py" -m pytest -q -p no:cacheprovider -m gpu "${quick[@]}" \
     benchmarks/bench_loss.py benchmarks/bench_train_step.py benchmarks/bench_data.py \
     --results "$out/gpu_bench.json" --benchmark-json "$out/pytest_benchmark.json" || status=1
+echo "== GPU accumulation: contrastive batch 65,536 on one GPU"
+# its own limit, last: two steps of 65,536 ViT-B/32 samples must not eat the cases above
+timeout 90 "$py" -m pytest -q -p no:cacheprovider -m gpu "${quick[@]}" benchmarks/bench_accumulation.py \
+    --results "$out/gpu_bench.json" --benchmark-json "$out/pytest_benchmark_accumulation.json" || status=1
 echo "gpu_suite: done in $(( $(date +%s) - started )) s, status $status"
 exit $status

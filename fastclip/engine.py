@@ -99,6 +99,8 @@ def _contradictions(given: dict, derived: dict, cfg: Config, world_size: int) ->
         for key, source in says.items()
         if key in given and given[key] != derived[key]
     ]
+    if hint := _accumulation_hint(given, cfg, world_size):
+        found.append(hint)
     found += _differ(given, derived, {
         "zero_optimization.stage": "train.zero_stage",
         "bf16.enabled": "train.precision",
@@ -113,6 +115,17 @@ def _contradictions(given: dict, derived: dict, cfg: Config, world_size: int) ->
 
 
 ADAMW_PARAMS = ("lr", "betas", "eps", "weight_decay")
+
+
+def _accumulation_hint(given: dict, cfg: Config, world_size: int) -> str | None:
+    """The train.grad_accum that would give a file's train_batch_size, or why none does."""
+    wanted, micro = given.get("train_batch_size"), given.get("train_micro_batch_size_per_gpu", cfg.data.batch_size)
+    if not isinstance(wanted, int) or wanted == cfg.data.batch_size * cfg.train.grad_accum * world_size:
+        return None
+    per_step = micro * world_size
+    if wanted % per_step == 0:
+        return f"--train.grad_accum {wanted // per_step} would give train_batch_size={wanted} on {world_size} ranks"
+    return f"no train.grad_accum gives train_batch_size={wanted}: it is not a multiple of {micro} x {world_size} ranks"
 
 
 def _lookup(tree: dict, dotted: str):

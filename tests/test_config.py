@@ -190,6 +190,22 @@ def test_a_deepspeed_config_file_is_merged_over_the_derived_one(tmp_path):
         ({"gradient_clipping": 0.5}, [], "gradient_clipping=0.5 where optim.grad_clip gives 1.0"),
         ({"optimizer": {"params": {"lr": 0.1}}}, [], "optimizer.params.lr=0.1 where optim.lr gives 0.001"),
         ({"zero_optimization": None}, [], "zero_optimization must be a JSON object, got None"),
+        (
+            {"gradient_accumulation_steps": 8},
+            ["--train.grad_accum", "4"],
+            "gradient_accumulation_steps=8 where the run config gives 4 (train.grad_accum)",
+        ),
+        (
+            {"train_batch_size": 1024},
+            ["--train.grad_accum", "4"],
+            "train_batch_size=1024 where the run config gives "
+            "512 (data.batch_size x train.grad_accum x 2 ranks); --train.grad_accum 8 would give train_batch_size=1024",
+        ),
+        (
+            {"train_batch_size": 1000},
+            [],
+            "no train.grad_accum gives train_batch_size=1000: it is not a multiple of 64 x 2 ranks",
+        ),
     ],
 )
 def test_a_deepspeed_config_that_contradicts_the_run_config_names_both(tmp_path, given, args, said):
