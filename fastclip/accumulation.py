@@ -60,7 +60,8 @@ class RandomState:
 class FeatureCache:
     """What phases 1 and 2 leave for phase 3: the loss (fp32, detached) and logit scale, the gradients of the loss
     with respect to each micro batch's features (rows in micro-batch order) and the logit scale, the random state
-    each micro batch's forward started from, and the last micro batch's output with its graph."""
+    each micro batch's forward started from, the running statistics of batch norms after phase 1, and the last
+    micro batch's features and scale with their graph (when it is kept)."""
 
     loss: torch.Tensor
     scale: torch.Tensor
@@ -69,33 +70,46 @@ class FeatureCache:
     scale_grad: torch.Tensor
     random_states: list[RandomState]
     after: RandomState  # where the generators stood after phase 1; restored once the replays are done
-    last: dict[str, torch.Tensor]
+    norm_stats: list[torch.Tensor]
+    last: dict[str, torch.Tensor] | None
+
+
+def _norm_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The running statistics of the model's batch norms (open_clip's ResNet towers, timm towers with BN)."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    return [buf for m in norms for buf in m.buffers()]  # running_mean, running_var, num_batches_tracked
 
 
 class ContrastiveAccumulation:
     """The feature cache and replay of a contrastive accumulation step (see the module doc).
 
-    ``forward`` is the trainer's (a batch to the model's output dict, through the DeepSpeed engine);
-    ``loss_fn`` the run's contrastive loss, called once per step on the K micro batches' features together.
+    ``forward`` is the trainer's (a batch to the model's output dict, through the DeepSpeed engine); ``loss_fn``
+    the run's contrastive loss, called once per step on the K micro batches' features together; ``model`` the
+    module, whose batch-norm statistics each micro batch updates once (a replay's update is undone).
 
-    The last micro batch is forwarded with its graph in phase 1 and back-propagated first in phase 3, without a
-    replay: K - 1 second forwards instead of K, at no extra peak memory (phase 3 holds one micro batch's graph at
-    a time anyway, and phase 2 holds only features).
+    With ``keep_last_graph`` (a fused loss, which holds only O(N D) while phase 2 runs) the last micro batch is
+    forwarded with its graph in phase 1 and back-propagated first in phase 3, without a replay: K - 1 second
+    forwards instead of K, at no extra peak memory. A loss that builds the N x N logits (``loss.backend torch``
+    or ``open_clip``) would hold them on top of that graph: every micro batch is replayed then.
     """
 
-    def __init__(self, forward: Callable[[Batch], dict[str, torch.Tensor]], loss_fn, device: torch.device):
-        self.forward, self.loss_fn, self.device = forward, loss_fn, device
+    def __init__(self, forward: Callable[[Batch], dict[str, torch.Tensor]], loss_fn, *, device: torch.device,
+                 model: torch.nn.Module, keep_last_graph: bool):  # fmt: skip
+        self.forward, self.loss_fn, self.device, self.keep_last_graph = forward, loss_fn, device, keep_last_graph
+        self.norm_buffers = _norm_buffers(model)
 
     def cache(self, micro: list[Batch]) -> FeatureCache:
         states, images, texts = [], [], []
         for k, batch in enumerate(micro):
             states.append(RandomState.capture(self.device))
-            with torch.set_grad_enabled(k == len(micro) - 1):
+            with torch.set_grad_enabled(self.keep_last_graph and k == len(micro) - 1):
                 out = self.forward(batch)
             images.append(out["image_features"].detach())
             texts.append(out["text_features"].detach())
         after = RandomState.capture(self.device)
         scale = logit_scale_of(out).detach()  # the same parameters for every micro batch of the step
+        last = {key: out[key] for key in ("image_features", "text_features", "logit_scale")}  # not, say, CoCa's logits
+        del out
         image_all = torch.cat(images).requires_grad_()
         text_all = torch.cat(texts).requires_grad_()
         scale_leaf = scale.clone().requires_grad_()
@@ -110,25 +124,34 @@ class ContrastiveAccumulation:
             scale_grad=scale_grad,
             random_states=states,
             after=after,
-            last=out,
+            norm_stats=[buf.clone() for buf in self.norm_buffers],
+            last=last if self.keep_last_graph else None,
         )
 
     def backward_passes(self, cache: FeatureCache, micro: list[Batch]) -> Iterator[torch.Tensor]:
         """One scalar per micro batch whose gradient with respect to the model is that micro batch's share of
-        dL/dθ: the last micro batch's from its kept graph, then each other one forwarded again from its cached
-        random state, one at a time (back-propagate each before asking for the next). Their values mean nothing:
-        back-propagate them without dividing by the accumulation steps (the loss is already the batch's mean)."""
-        last = len(micro) - 1
-        out, cache.last = cache.last, {}
-        yield self._surrogate(cache, last, out) + logit_scale_of(out) * cache.scale_grad  # the scale's, once
-        for k in range(last):
+        dL/dθ: the last micro batch's from its kept graph (if kept), then each other one forwarded again from its
+        cached random state, one at a time (back-propagate each before asking for the next). Their values mean
+        nothing: back-propagate them without dividing by the accumulation steps (the loss is already the batch's
+        mean). The logit scale's gradient rides on the first."""
+        replays, kept = list(range(len(micro))), cache.last is not None
+        if kept:
+            out, cache.last = cache.last, None
+            yield self._surrogate(cache, replays.pop(), out, with_scale=True)
+            del out  # its graph was freed by the backward; the features need not outlive it
+        for i, k in enumerate(replays):
             cache.random_states[k].restore()
-            yield self._surrogate(cache, k, self.forward(micro[k]))
+            yield self._surrogate(cache, k, self.forward(micro[k]), with_scale=not kept and i == 0)
         cache.after.restore()  # the generators continue as after one forward of each micro batch
+        for buf, saved in zip(self.norm_buffers, cache.norm_stats):
+            buf.copy_(saved)  # each micro batch counted once in the running statistics, as in phase 1
 
     @staticmethod
-    def _surrogate(cache: FeatureCache, k: int, out: dict[str, torch.Tensor]) -> torch.Tensor:
-        return _dot(out["image_features"], cache.image_grads[k]) + _dot(out["text_features"], cache.text_grads[k])
+    def _surrogate(cache: FeatureCache, k: int, out: dict[str, torch.Tensor], *, with_scale: bool) -> torch.Tensor:
+        surrogate = _dot(out["image_features"], cache.image_grads[k]) + _dot(out["text_features"], cache.text_grads[k])
+        if with_scale:  # every micro batch's forward gives the same scale: its gradient once
+            surrogate = surrogate + logit_scale_of(out) * cache.scale_grad
+        return surrogate
 
 
 def _dot(features: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

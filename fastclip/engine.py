@@ -118,14 +118,16 @@ ADAMW_PARAMS = ("lr", "betas", "eps", "weight_decay")
 
 
 def _accumulation_hint(given: dict, cfg: Config, world_size: int) -> str | None:
-    """The train.grad_accum that would give a file's train_batch_size, or why none does."""
-    wanted, micro = given.get("train_batch_size"), given.get("train_micro_batch_size_per_gpu", cfg.data.batch_size)
-    if not isinstance(wanted, int) or wanted == cfg.data.batch_size * cfg.train.grad_accum * world_size:
+    """The train.grad_accum that would give a file's train_batch_size with data.batch_size, or why none does."""
+    wanted, per_step = given.get("train_batch_size"), cfg.data.batch_size * world_size
+    if not isinstance(wanted, int) or wanted <= 0 or wanted == per_step * cfg.train.grad_accum:
         return None
-    per_step = micro * world_size
     if wanted % per_step == 0:
         return f"--train.grad_accum {wanted // per_step} would give train_batch_size={wanted} on {world_size} ranks"
-    return f"no train.grad_accum gives train_batch_size={wanted}: it is not a multiple of {micro} x {world_size} ranks"
+    return (
+        f"no train.grad_accum gives train_batch_size={wanted} with data.batch_size {cfg.data.batch_size}: it is "
+        f"not a multiple of {cfg.data.batch_size} x {world_size} ranks"
+    )
 
 
 def _lookup(tree: dict, dotted: str):

@@ -10,6 +10,7 @@ would pass that state around rather than simplify it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import time
@@ -96,7 +97,12 @@ class Trainer:
         self.stage, self.precision = self.engine.zero_optimization_stage(), precision_of(self.engine)
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         self.loss_fn = build_loss(cfg.loss, rank=world.rank, world_size=world.world_size)
-        self.accumulation = ContrastiveAccumulation(self.forward, self.loss_fn, world.device) if contrastive else None
+        self.accumulation = None
+        if contrastive:
+            self.accumulation = ContrastiveAccumulation(
+                self.forward, self.loss_fn, device=world.device, model=self.engine.module,
+                keep_last_graph=cfg.loss.backend not in ("torch", "open_clip"),  # those hold N x N logits meanwhile
+            )  # fmt: skip
         self.meters = Meters(["loss", "logit_scale", "grad_norm"], device=world.device)
         self.sinks = MetricSinks(cfg.log, enabled=world.is_main, config=cfg)
         self.state = TrainState(EarlyStopping(cfg.eval.early_stop_patience, cfg.eval.early_stop_min_delta))
@@ -188,12 +194,7 @@ class Trainer:
 
     def train_step(self, batches: Iterator[Batch]) -> float:
         """One optimizer step over ``train.grad_accum`` micro batches; returns host seconds spent waiting for data."""
-        try:
-            data_time = self.contrastive_step(batches) if self.accumulation else self.independent_steps(batches)
-        except Exception as e:
-            if not is_out_of_memory(e):
-                raise
-            raise OutOfMemory(self._out_of_memory(e)) from e
+        data_time = self.contrastive_step(batches) if self.accumulation else self.independent_steps(batches)
         self.update_grad_norm()
         self.state.step += 1
         self.state.samples_seen += self.global_batch
@@ -208,26 +209,46 @@ class Trainer:
             start = time.perf_counter()
             batch = self.fetch(batches)
             data_time += time.perf_counter() - start
-            out = self.forward(batch)
-            loss, scale = self.compute_loss(out)
-            self.backward(loss)
-            self.optimizer_step()
+            with self._memory_said():
+                out = self.forward(batch)
+                loss, scale = self.compute_loss(out)
+                self.backward(loss)
+                self.optimizer_step()  # the first allocates the optimizer's state
             self.update_meters(loss, scale)
         return data_time
 
     def contrastive_step(self, batches: Iterator[Batch]) -> float:
         """One loss over every micro batch of the step (fastclip/accumulation.py), back-propagated micro batch by
         micro batch through the engine."""
-        start = time.perf_counter()
-        # held until the replay, in the training dtype (each converted as it comes: never two copies of them all)
-        micro = [self._held(self.fetch(batches)) for _ in range(self.cfg.train.grad_accum)]
+        start, position = time.perf_counter(), self.data_position
+        try:  # held until the replay, in the training dtype (each converted as it comes: never two copies of all)
+            micro = [self._held(self.fetch(batches)) for _ in range(self.cfg.train.grad_accum)]
+        except StopIteration:
+            self.data_position = position  # the batches fetched so far were not trained on
+            raise
         data_time = time.perf_counter() - start
-        cache = self.accumulation.cache(micro)
-        for surrogate in self.accumulation.backward_passes(cache, micro):
-            self.engine.backward(surrogate, scale_wrt_gas=False)  # the loss is already the whole batch's mean
-            self.optimizer_step()
+        with self._memory_said():
+            cache = self.accumulation.cache(micro)
+            for surrogate in self.accumulation.backward_passes(cache, micro):
+                self.engine.backward(surrogate, scale_wrt_gas=False)  # the loss is already the whole batch's mean
+                self.optimizer_step()
         self.update_meters(cache.loss, cache.scale)
         return data_time
+
+    @contextlib.contextmanager
+    def _memory_said(self):
+        """An out-of-memory error as one line naming the batch that did not fit and what to lower."""
+        try:
+            yield
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            raise OutOfMemory(self._out_of_memory(e)) from e
+
+    def _logits_hint(self) -> str:
+        if self.cfg.loss.backend in ("torch", "open_clip"):
+            return f"; loss.backend {self.cfg.loss.backend} holds the N x N logits, loss.backend auto does not"
+        return ""
 
     def _held(self, batch: Batch) -> Batch:
         return dataclasses.replace(batch, images=batch.images.to(self.dtype))
@@ -239,11 +260,12 @@ class Trainer:
             return (
                 f"out of memory in a step with a contrastive batch of {self.contrastive_batch} ({k} micro batches "
                 f"of {micro} per rank x {self.world.world_size} ranks): lower data.batch_size (the activations of "
-                f"one micro batch) or train.grad_accum (the inputs held for the replay). ({first})"
+                f"one micro batch) or train.grad_accum (the inputs held for the replay)"
+                f"{self._logits_hint()}. ({first})"
             )
         return (
             f"out of memory in a step with a micro batch of {micro} per rank: lower data.batch_size; "
-            f"train.grad_accum keeps the step's batch with smaller micro batches. ({first})"
+            f"train.grad_accum keeps the step's batch with smaller micro batches{self._logits_hint()}. ({first})"
         )
 
     # ---------------------------------------------------------------------------------------- the loop
@@ -318,12 +340,17 @@ class Trainer:
         if self.accumulation:
             return (
                 f"contrastive batch {self.contrastive_batch}: accumulation 'contrastive', one loss over {k} micro "
-                f"batches of {micro} per rank (each micro batch forwarded twice)"
+                f"batches of {micro} per rank ({self._replayed(k)} forwarded twice)"
             )
         return (
             f"contrastive batch {self.contrastive_batch}: accumulation 'independent', {k} micro batches of {micro} "
             f"per rank, each its own loss over {micro * ranks} samples"
         )
+
+    def _replayed(self, k: int) -> str:
+        if self.accumulation.keep_last_graph:  # the last keeps its graph from the first pass
+            return "the first one" if k == 2 else f"the first {k - 1}"
+        return "each"
 
     def log_train(self, interval: Interval, bar) -> Interval:
         """One log line for ``interval``'s steps; returns the next interval."""

@@ -4,6 +4,8 @@ contrastively, and (first case only, to show the comparison tells them apart) K=
 accumulation. Rank 0 saves each way's parameter change, logged loss, grad norm and samples_seen to ``--out FILE``.
 
     deepspeed --num_gpus R tests/accum_worker.py --out FILE --world DIR --log DIR --cases 1/true/true,3/false/true
+
+A case is stage/local_loss/gather_with_grad[/precision[/loss backend]] (fp32 and auto unless given).
 """
 
 import sys
@@ -57,10 +59,11 @@ def one_step(args: list[str], world, rows: Batch, k: int, mode: str) -> dict:
 def main(argv):
     out, cases = _arg(argv, "--out"), _arg(argv, "--cases").split(",")
     base = small_run_args(Path(_arg(argv, "--world")), Path(_arg(argv, "--log")), steps=4)
-    # AdamW's first update is lr * g / (|g| + eps): with eps 1 it follows the gradient's size, not only its sign
+    # AdamW's first update is lr * g / (|g| + eps): with eps 1 it follows the gradient's size, not only its sign;
+    # a clip that never clips keeps that size (ZeRO 1-3 then still compute the pre-clip norm, which is compared)
     base += ["--train.precision", "fp32", "--data.val_shards", "null", "--data.loader", "torch",
              "--optim.warmup_steps", "0", "--optim.weight_decay", "0", "--optim.eps", "1",
-             "--optim.lr", "1", "--checkpoint.export_open_clip", "false"]  # fmt: skip
+             "--optim.lr", "1", "--optim.grad_clip", "1e6", "--checkpoint.export_open_clip", "false"]  # fmt: skip
     world = init_distributed()
     # what fixed_global_batch reads of a trainer: the image size (small_run_args forces 32 px) and the tokenizer
     probe = SimpleNamespace(image=SimpleNamespace(size=32), tokenizer=build_tokenizer(parse_args(base).model.name))
@@ -70,15 +73,11 @@ def main(argv):
     results = {}
     try:
         for i, case in enumerate(cases):
-            stage, local, with_grad = case.split("/")
-            args = base + [
-                "--train.zero_stage",
-                stage,
-                "--loss.local_loss",
-                local,
-                "--loss.gather_with_grad",
-                with_grad,
-            ]
+            parts = case.split("/")
+            stage, local, with_grad, precision, backend = parts + ["fp32", "auto"][len(parts) - 3 :]
+            args = base + ["--train.zero_stage", stage, "--loss.local_loss", local,
+                           "--loss.gather_with_grad", with_grad, "--train.precision", precision,
+                           "--loss.backend", backend]  # fmt: skip
             ways = {"one": one_step(args, world, mine, 1, "contrastive"),
                     "contrastive": one_step(args, world, mine, K, "contrastive")}  # fmt: skip
             if i == 0:

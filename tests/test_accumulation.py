@@ -3,6 +3,7 @@ batch, with every negative; the replay draws the random masks of the first forwa
 which batch did not fit and what to lower."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -29,9 +30,11 @@ def _close(ours: dict, reference: dict, *, rtol: float) -> list[str]:
 
 
 CASES = {
-    # stage/local_loss/gather_with_grad; with one rank there is nothing to gather, local or not
-    1: "1/true/true,2/true/true,3/true/true",
-    2: "1/true/true,2/true/true,3/true/true,1/false/true,2/false/true,3/false/true,2/true/false,2/false/false",
+    # stage/local_loss/gather_with_grad[/precision[/backend]]; with one rank there is nothing to gather. ZeRO-0 in
+    # bf16 is DeepSpeed's BF16_Optimizer; loss.backend torch replays every micro batch (it keeps no graph)
+    1: "0/true/true,1/true/true,2/true/true,3/true/true,2/true/true/fp32/torch,0/true/true/bf16,2/true/true/bf16",
+    2: "0/true/true,1/true/true,2/true/true,3/true/true,1/false/true,2/false/true,3/false/true,2/true/false,"
+    "2/false/false,3/false/true/fp32/torch",
 }
 
 
@@ -47,10 +50,15 @@ def test_k_micro_batches_step_as_one_batch_of_k_times_the_samples(world_dir, tmp
     assert list(results) == CASES[ranks].split(",")
     for case, ways in results.items():
         one, ours = ways["one"], ways["contrastive"]
-        assert ours["loss"] == pytest.approx(one["loss"], rel=1e-5), case
-        assert ours["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-4), case
+        bf16 = "bf16" in case  # the towers run in bf16 at another batch shape: rounding differs, not the method
+        assert ours["loss"] == pytest.approx(one["loss"], rel=1e-3 if bf16 else 1e-5), case
+        if case.startswith("0/") and "bf16" not in case:  # fp32 ZeRO-0 reports no norm: the unclipped changes do
+            assert math.isnan(ours["grad_norm"]) and math.isnan(one["grad_norm"]), case
+        else:
+            assert ours["grad_norm"] == pytest.approx(one["grad_norm"], rel=5e-3 if bf16 else 1e-4), case
         assert ours["samples_seen"] == one["samples_seen"] == 24 * ranks
-        assert not _close(ours, one, rtol=1e-3), f"{case}: {_close(ours, one, rtol=1e-3)}"
+        if not bf16:  # bf16 module weights move in steps of their last bit: only the fp32 norm is compared there
+            assert not _close(ours, one, rtol=1e-3), f"{case}: {_close(ours, one, rtol=1e-3)}"
     # the comparison tells plain accumulation apart: its loss has a quarter of the negatives
     first = results[CASES[ranks].split(",")[0]]
     assert first["independent"]["loss"] < first["one"]["loss"] - 0.5
@@ -136,3 +144,61 @@ def test_independent_accumulation_is_announced_with_its_smaller_contrastive_batc
     finally:
         trainer.close()
     assert "contrastive batch 8: accumulation 'independent', 4 micro batches of 8 per rank" in capsys.readouterr().out
+
+
+def _toy(seed: int = 0):
+    """Two towers with batch norms, as ``forward`` gives them: a batch to features and a logit scale."""
+    from fastclip.data.batch import Batch
+
+    torch.manual_seed(seed)
+    model = torch.nn.ModuleDict(
+        {
+            "image": torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8)),
+            "text": torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.BatchNorm1d(8)),
+        }
+    )
+    model.logit_scale = torch.nn.Parameter(torch.tensor([2.0]))
+
+    def forward(batch: Batch) -> dict:
+        return {"image_features": model["image"](batch.images), "text_features": model["text"](batch.texts),
+                "logit_scale": model.logit_scale.exp()}  # fmt: skip
+
+    g = torch.Generator().manual_seed(seed)
+    micro = [Batch(images=torch.randn(6, 8, generator=g), texts=torch.randn(6, 8, generator=g)) for _ in range(3)]
+    return model, forward, micro
+
+
+@pytest.mark.parametrize("keep_last_graph", [True, False])
+def test_batch_norm_statistics_count_each_micro_batch_once(keep_last_graph):
+    from fastclip.accumulation import ContrastiveAccumulation
+    from fastclip.loss import ClipLoss
+
+    model, forward, micro = _toy()
+    accumulation = ContrastiveAccumulation(
+        forward, ClipLoss(), device=torch.device("cpu"), model=model, keep_last_graph=keep_last_graph
+    )
+    cache = accumulation.cache(micro)
+    for surrogate in accumulation.backward_passes(cache, micro):
+        surrogate.backward()
+    reference, ref_forward, _ = _toy()
+    with torch.no_grad():
+        for batch in micro:  # each micro batch through the towers once
+            ref_forward(batch)
+    for (name, ours), theirs in zip(model.named_buffers(), reference.buffers()):
+        torch.testing.assert_close(ours, theirs, msg=lambda m, n=name: f"{n}: {m}")
+    assert int(model["image"][1].num_batches_tracked) == 3
+    assert model.logit_scale.grad is not None and model["image"][0].weight.grad.abs().sum() > 0
+
+
+def test_a_step_cut_short_by_the_data_keeps_the_position(single_rank, world_dir, tmp_path):
+    trainer = _trainer(single_rank, world_dir, tmp_path, ["--train.grad_accum", "3", "--data.batch_size", "8"])
+    try:
+        batches = iter(trainer.train_loader)
+        trainer.train_step(batches)
+        position = trainer.data_position
+        two = iter([next(batches), next(batches)])
+        with pytest.raises(StopIteration):
+            trainer.train_step(two)
+        assert trainer.data_position == position and trainer.step == 1  # the two batches were not trained on
+    finally:
+        trainer.close()

@@ -204,8 +204,9 @@ def test_a_deepspeed_config_file_is_merged_over_the_derived_one(tmp_path):
         (
             {"train_batch_size": 1000},
             [],
-            "no train.grad_accum gives train_batch_size=1000: it is not a multiple of 64 x 2 ranks",
+            "no train.grad_accum gives train_batch_size=1000 with data.batch_size 64: it is not a multiple of 64 x 2",
         ),
+        ({"train_batch_size": "auto"}, [], "train_batch_size=auto where the run config gives 128"),
     ],
 )
 def test_a_deepspeed_config_that_contradicts_the_run_config_names_both(tmp_path, given, args, said):
