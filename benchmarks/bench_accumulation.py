@@ -209,6 +209,13 @@ def test_contrastive_batch_65536_on_one_gpu(benchmark, record, quick, single_ran
         peak = torch.cuda.max_memory_allocated()
     finally:
         trainer.close()
+    params = {"model": "ViT-B-32", "image_px": size, "micro_batch": micro, "grad_accum": k,
+              "contrastive_batch": micro * k, "ranks": 1, "precision": "bf16", "device": "cuda"}  # fmt: skip
+    case, ours = f"samples/s/GPU, contrastive batch {micro * k}", micro * k / timing.median_s
+    extra = {"fastclip_peak_memory_bytes": peak}
+    # fastclip's figure kept at once: the suite's time limit may cut the baseline's attempt short
+    record(Result("accumulation", case, params, "samples_per_second", ours, None, extra=extra,
+                  note="open_clip not measured yet"))  # fmt: skip
     theirs, note = None, f"open_clip: train_one_epoch --accum-freq {k}"
     result: list[float] = []
 
@@ -221,10 +228,7 @@ def test_contrastive_batch_65536_on_one_gpu(benchmark, record, quick, single_ran
         theirs = micro * k / result[0]
     else:
         note += f": out of memory at contrastive batch {micro * k}"
-    params = {"model": "ViT-B-32", "image_px": size, "micro_batch": micro, "grad_accum": k,
-              "contrastive_batch": micro * k, "ranks": 1, "precision": "bf16", "device": "cuda"}  # fmt: skip
-    record(Result("accumulation", f"samples/s/GPU, contrastive batch {micro * k}", params, "samples_per_second",
-                  micro * k / timing.median_s, theirs, extra={"fastclip_peak_memory_bytes": peak},
+    record(Result("accumulation", case, params, "samples_per_second", ours, theirs, extra=extra,
                   note=note + "; open_clip's time includes its first step (no warm-up)"))  # fmt: skip
 
 

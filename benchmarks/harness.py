@@ -72,39 +72,46 @@ def bench_time(benchmark, fn: Callable[[], Any], *, repeats: int, warmup: int = 
     return Timing(stats.median, stats.min, stats.max, stats.rounds)
 
 
+def _timed(fn: Callable[[], Any], into: list[float], cuda: bool) -> None:
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if cuda:
+        torch.cuda.synchronize()
+    into.append(time.perf_counter() - t0)
+
+
+def _timing(times: list[float]) -> Timing:
+    return Timing(statistics.median(times), min(times), max(times), len(times))
+
+
+def time_paired(
+    ours: Callable[[], Any], theirs: Callable[[], Any], *, repeats: int, cuda: bool = False
+) -> tuple[Timing, Timing]:
+    """fastclip's body and the baseline's, alternating round by round (baseline, then fastclip), so that the drift
+    of a shared machine reaches both alike. Returns (fastclip, baseline) timings."""
+    mine: list[float] = []
+    base: list[float] = []
+    for _ in range(repeats):
+        _timed(theirs, base, cuda)
+        _timed(ours, mine, cuda)
+    return _timing(mine), _timing(base)
+
+
 def bench_paired(
     benchmark, ours: Callable[[], Any], theirs: Callable[[], Any], *, repeats: int, cuda: bool = False
 ) -> tuple[Timing, Timing]:
-    """fastclip's body and the baseline's, alternating round by round (baseline, then fastclip), so that the drift
-    of a shared machine reaches both alike; fastclip's rounds under pytest-benchmark's fixture (the baseline's
-    run as each round's untimed setup, timed on the same clock). Returns (fastclip, baseline) timings."""
-
-    def timed(fn: Callable[[], Any], into: list[float]) -> None:
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        into.append(time.perf_counter() - t0)
-
+    """:func:`time_paired` with fastclip's rounds under pytest-benchmark's fixture (the baseline's run as each
+    round's untimed setup, timed on the same clock)."""
+    if benchmark.disabled:  # the fixture runs its target once, untimed: here, every round of both
+        return bench_once(benchmark, lambda: time_paired(ours, theirs, repeats=repeats, cuda=cuda))
     mine: list[float] = []
     base: list[float] = []
-    if benchmark.disabled:  # the fixture runs its target once, untimed: here, every round of both
-
-        def rounds() -> None:
-            for _ in range(repeats):
-                timed(theirs, base)
-                timed(ours, mine)
-
-        bench_once(benchmark, rounds)
-    else:
-        benchmark.pedantic(lambda: timed(ours, mine), setup=lambda: timed(theirs, base), rounds=repeats, iterations=1)
-
-    def timing(times: list[float]) -> Timing:
-        return Timing(statistics.median(times), min(times), max(times), len(times))
-
-    return timing(mine), timing(base)
+    benchmark.pedantic(
+        lambda: _timed(ours, mine, cuda), setup=lambda: _timed(theirs, base, cuda), rounds=repeats, iterations=1
+    )
+    return _timing(mine), _timing(base)
 
 
 def bench_once(benchmark, fn: Callable[[], Any]) -> Any:
