@@ -16,7 +16,6 @@ Run as a script, it is one rung of the memory ladder: ``python bench_accumulatio
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import subprocess
@@ -30,10 +29,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_train_step import OpenClipTrainer, _fastclip_trainer, _fits, _fixed_batches, _open_clip_run  # noqa: E402
+from bench_train_step import _fastclip_trainer, _fits, _fixed_batches, _open_clip_run, _paired_fixed  # noqa: E402
 
 from bench_data import _shards  # noqa: E402
-from harness import Result, bench_paired, bench_time  # noqa: E402
+from harness import Result, bench_time  # noqa: E402
 
 MICRO, K = 64, 4
 STEPS = {"full": 3, "quick": 1}
@@ -65,17 +64,7 @@ def test_accumulation_throughput_cpu(benchmark, record, quick, single_rank):
         size, tokenizer = trainer.image.size, trainer.tokenizer
         fixed = _fixed_batches(2 * K, size, tokenizer)
         cycle = (Batch(images=img, texts=txt) for _ in range(10**6) for img, txt in fixed)
-        theirs = OpenClipTrainer(itertools.cycle(fixed), accum_freq=K)
-        theirs.epoch(1)  # warm-up, as fastclip's
-        trainer.train_step(cycle)
-        trainer.meters.collect()
-
-        def ours_block() -> None:
-            for _ in range(steps):
-                trainer.train_step(cycle)
-            trainer.meters.collect()  # the numbers reach the host once, as at a log step
-
-        ours, base = bench_paired(benchmark, ours_block, lambda: theirs.epoch(steps), repeats=repeats)
+        ours, base = _paired_fixed(trainer, cycle, fixed, steps, repeats, accum_freq=K, benchmark=benchmark)
     finally:
         trainer.close()
     params = {"model": "fastclip-tiny", "image_px": size, "micro_batch": MICRO, "grad_accum": K,

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from bench_data import _shards
-from harness import Result, bench_time, time_fn, time_paired
+from harness import Result, bench_paired, bench_time, time_fn, time_paired
 
 BATCH = 64
 STEPS = {"full": 6, "quick": 2}  # steps per timed block; the full run takes the median of 3 blocks
@@ -142,7 +142,7 @@ def test_train_step_cpu(benchmark, record, quick, single_rank):
         size = trainer.image.size
         fixed = _fixed_batches(steps + 1, size, trainer.tokenizer)
         cycle = (Batch(images=img, texts=txt) for _ in range(10**6) for img, txt in fixed)
-        ours_fixed, theirs_fixed = _paired_fixed(trainer, cycle, fixed, steps, repeats)
+        ours_fixed, theirs_fixed = (t.median_s / steps for t in _paired_fixed(trainer, cycle, fixed, steps, repeats))
         timer = functools.partial(bench_time, benchmark)  # the figure users compare: data included
         # one loader at a time: a second one's workers would prefetch in the background of the other's rounds
         ours_loaded = _fastclip_run(trainer, iter(trainer.train_loader), steps, repeats=repeats, timer=timer)
@@ -167,10 +167,12 @@ def test_train_step_cpu(benchmark, record, quick, single_rank):
     benchmark.extra_info.update(params=params)
 
 
-def _paired_fixed(trainer, cycle, fixed, steps: int, repeats: int) -> tuple[float, float]:
-    """Seconds per step of fastclip and open_clip on the same pre-made batches, in alternating rounds (after a
-    warm-up step each): no loader runs, so neither side's rounds share the machine with the other's work."""
-    theirs = OpenClipTrainer(itertools.cycle(fixed))
+def _paired_fixed(trainer, cycle, fixed, steps: int, repeats: int, *, accum_freq: int = 1, benchmark=None):
+    """Seconds per step of fastclip (``trainer`` on ``cycle``) and open_clip (``train_one_epoch`` with
+    ``accum_freq``) on the same pre-made batches, in alternating rounds after a warm-up step each: no loader runs,
+    so neither side's rounds share the machine with the other's work. With ``benchmark``, fastclip's rounds are
+    pytest-benchmark's."""
+    theirs = OpenClipTrainer(itertools.cycle(fixed), accum_freq=accum_freq)
     theirs.epoch(1)
     trainer.train_step(cycle)
     trainer.meters.collect()
@@ -178,10 +180,13 @@ def _paired_fixed(trainer, cycle, fixed, steps: int, repeats: int) -> tuple[floa
     def ours_block() -> None:
         for _ in range(steps):
             trainer.train_step(cycle)
-        trainer.meters.collect()
+        trainer.meters.collect()  # the numbers reach the host once, as at a log step
 
-    ours, base = time_paired(ours_block, lambda: theirs.epoch(steps), repeats=repeats)
-    return ours.median_s / steps, base.median_s / steps
+    if benchmark is None:
+        ours, base = time_paired(ours_block, lambda: theirs.epoch(steps), repeats=repeats)
+    else:
+        ours, base = bench_paired(benchmark, ours_block, lambda: theirs.epoch(steps), repeats=repeats)
+    return ours, base
 
 
 def _open_clip_loader_for(root, size: int):

@@ -29,11 +29,6 @@ import torch
 from fastclip.data.batch import Batch
 from fastclip.model import logit_scale_of
 
-ACCUM_MODES = {
-    "contrastive": "one loss over all micro batches of a step: every sample meets every negative of the step",
-    "independent": "DeepSpeed's plain accumulation: each micro batch its own loss, negatives of that micro batch",
-}
-
 
 @dataclass(frozen=True)
 class RandomState:

@@ -132,6 +132,13 @@ class OptimConfig:
         _require(skips > 0, "optim.max_skipped_steps", f"must be a positive number of steps, got {skips}")
 
 
+# train.accum_mode with grad_accum > 1 (fastclip/accumulation.py does the contrastive one)
+ACCUM_MODES = {
+    "contrastive": "one loss over every micro batch of a step",
+    "independent": "a loss per micro batch, DeepSpeed's plain accumulation",
+}
+
+
 @dataclass
 class TrainConfig:
     steps: int = 0  # optimizer steps to run; 0 means train.epochs passes over the train shards
@@ -147,12 +154,8 @@ class TrainConfig:
         _require(self.steps >= 0, "train.steps", f"must be >= 0 (0 means use train.epochs), got {self.steps}")
         _require(self.epochs > 0, "train.epochs", f"must be positive, got {self.epochs}")
         _require(self.grad_accum > 0, "train.grad_accum", f"must be positive, got {self.grad_accum}")
-        _require(
-            self.accum_mode in ("contrastive", "independent"),
-            "train.accum_mode",
-            f"must be 'contrastive' (one loss over every micro batch of a step) or 'independent' (a loss per micro "
-            f"batch), got {self.accum_mode!r}",
-        )
+        modes = "; ".join(f"'{k}' ({v})" for k, v in ACCUM_MODES.items())
+        _require(self.accum_mode in ACCUM_MODES, "train.accum_mode", f"must be {modes}; got {self.accum_mode!r}")
         _require(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
         _require(
             self.precision in ("bf16", "fp32"), "train.precision", f"must be 'bf16' or 'fp32', got {self.precision!r}"

@@ -32,6 +32,7 @@ BACKENDS = {
     "torch": "plain logits in torch: the N x N matrix exists (the reference)",
     "open_clip": "open_clip's own ClipLoss (for A/B runs; build_loss only)",
 }
+LOGITS_BACKENDS = ("torch", "open_clip")  # the backends whose loss holds the N x N logits
 
 
 def gather_features(

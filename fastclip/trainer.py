@@ -35,7 +35,7 @@ from fastclip.engine import apply_adamw_settings, build_engine, precision_of
 from fastclip.errors import ConfigError, OutOfMemory
 from fastclip.eval import EarlyStopping, evaluate, read_zeroshot_list
 from fastclip.guard import NonFiniteGuard
-from fastclip.loss import build_loss
+from fastclip.loss import LOGITS_BACKENDS, build_loss
 from fastclip.meters import Meters
 from fastclip.model import build_model, image_spec, logit_scale_of, param_groups
 from fastclip.schedules import LrSchedule, restart_at, total_steps
@@ -101,7 +101,7 @@ class Trainer:
         if contrastive:
             self.accumulation = ContrastiveAccumulation(
                 self.forward, self.loss_fn, device=world.device, model=self.engine.module,
-                keep_last_graph=cfg.loss.backend not in ("torch", "open_clip"),  # those hold N x N logits meanwhile
+                keep_last_graph=cfg.loss.backend not in LOGITS_BACKENDS,  # those would hold the logits meanwhile
             )  # fmt: skip
         self.meters = Meters(["loss", "logit_scale", "grad_norm"], device=world.device)
         self.sinks = MetricSinks(cfg.log, enabled=world.is_main, config=cfg)
@@ -246,7 +246,7 @@ class Trainer:
             raise OutOfMemory(self._out_of_memory(e)) from e
 
     def _logits_hint(self) -> str:
-        if self.cfg.loss.backend in ("torch", "open_clip"):
+        if self.cfg.loss.backend in LOGITS_BACKENDS:
             return f"; loss.backend {self.cfg.loss.backend} holds the N x N logits, loss.backend auto does not"
         return ""
 
