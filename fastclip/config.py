@@ -59,6 +59,10 @@ class DataConfig:
     decode_device: str = "auto"  # 'auto' (GPU decode when CUDA exists), 'mixed' (nvJPEG) or 'cpu'
     crop_scale: tuple[float, float] = (0.9, 1.0)  # random-resized-crop area range, as open_clip's default
     max_bad_fraction: float = 0.01  # damaged shards (truncated, unreadable) skipped up to this fraction, else stop
+    train_num_samples: int | None = None  # samples in an epoch (open_clip's --train-num-samples); none are counted
+    resampled: bool = False  # draw train shards with replacement, per rank (open_clip's --dataset-resampled)
+    index_dir: str | None = None  # folder of the index tool's files, when not beside the shards (read-only ones)
+    check_shards: int = 64  # shards opened at start-up (the first, the last, evenly between); the rest when read
 
     def __post_init__(self):
         _require(self.batch_size > 0, "data.batch_size", f"must be a positive integer, got {self.batch_size}")
@@ -74,6 +78,13 @@ class DataConfig:
         )
         bad = self.max_bad_fraction
         _require(0 <= bad < 1, "data.max_bad_fraction", f"must be in [0, 1) (0 stops on any damaged shard), got {bad}")
+        n = self.train_num_samples
+        _require(n is None or n > 0, "data.train_num_samples", f"must be a positive number of samples, got {n}")
+        _require(
+            n is not None or not self.resampled, "data.resampled",
+            "draws shards with replacement, so an epoch has no natural end: set data.train_num_samples as well",
+        )  # fmt: skip
+        _require(self.check_shards > 0, "data.check_shards", f"must be positive, got {self.check_shards}")
         lo, hi = self.crop_scale
         _require(
             0 < lo <= hi <= 1, "data.crop_scale", f"must be [lo, hi] with 0 < lo <= hi <= 1, got {self.crop_scale}"

@@ -13,17 +13,18 @@ from fastclip.errors import ConfigError
 
 def check_inputs(cfg: Config, *, world_size: int = 1) -> None:
     """Raise :class:`ConfigError` for the first file of ``cfg`` that is missing or unreadable."""
-    from fastclip.data.loader import dali_available
-    from fastclip.data.shards import resolve_shards
+    from fastclip.data.loader import LoaderOptions, dali_available
     from fastclip.engine import deepspeed_config
     from fastclip.eval import read_zeroshot_list
     from fastclip.model import check_pretrained_file
 
-    # the torch loader walks every tar header to count samples: walk them here, before any model (it reuses it)
+    # the torch loader counts samples by walking tar headers where no index file counts them: walk them here,
+    # before any model (it reuses the walk); DALI counts them itself
     walk = cfg.data.loader == "torch" or (cfg.data.loader == "auto" and not dali_available())
+    options = LoaderOptions.of(cfg.data)
     for name in ("train_shards", "val_shards"):
         if spec := getattr(cfg.data, name):
-            resolve_shards(spec, field=f"data.{name}", max_bad_fraction=cfg.data.max_bad_fraction, count=walk)
+            options.resolve(spec, field=f"data.{name}", train=name == "train_shards", count=walk)
     for name in ("zeroshot_classnames", "zeroshot_templates"):
         if path := getattr(cfg.data, name):
             read_zeroshot_list(path, field=f"data.{name}")

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from fastclip.cli import parse_args
+from fastclip.data.batch import STREAMS_VERSION
 from fastclip.data.loader import build_loader
 from fastclip.data.synthetic import COLOURS, SHAPES, class_names
 from fastclip.data.tokenizer import build_tokenizer
@@ -315,9 +316,9 @@ def test_a_position_from_another_seed_scheme_starts_afresh(world_dir, kind):
     loader = _loader(world_dir, train=True, kind=kind)
     try:
         saved = next(iter(loader)).position.state()
-        assert saved["streams"] == 2
-        older = {k: v for k, v in saved.items() if k != "streams"}  # as fastclip wrote it before the scheme changed
-        with pytest.raises(ValueError, match="data streams were seeded otherwise"):
-            loader.restore(older)
+        assert saved["streams"] == STREAMS_VERSION == 3
+        for older in ({k: v for k, v in saved.items() if k != "streams"}, {**saved, "streams": 2}):  # earlier ones
+            with pytest.raises(ValueError, match="data streams were seeded otherwise"):
+                loader.restore(older)
     finally:
         loader.close()

@@ -10,7 +10,7 @@ import torch
 
 # The streams' seed scheme: a position saved under another one would replay other samples. Raised when the seeds a
 # loader derives change (fastclip/data/loader.py derive_seed); positions of another scheme start the stream afresh.
-STREAMS_VERSION = 2
+STREAMS_VERSION = 3  # 3: the torch loader splits each shard among slots by its place in the order
 
 
 def check_stream(state: dict[str, Any], loader: str) -> None:

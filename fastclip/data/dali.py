@@ -9,6 +9,7 @@ together.)
 from __future__ import annotations
 
 import base64
+import random
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from fastclip.data.dali_pipelines import (
 from fastclip.data.dali_pipelines import labels as labels_of
 from fastclip.data.loader import LoaderOptions, derive_seed
 from fastclip.data.prefetch import Prefetcher
-from fastclip.data.shards import resolve_shards
+from fastclip.data.shards import SLOW_WALK, Shards, resolve_shards, say_once
 from fastclip.data.skips import DataBroken, Skips
 from fastclip.errors import ConfigError
 from fastclip.model import ImageSpec
@@ -278,13 +279,15 @@ def build_dali_loader(
     device: torch.device,
 ) -> DaliLoader:
     """The DALI loader over ``spec``'s readable shards. DALI splits the samples among ranks by position whatever
-    the shuffle, so each rank shuffles and crops with its own seed."""
-    paths = resolve_shards(spec, field=field, max_bad_fraction=options.max_bad_fraction).paths
+    the shuffle, so each rank shuffles and crops with its own seed; resampled, each rank reads its own draw."""
+    shards = options.resolve(spec, field=field, train=train, count=False)  # DALI counts the samples itself
 
-    def build(paths: list[str]) -> DaliLoader:
-        return DaliLoader(
+    def build(shards: Shards) -> DaliLoader:
+        paths, index = _reader_shards(shards, field=field, resampled=train and options.resampled, seed=seed, rank=rank)
+        ranks = (0, 1) if train and options.resampled else (rank, world_size)
+        loader = DaliLoader(
             make_reader=lambda checkpoint: reader_pipeline(
-                options=options, paths=paths, train=train, rank=rank, world_size=world_size,
+                options=options, paths=paths, index=index, train=train, rank=ranks[0], world_size=ranks[1],
                 seed=derive_seed(seed, "reader shuffle", rank), checkpoint=checkpoint,
             ),
             # decoder i: the i-th built (the first ones, then each rebuild), so a rebuilt one draws other crops
@@ -294,16 +297,44 @@ def build_dali_loader(
             make_checker=lambda: decode_pipeline(options=options, image=image, train=False, seed=0, batch_size=1),
             tokenizer=tokenizer, train=train, rank=rank, world_size=world_size, device=device,
         )  # fmt: skip
+        if train and options.train_num_samples:  # the epoch's length; the reader goes on through its own pass
+            loader.samples_per_epoch = options.train_num_samples
+        return loader
 
     try:
-        return build(paths)
+        return build(shards)
     except RuntimeError as e:  # DALI's index inference stops on a tar damaged in the middle ("Invalid seek")
-        # the cheap end check passed them all: walk every header to find the damaged ones (else re-raise)
-        shards = resolve_shards(spec, field=field, max_bad_fraction=options.max_bad_fraction, count=True)
-        if len(shards.paths) < len(paths):
-            return build(shards.paths)
-        if (samples := sum(shards.samples)) < world_size:  # DALI's "num_shards_ <= Size()"
+        # the start-up checks passed: open and walk every shard to find the damaged ones (else re-raise)
+        checked = resolve_shards(
+            spec, field=field, max_bad_fraction=options.max_bad_fraction, index_dir=options.index_dir, check=None,
+            count=True,
+        )  # fmt: skip
+        if len(checked.paths) < len(shards.paths):
+            return build(checked)
+        if (samples := sum(checked.samples)) < world_size:  # DALI's "num_shards_ <= Size()"
             raise ConfigError(
                 f"{field}: {samples} samples for {world_size} ranks, and every rank needs one at least. Add shards."
             ) from e
         raise
+
+
+def _reader_shards(
+    shards: Shards, *, field: str, resampled: bool, seed: int, rank: int
+) -> tuple[list[str], list[str] | None]:
+    """The tars this rank's reader reads, and their index files (DALI takes all or none). Resampled: as many
+    shards as the set holds, drawn with replacement from this rank's stream (one reader pass, repeated)."""
+    paths, index = shards.paths, shards.index
+    if resampled:
+        draw = random.Random(derive_seed(seed, "shard draws", rank)).choices(range(len(paths)), k=len(paths))
+        paths, index = [paths[i] for i in draw], [index[i] for i in draw]
+    if None not in index:
+        return paths, index
+    if len(shards.paths) > SLOW_WALK:
+        missing = shards.index.count(None)
+        say_once(
+            field,
+            f"{field}: {missing} of {len(shards.paths)} shards have no index file, so DALI reads every tar header "
+            "of every shard before the first batch: this is what makes start-up slow. Run `python -m "
+            "fastclip.data.shards index SHARDS` once (and --data.index_dir DIR if it wrote them elsewhere).",
+        )
+    return paths, None

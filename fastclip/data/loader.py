@@ -17,6 +17,7 @@ import torch
 
 from fastclip.config import DataConfig
 from fastclip.data.batch import Batch
+from fastclip.data.shards import Shards, resolve_shards
 from fastclip.errors import ConfigError
 from fastclip.model import ImageSpec
 
@@ -58,17 +59,30 @@ class LoaderOptions:
     decode_device: str  # 'auto', 'mixed' or 'cpu'
     crop_scale: tuple[float, float]
     max_bad_fraction: float
+    train_num_samples: int | None = None  # an epoch's samples, when set: nothing is counted for training
+    resampled: bool = False  # training draws shards with replacement, per rank
+    index_dir: str | None = None
+    check_shards: int | None = None  # shards opened at start-up; the rest when first read (None: all)
 
     @classmethod
     def of(cls, data: DataConfig) -> LoaderOptions:
         return cls(
             batch_size=data.batch_size, workers=data.num_threads, shuffle_buffer=data.shuffle_buffer,
             decode_device=data.decode_device, crop_scale=data.crop_scale, max_bad_fraction=data.max_bad_fraction,
+            train_num_samples=data.train_num_samples, resampled=data.resampled, index_dir=data.index_dir,
+            check_shards=data.check_shards,
+        )  # fmt: skip
+
+    def resolve(self, spec: str, *, field: str, train: bool, count: bool = True) -> Shards:
+        """``spec``'s shards as this loader reads them. Training with ``train_num_samples`` counts nothing."""
+        return resolve_shards(
+            spec, field=field, max_bad_fraction=self.max_bad_fraction, index_dir=self.index_dir,
+            check=self.check_shards, count=count and not (train and self.train_num_samples),
         )  # fmt: skip
 
 
 # the random streams of a run's data path; each draws its seed from the run's seed, its purpose and its ids
-STREAMS = ("shard order", "reader shuffle", "decoder crops", "buffer shuffle", "worker crops")
+STREAMS = ("shard order", "reader shuffle", "decoder crops", "buffer shuffle", "worker crops", "shard draws")
 
 
 def derive_seed(seed: int, stream: str, *ids: int) -> int:

@@ -51,7 +51,7 @@ def expand(spec: str, *, field: str = "shards") -> list[str]:
              for m in _matches(pattern, field=field, spec=spec)]  # fmt: skip
     repeated = sorted(p for p, n in Counter(paths).items() if n > 1)
     if repeated:
-        _say_once(field, f"{field}: {len(repeated)} shards are listed more than once (e.g. {repeated[0]}): their "
+        say_once(field, f"{field}: {len(repeated)} shards are listed more than once (e.g. {repeated[0]}): their "
                   "samples are read that many times per epoch")  # fmt: skip
     return paths
 
@@ -138,7 +138,7 @@ class ShardCount:
     other_format: list[str] = dataclasses.field(default_factory=list)  # keys whose image fastclip does not decode
 
 
-def _check_only_zeros_after(path: str, offset: int) -> None:
+def check_only_zeros_after(path: str, offset: int) -> None:
     """tarfile ends a walk quietly at a header that does not parse, as if the archive ended there: only zeros
     (the end blocks and their padding) may follow, or the rest of the shard would be lost without a word."""
     with open(path, "rb") as f:
@@ -159,7 +159,7 @@ def walk_headers(path: str) -> ShardCount:
             elif "txt" in group and (other := sorted(set(group) & set(OTHER_IMAGE_EXTS))):
                 count.other_format.append(f"{key}.{other[0]}")
         end = tar.offset  # where tarfile stopped: the end-of-archive blocks, or a header it could not parse
-    _check_only_zeros_after(path, end)
+    check_only_zeros_after(path, end)
     return count
 
 
@@ -207,7 +207,7 @@ def _check_opens(path: str, *, field: str, spec: str) -> None:
 _said: set[tuple[str, str]] = set()  # (field, message) already logged by this process: check and loader alike
 
 
-def _say_once(field: str, message: str, *, about: tuple = ()) -> None:
+def say_once(field: str, message: str, *, about: tuple = ()) -> None:
     if os.environ.get("RANK", "0") == "0" and (field, message, about) not in _said:
         _said.add((field, message, about))
         log.warning("%s", message)
@@ -225,9 +225,9 @@ def _set_aside(damaged: dict[str, str], *, total: int, field: str, max_bad_fract
             "--data.max_bad_fraction to train without them."
         )
     for path, why in damaged.items():
-        _say_once(field, f"skipped shard {path}: {why}")
+        say_once(field, f"skipped shard {path}: {why}")
     summary = f"{field}: {len(damaged)} of {total} shards skipped as damaged (limit: {max_bad_fraction:.1%})"
-    _say_once(field, summary, about=tuple(damaged))
+    say_once(field, summary, about=tuple(damaged))
 
 
 def _say_other_formats(field: str, keys: list[tuple[str, str]], *, probed: bool) -> None:
@@ -235,7 +235,7 @@ def _say_other_formats(field: str, keys: list[tuple[str, str]], *, probed: bool)
         return
     shard, key = keys[0]
     scope = "among the first samples of the first shard" if probed else "in all"
-    _say_once(
+    say_once(
         field,
         f"{field}: {len(keys)} samples {scope} have their image in a format fastclip does not decode (e.g. {key} in "
         f"{shard}); they are left out. Re-encode them as one of {', '.join(IMAGE_EXTS)}.",
@@ -256,22 +256,86 @@ def _probe_formats(path: str, members: int = 128) -> list[tuple[str, str]]:
 @dataclass
 class Shards:
     paths: list[str]  # the shards to read, damaged ones left out
-    samples: list[int] | None = None  # usable samples in each, when the headers were walked
+    samples: list[int] | None = None  # usable samples in each, when known (index tool's files, or a header walk)
+    index: list[str | None] = dataclasses.field(default_factory=list)  # each shard's index file, or None
+    source: str = ""  # where the counts came from: 'sizes.json', 'index files', 'tar headers' ('' when unknown)
+    listed: int = 0  # shards the spec names, damaged ones included
+
+    @property
+    def total(self) -> int | None:
+        return None if self.samples is None else sum(self.samples)
 
 
-def resolve_shards(spec: str, *, field: str, max_bad_fraction: float = 0.0, count: bool = False) -> Shards:
-    """The readable shards of ``spec``. Each must exist and open as a non-empty tar (else an error names it);
-    damaged ones are skipped and logged, or stop the run past ``max_bad_fraction``. With ``count``, every tar's
-    headers are walked to count its usable samples (which also finds damage anywhere in a tar)."""
+STARTUP_CHECKS = 64  # shards opened at start-up when there are more (the first, the last, and evenly between)
+SLOW_WALK = 100  # shards: counting more of them from tar headers is worth a line saying how to avoid it
+
+
+def _spread(paths: list[str], n: int | None) -> list[str]:
+    if n is None or len(paths) <= n:
+        return paths
+    return [paths[round(i * (len(paths) - 1) / (n - 1))] for i in range(n)]
+
+
+def _changed(path: str, indexed: int | None) -> None:
+    if indexed is not None and (size := os.path.getsize(path)) != indexed:
+        raise ConfigError(
+            f"shard {path} is {size} bytes, {indexed} when it was indexed: its index points into another file. "
+            f"Re-run `python -m fastclip.data.shards index {path}`."
+        )
+
+
+def resolve_shards(
+    spec: str, *, field: str, max_bad_fraction: float = 0.0, count: bool = False, index_dir: str | None = None,
+    check: int | None = STARTUP_CHECKS,
+) -> Shards:  # fmt: skip
+    """The readable shards of ``spec``, and their sample counts where the index tool's files give them.
+
+    ``check`` shards (all when None, or when there are fewer) are opened here: each must exist and open as a
+    non-empty tar (else an error names it) and not have changed since it was indexed; a damaged one is skipped
+    and logged, and past ``max_bad_fraction`` the run stops. The others are checked by the loader when it first
+    reads them. With ``count`` and no index files, every tar's headers are walked to count its samples (slow on
+    many shards: the log says so, and how to avoid it)."""
+    from fastclip.data.index import index_files, known_counts
+
     paths = expand(spec, field=field)
-    damaged: dict[str, str] = {}
+    try:
+        known = known_counts(paths, index_dir)
+    except ValueError as e:
+        raise ConfigError(f"{field}: {e}") from None
+    damaged: dict[str, str] = dict(known.bad) if known else {}
+    indexed = index_files(paths, index_dir)
+    walked = known is None and count  # a walk opens every tar anyway: check them all first
+    for path in paths if walked else _spread(paths, check):
+        if path in damaged:
+            continue
+        _check_opens(path, field=field, spec=spec)
+        if known is not None:
+            _changed(path, known.bytes.get(path))
+        if path not in indexed and (why := damage(path)) is not None:  # an index left torn samples out
+            damaged[path] = why
+    counts, other, source = dict(known.samples) if known else {}, [], known.source if known else ""
+    if walked:
+        counts, other = _walk_all([p for p in paths if p not in damaged], damaged, field=field)
+        source = "tar headers"
+    _set_aside(damaged, total=len(paths), field=field, max_bad_fraction=max_bad_fraction)
+    good = [p for p in paths if p not in damaged]
+    _say_other_formats(field, other if walked else _probe_formats(good[0]), probed=not walked)
+    samples = [counts[p] for p in good] if counts else None
+    return Shards(good, samples, [indexed.get(p) for p in good], source, listed=len(paths))
+
+
+def _walk_all(paths: list[str], damaged: dict[str, str], *, field: str) -> tuple[dict[str, int], list]:
+    """Every shard's usable samples from its tar headers (damaged ones into ``damaged``)."""
+    if len(paths) > SLOW_WALK:
+        say_once(
+            field,
+            f"{field}: counting the samples of {len(paths)} shards by reading every tar header, as they have no "
+            "index files: this is what makes start-up slow. Run `python -m fastclip.data.shards index SHARDS` "
+            "once (it writes the index files and sizes.json that start-up reads instead), or set "
+            "data.train_num_samples.",
+        )
     counts, other = {}, []
     for path in paths:
-        _check_opens(path, field=field, spec=spec)
-        if not count:
-            if (why := damage(path)) is not None:
-                damaged[path] = why
-            continue
         try:
             found = walk(path)
         except (tarfile.TarError, OSError) as e:
@@ -279,13 +343,10 @@ def resolve_shards(spec: str, *, field: str, max_bad_fraction: float = 0.0, coun
             continue
         counts[path] = found.usable
         other += [(path, key) for key in found.other_format]
-    _set_aside(damaged, total=len(paths), field=field, max_bad_fraction=max_bad_fraction)
-    good = [p for p in paths if p not in damaged]
-    _say_other_formats(field, other if count else _probe_formats(good[0]), probed=not count)
-    return Shards(good, [counts[p] for p in good] if count else None)
+    return counts, other
 
 
-def index_paths(paths: list[str]) -> list[str] | None:
-    """DALI index files ('shard.idx' beside 'shard.tar') when every shard has one, else None."""
-    idx = [str(Path(p).with_suffix(".idx")) for p in paths]
-    return idx if all(Path(p).is_file() for p in idx) else None
+if __name__ == "__main__":  # python -m fastclip.data.shards: the shard tools (index, convert)
+    from fastclip.data.shard_tool import main
+
+    raise SystemExit(main())

@@ -10,46 +10,97 @@ process decodes the whole batch on the GPU (torchvision.io.decode_jpeg(device='c
 
 from __future__ import annotations
 
+import itertools
 import random
 import tarfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from fastclip.data.batch import Batch, BatchCount, check_stream
+from fastclip.data.index import read_index
 from fastclip.data.loader import LoaderOptions, derive_seed
-from fastclip.data.shards import IMAGE_EXTS, Shards, member_groups, parse_label, resolve_shards, usable
+from fastclip.data.shards import IMAGE_EXTS, Shards, member_groups, parse_label, usable
 from fastclip.data.skips import DataBroken, Skips, log
 from fastclip.model import ImageSpec
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
-def _samples(path: str, slot: int, slots: int, first: int) -> Iterator[dict]:
-    """The usable samples of a shard whose running index (``first`` for its first one) is ``slot`` modulo
-    ``slots``, as {extension: bytes}; the other samples' headers are read, their payloads skipped."""
-    index = first
+def _walked(path: str, first: int, step: int) -> Iterator[dict]:
+    """A shard's usable samples ``first``, ``first + step``, ... as {extension: bytes}, from its tar headers; the
+    other samples' headers are read, their payloads skipped."""
     with tarfile.open(path, "r:") as tar:  # seekable: a sample of another slot costs one header read per file
-        for key, group in member_groups(tar):
-            if not usable(group):
-                continue
-            if index % slots == slot:
-                sample = {ext: tar.extractfile(member).read() for ext, member in group.items()}
-                yield {**sample, "__key__": key, "__shard__": path}
-            index += 1
+        usable_samples = (item for item in member_groups(tar) if usable(item[1]))
+        for key, group in itertools.islice(usable_samples, first, None, step):
+            sample = {ext: tar.extractfile(member).read() for ext, member in group.items()}
+            yield {**sample, "__key__": key, "__shard__": path}
+
+
+def _indexed(path: str, idx: str, first: int, step: int) -> Iterator[dict]:
+    """The same from the shard's index file: each sample's files read at their offsets, no header read."""
+    samples = read_index(idx)[first::step]
+    with open(path, "rb") as f:
+        for key, files in samples:
+            sample = {"__key__": key, "__shard__": path}
+            for ext, (offset, size) in files.items():
+                if ext in IMAGE_EXTS or ext in ("txt", "cls"):
+                    f.seek(offset)
+                    if len(data := f.read(size)) != size:
+                        raise OSError(f"it ends inside {key}.{ext}, at byte {offset + len(data)}: truncated since it "
+                                      "was indexed; re-run the index tool on it")  # fmt: skip
+                    sample[ext] = data
+            yield sample
+
+
+@dataclass(frozen=True)
+class _Shard:
+    path: str
+    samples: int | None  # usable samples, where known
+    index: str | None  # its index file, where there is one
+
+    def read(self, first: int, step: int) -> Iterator[dict]:
+        return _indexed(self.path, self.index, first, step) if self.index else _walked(self.path, first, step)
+
+
+class _BadShards:
+    """Shards found unreadable when first read (start-up opens only some): each logged once, skipped for the rest
+    of the run, and past ``max_bad_fraction`` of all shards the run stops, as at start-up."""
+
+    def __init__(self, *, total: int, set_aside: int, max_bad_fraction: float):
+        self.total, self.set_aside, self.max_bad_fraction = total, set_aside, max_bad_fraction
+        self.paths: set[str] = set()
+
+    def add(self, path: str, error: Exception, *, say: bool) -> None:
+        self.paths.add(path)
+        bad = len(self.paths) + self.set_aside
+        if bad > self.max_bad_fraction * self.total:
+            raise DataBroken(
+                f"shard {path} is unreadable ({error}), and {bad} of {self.total} shards are, more than "
+                f"data.max_bad_fraction={self.max_bad_fraction} allows. Re-create them, remove them from the spec, "
+                "or raise --data.max_bad_fraction."
+            )
+        if say:
+            log.warning("skipped shard %s: unreadable (%s); %d of %d shards skipped", path, error, bad, self.total)
 
 
 class _ShardStream(IterableDataset):
-    """This rank's and this worker's share of the samples: every ``slots``-th usable sample, from ``slot``, of one
-    order of the shards that every rank and worker draws alike (from ``seed`` and the epoch), so that the slots
-    partition each epoch: every sample is read once, by one worker of one rank."""
+    """This rank's and this worker's share of the samples. Every rank and worker draws one order of the shards
+    (from ``seed`` and the epoch); slot ``s`` reads the samples whose running index in that order is ``s`` modulo
+    the slots, the running index counted from start-up's counts (or from the shards' places where they are not
+    counted): the slots partition each epoch, every sample read once by one worker of one rank, and a shard
+    that fails to read shifts no other. Resampled, each worker instead draws shards with replacement from its
+    own stream and reads them whole."""
 
     def __init__(
-        self, *, shards, train: bool, rank: int, world_size: int, seed: int, shuffle_buffer: int, transform, skips
-    ):
-        self.shards, self.train, self.rank, self.world_size = shards, train, rank, world_size  # [(path, samples)]
+        self, *, shards: list[_Shard], train: bool, rank: int, world_size: int, seed: int, shuffle_buffer: int,
+        transform, skips, bad: _BadShards, resampled: bool = False,
+    ):  # fmt: skip
+        self.shards, self.train, self.rank, self.world_size = shards, train, rank, world_size
         self.seed, self.shuffle_buffer, self.transform, self.skips = seed, shuffle_buffer, transform, skips
+        self.bad, self.resampled = bad, resampled
         self.resume_batches, self.batch_size = 0, 1  # set by TorchLoader.restore before the workers start
 
     def _consumed(self, worker: int, workers: int) -> int:
@@ -57,18 +108,49 @@ class _ShardStream(IterableDataset):
         its workers in turn, starting with worker 0."""
         return len(range(worker, self.resume_batches, workers)) * self.batch_size
 
-    def _ordered(self, epoch: int, slot: int, slots: int) -> Iterator[dict]:
+    def _read(self, shard: _Shard, first: int, step: int, *, say: bool) -> Iterator[dict]:
+        if shard.path in self.bad.paths:
+            return
+        try:
+            yield from shard.read(first, step)
+        except (tarfile.TarError, OSError, ValueError) as e:  # start-up did not open it, or it changed since
+            self.bad.add(shard.path, e, say=say)
+
+    def _placed(self, epoch: int) -> Iterator[tuple[_Shard, int]]:
+        """The epoch's shards, each with the running index of its first sample: the samples before it where the
+        shards are counted (the slots' shares then differ by one at most), else its place in the order."""
         shards = list(self.shards)
         if self.train:
             # the same order on every rank and worker: the split into slots stays exact
             random.Random(derive_seed(self.seed, "shard order", epoch)).shuffle(shards)
-        index = 0
-        for path, samples in shards:
-            try:
-                yield from _samples(path, slot, slots, index)
-            except (tarfile.TarError, OSError) as e:  # it read whole at start-up: changed or damaged since
-                log.warning("shard %s stopped reading (%s): the rest of it is skipped this epoch", path, e)
-            index += samples  # as counted at start-up, so that one bad read cannot shift every later slot
+        start = 0
+        for shard in shards:
+            yield shard, start
+            start += 1 if shard.samples is None else shard.samples
+
+    def share(self, epoch: int, slots: range, of: int) -> int:
+        """Samples of ``epoch`` that ``slots`` (of ``of``) read, from the shards' counts."""
+        return sum(len(range((slot - start) % of, shard.samples, of))
+                   for shard, start in self._placed(epoch) for slot in slots)  # fmt: skip
+
+    def _ordered(self, epoch: int, slot: int, slots: int) -> Iterator[dict]:
+        empty = True
+        for shard, start in self._placed(epoch):
+            first = (slot - start) % slots
+            if shard.samples is None or first < shard.samples:  # else none of its samples is this slot's
+                for sample in self._read(shard, first, slots, say=slot == 0):  # all slots meet a bad shard: one says
+                    empty = False
+                    yield sample
+        if empty and self.train:  # else the next epoch would find none either, forever
+            raise DataBroken(
+                f"loader slot {slot} of {slots} (rank {self.rank}) read no sample in a whole pass over the shards: "
+                "fewer samples than ranks x data.num_threads. Lower --data.num_threads or add data."
+            )
+
+    def _drawn(self, worker: int) -> Iterator[dict]:
+        rng = random.Random(derive_seed(self.seed, "shard draws", self.rank, worker))
+        while True:
+            yield from self._read(rng.choice(self.shards), 0, 1, say=True)
 
     def __iter__(self):
         info = get_worker_info()
@@ -80,7 +162,8 @@ class _ShardStream(IterableDataset):
         rng = random.Random(derive_seed(self.seed, "buffer shuffle", self.rank, worker))
         epoch, consumed = 0, self._consumed(worker, workers)
         while True:
-            for sample in self._shuffled(self._ordered(epoch, slot, slots), rng):
+            samples = self._drawn(worker) if self.resampled else self._ordered(epoch, slot, slots)
+            for sample in self._shuffled(samples, rng):
                 if consumed:  # replaying up to a restored position: the same order, nothing decoded
                     consumed -= 1
                     continue
@@ -159,7 +242,14 @@ def prepare(img: torch.Tensor, image: ImageSpec, crop_scale, train: bool) -> tor
         )
     if img.is_cuda:  # resampling uint8 on the GPU is not supported everywhere; float always is
         img = img.float()
-    out = geometry(img).float().div_(255)
+    out = geometry(img)
+    if out.is_floating_point():
+        # open_clip resizes with PIL, which rounds to uint8 and clips bicubic's overshoot; float resampling does
+        # neither. Against open_clip's pixels (tests/test_preprocess_parity.py) the float path was 0.25-0.32 levels
+        # off on average and up to 15 at high-contrast edges; rounded and clipped, 0.08-0.19 and 6. The uint8 path
+        # (CPU) resamples as PIL does: 0.001-0.005, no pixel over 1.
+        out = out.round_().clamp_(0, 255)
+    out = out.float().div_(255)
     mean = torch.tensor(image.mean, device=out.device).view(3, 1, 1)
     std = torch.tensor(image.std, device=out.device).view(3, 1, 1)
     return out.sub_(mean).div_(std)
@@ -208,7 +298,8 @@ class TorchLoader:
         seed: int,
         device: torch.device,
     ):
-        self.samples_per_epoch = total = sum(shards.samples)
+        total = shards.total
+        self.samples_per_epoch = options.train_num_samples if train and options.train_num_samples else total
         self.batch_size, self.train, self.device, self.image = options.batch_size, train, device, image
         self.crop_scale = options.crop_scale
         self.gpu_decode = device.type == "cuda" and options.decode_device in ("auto", "mixed")
@@ -217,14 +308,23 @@ class TorchLoader:
         transform = _Transform(
             image=image, crop_scale=options.crop_scale, tokenizer=tokenizer, train=train, gpu_decode=self.gpu_decode
         )
+        counts = shards.samples or [None] * len(shards.paths)
+        bad = _BadShards(total=shards.listed, set_aside=shards.listed - len(shards.paths),
+                         max_bad_fraction=options.max_bad_fraction)  # fmt: skip
         self.stream = stream = _ShardStream(
-            shards=list(zip(shards.paths, shards.samples)), train=train, rank=rank, world_size=world_size, seed=seed,
-            shuffle_buffer=options.shuffle_buffer, transform=transform, skips=self._skips,
+            shards=[_Shard(*s) for s in zip(shards.paths, counts, shards.index)], train=train, rank=rank,
+            world_size=world_size, seed=seed, shuffle_buffer=options.shuffle_buffer, transform=transform,
+            skips=self._skips, bad=bad, resampled=train and options.resampled,
         )  # fmt: skip
         self._batches_taken = 0
         self.workers = self._workers(options.workers, total, world_size)
         slots = world_size * self.workers  # this rank's samples of an epoch: those of its workers' slots
-        self.local_samples = sum(len(range(rank * self.workers + w, total, slots)) for w in range(self.workers))
+        mine = range(rank * self.workers, (rank + 1) * self.workers)
+        if total is None:  # not counted: this rank's share of the epoch's length
+            n = self.samples_per_epoch
+            self.local_samples = n * (rank + 1) // world_size - n * rank // world_size
+        else:
+            self.local_samples = stream.share(0, mine, slots)  # epoch 0's (shards differ in size)
         self.loader = DataLoader(
             stream, batch_size=options.batch_size, num_workers=self.workers, collate_fn=_collate,
             pin_memory=device.type == "cuda", drop_last=train, persistent_workers=train, prefetch_factor=4,
@@ -235,6 +335,8 @@ class TorchLoader:
     def _workers(self, asked: int, total: int, world_size: int) -> int:
         """Worker processes: as asked, but fewer for a small val set (each costs a start-up), and never one whose
         slot holds no sample (it would spin forever on an empty stream)."""
+        if total is None:  # not counted (train_num_samples): a pass with too few samples for a worker says so
+            return asked
         workers = asked if self.train else min(asked, max(total // 64, 1))
         return max(min(workers, total // world_size), 1)
 
@@ -311,8 +413,9 @@ class TorchLoader:
         self.loader = None
 
 
-def build_torch_loader(*, spec: str, field: str, options: LoaderOptions, **kwargs) -> TorchLoader:
-    """The torch loader over ``spec``'s readable shards, whose headers are walked to count samples (at the
-    start-up check already, which this reuses)."""
-    shards = resolve_shards(spec, field=field, max_bad_fraction=options.max_bad_fraction, count=True)
-    return TorchLoader(shards=shards, options=options, **kwargs)
+def build_torch_loader(*, spec: str, field: str, options: LoaderOptions, train: bool, **kwargs) -> TorchLoader:
+    """The torch loader over ``spec``'s readable shards. It needs their counts only to evaluate and to size an
+    epoch: from the index tool's files, else from walking their headers (which the start-up check did already;
+    the walk is cached), or none for training with ``train_num_samples``."""
+    shards = options.resolve(spec, field=field, train=train)
+    return TorchLoader(shards=shards, options=options, train=train, **kwargs)

@@ -1,0 +1,352 @@
+"""Index files: DALI's per-shard index, the webdataset ``sizes.json`` summary, and the check of every sample
+that decides what goes into them.
+
+``python -m fastclip.data.shards index SHARDS...`` (fastclip/data/shard_tool.py) runs :func:`index_shards`.
+Each shard's samples are checked cheaply (the image's magic bytes and end marker, a caption present and UTF-8;
+``deep`` decodes every image); the samples that pass are written to ``SHARD.idx`` in DALI's format (v1.2: a
+line ``v1.2 N``, then per sample ``ext offset size name`` for each of its files, offsets of the data, not of
+the tar header), so a loader reading with the index never meets the others. Where the index files live is a
+*place*: beside the shards, or one folder (``--index-dir``) for shards on a read-only filesystem. The place
+also holds ``sizes.json`` ({shard file name: samples}, the convention open_clip's ``get_dataset_size`` reads)
+and ``fastclip_index.json`` (each shard's size in bytes when indexed, and the samples left out, with why).
+Both are merged with what a place already holds, and every file is written atomically: an interrupted run
+leaves the previous files whole.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+import tempfile
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fastclip.data.shards import IMAGE_EXTS, OTHER_IMAGE_EXTS, check_only_zeros_after, member_groups, sample_key
+
+INDEX_VERSION = "v1.2"  # the version DALI's fn.readers.webdataset reads (its wds2idx writes the same)
+SIZES = "sizes.json"
+REPORT = "fastclip_index.json"
+_TAIL = 1024  # bytes read from an image's end: its end marker, allowing for a little trailing padding
+
+JPEG, PNG, WEBP = b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"RIFF"
+
+
+def image_format(head: bytes) -> str | None:
+    """'jpeg', 'png' or 'webp' from an image's first bytes (both loaders decode by content, not extension)."""
+    if head.startswith(JPEG):
+        return "jpeg"
+    if head.startswith(PNG):
+        return "png"
+    if head.startswith(WEBP) and head[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def _image_damage(fmt: str, head: bytes, tail: bytes, size: int) -> str | None:
+    """What is wrong with an image whose format is known, from its first and last bytes; None when it looks whole."""
+    if fmt == "jpeg" and b"\xff\xd9" not in tail:
+        return "a JPEG cut short (no end-of-image marker)"
+    if fmt == "png" and b"IEND" not in tail[-16:]:
+        return "a PNG cut short (no IEND chunk)"
+    if fmt == "webp" and int.from_bytes(head[4:8], "little") + 8 > size:
+        return f"a WebP cut short (its header says {int.from_bytes(head[4:8], 'little') + 8} bytes, it has {size})"
+    return None
+
+
+@dataclass
+class ShardIndex:
+    """What indexing one shard found."""
+
+    path: str
+    bytes: int = 0
+    samples: list[list[tuple[str, int, int, str]]] = field(default_factory=list)  # per sample: its files
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (key, why), left out of the index
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (key, what), kept: e.g. a PNG named .jpg
+    error: str | None = None  # the shard as a whole is unreadable: no index is written for it
+
+
+class _Reader:
+    """Reads parts of tar members by offset, from one open file."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def read(self, member: tarfile.TarInfo, start: int = 0, n: int | None = None) -> bytes:
+        self.f.seek(member.offset_data + start)
+        return self.f.read(member.size - start if n is None else n)
+
+    def ends(self, member: tarfile.TarInfo) -> tuple[bytes, bytes]:
+        head = self.read(member, 0, min(member.size, 16))
+        tail = self.read(member, max(member.size - _TAIL, 0))
+        return head, tail
+
+
+def check_sample(key: str, group: dict[str, tarfile.TarInfo], reader: _Reader, *, deep: bool) -> tuple[str | None, str]:
+    """(why the sample is left out, or None; a note about a kept one, or '')."""
+    images = [e for e in IMAGE_EXTS if e in group]
+    if not images:
+        other = sorted(set(group) & set(OTHER_IMAGE_EXTS))
+        return (f"its image is {other[0]}, which fastclip does not decode" if other else "it has no image"), ""
+    if "txt" not in group:
+        return "it has no caption (KEY.txt)", ""
+    caption = reader.read(group["txt"])
+    try:
+        text = caption.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return f"its caption is not UTF-8 (byte {caption[e.start]:#04x} at {e.start})", ""
+    if not text.strip():
+        return "its caption is empty", ""
+    member = group[images[0]]
+    if member.size == 0:
+        return f"its image {key}.{images[0]} is an empty file", ""
+    head, tail = reader.ends(member)
+    fmt = image_format(head)
+    if fmt is None:
+        return f"its image {key}.{images[0]} is not a JPEG, PNG or WebP file (it starts with {head[:8].hex(' ')})", ""
+    if why := _image_damage(fmt, head, tail, member.size):
+        return why, ""
+    if deep and (why := _decode_damage(reader.read(member))):
+        return why, ""
+    named = {"jpg": "jpeg", "jpeg": "jpeg", "png": "png", "webp": "webp"}[images[0]]
+    return None, (f"a {fmt.upper()} named .{images[0]}: decoded by its content" if fmt != named else "")
+
+
+def _decode_damage(data: bytes) -> str | None:
+    """The decoder's complaint about an image, or None when it decodes (the CPU decoder of the torch loader)."""
+    import torch
+    from torchvision.io import ImageReadMode, decode_image
+
+    try:
+        image = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except (RuntimeError, ValueError, OSError) as e:
+        return f"its image does not decode ({str(e).strip().splitlines()[-1]})"
+    return None if image.numel() else "its image decodes to no pixels"
+
+
+def index_shard(path: str, *, deep: bool = False) -> ShardIndex:
+    """Check every sample of one shard; the ones that pass, with their files' data offsets, for the index. The
+    whole samples of a truncated shard are kept (the index reads them by offset); the one cut off is named."""
+    found = ShardIndex(path)
+    try:
+        found.bytes = os.path.getsize(path)
+        if found.bytes == 0:
+            raise tarfile.ReadError("it is an empty (zero-byte) file")
+        with tarfile.open(path, "r:") as tar, open(path, "rb") as f:
+            for key, group in member_groups(tar):
+                if any(m.offset_data + m.size > found.bytes for m in group.values()):
+                    found.rejected.append((key, "the shard ends inside it (truncated)"))
+                    continue
+                why, note = check_sample(key, group, _Reader(f), deep=deep)
+                if why:
+                    found.rejected.append((key, why))
+                    continue
+                if note:
+                    found.notes.append((key, note))
+                found.samples.append([(ext, m.offset_data, m.size, m.name) for ext, m in group.items()])
+            end = tar.offset
+        check_only_zeros_after(path, end)
+    except (tarfile.TarError, OSError) as e:  # LayoutError is a TarError
+        read = len(found.samples) + len(found.rejected)
+        if not read:
+            found.error = f"not a readable tar ({e})"
+        else:  # the samples before the damage are whole, and indexed
+            last = (found.samples[-1][-1][3] if found.samples else found.rejected[-1][0]).rpartition(".")[0] or "?"
+            found.rejected.append((f"(after {last})", f"the shard ends inside it (truncated), or is damaged: {e}"))
+    if found.error is None and not found.samples:
+        found.error = "it holds no usable sample" if found.rejected else "it is an empty tar archive"
+    return found
+
+
+def index_text(samples: list[list[tuple[str, int, int, str]]]) -> str:
+    lines = [f"{INDEX_VERSION} {len(samples)}"]
+    lines += [" ".join(f"{ext} {offset} {size} {name}" for ext, offset, size, name in s) for s in samples]
+    return "\n".join(lines) + "\n"
+
+
+def read_index(idx: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """An index file's samples: (key, {extension: (data offset, size)}). ValueError names what is wrong."""
+    with open(idx, encoding="utf-8") as f:
+        version, _, count = f.readline().partition(" ")
+        samples = []
+        for line in f:
+            parts = line.split()
+            if not parts or len(parts) % 4:
+                raise ValueError(f"index file {idx}: line {len(samples) + 2} is not 'ext offset size name' groups")
+            files = {parts[i].lower(): (int(parts[i + 1]), int(parts[i + 2])) for i in range(0, len(parts), 4)}
+            samples.append((sample_key(parts[3])[0], files))
+    if version != INDEX_VERSION or not count.strip().isdigit() or int(count) != len(samples):
+        raise ValueError(f"index file {idx} is not a whole {INDEX_VERSION} index; re-run the index tool")
+    return samples
+
+
+def indexed_count(idx: str) -> int:
+    """The sample count an index file's first line states."""
+    with open(idx, encoding="utf-8") as f:
+        version, _, count = f.readline().strip().partition(" ")
+    if version != INDEX_VERSION or not count.isdigit():
+        raise ValueError(f"index file {idx} does not start with '{INDEX_VERSION} N'; re-run the index tool")
+    return int(count)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never a part."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def place_of(shard: str, index_dir: str | None) -> str:
+    """The folder holding a shard's index file and summaries (strings: start-up calls this per shard)."""
+    return index_dir if index_dir else os.path.dirname(shard) or "."
+
+
+def _stem(shard: str) -> str:
+    name = shard.rpartition("/")[2]
+    return name.rpartition(".")[0] or name
+
+
+def index_path(shard: str, index_dir: str | None = None) -> str:
+    return f"{place_of(shard, index_dir)}/{_stem(shard)}.idx"
+
+
+def index_files(paths: list[str], index_dir: str | None) -> dict[str, str]:
+    """The shards that have an index file, and its path: one folder listing per place, not a stat per shard."""
+    listed: dict[str, set[str]] = {}
+    found = {}
+    for p in paths:
+        place = place_of(p, index_dir)
+        if (names := listed.get(place)) is None:
+            try:
+                names = listed[place] = {n for n in os.listdir(place) if n.endswith(".idx")}
+            except OSError:
+                names = listed[place] = set()
+        if (name := _stem(p) + ".idx") in names:
+            found[p] = f"{place}/{name}"
+    return found
+
+
+def check_names(paths: list[str], index_dir: str | None) -> None:
+    """Shards whose index files or summary entries would share a name: ValueError naming two of them."""
+    seen: dict[tuple[str, str], str] = {}
+    for p in paths:
+        place = place_of(p, index_dir)
+        for name in (_stem(p) + ".idx", os.path.basename(p)):
+            if (other := seen.setdefault((place, name), p)) != p:
+                raise ValueError(
+                    f"{other} and {p} would share {os.path.join(place, name)}: give shards with one name one "
+                    "--index-dir each"
+                )
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+
+
+def update_summaries(found: Iterable[ShardIndex], index_dir: str | None) -> list[Path]:
+    """Merge these shards' counts into their places' ``sizes.json`` and ``fastclip_index.json``."""
+    by_place: dict[str, list[ShardIndex]] = {}
+    for f in found:
+        by_place.setdefault(place_of(f.path, index_dir), []).append(f)
+    written = []
+    for place, shards in ((Path(place), shards) for place, shards in by_place.items()):
+        sizes, report = _read_json(place / SIZES), _read_json(place / REPORT)
+        entries = report.setdefault("shards", {})
+        for f in shards:
+            name = Path(f.path).name
+            entries[name] = {"bytes": f.bytes, "samples": len(f.samples), "error": f.error,
+                             "rejected": f.rejected, "notes": f.notes}  # fmt: skip
+            if f.error is None:
+                sizes[name] = len(f.samples)
+            else:
+                sizes.pop(name, None)  # no index, no count: a run meets it as unindexed
+        report["version"] = INDEX_VERSION
+        write_atomically(place / SIZES, json.dumps(dict(sorted(sizes.items())), indent=0) + "\n")
+        write_atomically(place / REPORT, json.dumps(report, indent=1, sort_keys=True) + "\n")
+        written += [place / SIZES, place / REPORT]
+    return written
+
+
+def _index_one(path: str, index_dir: str | None, deep: bool) -> ShardIndex:
+    found = index_shard(path, deep=deep)
+    idx = Path(index_path(path, index_dir))
+    if found.error is None:
+        write_atomically(idx, index_text(found.samples))
+    else:
+        idx.unlink(missing_ok=True)  # an old index of a shard that is now unreadable would point into garbage
+    found.samples = [[] for _ in found.samples]  # the counts travel back from a worker; the offsets are written
+    return found
+
+
+def index_shards(paths: list[str], *, index_dir: str | None = None, workers: int = 1, deep: bool = False,
+                 progress=None) -> list[ShardIndex]:  # fmt: skip
+    """Index ``paths`` (``workers`` processes), then update their places' summaries. ``progress(n)`` is called
+    as shards finish. Returns what each shard held (offsets dropped)."""
+    check_names(paths, index_dir)
+    if index_dir:
+        Path(index_dir).mkdir(parents=True, exist_ok=True)
+    found = []
+    if workers <= 1:
+        for p in paths:
+            found.append(_index_one(p, index_dir, deep))
+            progress and progress(1)
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            for f in pool.map(_index_one, paths, [index_dir] * len(paths), [deep] * len(paths), chunksize=8):
+                found.append(f)
+                progress and progress(1)
+    update_summaries(found, index_dir)
+    return found
+
+
+@dataclass
+class Known:
+    """What the index tool recorded about a list of shards, read without opening a tar."""
+
+    samples: dict[str, int]  # per usable shard
+    bad: dict[str, str]  # shards the index tool found unusable: why
+    bytes: dict[str, int]  # each shard's size when it was indexed, where recorded
+    source: str  # 'sizes.json' or 'index files'
+
+
+def known_counts(paths: list[str], index_dir: str | None) -> Known | None:
+    """The shards' sample counts from their places' ``sizes.json`` when it (or the index report, for shards it
+    found unusable) names every shard, else from their index files' first lines when every shard has one; None
+    when neither does. ValueError names an index file that is not one."""
+    sizes, reports = {}, {}
+    for place in {place_of(p, index_dir) for p in paths}:
+        sizes[place] = _read_json(Path(place) / SIZES)
+        reports[place] = _read_json(Path(place) / REPORT).get("shards", {})
+    known = Known({}, {}, {}, SIZES)
+    missing = []
+    for p in paths:
+        place, name = place_of(p, index_dir), p.rpartition("/")[2]
+        entry = reports[place].get(name, {})
+        if isinstance(entry.get("bytes"), int):
+            known.bytes[p] = entry["bytes"]
+        if isinstance(n := sizes[place].get(name), int):
+            known.samples[p] = n
+        elif entry.get("error"):
+            known.bad[p] = f"the index tool found it unusable: {entry['error']}"
+        else:
+            missing.append(p)
+    if not missing:
+        return known
+    indexed = index_files(paths, index_dir)
+    if not all(p in indexed for p in paths if p not in known.bad):
+        return None
+    known.samples = {p: indexed_count(indexed[p]) for p in paths if p not in known.bad}
+    known.source = "index files"
+    return known
