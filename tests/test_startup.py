@@ -188,3 +188,95 @@ def test_a_partial_deepspeed_config_trains_with_fastclips_other_settings(single_
     finally:
         trainer.close()
     assert f"deepspeed: {ds} merged over the derived config" in capsys.readouterr().out
+
+
+# --- start-up on many shards (issue 11): counts from the index tool's files or data.train_num_samples -------------
+
+
+def _tiny_shards(root, n: int, per_shard: int) -> str:
+    """``n`` shards of ``per_shard`` 16 px samples each."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    jpeg = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(jpeg, format="JPEG")
+    for s in range(n):
+        with open(root / f"{s:05d}.tar", "wb") as f, tarfile.open(fileobj=f, mode="w") as tar:
+            for i in range(per_shard):
+                for ext, data in (("jpg", jpeg.getvalue()), ("txt", f"a red square {s} {i}".encode())):
+                    info = tarfile.TarInfo(f"{s:05d}{i:03d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+    return str(root / "*.tar")
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory):
+    """10 and 10,000 tiny shards, each set once with the index tool's files and once without."""
+    from fastclip.data.index import index_shards
+
+    root = tmp_path_factory.mktemp("many")
+    sets = {}
+    for n in (10, 10_000):  # 100 samples in the small set: a few batches
+        sets[n, "plain"] = _tiny_shards(root / f"plain{n}", n, max(100 // n, 1))
+        sets[n, "indexed"] = _tiny_shards(root / f"indexed{n}", n, max(100 // n, 1))
+        index_shards(sorted(str(p) for p in (root / f"indexed{n}").glob("*.tar")), workers=2)
+    return sets
+
+
+def _time_to_first_step(spec: str, world, tmp_path, extra: list[str]) -> float:
+    """Seconds from the start-up check to the end of the first optimizer step, in this process."""
+    import time
+
+    from fastclip.cli import parse_args
+    from fastclip.preflight import check_inputs
+    from fastclip.trainer import Trainer
+
+    args = ["--data.train_shards", spec, "--data.val_shards", "null", "--data.batch_size", "32", "--train.steps", "2",
+            "--log.progress", "false", "--log.dir", str(tmp_path),
+            "--checkpoint.dir", str(tmp_path / "ck"), "--data.shuffle_buffer", "8", *extra]  # fmt: skip
+    cfg = parse_args(args)
+    start = time.perf_counter()
+    check_inputs(cfg)
+    trainer = Trainer(cfg, world)
+    try:
+        trainer.train_step(iter(trainer.train_loader))
+    finally:
+        trainer.close()
+    return time.perf_counter() - start
+
+
+@pytest.mark.parametrize(
+    "kind, counts",
+    [("torch", "indexed"), ("torch", "train_num_samples"), ("dali", "indexed")],
+)  # DALI without index files reads every tar header itself: train_num_samples cannot spare that
+def test_start_up_on_10000_shards_is_within_2x_of_10(many_shards, single_rank, tmp_path, kind, counts):
+    extra = ["--data.loader", kind, "--data.num_threads", "1"]
+    if counts == "train_num_samples":
+        extra += ["--data.train_num_samples", "10000"]
+    times = {10: [], 10_000: []}
+    for i, n in enumerate((10, 10, 10_000, 10, 10_000)):  # the first run warms this process up: not counted
+        spec = many_shards[n, "indexed" if counts == "indexed" else "plain"]
+        times[n] += [_time_to_first_step(spec, single_rank, tmp_path / f"{i}", extra)] if i else []
+    times = {n: min(t) for n, t in times.items()}  # the quickest of two: the machine's noise, not the shards'
+    ratio = times[10_000] / times[10]
+    print(f"time to the first step, {kind} loader with {counts}: {times[10]:.2f} s on 10 shards, "
+          f"{times[10_000]:.2f} s on 10,000 ({ratio:.2f}x)")  # fmt: skip
+    assert ratio < 2, times
+
+
+def test_start_up_without_counts_says_why_it_is_slow_and_what_to_do(many_shards, capfd, monkeypatch):
+    from fastclip.data import shards
+    from fastclip.data.dali import _reader_shards
+
+    monkeypatch.setattr(shards, "_said", set())
+    found = shards.resolve_shards(many_shards[10_000, "plain"], field="data.train_shards", count=True)
+    assert found.source == "tar headers" and found.total == 10_000
+    _reader_shards(found, field="data.train_shards", resampled=False, seed=0, rank=0)
+    err = capfd.readouterr().err
+    assert "counting the samples of 10000 shards by reading every tar header" in err
+    assert "10000 of 10000 shards have no index file, so DALI reads every tar header" in err
+    assert err.count("python -m fastclip.data.shards index") == 2 and "data.train_num_samples" in err
