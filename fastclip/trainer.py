@@ -109,7 +109,7 @@ class Trainer:
         self.checkpoints = CheckpointManager(
             cfg.checkpoint, engine=self.engine, rank=world.rank, world_size=world.world_size,
             data_identity={"world_size": world.world_size, "train_shards": cfg.data.train_shards,
-                           "batch_size": cfg.data.batch_size},
+                           "batch_size": cfg.data.batch_size, "resampled": cfg.data.resampled},
         )  # fmt: skip
         self.grad_norms_seen, self.lr = False, 0.0
         self.guard = NonFiniteGuard(cfg.optim, latest=lambda: self.checkpoints.latest)

@@ -19,12 +19,21 @@ def _recording(trainer, seen: list):
     return trainer
 
 
-@pytest.mark.parametrize("loader, accum", [("dali", 1), ("torch", 1), ("dali", 2)])
-def test_resume_replays_the_samples_after_the_checkpoint(single_rank, world_dir, tmp_path, capsys, loader, accum):
+RESAMPLED = ["--data.resampled", "true", "--data.train_num_samples", "300"]
+
+
+@pytest.mark.parametrize(
+    "loader, accum, extra",
+    [("dali", 1, []), ("torch", 1, []), ("dali", 2, []), ("torch", 1, RESAMPLED), ("dali", 1, RESAMPLED),
+     ("torch", 1, ["--data.train_num_samples", "200"])],
+)  # fmt: skip
+def test_resume_replays_the_samples_after_the_checkpoint(
+    single_rank, world_dir, tmp_path, capsys, loader, accum, extra
+):
     from fastclip.trainer import Trainer
 
     args = small_run_args(world_dir, tmp_path / "run", steps=40, batch=16 // accum)
-    args += ["--log.every", "1000", "--data.loader", loader, "--train.grad_accum", str(accum)]
+    args += ["--log.every", "1000", "--data.loader", loader, "--train.grad_accum", str(accum), *extra]
     seen_first: list = []
     first = _recording(Trainer(parse_args(args), single_rank), seen_first)
     try:
