@@ -80,7 +80,11 @@ def run_index(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     from fastclip.data import convert
 
-    parser = argparse.ArgumentParser(prog="python -m fastclip.data.shards", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m fastclip.data.shards",
+        description="Shard tools to run once before training: index shards (the counts start-up reads, and "
+        "DALI's index files), or convert a CSV or a folder of images into indexed shards.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     _index_arguments(commands.add_parser("index", help="check every sample and write DALI's index files"))
     convert.add_arguments(commands.add_parser("convert", help="write indexed shards from a CSV or a folder"))

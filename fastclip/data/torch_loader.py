@@ -29,19 +29,19 @@ from fastclip.model import ImageSpec
 JPEG_MAGIC = b"\xff\xd8\xff"
 
 
-def _walked(path: str, first: int, step: int) -> Iterator[dict]:
-    """A shard's usable samples ``first``, ``first + step``, ... as {extension: bytes}, from its tar headers; the
-    other samples' headers are read, their payloads skipped."""
-    with tarfile.open(path, "r:") as tar:  # seekable: a sample of another slot costs one header read per file
+def _walked(path: str, start: int, stop: int | None) -> Iterator[dict]:
+    """A shard's usable samples ``start`` to ``stop`` as {extension: bytes}, from its tar headers; the payloads of
+    the samples before ``start`` are skipped, not read."""
+    with tarfile.open(path, "r:") as tar:  # seekable: a sample skipped costs one header read per file
         usable_samples = (item for item in member_groups(tar) if usable(item[1]))
-        for key, group in itertools.islice(usable_samples, first, None, step):
+        for key, group in itertools.islice(usable_samples, start, stop):
             sample = {ext: tar.extractfile(member).read() for ext, member in group.items()}
             yield {**sample, "__key__": key, "__shard__": path}
 
 
-def _indexed(path: str, idx: str, first: int, step: int) -> Iterator[dict]:
+def _indexed(path: str, idx: str, start: int, stop: int | None) -> Iterator[dict]:
     """The same from the shard's index file: each sample's files read at their offsets, no header read."""
-    samples = read_index(idx)[first::step]
+    samples = read_index(idx)[start:stop]
     with open(path, "rb") as f:
         for key, files in samples:
             sample = {"__key__": key, "__shard__": path}
@@ -55,44 +55,52 @@ def _indexed(path: str, idx: str, first: int, step: int) -> Iterator[dict]:
             yield sample
 
 
+def _bounds(total: int, slot: int, slots: int) -> tuple[int, int]:
+    """Slot ``slot``'s samples ``[lo, hi)`` of ``total``: the first ``total % slots`` slots get one more, so that a
+    rank's workers, taken in turn by the DataLoader from worker 0, run out in the same round."""
+    base, extra = divmod(total, slots)
+    lo = slot * base + min(slot, extra)
+    return lo, lo + base + (slot < extra)
+
+
 @dataclass(frozen=True)
 class _Shard:
     path: str
     samples: int | None  # usable samples, where known
     index: str | None  # its index file, where there is one
 
-    def read(self, first: int, step: int) -> Iterator[dict]:
-        return _indexed(self.path, self.index, first, step) if self.index else _walked(self.path, first, step)
+    def read(self, start: int = 0, stop: int | None = None) -> Iterator[dict]:
+        return _indexed(self.path, self.index, start, stop) if self.index else _walked(self.path, start, stop)
 
 
 class _BadShards:
-    """Shards found unreadable when first read (start-up opens only some): each logged once, skipped for the rest
-    of the run, and past ``max_bad_fraction`` of all shards the run stops, as at start-up."""
+    """Shards found unreadable when first read (start-up opens only some): each logged once and skipped for the
+    rest of the run; past ``max_bad_fraction`` of the shards a worker reads, the run stops, as at start-up."""
 
-    def __init__(self, *, total: int, set_aside: int, max_bad_fraction: float):
-        self.total, self.set_aside, self.max_bad_fraction = total, set_aside, max_bad_fraction
+    def __init__(self, max_bad_fraction: float):
+        self.max_bad_fraction = max_bad_fraction
         self.paths: set[str] = set()
 
-    def add(self, path: str, error: Exception, *, say: bool) -> None:
+    def add(self, path: str, error: Exception, *, out_of: int) -> None:
         self.paths.add(path)
-        bad = len(self.paths) + self.set_aside
-        if bad > self.max_bad_fraction * self.total:
+        if len(self.paths) > self.max_bad_fraction * out_of:
             raise DataBroken(
-                f"shard {path} is unreadable ({error}), and {bad} of {self.total} shards are, more than "
-                f"data.max_bad_fraction={self.max_bad_fraction} allows. Re-create them, remove them from the spec, "
-                "or raise --data.max_bad_fraction."
+                f"shard {path} is unreadable ({error}), and {len(self.paths)} of the {out_of} shards a loader worker "
+                f"reads are, more than data.max_bad_fraction={self.max_bad_fraction} allows. Re-create them, remove "
+                "them from the spec, or raise --data.max_bad_fraction."
             )
-        if say:
-            log.warning("skipped shard %s: unreadable (%s); %d of %d shards skipped", path, error, bad, self.total)
+        log.warning("skipped shard %s: unreadable (%s); %d of %d shards skipped by this loader worker", path, error,
+                    len(self.paths), out_of)  # fmt: skip
 
 
 class _ShardStream(IterableDataset):
     """This rank's and this worker's share of the samples. Every rank and worker draws one order of the shards
-    (from ``seed`` and the epoch); slot ``s`` reads the samples whose running index in that order is ``s`` modulo
-    the slots, the running index counted from start-up's counts (or from the shards' places where they are not
-    counted): the slots partition each epoch, every sample read once by one worker of one rank, and a shard
-    that fails to read shifts no other. Resampled, each worker instead draws shards with replacement from its
-    own stream and reads them whole."""
+    (from ``seed`` and the epoch); where the shards are counted, slot ``s`` of ``n`` reads the samples whose
+    running index in that order is in ``[total * s / n, total * (s + 1) / n)``: a run of whole shards, read in
+    sequence as a filesystem likes, the slots' shares differing by one sample at most. Uncounted (with
+    ``train_num_samples`` and no index files), slot ``s`` reads the shards at places ``s``, ``s + n``, ... whole,
+    as open_clip's loader does. Either way the slots partition each epoch: every sample read once, by one worker
+    of one rank. Resampled, each worker instead draws shards with replacement from its own stream."""
 
     def __init__(
         self, *, shards: list[_Shard], train: bool, rank: int, world_size: int, seed: int, shuffle_buffer: int,
@@ -101,6 +109,7 @@ class _ShardStream(IterableDataset):
         self.shards, self.train, self.rank, self.world_size = shards, train, rank, world_size
         self.seed, self.shuffle_buffer, self.transform, self.skips = seed, shuffle_buffer, transform, skips
         self.bad, self.resampled = bad, resampled
+        self.counted = all(s.samples is not None for s in shards)
         self.resume_batches, self.batch_size = 0, 1  # set by TorchLoader.restore before the workers start
 
     def _consumed(self, worker: int, workers: int) -> int:
@@ -108,49 +117,52 @@ class _ShardStream(IterableDataset):
         its workers in turn, starting with worker 0."""
         return len(range(worker, self.resume_batches, workers)) * self.batch_size
 
-    def _read(self, shard: _Shard, first: int, step: int, *, say: bool) -> Iterator[dict]:
-        if shard.path in self.bad.paths:
-            return
-        try:
-            yield from shard.read(first, step)
-        except (tarfile.TarError, OSError, ValueError) as e:  # start-up did not open it, or it changed since
-            self.bad.add(shard.path, e, say=say)
-
-    def _placed(self, epoch: int) -> Iterator[tuple[_Shard, int]]:
-        """The epoch's shards, each with the running index of its first sample: the samples before it where the
-        shards are counted (the slots' shares then differ by one at most), else its place in the order."""
+    def share(self, epoch: int, slot: int, slots: int) -> list[tuple[_Shard, int, int | None]]:
+        """The (shard, start, stop) ranges slot ``slot`` of ``slots`` reads in ``epoch``."""
         shards = list(self.shards)
         if self.train:
             # the same order on every rank and worker: the split into slots stays exact
             random.Random(derive_seed(self.seed, "shard order", epoch)).shuffle(shards)
-        start = 0
+        if not self.counted:
+            return [(shard, 0, None) for shard in shards[slot::slots]]
+        lo, hi = _bounds(sum(shard.samples for shard in shards), slot, slots)
+        start, ranges = 0, []
         for shard in shards:
-            yield shard, start
-            start += 1 if shard.samples is None else shard.samples
-
-    def share(self, epoch: int, slots: range, of: int) -> int:
-        """Samples of ``epoch`` that ``slots`` (of ``of``) read, from the shards' counts."""
-        return sum(len(range((slot - start) % of, shard.samples, of))
-                   for shard, start in self._placed(epoch) for slot in slots)  # fmt: skip
+            first, last = max(lo - start, 0), min(hi - start, shard.samples)
+            if first < last:
+                ranges.append((shard, first, last))
+            start += shard.samples
+        return ranges
 
     def _ordered(self, epoch: int, slot: int, slots: int) -> Iterator[dict]:
-        empty = True
-        for shard, start in self._placed(epoch):
-            first = (slot - start) % slots
-            if shard.samples is None or first < shard.samples:  # else none of its samples is this slot's
-                for sample in self._read(shard, first, slots, say=slot == 0):  # all slots meet a bad shard: one says
+        ranges, empty = self.share(epoch, slot, slots), True
+        for shard, start, stop in ranges:
+            if shard.path in self.bad.paths:
+                continue
+            try:
+                for sample in shard.read(start, stop):
                     empty = False
                     yield sample
+            except (tarfile.TarError, OSError, ValueError) as e:  # start-up did not open it, or it changed since
+                self.bad.add(shard.path, e, out_of=len(ranges))
         if empty and self.train:  # else the next epoch would find none either, forever
             raise DataBroken(
-                f"loader slot {slot} of {slots} (rank {self.rank}) read no sample in a whole pass over the shards: "
-                "fewer samples than ranks x data.num_threads. Lower --data.num_threads or add data."
+                f"loader worker {slot % max(slots // self.world_size, 1)} of rank {self.rank} read no sample in a "
+                f"whole pass over the shards ({len(self.shards)} shards, {slots} loader workers in all"
+                + ("" if self.counted else "; uncounted, each worker reads whole shards")
+                + "). Lower --data.num_threads, or index the shards (python -m fastclip.data.shards index)."
             )
 
     def _drawn(self, worker: int) -> Iterator[dict]:
         rng = random.Random(derive_seed(self.seed, "shard draws", self.rank, worker))
         while True:
-            yield from self._read(rng.choice(self.shards), 0, 1, say=True)
+            shard = rng.choice(self.shards)
+            if shard.path in self.bad.paths:
+                continue
+            try:
+                yield from shard.read()
+            except (tarfile.TarError, OSError, ValueError) as e:
+                self.bad.add(shard.path, e, out_of=len(self.shards))
 
     def __iter__(self):
         info = get_worker_info()
@@ -309,8 +321,7 @@ class TorchLoader:
             image=image, crop_scale=options.crop_scale, tokenizer=tokenizer, train=train, gpu_decode=self.gpu_decode
         )
         counts = shards.samples or [None] * len(shards.paths)
-        bad = _BadShards(total=shards.listed, set_aside=shards.listed - len(shards.paths),
-                         max_bad_fraction=options.max_bad_fraction)  # fmt: skip
+        bad = _BadShards(options.max_bad_fraction)
         self.stream = stream = _ShardStream(
             shards=[_Shard(*s) for s in zip(shards.paths, counts, shards.index)], train=train, rank=rank,
             world_size=world_size, seed=seed, shuffle_buffer=options.shuffle_buffer, transform=transform,
@@ -319,12 +330,12 @@ class TorchLoader:
         self._batches_taken = 0
         self.workers = self._workers(options.workers, total, world_size)
         slots = world_size * self.workers  # this rank's samples of an epoch: those of its workers' slots
-        mine = range(rank * self.workers, (rank + 1) * self.workers)
         if total is None:  # not counted: this rank's share of the epoch's length
             n = self.samples_per_epoch
             self.local_samples = n * (rank + 1) // world_size - n * rank // world_size
-        else:
-            self.local_samples = stream.share(0, mine, slots)  # epoch 0's (shards differ in size)
+        else:  # its workers' slots: the same in every epoch
+            mine = [_bounds(total, slot, slots) for slot in range(rank * self.workers, (rank + 1) * self.workers)]
+            self.local_samples = sum(hi - lo for lo, hi in mine)
         self.loader = DataLoader(
             stream, batch_size=options.batch_size, num_workers=self.workers, collate_fn=_collate,
             pin_memory=device.type == "cuda", drop_last=train, persistent_workers=train, prefetch_factor=4,
