@@ -1,14 +1,20 @@
 """Data path, samples/s: fastclip's DALI loader against open_clip's own webdataset + PIL loader
 (open_clip_train.data.get_wds_dataset), on the same generated shards, same cores, tokenization included.
 
-The shards are generated once and cached under .cache/bench-data-*/ with realistic JPEG sizes (448 px
-squares of textured scenes, about 40 KB each).
+Two sets of shards, each generated once and cached under .cache/: the synthetic world's (.cache/bench-data-*/,
+448 px squares of textured scenes, about 40 KB each) and photographs (.cache/bench-photos-*/: random crops of
+scikit-image's bundled photographs at 400-640 x 300-480 px, JPEG quality 90, 23-109 KB, median about 64 KB, as
+img2dataset stores LAION's images).
 """
 
 from __future__ import annotations
 
 import functools
+import io
+import json
+import math
 import os
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -33,6 +39,80 @@ def _shards(mode: str) -> Path:
         train_samples=spec["samples"], val_samples=64, samples_per_shard=shard, image_size=spec["image_size"]
     )
     return generate(root, world)
+
+
+PHOTO_SPECS = {"full": dict(shards=16, per_shard=128, batches=24), "quick": dict(shards=4, per_shard=32, batches=3)}
+PHOTO_QUALITY = 90  # img2dataset's default JPEG quality
+_WORDS = (
+    "vintage red bicycle leaning against a brick wall in the old town at sunset stock photo of a happy family "
+    "having a picnic on green grass near the lake modern kitchen interior with white cabinets and wooden table "
+    "close-up of a cat sleeping on a sofa mountain landscape with snow peaks and a blue sky aerial view of the "
+    "city at night handmade ceramic coffee mug 12 oz gift for mom astronaut portrait NASA 1984 space shuttle"
+).split()
+
+
+def _photo_sources() -> list:
+    """scikit-image's bundled photographs (RGB uint8), the ones that need no download."""
+    import numpy as np
+    import skimage.data
+
+    left, right, _ = skimage.data.stereo_motorcycle()
+    images = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea(), skimage.data.rocket(),
+              skimage.data.camera(), left, right, skimage.data.hubble_deep_field()]  # fmt: skip
+    return [np.stack([im] * 3, axis=-1) if im.ndim == 2 else im for im in images]
+
+
+def _photo(rng, sources) -> bytes:
+    """A web photo's JPEG: a random crop of 400-640 x 300-480 px from a photograph scaled to cover it (1-1.2x),
+    flipped at random, sharpened as web images usually are, quality 90."""
+    from PIL import Image, ImageFilter
+
+    img = Image.fromarray(sources[int(rng.integers(len(sources)))])
+    w, h = int(rng.integers(400, 641)), int(rng.integers(300, 481))
+    scale = max(w / img.width, h / img.height) * rng.uniform(1.0, 1.2)
+    img = img.resize((math.ceil(img.width * scale), math.ceil(img.height * scale)), Image.Resampling.BICUBIC)
+    x, y = int(rng.integers(0, img.width - w + 1)), int(rng.integers(0, img.height - h + 1))
+    img = img.crop((x, y, x + w, y + h)).filter(ImageFilter.UnsharpMask(radius=1.5, percent=80, threshold=0))
+    if rng.random() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=PHOTO_QUALITY)
+    return out.getvalue()
+
+
+def write_shard(path: Path, samples) -> None:
+    """A webdataset tar of ``samples`` ((key, {ext: bytes})), written to a temporary name and renamed into place."""
+    tmp = path.with_suffix(".tar.tmp")
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, files in samples:
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    tmp.replace(path)
+
+
+def photo_shards(mode: str) -> Path:
+    """The photo shards of ``mode`` under .cache/bench-photos-MODE/train/, generated once (reused while the spec
+    in spec.json matches). Captions: 6-24 words of alt-text, drawn from a small vocabulary."""
+    import numpy as np
+
+    spec = {**PHOTO_SPECS[mode], "quality": PHOTO_QUALITY, "version": 1}
+    spec.pop("batches")
+    root = ROOT / ".cache" / f"bench-photos-{mode}"
+    marker = root / "spec.json"
+    if marker.exists() and json.loads(marker.read_text()) == spec:
+        return root
+    (root / "train").mkdir(parents=True, exist_ok=True)
+    rng, sources = np.random.default_rng(0), _photo_sources()
+    for s in range(spec["shards"]):
+        samples = []
+        for i in range(spec["per_shard"]):
+            caption = " ".join(rng.choice(_WORDS, size=int(rng.integers(6, 25))))
+            samples.append((f"{s:05d}{i:04d}", {"jpg": _photo(rng, sources), "txt": caption.encode()}))
+        write_shard(root / "train" / f"{s:05d}.tar", samples)
+    marker.write_text(json.dumps(spec))
+    return root
 
 
 def _throughput(batches, n_batches: int, blocks: int = 3, timer=time_fn) -> float:
@@ -68,19 +148,35 @@ def _fastclip_batches(root: Path, size: int):
     return loader, ((b.images, b.texts) for b in loader)
 
 
-def _open_clip_batches(root: Path, n_samples: int, workers: int = WORKERS):
+@functools.cache
+def open_clip_preprocess():
+    """open_clip's ViT-B-32 train transform and tokenizer (built once per process: it builds the model)."""
     import open_clip
-    from open_clip_train.data import get_wds_dataset
+
+    _, preprocess_train, _ = open_clip.create_model_and_transforms("ViT-B-32")
+    return preprocess_train, open_clip.get_tokenizer("ViT-B-32")
+
+
+def open_clip_args(shards: str, n_samples: int, workers: int = WORKERS, batch: int = BATCH):
+    """open_clip_train's args for get_wds_dataset: ``shards`` as its --train-data ('::' lists, brace ranges),
+    --train-num-samples set (its documented way not to count the samples), one rank."""
     from open_clip_train.params import parse_args
 
-    shards = sorted(str(p) for p in (root / "train").glob("*.tar"))
     args = parse_args(
-        ["--train-data", "::".join(shards), "--train-num-samples", str(n_samples), "--dataset-type", "webdataset",
-         "--batch-size", str(BATCH), "--workers", str(workers), "--model", "ViT-B-32"]
+        ["--train-data", shards, "--train-num-samples", str(n_samples), "--dataset-type", "webdataset",
+         "--batch-size", str(batch), "--workers", str(workers), "--model", "ViT-B-32"]
     )  # fmt: skip
     args.world_size, args.rank, args.distributed = 1, 0, False
-    _, preprocess_train, _ = open_clip.create_model_and_transforms("ViT-B-32")
-    info = get_wds_dataset(args, preprocess_train, is_train=True, tokenizer=open_clip.get_tokenizer("ViT-B-32"))
+    return args
+
+
+def _open_clip_batches(root: Path, n_samples: int, workers: int = WORKERS):
+    from open_clip_train.data import get_wds_dataset
+
+    shards = "::".join(sorted(str(p) for p in (root / "train").glob("*.tar")))
+    preprocess_train, tokenizer = open_clip_preprocess()
+    info = get_wds_dataset(open_clip_args(shards, n_samples, workers), preprocess_train, is_train=True,
+                           tokenizer=tokenizer)  # fmt: skip
     return info.dataloader
 
 
@@ -130,3 +226,25 @@ def test_data_gpu(benchmark, record, quick):
     params = {"image_px": spec["image_size"], "crop_px": 224, "batch": BATCH, "workers": workers, "device": "cuda"}
     record(Result("data", "loader throughput (decode, crop, normalize, tokenize)", params, "samples_per_second",
                   ours, theirs, note="fastclip: torch loader + nvJPEG; open_clip: PIL in workers"))  # fmt: skip
+
+
+def test_data_photos_cpu(benchmark, record, quick):
+    """The loader case on web-photo-sized JPEGs (about 500 x 400 px, 64 KB), where decoding costs what it does in
+    a LAION run; the same loaders and settings as test_data_cpu."""
+    mode = "quick" if quick else "full"
+    spec = PHOTO_SPECS[mode]
+    root = photo_shards(mode)
+    # open_clip's epoch ends after train_num_samples: long enough for every batch timed (its workers repeat shards)
+    samples = max(spec["shards"] * spec["per_shard"], (spec["batches"] + 2 * WORKERS) * BATCH)
+    loader, ours_batches = _fastclip_batches(root, 224)
+    try:
+        ours = _throughput(ours_batches, spec["batches"], timer=functools.partial(bench_time, benchmark))
+    finally:
+        loader.close()
+    theirs = _throughput(_open_clip_batches(root, samples), spec["batches"])
+    params = {"images": "photos 400-640 x 300-480", "crop_px": 224, "batch": BATCH, "workers": WORKERS,
+              "cores": os.cpu_count(), "device": "cpu"}  # fmt: skip
+    note = "fastclip: DALI CPU pipeline; open_clip: get_wds_dataset with PIL; JPEG q90, median 64 KB"
+    record(Result("data", "loader throughput on photos (decode, crop, normalize, tokenize)", params,
+                  "samples_per_second", ours, theirs, note=note))  # fmt: skip
+    benchmark.extra_info.update(params=params, fastclip=ours, open_clip=theirs, ratio=ours / theirs)
