@@ -154,8 +154,47 @@ def test_a_shard_missing_when_first_read_is_skipped_and_named(tmp_path, capfd, m
     [(_, loader)] = list(_loaders(cfg, 1))
     try:
         batches = iter(loader)
-        with pytest.raises(DataBroken, match=r"2 of the 6 shards a loader worker reads are, more than"):
+        with pytest.raises(
+            DataBroken,
+            match=r"2 of the \d shards this loader worker has read are unreadable .*, more than data.max_bad_fraction",
+        ):
             for _ in range(40):
                 next(batches)
     finally:
         loader.close()
+
+
+@pytest.mark.parametrize("counted", [True, False])
+def test_the_slots_of_two_ranks_and_two_workers_partition_every_epoch(tmp_path, counted):
+    from fastclip.data.torch_loader import _Shard, _ShardStream
+
+    sizes = [13, 17, 11, 19, 7, 23, 17, 5, 9]
+    stream = _ShardStream(
+        shards=[_Shard(f"{i}.tar", n if counted else None, None) for i, n in enumerate(sizes)], train=True, rank=0,
+        world_size=2, seed=5, shuffle_buffer=1, transform=None, skips=None, bad=None,
+    )  # fmt: skip
+    for epoch in range(3):
+        read = Counter()
+        shares = []
+        for slot in range(4):
+            ranges = stream.share(epoch, slot, 4)
+            for shard, start, stop in ranges:
+                n = sizes[int(shard.path.split(".")[0])]
+                read.update((shard.path, i) for i in range(start, n if stop is None else stop))
+            shares.append(sum((stop or shard.samples or sizes[int(shard.path[0])]) - start for shard, start, stop in
+                              ranges))  # fmt: skip
+        assert read == Counter((f"{i}.tar", j) for i, n in enumerate(sizes) for j in range(n)), epoch
+        if counted:  # a run of the order each, the first ones a sample more
+            assert shares == sorted(shares, reverse=True) and shares[0] - shares[-1] <= 1
+
+
+def test_a_few_bad_shards_among_many_do_not_stop_a_worker_too_many_do():
+    from fastclip.data.torch_loader import _BadShards
+
+    bad = _BadShards(0.01, shards=1000)
+    bad.check("s0", OSError("gone"))  # one of the first shards a worker reads: 1 of 1, but too early to judge
+    for i in range(1, 300):
+        bad.check(f"s{i}", OSError("gone") if i == 250 else None)  # 2 of 300, never past 1% once 100 are read
+    bad.check("s300", OSError("gone"))  # 3 of 301: still within 1%
+    with pytest.raises(DataBroken, match=r"4 of the 302 shards .*s301: gone"):
+        bad.check("s301", OSError("gone"))

@@ -87,16 +87,17 @@ def indexed(tmp_path_factory):
 def test_every_bad_sample_and_shard_is_named_with_what_is_wrong(indexed):
     root, proc = indexed
     assert proc.returncode == 1, proc.stderr  # two shards could not be indexed at all
-    report = json.loads((root / REPORT).read_text())["shards"]
-    mixed = report["b-mixed.tar"]
+    report = json.loads((root / REPORT).read_text())["shards"]  # counts, which start-up reads
+    mixed = json.loads((root / "b-mixed.report.json").read_text())  # the samples left out, by key
     assert {key for key, _ in mixed["rejected"]} == set(REJECTED)
     for key, why in mixed["rejected"]:
         assert REJECTED[key] in why, (key, why)
     assert {key for key, _ in mixed["notes"]} == {"png_as_jpg", "webp_as_jpg"}  # kept: decoded by content
-    assert mixed["samples"] == len(ACCEPTED)
+    assert report["b-mixed.tar"]["samples"] == len(ACCEPTED) and report["b-mixed.tar"]["left_out"] == len(REJECTED)
+    assert not (root / "a-good.report.json").exists()  # nothing to say
     truncated = report["c-truncated.tar"]  # its whole samples are kept, the one cut off is named
     assert truncated["error"] is None and truncated["samples"] >= 3
-    [(key, why)] = truncated["rejected"]
+    [(key, why)] = json.loads((root / "c-truncated.report.json").read_text())["rejected"]
     assert why.startswith("the shard ends inside it (truncated)") and key == f"(after t{truncated['samples'] - 1})"
     assert "empty tar archive" in report["d-empty.tar"]["error"]
     assert "zero-byte" in report["e-zero.tar"]["error"]
@@ -136,14 +137,15 @@ def test_counts_come_from_the_summary_or_the_index_files(tmp_path):
     root = tmp_path / "s"
     root.mkdir()
     paths = [str(_write_shard(root / f"{i}.tar", [_good(f"k{i}{j}", j) for j in range(i + 1)])) for i in range(3)]
-    assert known_counts(paths, None) is None
+    assert known_counts(paths, None).missing == paths
     index_shards(paths)
     known = known_counts(paths, None)
-    assert known.source == SIZES and list(known.samples.values()) == [1, 2, 3]
-    (root / SIZES).unlink()
-    known = known_counts(paths, None)
-    assert known.source == "index files" and list(known.samples.values()) == [1, 2, 3]
+    assert known.samples == dict(zip(paths, [1, 2, 3])) and not known.missing
     assert (root / "0.idx").read_text().startswith(f"{INDEX_VERSION} 1\n")
+    (root / SIZES).unlink()  # this tool's index files still count
+    assert known_counts(paths, None).samples == dict(zip(paths, [1, 2, 3]))
+    (root / REPORT).unlink()  # index files alone, as DALI's wds2idx writes them (every sample): not counts
+    assert known_counts(paths, None).missing == paths
 
 
 def test_index_dir_for_read_only_shards_and_merged_summaries(tmp_path):
@@ -151,13 +153,15 @@ def test_index_dir_for_read_only_shards_and_merged_summaries(tmp_path):
     shards.mkdir()
     first = [str(_write_shard(shards / f"{i}.tar", [_good(f"k{i}", i)])) for i in range(2)]
     second = [str(_write_shard(shards / f"{i}.tar", [_good(f"k{i}", i)])) for i in range(2, 4)]
-    shards.chmod(0o555)
+    listing = sorted(p.name for p in shards.iterdir())
+    shards.chmod(0o555)  # (root writes anyway: the listing below says nothing was)
     try:
         for part in (first, second):  # two runs into one place: the summary keeps both
             proc = _run_tool("index", *part, "--index-dir", out)
             assert proc.returncode == 0, proc.stderr
     finally:
         shards.chmod(0o755)
+    assert sorted(p.name for p in shards.iterdir()) == listing
     assert json.loads((out / SIZES).read_text()) == {"0.tar": 1, "1.tar": 1, "2.tar": 1, "3.tar": 1}
     found = resolve_shards(str(shards / "*.tar"), field="data.train_shards", index_dir=str(out))
     assert found.samples == [1, 1, 1, 1] and found.index == [str(out / f"{i}.idx") for i in range(4)]
@@ -179,3 +183,89 @@ def test_shards_sharing_a_name_cannot_share_an_index_dir(tmp_path):
         _write_shard(tmp_path / d / "0.tar", [_good("a", 0)])
     proc = _run_tool("index", tmp_path / "x/0.tar", tmp_path / "y/0.tar", "--index-dir", tmp_path / "i")
     assert proc.returncode == 2 and "would share" in proc.stderr and "--index-dir" in proc.stderr
+
+
+def test_index_files_of_another_tool_are_read_but_do_not_count(tmp_path, monkeypatch):
+    """DALI's own wds2idx lists every sample, one without a caption too: the torch loader passes over it, and the
+    counts come from elsewhere (here a header walk)."""
+    from wds2idx import IndexCreator
+
+    root = tmp_path / "s"
+    root.mkdir()
+    shard = _write_shard(root / "0.tar", [_good("a", 0), ("nocap", {"jpg": _image("JPEG", 1)}), _good("b", 2)])
+    monkeypatch.chdir(tmp_path)
+    with IndexCreator(str(shard), str(root / "0.idx"), verbose=False) as creator:
+        creator.create_index()
+    assert (root / "0.idx").read_text().startswith("v1.2 3\n")
+    found = resolve_shards(str(shard), field="data.val_shards", count=True)
+    assert found.samples == [2] and found.index == [str(root / "0.idx")]
+    loader = _loader(_data("--data.val_shards", str(shard), "--data.loader", "torch"), train=False, kind="torch")
+    try:
+        texts = [t for batch in loader for t in _texts(batch)]
+    finally:
+        loader.close()
+    assert Counter(texts) == Counter(_ids(["caption a", "caption b"]))
+
+
+def test_summaries_that_are_not_json_are_named(tmp_path):
+    root = tmp_path / "s"
+    root.mkdir()
+    shard = _write_shard(root / "0.tar", [_good("a", 0)])
+    (root / SIZES).write_text('{"0.tar": 1,')
+    with pytest.raises(ConfigError, match=r"sizes\.json is not valid JSON .*re-run the index tool"):
+        resolve_shards(str(shard), field="data.train_shards")
+
+
+def test_an_index_dir_that_is_not_a_folder_is_refused(tmp_path):
+    shard = _write_shard(tmp_path / "0.tar", [_good("a", 0)])
+    with pytest.raises(ConfigError, match=r"data\.index_dir: .*nowhere' is not a folder"):
+        resolve_shards(str(shard), field="data.train_shards", index_dir=str(tmp_path / "nowhere"))
+
+
+def test_a_jpeg_with_data_after_its_end_marker_is_kept(tmp_path):
+    shard = _write_shard(tmp_path / "0.tar", [("motion", {"jpg": _image("JPEG", 0) + b"\x01" * 4096, "txt": b"x"})])
+    [found] = index_shards([str(shard)])
+    [(key, note)] = json.loads((tmp_path / "0.report.json").read_text())["notes"]
+    assert found.count == 1 and key == "motion" and "it decodes, kept" in note
+
+
+@pytest.mark.parametrize("check", [1, 2, 64])
+def test_start_up_opens_only_check_shards(tmp_path, monkeypatch, check):
+    root = tmp_path / "s"
+    root.mkdir()
+    paths = [str(_write_shard(root / f"{i:02d}.tar", [_good(f"k{i}", i)])) for i in range(10)]
+    index_shards(paths)
+    opened = []
+    real = shards._check_opens
+    monkeypatch.setattr(shards, "_check_opens", lambda path, **kw: opened.append(path) or real(path, **kw))
+    found = resolve_shards(str(root / "*.tar"), field="data.train_shards", check=check, count=True)
+    assert found.samples == [1] * 10
+    assert opened == (paths[:1] if check == 1 else [paths[0], paths[-1]] if check == 2 else paths)
+
+
+def test_dali_reads_an_index_dir_and_stops_on_a_shard_truncated_since(tmp_path):
+    from fastclip.data.skips import DataBroken
+
+    root, out = tmp_path / "s", tmp_path / "idx"
+    root.mkdir()
+    paths = [str(_write_shard(root / f"{i}.tar", [_good(f"k{i}{j}", j) for j in range(4)])) for i in range(4)]
+    index_shards(paths, index_dir=str(out))
+    spec = str(root / "*.tar")
+    data = _data("--data.val_shards", spec, "--data.loader", "dali", "--data.index_dir", str(out))
+    loader = _loader(data, train=False, kind="dali")
+    try:
+        assert sum(len(_texts(b)) for b in loader) == 16
+    finally:
+        loader.close()
+    with open(paths[1], "r+b") as f:  # after start-up would have looked (it opens the first and the last)
+        f.truncate(4096)
+    data = _data("--data.train_shards", spec, "--data.loader", "dali", "--data.index_dir", str(out),
+                 "--data.batch_size", "4", "--data.check_shards", "2")  # fmt: skip
+    loader = _loader(data, train=True, kind="dali")
+    try:
+        with pytest.raises(DataBroken, match=r"the DALI reader stopped on .*1\.idx.*Re-index it"):
+            batches = iter(loader)
+            for _ in range(20):
+                next(batches)
+    finally:
+        loader.close()

@@ -274,7 +274,7 @@ def test_start_up_without_counts_says_why_it_is_slow_and_what_to_do(many_shards,
 
     monkeypatch.setattr(shards, "_said", set())
     found = shards.resolve_shards(many_shards[10_000, "plain"], field="data.train_shards", count=True)
-    assert found.source == "tar headers" and found.total == 10_000
+    assert found.total == 10_000
     _reader_shards(found, field="data.train_shards", resampled=False, seed=0, rank=0)
     err = capfd.readouterr().err
     assert "counting the samples of 10000 shards by reading every tar header" in err

@@ -39,6 +39,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fastclip.data.index import TAIL, ShardIndex, image_damage, image_format, index_shards
 from fastclip.data.shards import IMAGE_EXTS, OTHER_IMAGE_EXTS
 from fastclip.errors import ConfigError
 
@@ -47,7 +48,6 @@ KEY_DIGITS = 9  # keys sort as text while they stay under a billion samples
 SHARD_DIGITS = 6
 DEFAULT_WORKERS = 8  # threads reading image files: I/O, so more than the cores
 SEPARATORS = ("\t", ",", ";", "|")  # what a header that parsed as one column is checked for
-_TAIL = 1024  # bytes of an image's end searched for its end marker, as the index tool does
 _READ_AHEAD = 4  # rows in flight per worker: enough to hide latency, bounded so that memory is
 
 # reasons a row is skipped; the summary counts by these, the report adds each row's detail
@@ -104,7 +104,7 @@ class ConvertResult:
     replaced: list[str] = field(default_factory=list)  # folder: caption files that were not valid UTF-8
     reencoded: int = 0
     report: Path | None = None
-    indexed: object | None = None  # what index_shards returned; None when not indexed
+    indexed: list[ShardIndex] | None = None  # what index_shards found per shard; None when not indexed
 
     @property
     def written(self) -> int:
@@ -127,10 +127,9 @@ class ConvertResult:
                 f"undecodable bytes became U+FFFD (listed in {self.report}); re-save them as UTF-8 to keep them"
             )
         if self.indexed is not None:
-            found = self.indexed if isinstance(self.indexed, list) else []  # index_shards' ShardIndex per shard
-            left_out = sum(len(getattr(f, "rejected", ())) for f in found)
+            left_out = sum(f.left_out for f in self.indexed)
             lines.append(f"indexed: a .idx beside each shard, the counts in {self.out_dir / 'sizes.json'}"
-                         + (f"; the index left out {_count(left_out, 'sample')} (see fastclip_index.json)"
+                         + (f"; the index left out {_count(left_out, 'sample')} (see the shards' .report.json)"
                             if left_out else ""))  # fmt: skip
         return "\n".join(lines)
 
@@ -269,25 +268,12 @@ def _folder_rows(folder: Path) -> list[_Row]:
 def _image_format(data: bytes) -> str | None:
     """The tar extension for bytes fastclip's loaders decode ('jpg', 'png', 'webp'), by content: both decode by
     content, and DALI picks a sample's image by extension, so the name must not lie."""
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpg"
-    if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return "png"
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    return None
+    return {"jpeg": "jpg", "png": "png", "webp": "webp", None: None}[image_format(data[:16])]
 
 
 def _damage(ext: str, data: bytes) -> str | None:
-    """The index tool's cheap checks (fastclip/data/index.py), so that what is written is what gets indexed."""
-    tail = data[-_TAIL:]
-    if ext == "jpg" and b"\xff\xd9" not in tail:
-        return "a JPEG cut short (no end-of-image marker)"
-    if ext == "png" and b"IEND" not in tail[-16:]:
-        return "a PNG cut short (no IEND chunk)"
-    if ext == "webp" and int.from_bytes(data[4:8], "little") + 8 > len(data):
-        return f"a WebP cut short (its header says {int.from_bytes(data[4:8], 'little') + 8} bytes, it has {len(data)})"
-    return None
+    """The index tool's cheap checks, so that what is written is what gets indexed."""
+    return image_damage({"jpg": "jpeg"}.get(ext, ext), data[:16], data[-TAIL:], len(data))
 
 
 def _to_png(image) -> bytes:
@@ -567,14 +553,7 @@ def _write_report(result: ConvertResult, source: dict) -> None:
     os.replace(tmp, result.report)
 
 
-def _index(shards: list[Path], *, workers: int) -> object | None:
-    try:
-        from fastclip.data.index import index_shards
-    except ModuleNotFoundError as e:
-        if e.name != "fastclip.data.index":  # the module is there but something it needs is not: say so
-            raise
-        print("note: fastclip.data.index is not available; the shards are not indexed", flush=True)
-        return None
+def _index(shards: list[Path], *, workers: int) -> list[ShardIndex]:
     try:  # processes, unlike the reading threads: indexing parses tars, which holds the GIL
         return index_shards([str(p) for p in shards], workers=min(workers, os.cpu_count() or 1))
     except BaseException:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import random
+import re
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -138,7 +139,10 @@ class DaliLoader:
         """The next read's samples, and how many the reader gave (eval: before image- or caption-less ones are
         dropped, which is what ``limit`` counts)."""
         checkpoint = self.reader.checkpoint() if self.train else b""  # ~0.06 ms
-        out = self.reader.run()
+        try:
+            out = self.reader.run()
+        except RuntimeError as e:
+            raise DataBroken(_reader_stopped(e)) from None
         n = len(out[1]) if limit is None else min(len(out[1]), limit)  # eval: the reader's padding cut off
         sources = strings(out[-1], n)
         labels = labels_of(out[2], n, sources) if len(out) > 3 else None
@@ -263,6 +267,18 @@ class DaliLoader:
         """Stop the prefetch thread, then free the pipelines (their C++ threads must not outlive the process)."""
         self._close_prefetcher()
         self.reader, self.decoders, self.checker = None, [], None
+
+
+def _reader_stopped(error: RuntimeError) -> str:
+    """One line for a DALI reader that stopped mid-run: a shard that changed, vanished or broke after start-up
+    (which opens only some of them). DALI cannot leave it out and go on, so the run stops, saying how to fix it."""
+    named = re.search(r'at "([^"]+)"', str(error))
+    where = f" on {named.group(1)}" if named else ""
+    return (
+        f"the DALI reader stopped{where}: {reason(error)}. A shard changed, vanished or broke after start-up; DALI "
+        "cannot skip it mid-run. Re-index it (python -m fastclip.data.shards index SHARD) or remove it from the "
+        "spec, then --checkpoint.resume latest; --data.loader torch skips such a shard and goes on."
+    )
 
 
 def build_dali_loader(

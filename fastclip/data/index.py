@@ -15,10 +15,13 @@ leaves the previous files whole.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tarfile
 import tempfile
+from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -29,7 +32,7 @@ from fastclip.data.shards import IMAGE_EXTS, OTHER_IMAGE_EXTS, check_only_zeros_
 INDEX_VERSION = "v1.2"  # the version DALI's fn.readers.webdataset reads (its wds2idx writes the same)
 SIZES = "sizes.json"
 REPORT = "fastclip_index.json"
-_TAIL = 1024  # bytes read from an image's end: its end marker, allowing for a little trailing padding
+TAIL = 1024  # bytes read from an image's end: its end marker, allowing for a little trailing padding
 
 JPEG, PNG, WEBP = b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"RIFF"
 
@@ -45,7 +48,7 @@ def image_format(head: bytes) -> str | None:
     return None
 
 
-def _image_damage(fmt: str, head: bytes, tail: bytes, size: int) -> str | None:
+def image_damage(fmt: str, head: bytes, tail: bytes, size: int) -> str | None:
     """What is wrong with an image whose format is known, from its first and last bytes; None when it looks whole."""
     if fmt == "jpeg" and b"\xff\xd9" not in tail:
         return "a JPEG cut short (no end-of-image marker)"
@@ -63,6 +66,11 @@ class ShardIndex:
     path: str
     bytes: int = 0
     samples: list[list[tuple[str, int, int, str]]] = field(default_factory=list)  # per sample: its files
+    count: int = 0  # samples indexed
+    # what index_shards returns instead of the lists above, once written (to the index and the shard's report)
+    left_out: int = 0
+    reasons: Counter = field(default_factory=Counter)  # samples left out, by why
+    notes_by_kind: Counter = field(default_factory=Counter)
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (key, why), left out of the index
     notes: list[tuple[str, str]] = field(default_factory=list)  # (key, what), kept: e.g. a PNG named .jpg
     error: str | None = None  # the shard as a whole is unreadable: no index is written for it
@@ -80,7 +88,7 @@ class _Reader:
 
     def ends(self, member: tarfile.TarInfo) -> tuple[bytes, bytes]:
         head = self.read(member, 0, min(member.size, 16))
-        tail = self.read(member, max(member.size - _TAIL, 0))
+        tail = self.read(member, max(member.size - TAIL, 0))
         return head, tail
 
 
@@ -106,8 +114,11 @@ def check_sample(key: str, group: dict[str, tarfile.TarInfo], reader: _Reader, *
     fmt = image_format(head)
     if fmt is None:
         return f"its image {key}.{images[0]} is not a JPEG, PNG or WebP file (it starts with {head[:8].hex(' ')})", ""
-    if why := _image_damage(fmt, head, tail, member.size):
-        return why, ""
+    if why := image_damage(fmt, head, tail, member.size):
+        # data after the end marker (a phone's motion photo, an appended thumbnail) hides it from the tail: decode
+        if _decode_damage(reader.read(member)) is not None:
+            return why, ""
+        return None, f"{why.split(' (')[0].replace('cut short', 'with data after its end')}: it decodes, kept"
     if deep and (why := _decode_damage(reader.read(member))):
         return why, ""
     named = {"jpg": "jpeg", "jpeg": "jpeg", "png": "png", "webp": "webp"}[images[0]]
@@ -139,6 +150,9 @@ def index_shard(path: str, *, deep: bool = False) -> ShardIndex:
                 if any(m.offset_data + m.size > found.bytes for m in group.values()):
                     found.rejected.append((key, "the shard ends inside it (truncated)"))
                     continue
+                if any(any(c.isspace() for c in m.name) for m in group.values()):
+                    found.rejected.append((key, "its file names hold whitespace, which DALI's index cannot"))
+                    continue
                 why, note = check_sample(key, group, _Reader(f), deep=deep)
                 if why:
                     found.rejected.append((key, why))
@@ -153,10 +167,11 @@ def index_shard(path: str, *, deep: bool = False) -> ShardIndex:
         if not read:
             found.error = f"not a readable tar ({e})"
         else:  # the samples before the damage are whole, and indexed
-            last = (found.samples[-1][-1][3] if found.samples else found.rejected[-1][0]).rpartition(".")[0] or "?"
+            last = sample_key(found.samples[-1][-1][3])[0] if found.samples else found.rejected[-1][0]
             found.rejected.append((f"(after {last})", f"the shard ends inside it (truncated), or is damaged: {e}"))
     if found.error is None and not found.samples:
         found.error = "it holds no usable sample" if found.rejected else "it is an empty tar archive"
+    found.count = len(found.samples)
     return found
 
 
@@ -250,43 +265,74 @@ def check_names(paths: list[str], index_dir: str | None) -> None:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        found = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): re-run the index tool on its shards, or delete it") from None
+    if not isinstance(found, dict):
+        raise ValueError(f"{path} holds no JSON object: re-run the index tool on its shards, or delete it")
+    return found
+
+
+def report_path(shard: str, index_dir: str | None = None) -> str:
+    """The file naming a shard's samples left out (and kept with a note): beside its index file."""
+    return f"{place_of(shard, index_dir)}/{_stem(shard)}.report.json"
+
+
+@contextlib.contextmanager
+def _locked(place: Path):
+    """One index run at a time merges into a place's summaries (others wait): parallel jobs over one folder's
+    shards would otherwise lose each other's entries."""
+    with open(place / ".fastclip_index.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def update_summaries(found: Iterable[ShardIndex], index_dir: str | None) -> list[Path]:
-    """Merge these shards' counts into their places' ``sizes.json`` and ``fastclip_index.json``."""
+    """Merge these shards' counts into their places' ``sizes.json`` and ``fastclip_index.json`` (which start-up
+    reads, so it holds counts only: the samples left out are in each shard's report file)."""
     by_place: dict[str, list[ShardIndex]] = {}
     for f in found:
         by_place.setdefault(place_of(f.path, index_dir), []).append(f)
     written = []
     for place, shards in ((Path(place), shards) for place, shards in by_place.items()):
-        sizes, report = _read_json(place / SIZES), _read_json(place / REPORT)
-        entries = report.setdefault("shards", {})
-        for f in shards:
-            name = Path(f.path).name
-            entries[name] = {"bytes": f.bytes, "samples": len(f.samples), "error": f.error,
-                             "rejected": f.rejected, "notes": f.notes}  # fmt: skip
-            if f.error is None:
-                sizes[name] = len(f.samples)
-            else:
-                sizes.pop(name, None)  # no index, no count: a run meets it as unindexed
-        report["version"] = INDEX_VERSION
-        write_atomically(place / SIZES, json.dumps(dict(sorted(sizes.items())), indent=0) + "\n")
-        write_atomically(place / REPORT, json.dumps(report, indent=1, sort_keys=True) + "\n")
+        with _locked(place):
+            sizes, report = _read_json(place / SIZES), _read_json(place / REPORT)
+            entries = report.setdefault("shards", {})
+            for f in shards:
+                name = Path(f.path).name
+                entries[name] = {"bytes": f.bytes, "samples": f.count, "error": f.error, "left_out": f.left_out}
+                if f.error is None:
+                    sizes[name] = f.count
+                else:
+                    sizes.pop(name, None)  # no index, no count: a run sets it aside
+            report["version"] = INDEX_VERSION
+            write_atomically(place / SIZES, json.dumps(dict(sorted(sizes.items())), indent=0) + "\n")
+            write_atomically(place / REPORT, json.dumps(report, indent=1, sort_keys=True) + "\n")
         written += [place / SIZES, place / REPORT]
     return written
 
 
 def _index_one(path: str, index_dir: str | None, deep: bool) -> ShardIndex:
     found = index_shard(path, deep=deep)
-    idx = Path(index_path(path, index_dir))
+    idx, report = Path(index_path(path, index_dir)), Path(report_path(path, index_dir))
     if found.error is None:
         write_atomically(idx, index_text(found.samples))
     else:
         idx.unlink(missing_ok=True)  # an old index of a shard that is now unreadable would point into garbage
-    found.samples = [[] for _ in found.samples]  # the counts travel back from a worker; the offsets are written
+    if found.rejected or found.notes:
+        text = {"shard": path, "rejected": found.rejected, "notes": found.notes}
+        write_atomically(report, json.dumps(text, indent=1) + "\n")
+    else:
+        report.unlink(missing_ok=True)
+    # only counts travel back: 41,000 shards' offsets and rejected keys would not fit in the parent's memory
+    found.left_out, found.reasons = len(found.rejected), Counter(why.split(" (")[0] for _, why in found.rejected)
+    found.notes_by_kind = Counter(note.split(":")[0] for _, note in found.notes)
+    found.samples, found.rejected, found.notes = [], [], []
     return found
 
 
@@ -297,6 +343,10 @@ def index_shards(paths: list[str], *, index_dir: str | None = None, workers: int
     check_names(paths, index_dir)
     if index_dir:
         Path(index_dir).mkdir(parents=True, exist_ok=True)
+    for place in sorted({place_of(p, index_dir) for p in paths}):
+        if not os.access(place, os.W_OK):
+            raise ValueError(f"cannot write the index files into {place}: pass --index-dir DIR (and then "
+                             "--data.index_dir DIR when training)")  # fmt: skip
     found = []
     if workers <= 1:
         for p in paths:
@@ -315,25 +365,26 @@ def index_shards(paths: list[str], *, index_dir: str | None = None, workers: int
 class Known:
     """What the index tool recorded about a list of shards, read without opening a tar."""
 
-    samples: dict[str, int]  # per usable shard
+    samples: dict[str, int]  # usable samples, per shard counted
     bad: dict[str, str]  # shards the index tool found unusable: why
     bytes: dict[str, int]  # each shard's size when it was indexed, where recorded
-    source: str  # 'sizes.json' or 'index files'
+    missing: list[str]  # shards neither counted nor found unusable
 
 
-def known_counts(paths: list[str], index_dir: str | None) -> Known | None:
-    """The shards' sample counts from their places' ``sizes.json`` when it (or the index report, for shards it
-    found unusable) names every shard, else from their index files' first lines when every shard has one; None
-    when neither does. ValueError names an index file that is not one."""
+def known_counts(paths: list[str], index_dir: str | None) -> Known:
+    """The shards' sample counts from their places' ``sizes.json`` (or, for shards it lacks that this tool
+    indexed, their index files' first lines), and the shards the tool found unusable. An index file another tool
+    wrote (DALI's wds2idx lists every sample, usable or not) does not count. ValueError names a summary or index
+    file that is not one."""
     sizes, reports = {}, {}
     for place in {place_of(p, index_dir) for p in paths}:
         sizes[place] = _read_json(Path(place) / SIZES)
         reports[place] = _read_json(Path(place) / REPORT).get("shards", {})
-    known = Known({}, {}, {}, SIZES)
-    missing = []
+    known = Known({}, {}, {}, [])
+    uncounted = []
     for p in paths:
         place, name = place_of(p, index_dir), p.rpartition("/")[2]
-        entry = reports[place].get(name, {})
+        entry = reports[place].get(name) or {}
         if isinstance(entry.get("bytes"), int):
             known.bytes[p] = entry["bytes"]
         if isinstance(n := sizes[place].get(name), int):
@@ -341,12 +392,12 @@ def known_counts(paths: list[str], index_dir: str | None) -> Known | None:
         elif entry.get("error"):
             known.bad[p] = f"the index tool found it unusable: {entry['error']}"
         else:
-            missing.append(p)
-    if not missing:
-        return known
-    indexed = index_files(paths, index_dir)
-    if not all(p in indexed for p in paths if p not in known.bad):
-        return None
-    known.samples = {p: indexed_count(indexed[p]) for p in paths if p not in known.bad}
-    known.source = "index files"
+            uncounted.append((p, bool(entry)))
+    if uncounted:
+        indexed = index_files([p for p, _ in uncounted], index_dir)
+        for p, ours in uncounted:
+            if ours and p in indexed:
+                known.samples[p] = indexed_count(indexed[p])
+            else:
+                known.missing.append(p)
     return known

@@ -31,11 +31,11 @@ def _expand(specs: list[str]) -> list[str]:
 
 
 def _report(found, seconds: float, index_dir: str | None) -> int:
-    from fastclip.data.index import REPORT, SIZES, place_of
+    from fastclip.data.index import SIZES, place_of
 
-    samples = sum(len(f.samples) for f in found)
+    samples = sum(f.count for f in found)
     megabytes = sum(f.bytes for f in found) / 1e6
-    reasons = Counter(why.split(" (")[0] for f in found for _, why in f.rejected)
+    reasons = sum((f.reasons for f in found), Counter())
     broken = [f for f in found if f.error]
     places = sorted({str(place_of(f.path, index_dir)) for f in found})
     print(
@@ -43,11 +43,11 @@ def _report(found, seconds: float, index_dir: str | None) -> int:
         f"{seconds:.1f} s ({len(found) / max(seconds, 1e-9):.1f} shards/s, {megabytes / max(seconds, 1e-9):.1f} MB/s)"
     )
     if reasons:
-        print(f"left out of the index: {sum(reasons.values())} samples (each listed with its shard and key in "
-              f"{REPORT})")  # fmt: skip
+        print(f"left out of the index: {sum(reasons.values())} samples (each listed by key in its shard's "
+              "SHARD.report.json, beside the index files)")  # fmt: skip
         for why, n in reasons.most_common():
             print(f"  {n:>8}  {why}")
-    notes = Counter(note for f in found for _, note in f.notes)
+    notes = sum((f.notes_by_kind for f in found), Counter())
     for note, n in notes.most_common():
         print(f"  note ({n} samples or shards): {note}")
     for f in broken:

@@ -34,8 +34,7 @@ def _matches(pattern: str, *, field: str, spec: str) -> list[str]:
     where = f" (part of {spec!r})" if pattern != spec else ""
     if not pattern:
         raise ConfigError(f"{field}: {spec!r} has an empty part (a '::' at its start or end, or two in a row)")
-    if Path(pattern).is_dir():
-        raise ConfigError(f"{field}: {pattern!r}{where} is a folder; name its shards, e.g. '{pattern}/*.tar'")
+    # a plain path is checked when opened (a folder, a missing file): a stat each here would be 40,000 at scale
     matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
     if not matches:
         raise ConfigError(
@@ -193,6 +192,8 @@ def _walk_damage(path: str, error: Exception) -> str:
 
 
 def _check_opens(path: str, *, field: str, spec: str) -> None:
+    if Path(path).is_dir():
+        raise ConfigError(f"{field}: {path!r} (from {spec!r}) is a folder; name its shards, e.g. '{path}/*.tar'")
     if not Path(path).is_file():
         raise ConfigError(f"{field}: shard {path!r} does not exist (from {spec!r})")
     try:
@@ -256,23 +257,26 @@ def _probe_formats(path: str, members: int = 128) -> list[tuple[str, str]]:
 @dataclass
 class Shards:
     paths: list[str]  # the shards to read, damaged ones left out
-    samples: list[int] | None = None  # usable samples in each, when known (index tool's files, or a header walk)
-    index: list[str | None] = dataclasses.field(default_factory=list)  # each shard's index file, or None
-    source: str = ""  # where the counts came from: 'sizes.json', 'index files', 'tar headers' ('' when unknown)
-    listed: int = 0  # shards the spec names, damaged ones included
+    samples: list[int] | None  # usable samples in each, when every one is counted (index tool's files, or a walk)
+    index: list[str | None]  # each shard's index file, or None
+    indexed_bytes: list[int | None]  # each shard's size when it was indexed, where the index tool recorded it
+    listed: int  # shards the spec names, damaged ones included
 
     @property
     def total(self) -> int | None:
         return None if self.samples is None else sum(self.samples)
 
 
-STARTUP_CHECKS = 64  # shards opened at start-up when there are more (the first, the last, and evenly between)
+STARTUP_CHECKS = 64  # DataConfig.check_shards's default: shards opened at start-up when there are more
 SLOW_WALK = 100  # shards: counting more of them from tar headers is worth a line saying how to avoid it
 
 
 def _spread(paths: list[str], n: int | None) -> list[str]:
+    """``n`` of ``paths``: the first, the last and evenly between (all when there are no more)."""
     if n is None or len(paths) <= n:
         return paths
+    if n == 1:
+        return paths[:1]
     return [paths[round(i * (len(paths) - 1) / (n - 1))] for i in range(n)]
 
 
@@ -284,6 +288,19 @@ def _changed(path: str, indexed: int | None) -> None:
         )
 
 
+def _known(paths: list[str], *, field: str, index_dir: str | None):
+    from fastclip.data.index import check_names, known_counts
+
+    if index_dir and not os.path.isdir(index_dir):
+        raise ConfigError(f"data.index_dir: {index_dir!r} is not a folder; give the --index-dir the index tool wrote")
+    try:
+        if index_dir:
+            check_names(paths, index_dir)
+        return known_counts(paths, index_dir)
+    except ValueError as e:
+        raise ConfigError(f"{field}: {e}") from None
+
+
 def resolve_shards(
     spec: str, *, field: str, max_bad_fraction: float = 0.0, count: bool = False, index_dir: str | None = None,
     check: int | None = STARTUP_CHECKS,
@@ -293,46 +310,43 @@ def resolve_shards(
     ``check`` shards (all when None, or when there are fewer) are opened here: each must exist and open as a
     non-empty tar (else an error names it) and not have changed since it was indexed; a damaged one is skipped
     and logged, and past ``max_bad_fraction`` the run stops. The others are checked by the loader when it first
-    reads them. With ``count`` and no index files, every tar's headers are walked to count its samples (slow on
-    many shards: the log says so, and how to avoid it)."""
-    from fastclip.data.index import index_files, known_counts
+    reads them. With ``count``, the shards the index tool's files do not count have their tar headers walked
+    (slow on many shards: the log says so, and how to avoid it)."""
+    from fastclip.data.index import index_files
 
     paths = expand(spec, field=field)
-    try:
-        known = known_counts(paths, index_dir)
-    except ValueError as e:
-        raise ConfigError(f"{field}: {e}") from None
-    damaged: dict[str, str] = dict(known.bad) if known else {}
+    known = _known(paths, field=field, index_dir=index_dir)
+    damaged: dict[str, str] = dict(known.bad)
     indexed = index_files(paths, index_dir)
-    walked = known is None and count  # a walk opens every tar anyway: check them all first
-    for path in paths if walked else _spread(paths, check):
-        if path in damaged:
+    walk_these = known.missing if count else []
+    opened = set(_spread(paths, check)) | set(walk_these)  # a walk opens its tars anyway: check them first
+    for path in paths:
+        if path not in opened or path in damaged:
             continue
         _check_opens(path, field=field, spec=spec)
-        if known is not None:
-            _changed(path, known.bytes.get(path))
-        if path not in indexed and (why := damage(path)) is not None:  # an index left torn samples out
+        _changed(path, known.bytes.get(path))
+        if path not in indexed and (why := damage(path)) is not None:  # indexed: torn samples are left out
             damaged[path] = why
-    counts, other, source = dict(known.samples) if known else {}, [], known.source if known else ""
-    if walked:
-        counts, other = _walk_all([p for p in paths if p not in damaged], damaged, field=field)
-        source = "tar headers"
+    counts, other = dict(known.samples), []
+    if walk_these:
+        walked, other = _walk_all([p for p in walk_these if p not in damaged], damaged, field=field, of=len(paths))
+        counts.update(walked)
     _set_aside(damaged, total=len(paths), field=field, max_bad_fraction=max_bad_fraction)
     good = [p for p in paths if p not in damaged]
-    _say_other_formats(field, other if walked else _probe_formats(good[0]), probed=not walked)
-    samples = [counts[p] for p in good] if counts else None
-    return Shards(good, samples, [indexed.get(p) for p in good], source, listed=len(paths))
+    _say_other_formats(field, other if walk_these else _probe_formats(good[0]), probed=not walk_these)
+    samples = [counts[p] for p in good] if all(p in counts for p in good) else None
+    return Shards(good, samples, [indexed.get(p) for p in good], [known.bytes.get(p) for p in good], len(paths))
 
 
-def _walk_all(paths: list[str], damaged: dict[str, str], *, field: str) -> tuple[dict[str, int], list]:
+def _walk_all(paths: list[str], damaged: dict[str, str], *, field: str, of: int) -> tuple[dict[str, int], list]:
     """Every shard's usable samples from its tar headers (damaged ones into ``damaged``)."""
     if len(paths) > SLOW_WALK:
         say_once(
             field,
-            f"{field}: counting the samples of {len(paths)} shards by reading every tar header, as they have no "
-            "index files: this is what makes start-up slow. Run `python -m fastclip.data.shards index SHARDS` "
-            "once (it writes the index files and sizes.json that start-up reads instead), or set "
-            "data.train_num_samples.",
+            f"{field}: counting the samples of {len(paths)} of {of} shards (e.g. {paths[0]}) by reading every tar "
+            "header, as the index tool's sizes.json and index files do not count them: this is what makes "
+            "start-up slow. Run `python -m fastclip.data.shards index SHARDS` once on them (it writes the files "
+            "start-up reads instead), or set data.train_num_samples.",
         )
     counts, other = {}, []
     for path in paths:

@@ -11,6 +11,7 @@ process decodes the whole batch on the GPU (torchvision.io.decode_jpeg(device='c
 from __future__ import annotations
 
 import itertools
+import os
 import random
 import tarfile
 from collections.abc import Callable, Iterator
@@ -39,10 +40,13 @@ def _walked(path: str, start: int, stop: int | None) -> Iterator[dict]:
             yield {**sample, "__key__": key, "__shard__": path}
 
 
-def _indexed(path: str, idx: str, start: int, stop: int | None) -> Iterator[dict]:
-    """The same from the shard's index file: each sample's files read at their offsets, no header read."""
-    samples = read_index(idx)[start:stop]
+def _indexed(path: str, idx: str, start: int, stop: int | None, size: int | None) -> Iterator[dict]:
+    """The same from the shard's index file: each sample's files read at their offsets, no header read. Samples
+    without an image or a caption are passed over (an index DALI's wds2idx wrote lists every sample)."""
+    samples = [(key, files) for key, files in read_index(idx) if usable(files)][start:stop]
     with open(path, "rb") as f:
+        if size is not None and (now := os.fstat(f.fileno()).st_size) != size:
+            raise OSError(f"it is {now} bytes, {size} when it was indexed: re-run the index tool on it")
         for key, files in samples:
             sample = {"__key__": key, "__shard__": path}
             for ext, (offset, size) in files.items():
@@ -68,29 +72,53 @@ class _Shard:
     path: str
     samples: int | None  # usable samples, where known
     index: str | None  # its index file, where there is one
+    size: int | None = None  # its bytes when it was indexed, where recorded
 
     def read(self, start: int = 0, stop: int | None = None) -> Iterator[dict]:
-        return _indexed(self.path, self.index, start, stop) if self.index else _walked(self.path, start, stop)
+        if self.index:
+            return _indexed(self.path, self.index, start, stop, self.size)
+        return _walked(self.path, start, stop)
 
 
 class _BadShards:
     """Shards found unreadable when first read (start-up opens only some): each logged once and skipped for the
-    rest of the run; past ``max_bad_fraction`` of the shards a worker reads, the run stops, as at start-up."""
+    rest of the run. Past ``max_bad_fraction`` of the shards this worker has tried, and once it has tried enough
+    for that fraction to mean something (``1 / max_bad_fraction``, or every shard), the run stops."""
 
-    def __init__(self, max_bad_fraction: float):
-        self.max_bad_fraction = max_bad_fraction
+    def __init__(self, max_bad_fraction: float, *, shards: int):
+        self.max_bad_fraction, self.shards = max_bad_fraction, shards
         self.paths: set[str] = set()
+        self.tried: set[str] = set()
+        self.last: dict[str, str] = {}  # the bad shards, in the order found, with why
 
-    def add(self, path: str, error: Exception, *, out_of: int) -> None:
-        self.paths.add(path)
-        if len(self.paths) > self.max_bad_fraction * out_of:
+    def check(self, path: str, error: Exception | None) -> None:
+        """Count a read of ``path``; ``error`` when it failed."""
+        self.tried.add(path)
+        if error is not None:
+            self.paths.add(path)
+            self.last[path] = str(error)
+        bad, tried, fraction = len(self.paths), len(self.tried), self.max_bad_fraction
+        if bad > fraction * tried and tried >= min(self.shards, 1 / fraction if fraction else 1):
+            last = ": ".join(next(reversed(self.last.items())))
             raise DataBroken(
-                f"shard {path} is unreadable ({error}), and {len(self.paths)} of the {out_of} shards a loader worker "
-                f"reads are, more than data.max_bad_fraction={self.max_bad_fraction} allows. Re-create them, remove "
-                "them from the spec, or raise --data.max_bad_fraction."
+                f"{bad} of the {tried} shards this loader worker has read are unreadable (the last: {last}), more "
+                f"than data.max_bad_fraction={fraction} allows. Re-create them, remove them from the spec, or raise "
+                "--data.max_bad_fraction."
             )
-        log.warning("skipped shard %s: unreadable (%s); %d of %d shards skipped by this loader worker", path, error,
-                    len(self.paths), out_of)  # fmt: skip
+        if error is not None:
+            log.warning("skipped shard %s: unreadable (%s); %d of %d shards skipped by this loader worker", path,
+                        error, bad, tried)  # fmt: skip
+
+    def read(self, shard: _Shard, start: int = 0, stop: int | None = None) -> Iterator[dict]:
+        """``shard``'s samples, none if it failed before; a failure is counted, logged or stops the run."""
+        if shard.path in self.paths:
+            return
+        try:
+            yield from shard.read(start, stop)
+        except (tarfile.TarError, OSError, ValueError) as e:  # start-up did not open it, or it changed since
+            self.check(shard.path, e)
+            return
+        self.check(shard.path, None)
 
 
 class _ShardStream(IterableDataset):
@@ -137,14 +165,9 @@ class _ShardStream(IterableDataset):
     def _ordered(self, epoch: int, slot: int, slots: int) -> Iterator[dict]:
         ranges, empty = self.share(epoch, slot, slots), True
         for shard, start, stop in ranges:
-            if shard.path in self.bad.paths:
-                continue
-            try:
-                for sample in shard.read(start, stop):
-                    empty = False
-                    yield sample
-            except (tarfile.TarError, OSError, ValueError) as e:  # start-up did not open it, or it changed since
-                self.bad.add(shard.path, e, out_of=len(ranges))
+            for sample in self.bad.read(shard, start, stop):
+                empty = False
+                yield sample
         if empty and self.train:  # else the next epoch would find none either, forever
             raise DataBroken(
                 f"loader worker {slot % max(slots // self.world_size, 1)} of rank {self.rank} read no sample in a "
@@ -156,13 +179,7 @@ class _ShardStream(IterableDataset):
     def _drawn(self, worker: int) -> Iterator[dict]:
         rng = random.Random(derive_seed(self.seed, "shard draws", self.rank, worker))
         while True:
-            shard = rng.choice(self.shards)
-            if shard.path in self.bad.paths:
-                continue
-            try:
-                yield from shard.read()
-            except (tarfile.TarError, OSError, ValueError) as e:
-                self.bad.add(shard.path, e, out_of=len(self.shards))
+            yield from self.bad.read(rng.choice(self.shards))
 
     def __iter__(self):
         info = get_worker_info()
@@ -321,16 +338,17 @@ class TorchLoader:
             image=image, crop_scale=options.crop_scale, tokenizer=tokenizer, train=train, gpu_decode=self.gpu_decode
         )
         counts = shards.samples or [None] * len(shards.paths)
-        bad = _BadShards(options.max_bad_fraction)
+        bad = _BadShards(options.max_bad_fraction, shards=len(shards.paths))
         self.stream = stream = _ShardStream(
-            shards=[_Shard(*s) for s in zip(shards.paths, counts, shards.index)], train=train, rank=rank,
+            shards=[_Shard(*s) for s in zip(shards.paths, counts, shards.index, shards.indexed_bytes)], train=train,
+            rank=rank,
             world_size=world_size, seed=seed, shuffle_buffer=options.shuffle_buffer, transform=transform,
             skips=self._skips, bad=bad, resampled=train and options.resampled,
         )  # fmt: skip
         self._batches_taken = 0
         self.workers = self._workers(options.workers, total, world_size)
         slots = world_size * self.workers  # this rank's samples of an epoch: those of its workers' slots
-        if total is None:  # not counted: this rank's share of the epoch's length
+        if total is None or self.samples_per_epoch != total:  # this rank's share of the epoch's length
             n = self.samples_per_epoch
             self.local_samples = n * (rank + 1) // world_size - n * rank // world_size
         else:  # its workers' slots: the same in every epoch
