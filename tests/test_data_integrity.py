@@ -249,13 +249,13 @@ def test_shards_of_undecodable_images_stop_instead_of_skipping_forever(tmp_path,
 
 
 def test_the_torch_loader_reads_only_its_own_samples_payloads(tmp_path, monkeypatch):
-    from fastclip.data import torch_loader
+    from fastclip.data import shard_stream
 
     spec, _ = _captioned_shards(tmp_path / "shards", [40])
     reads = []
     extract = tarfile.TarFile.extractfile
     monkeypatch.setattr(tarfile.TarFile, "extractfile", lambda tar, m: reads.append(m.name) or extract(tar, m))
-    got = list(torch_loader._walked(str(tmp_path / "shards" / "shard-000.tar"), 10, 20))
+    got = list(shard_stream._walked(str(tmp_path / "shards" / "shard-000.tar"), 10, 20))
     assert [s["__key__"] for s in got] == [f"000{i:05d}" for i in range(10, 20)]
     assert len(reads) == 2 * len(got)  # the image and the caption of this slot's samples, nothing else
 

@@ -166,11 +166,11 @@ def test_a_shard_missing_when_first_read_is_skipped_and_named(tmp_path, capfd, m
 
 @pytest.mark.parametrize("counted", [True, False])
 def test_the_slots_of_two_ranks_and_two_workers_partition_every_epoch(tmp_path, counted):
-    from fastclip.data.torch_loader import _Shard, _ShardStream
+    from fastclip.data.shard_stream import Shard, ShardStream
 
     sizes = [13, 17, 11, 19, 7, 23, 17, 5, 9]
-    stream = _ShardStream(
-        shards=[_Shard(f"{i}.tar", n if counted else None, None) for i, n in enumerate(sizes)], train=True, rank=0,
+    stream = ShardStream(
+        shards=[Shard(f"{i}.tar", n if counted else None, None) for i, n in enumerate(sizes)], train=True, rank=0,
         world_size=2, seed=5, shuffle_buffer=1, transform=None, skips=None, bad=None,
     )  # fmt: skip
     for epoch in range(3):
@@ -189,9 +189,9 @@ def test_the_slots_of_two_ranks_and_two_workers_partition_every_epoch(tmp_path, 
 
 
 def test_a_few_bad_shards_among_many_do_not_stop_a_worker_too_many_do():
-    from fastclip.data.torch_loader import _BadShards
+    from fastclip.data.shard_stream import BadShards
 
-    bad = _BadShards(0.01, shards=1000)
+    bad = BadShards(0.01, shards=1000)
     bad.check("s0", OSError("gone"))  # one of the first shards a worker reads: 1 of 1, but too early to judge
     for i in range(1, 300):
         bad.check(f"s{i}", OSError("gone") if i == 250 else None)  # 2 of 300, never past 1% once 100 are read

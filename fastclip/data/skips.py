@@ -24,6 +24,10 @@ def describe(data: bytes) -> str:
     return f"not a JPEG, PNG or WebP file (it starts with {data[:8].hex(' ')})"
 
 
+class Undecodable(Exception):
+    """A sample's image did not decode: the one failure a loader's stream skips (any other is a bug, and raises)."""
+
+
 class DataBroken(RuntimeError):
     """So many samples in a row held no image that decodes that the data is broken, not a sample: the run stops
     (rather than skipping forever)."""
