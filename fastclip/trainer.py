@@ -330,7 +330,7 @@ class Trainer:
             f"fastclip: {self.cfg.model.name} ({n_params / 1e6:.1f}M params), {self.world.world_size} rank(s) on "
             f"{self.world.device.type}, {self.precision}, ZeRO-{self.stage}, global batch {self.global_batch}, "
             f"{self.total_steps} steps ({self.steps_per_epoch}/epoch, {self.train_loader.samples_per_epoch} "
-            f"samples/epoch); {self._accumulation_line()}"
+            f"samples/epoch from {self.train_loader.epoch_from}); {self._accumulation_line()}"
         )
 
     def _accumulation_line(self) -> str:

@@ -76,6 +76,7 @@ def test_train_num_samples_sets_the_schedules_epoch(single_rank, world_dir, tmp_
     trainer = Trainer(parse_args(args), single_rank)
     trainer.close()
     assert (trainer.steps_per_epoch, trainer.total_steps) == (100 // 16, 3 * (100 // 16))
+    assert trainer.train_loader.epoch_from == "data.train_num_samples"
 
 
 def _shard_of(sample_text: str) -> int:

@@ -269,3 +269,26 @@ def test_dali_reads_an_index_dir_and_stops_on_a_shard_truncated_since(tmp_path):
                 next(batches)
     finally:
         loader.close()
+
+
+def test_index_files_are_readable_by_the_sets_other_users(tmp_path):
+    shard = _write_shard(tmp_path / "0.tar", [_good("a", 0)])
+    index_shards([str(shard)])
+    for name in ("0.idx", SIZES, REPORT):  # with the usual umask 022: rw-r--r--
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~index_umask(), name
+
+
+def index_umask() -> int:
+    from fastclip.data import index
+
+    return index._UMASK
+
+
+def test_start_up_says_where_the_counts_came_from(tmp_path):
+    root = tmp_path / "s"
+    root.mkdir()
+    paths = [str(_write_shard(root / f"{i}.tar", [_good(f"k{i}", i)])) for i in range(3)]
+    index_shards(paths[:2])
+    found = resolve_shards(str(root / "*.tar"), field="data.train_shards", count=True)
+    assert found.samples == [1, 1, 1]
+    assert found.counted_from == "the index tool's counts (2 shards) and their tar headers (1 shard)"

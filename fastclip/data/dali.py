@@ -313,8 +313,9 @@ def build_dali_loader(
             make_checker=lambda: decode_pipeline(options=options, image=image, train=False, seed=0, batch_size=1),
             tokenizer=tokenizer, train=train, rank=rank, world_size=world_size, device=device,
         )  # fmt: skip
+        loader.epoch_from = f"DALI's count, from {'the index files' if index else 'the tar headers'}"
         if train and options.train_num_samples:  # the epoch's length; the reader goes on through its own pass
-            loader.samples_per_epoch = options.train_num_samples
+            loader.samples_per_epoch, loader.epoch_from = options.train_num_samples, "data.train_num_samples"
         return loader
 
     try:

@@ -206,10 +206,15 @@ def indexed_count(idx: str) -> int:
     return int(count)
 
 
+_UMASK = os.umask(0o022)  # read the process's umask (the only way is to set it) and put it back at once
+os.umask(_UMASK)
+
+
 def write_atomically(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` so that a reader sees the old file or the new one, never a part."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp's 0600 would keep a shared set's index from its other users
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -268,6 +273,8 @@ def _read_json(path: Path) -> dict:
         found = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
+    except PermissionError:
+        raise ValueError(f"{path} cannot be read by this user: ask its owner to make it readable") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}): re-run the index tool on its shards, or delete it") from None
     if not isinstance(found, dict):

@@ -33,6 +33,7 @@ class Loader(Protocol):
     """
 
     samples_per_epoch: int  # usable samples of one pass over all ranks
+    epoch_from: str  # where that number comes from, for the start-up line
     local_samples: int  # this rank's share of them
     batch_size: int
 

@@ -261,6 +261,7 @@ class Shards:
     index: list[str | None]  # each shard's index file, or None
     indexed_bytes: list[int | None]  # each shard's size when it was indexed, where the index tool recorded it
     listed: int  # shards the spec names, damaged ones included
+    counted_from: str = ""  # where the counts came from ('sizes.json', 'tar headers', ...; '' when not counted)
 
     @property
     def total(self) -> int | None:
@@ -335,7 +336,16 @@ def resolve_shards(
     good = [p for p in paths if p not in damaged]
     _say_other_formats(field, other if walk_these else _probe_formats(good[0]), probed=not walk_these)
     samples = [counts[p] for p in good] if all(p in counts for p in good) else None
-    return Shards(good, samples, [indexed.get(p) for p in good], [known.bytes.get(p) for p in good], len(paths))
+    walked = {p for p in walk_these if p in counts}
+    sources = [f"the index tool's counts ({_count(len(good) - len(walked), 'shard')})" if len(walked) < len(good)
+               else "", f"their tar headers ({_count(len(walked), 'shard')})" if walked else ""]  # fmt: skip
+    counted_from = " and ".join(filter(None, sources)) if samples is not None else ""
+    return Shards(good, samples, [indexed.get(p) for p in good], [known.bytes.get(p) for p in good], len(paths),
+                  counted_from)  # fmt: skip
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def _walk_all(paths: list[str], damaged: dict[str, str], *, field: str, of: int) -> tuple[dict[str, int], list]:

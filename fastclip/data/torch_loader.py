@@ -129,6 +129,7 @@ class TorchLoader:
     ):
         total = shards.total
         self.samples_per_epoch = options.train_num_samples if train and options.train_num_samples else total
+        self.epoch_from = "data.train_num_samples" if self.samples_per_epoch != total else shards.counted_from
         self.batch_size, self.train, self.device, self.image = options.batch_size, train, device, image
         self.crop_scale = options.crop_scale
         self.gpu_decode = device.type == "cuda" and options.decode_device in ("auto", "mixed")
