@@ -55,7 +55,7 @@ class DataConfig:
     demo_dir: str = field(default_factory=_demo_dir)  # with no train_shards: the synthetic world, generated once here
     num_threads: int = 2  # DALI CPU threads per rank (torch loader: DataLoader workers)
     shuffle_buffer: int = 1024  # samples in the shuffle buffer (per rank; per worker with the torch loader)
-    loader: str = "auto"  # 'dali', 'torch' (DataLoader + torchvision) or 'auto' (DALI when it is installed)
+    loader: str = "auto"  # 'dali', 'torch' (DataLoader + torchvision) or 'auto' (DALI with a GPU, else torch)
     decode_device: str = "auto"  # 'auto' (GPU decode when CUDA exists), 'mixed' (nvJPEG) or 'cpu'
     crop_scale: tuple[float, float] = (0.9, 1.0)  # random-resized-crop area range, as open_clip's default
     max_bad_fraction: float = 0.01  # damaged shards (truncated, unreadable) skipped up to this fraction, else stop

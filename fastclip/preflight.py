@@ -13,14 +13,14 @@ from fastclip.errors import ConfigError
 
 def check_inputs(cfg: Config, *, world_size: int = 1) -> None:
     """Raise :class:`ConfigError` for the first file of ``cfg`` that is missing or unreadable."""
-    from fastclip.data.loader import LoaderOptions, dali_available
+    from fastclip.data.loader import LoaderOptions, loader_kind
     from fastclip.engine import deepspeed_config
     from fastclip.eval import read_zeroshot_list
     from fastclip.model import check_pretrained_file
 
     # the torch loader counts samples by walking tar headers where no index file counts them: walk them here,
     # before any model (it reuses the walk); DALI counts them itself
-    walk = cfg.data.loader == "torch" or (cfg.data.loader == "auto" and not dali_available())
+    walk = loader_kind(cfg.data) == "torch"
     options = LoaderOptions.of(cfg.data)
     for name in ("train_shards", "val_shards"):
         if spec := getattr(cfg.data, name):
