@@ -48,6 +48,15 @@ def _params(p: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in p.items() if k not in ("device", "threads"))
 
 
+def _rates(extra: dict) -> str:
+    """The index tool's speeds (bench_data_scale.py): MB/s and shards/s of fastclip and of its baseline."""
+    ours, base = extra.get("fastclip"), extra.get("baseline")
+    if not isinstance(ours, dict) or "mb_per_s" not in ours or not isinstance(base, dict):
+        return ""
+    return (f"fastclip {ours['mb_per_s']:,.0f} MB/s ({ours['shards_per_s']:,.1f} shards/s), baseline "
+            f"{base['mb_per_s']:,.0f} MB/s ({base['shards_per_s']:,.1f} shards/s)")  # fmt: skip
+
+
 def table(path: Path) -> str:
     data = json.loads(path.read_text())
     m = data["machine"]
@@ -67,6 +76,8 @@ def table(path: Path) -> str:
         note = r.get("note") or ""
         if extra.get("fastclip_tflops"):
             note = (note + "; " if note else "") + f"fastclip {extra['fastclip_tflops']:.0f} TFLOP/s of 8N²D"
+        if rates := _rates(extra):
+            note = (note + "; " if note else "") + rates
         lines.append(
             f"| {r['suite']} | {r['case']} | {_params(r['params'])} | {_fmt(r['fastclip'], r['metric'])} | "
             f"{_fmt(r['baseline'], r['metric'])} | {ratio} | {note} |"

@@ -62,7 +62,7 @@ def test_resume_replays_the_samples_after_the_checkpoint(
 def test_changed_batch_size_starts_the_stream_afresh(single_rank, world_dir, tmp_path, capsys):
     from fastclip.trainer import Trainer
 
-    args = small_run_args(world_dir, tmp_path / "run", steps=4) + ["--log.every", "1000"]
+    args = small_run_args(world_dir, tmp_path / "run", steps=4) + ["--log.every", "1000", "--data.loader", "dali"]
     first = Trainer(parse_args(args), single_rank)
     try:
         batches = iter(first.train_loader)
@@ -94,7 +94,7 @@ def test_resume_follows_this_runs_schedule_and_adamw_settings(single_rank, world
     from fastclip.schedules import LrSchedule
     from fastclip.trainer import Trainer
 
-    args = small_run_args(world_dir, tmp_path / "run", steps=4) + ["--log.every", "1000"]
+    args = small_run_args(world_dir, tmp_path / "run", steps=4) + ["--log.every", "1000", "--data.loader", "dali"]
     first = Trainer(parse_args(args), single_rank)
     try:
         _train(first, 4)  # a finished run: its cosine has reached lr 0
@@ -136,7 +136,7 @@ def test_a_checkpoint_that_does_not_load_is_named_in_one_line(single_rank, world
     from fastclip.checkpoint import CheckpointError
     from fastclip.trainer import Trainer
 
-    args = small_run_args(world_dir, tmp_path / "run", steps=4) + ["--log.every", "1000"]
+    args = small_run_args(world_dir, tmp_path / "run", steps=4) + ["--log.every", "1000", "--data.loader", "dali"]
     first = Trainer(parse_args(args), single_rank)
     try:
         _train(first, 1)
