@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import random
 import time
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from fastclip.config import Config
 from fastclip.console import say
 from fastclip.data.batch import Batch, BatchCount, DataPosition
 from fastclip.data.loader import build_loader
+from fastclip.data.shards import expand
 from fastclip.data.tokenizer import build_tokenizer
 from fastclip.distributed import World
 from fastclip.engine import apply_adamw_settings, build_engine, precision_of
@@ -108,8 +110,7 @@ class Trainer:
         self.state = TrainState(EarlyStopping(cfg.eval.early_stop_patience, cfg.eval.early_stop_min_delta))
         self.checkpoints = CheckpointManager(
             cfg.checkpoint, engine=self.engine, rank=world.rank, world_size=world.world_size,
-            data_identity={"world_size": world.world_size, "train_shards": cfg.data.train_shards,
-                           "batch_size": cfg.data.batch_size, "resampled": cfg.data.resampled},
+            data_identity=self._data_identity(),
         )  # fmt: skip
         self.grad_norms_seen, self.lr = False, 0.0
         self.guard = NonFiniteGuard(cfg.optim, latest=lambda: self.checkpoints.latest)
@@ -120,6 +121,15 @@ class Trainer:
             except BaseException:
                 self.close()  # the caller never gets this trainer to close: stop the loaders' threads here
                 raise
+
+    def _data_identity(self) -> dict:
+        """What a saved train-stream position is valid for: another value of any starts the stream afresh. The
+        shard list's hash, not only its spec: a glob matching shards added since would replay other samples."""
+        data = self.cfg.data
+        listed = "\n".join(expand(data.train_shards, field="data.train_shards"))
+        return {"world_size": self.world.world_size, "train_shards": data.train_shards, "batch_size": data.batch_size,
+                "resampled": data.resampled, "seed": self.cfg.train.seed, "train_num_samples": data.train_num_samples,
+                "shard_list": hashlib.sha1(listed.encode()).hexdigest()[:16]}  # fmt: skip
 
     def _zeroshot_lists(self) -> tuple[list[str] | None, list[str] | None]:
         data = self.cfg.data

@@ -194,3 +194,25 @@ def test_a_checkpoint_folder_that_cannot_be_deleted_is_said_once(tmp_path, monke
     err = capfd.readouterr().err
     assert err.count("checkpoint.keep:") == 1 and "files of" in err and "read-only filesystem" in err
     assert folder.is_dir()  # it stays, and the run goes on
+
+
+def test_shards_added_since_the_checkpoint_start_the_stream_afresh(single_rank, world_dir, tmp_path, capsys):
+    """The same glob, more shards: the saved position belongs to another shard list."""
+    import shutil
+
+    from fastclip.trainer import Trainer
+
+    train = tmp_path / "train"
+    shutil.copytree(world_dir / "train", train)
+    args = small_run_args(world_dir, tmp_path / "run", steps=4) + ["--log.every", "1000"]
+    args[args.index("--data.train_shards") + 1] = str(train / "*.tar")
+    first = Trainer(parse_args(args), single_rank)
+    try:
+        first.train_step(iter(first.train_loader))
+        first.save()
+    finally:
+        first.close()
+    shutil.copy(train / "shard-000000.tar", train / "shard-999999.tar")
+    again = Trainer(parse_args(args + ["--checkpoint.resume", "latest"]), single_rank)
+    again.close()
+    assert "starts afresh (shard_list changed since the checkpoint)" in capsys.readouterr().out

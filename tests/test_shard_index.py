@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from PIL import Image
 from test_data_integrity import LOADERS, _data, _ids, _image, _loader, _texts, _write_shard
 
 from fastclip.data import shards
-from fastclip.data.index import INDEX_VERSION, REPORT, SIZES, index_shards, known_counts, read_index
+from fastclip.data.index import INDEX_VERSION, REPORT, SIZES, index_shards, known_counts, place_of, read_index
 from fastclip.data.shards import resolve_shards
 from fastclip.errors import ConfigError
 
@@ -162,9 +163,10 @@ def test_index_dir_for_read_only_shards_and_merged_summaries(tmp_path):
     finally:
         shards.chmod(0o755)
     assert sorted(p.name for p in shards.iterdir()) == listing
-    assert json.loads((out / SIZES).read_text()) == {"0.tar": 1, "1.tar": 1, "2.tar": 1, "3.tar": 1}
+    place = Path(place_of(first[0], str(out)))
+    assert place.parent == out and json.loads((place / SIZES).read_text()) == {f"{i}.tar": 1 for i in range(4)}
     found = resolve_shards(str(shards / "*.tar"), field="data.train_shards", index_dir=str(out))
-    assert found.samples == [1, 1, 1, 1] and found.index == [str(out / f"{i}.idx") for i in range(4)]
+    assert found.samples == [1, 1, 1, 1] and found.index == [f"{place}/{i}.idx" for i in range(4)]
 
 
 def test_a_shard_changed_since_it_was_indexed_is_refused(tmp_path):
@@ -177,12 +179,19 @@ def test_a_shard_changed_since_it_was_indexed_is_refused(tmp_path):
         resolve_shards(str(shard), field="data.train_shards")
 
 
-def test_shards_sharing_a_name_cannot_share_an_index_dir(tmp_path):
-    for d in ("x", "y"):
+def test_sets_whose_shards_share_names_share_an_index_dir(tmp_path):
+    """img2dataset names every set's shards 00000.tar: a train and a val set indexed into one folder must not clash."""
+    for d, n in (("train", 1), ("val", 2)):
         (tmp_path / d).mkdir()
-        _write_shard(tmp_path / d / "0.tar", [_good("a", 0)])
-    proc = _run_tool("index", tmp_path / "x/0.tar", tmp_path / "y/0.tar", "--index-dir", tmp_path / "i")
-    assert proc.returncode == 2 and "would share" in proc.stderr and "--index-dir" in proc.stderr
+        _write_shard(tmp_path / d / "0.tar", [_good(f"{d}{i}", i) for i in range(n)])
+    for d in ("train", "val"):
+        proc = _run_tool("index", tmp_path / d / "0.tar", "--index-dir", tmp_path / "i")
+        assert proc.returncode == 0, proc.stderr
+    for d, n in (("train", 1), ("val", 2)):
+        found = resolve_shards(str(tmp_path / d / "0.tar"), field="data.val_shards", index_dir=str(tmp_path / "i"))
+        assert found.samples == [n]
+    proc = _run_tool("index", tmp_path / "train", tmp_path / "nothere.tar")  # a folder, a missing shard: not damage
+    assert proc.returncode == 2 and "is a folder" in proc.stderr and not (tmp_path / SIZES).exists()
 
 
 def test_index_files_of_another_tool_are_read_but_do_not_count(tmp_path, monkeypatch):
@@ -292,3 +301,14 @@ def test_start_up_says_where_the_counts_came_from(tmp_path):
     found = resolve_shards(str(root / "*.tar"), field="data.train_shards", count=True)
     assert found.samples == [1, 1, 1]
     assert found.counted_from == "the index tool's counts (2 shards) and their tar headers (1 shard)"
+
+
+def test_a_gzipped_shard_is_named_as_one(tmp_path):
+    import gzip
+
+    plain = _write_shard(tmp_path / "plain.tar", [_good("a", 0)])
+    (tmp_path / "0.tar").write_bytes(gzip.compress(plain.read_bytes()))
+    with pytest.raises(ConfigError, match=r"0\.tar' is gzip-compressed: .*gunzip it"):
+        resolve_shards(str(tmp_path / "0.tar"), field="data.train_shards")
+    [found] = index_shards([str(tmp_path / "0.tar")])
+    assert found.error.startswith("gzip-compressed: gunzip it")

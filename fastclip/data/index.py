@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
+import hashlib
 import json
 import os
 import tarfile
@@ -27,7 +29,14 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastclip.data.shards import IMAGE_EXTS, OTHER_IMAGE_EXTS, check_only_zeros_after, member_groups, sample_key
+from fastclip.data.shards import (
+    IMAGE_EXTS,
+    OTHER_IMAGE_EXTS,
+    check_only_zeros_after,
+    gzipped,
+    member_groups,
+    sample_key,
+)
 
 INDEX_VERSION = "v1.2"  # the version DALI's fn.readers.webdataset reads (its wds2idx writes the same)
 SIZES = "sizes.json"
@@ -165,7 +174,11 @@ def index_shard(path: str, *, deep: bool = False) -> ShardIndex:
     except (tarfile.TarError, OSError) as e:  # LayoutError is a TarError
         read = len(found.samples) + len(found.rejected)
         if not read:
-            found.error = f"not a readable tar ({e})"
+            found.error = (
+                "gzip-compressed: gunzip it (fastclip reads plain tars)"
+                if gzipped(path)
+                else (f"not a readable tar ({e})")
+            )
         else:  # the samples before the damage are whole, and indexed
             last = sample_key(found.samples[-1][-1][3])[0] if found.samples else found.rejected[-1][0]
             found.rejected.append((f"(after {last})", f"the shard ends inside it (truncated), or is damaged: {e}"))
@@ -226,8 +239,19 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 def place_of(shard: str, index_dir: str | None) -> str:
-    """The folder holding a shard's index file and summaries (strings: start-up calls this per shard)."""
-    return index_dir if index_dir else os.path.dirname(shard) or "."
+    """The folder holding a shard's index file and summaries (strings: start-up calls this per shard): beside it,
+    or in ``index_dir`` a subfolder per shard folder, so that sets whose shards share names (a train and a val set
+    of img2dataset's '00000.tar') share one index folder without clashing."""
+    folder = os.path.dirname(shard) or "."
+    return _subfolder(index_dir, folder) if index_dir else folder
+
+
+@functools.cache
+def _subfolder(index_dir: str, folder: str) -> str:
+    """``index_dir``'s subfolder for the shards of ``folder``: its name and a hash of its real path (the same
+    whichever way the folder is spelled, from the index run to the training run)."""
+    real = os.path.realpath(folder)
+    return f"{index_dir}/{os.path.basename(real) or 'root'}-{hashlib.sha1(real.encode()).hexdigest()[:12]}"
 
 
 def _stem(shard: str) -> str:
@@ -255,19 +279,6 @@ def index_files(paths: list[str], index_dir: str | None) -> dict[str, str]:
     return found
 
 
-def check_names(paths: list[str], index_dir: str | None) -> None:
-    """Shards whose index files or summary entries would share a name: ValueError naming two of them."""
-    seen: dict[tuple[str, str], str] = {}
-    for p in paths:
-        place = place_of(p, index_dir)
-        for name in (_stem(p) + ".idx", os.path.basename(p)):
-            if (other := seen.setdefault((place, name), p)) != p:
-                raise ValueError(
-                    f"{other} and {p} would share {os.path.join(place, name)}: give shards with one name one "
-                    "--index-dir each"
-                )
-
-
 def _read_json(path: Path) -> dict:
     try:
         found = json.loads(path.read_text(encoding="utf-8"))
@@ -291,12 +302,14 @@ def report_path(shard: str, index_dir: str | None = None) -> str:
 def _locked(place: Path):
     """One index run at a time merges into a place's summaries (others wait): parallel jobs over one folder's
     shards would otherwise lose each other's entries."""
-    with open(place / ".fastclip_index.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    # opened read-only (flock needs no more), created readable and writable by all: another user re-indexing a
+    # shared folder needs it as much as its first one
+    fd = os.open(place / ".fastclip_index.lock", os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def update_summaries(found: Iterable[ShardIndex], index_dir: str | None) -> list[Path]:
@@ -347,10 +360,16 @@ def index_shards(paths: list[str], *, index_dir: str | None = None, workers: int
                  progress=None) -> list[ShardIndex]:  # fmt: skip
     """Index ``paths`` (``workers`` processes), then update their places' summaries. ``progress(n)`` is called
     as shards finish. Returns what each shard held (offsets dropped)."""
-    check_names(paths, index_dir)
-    if index_dir:
-        Path(index_dir).mkdir(parents=True, exist_ok=True)
+    for path in paths:  # a shard that is not there is a mistake in the list, not a damaged shard
+        if os.path.isdir(path):
+            raise ValueError(f"{path} is a folder: name its shards, e.g. '{path}/*.tar'")
+        if not os.path.isfile(path):
+            raise ValueError(f"shard {path} does not exist")
     for place in sorted({place_of(p, index_dir) for p in paths}):
+        try:
+            os.makedirs(place, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"cannot make the index folder {place} ({e.strerror}): give another --index-dir") from None
         if not os.access(place, os.W_OK):
             raise ValueError(f"cannot write the index files into {place}: pass --index-dir DIR (and then "
                              "--data.index_dir DIR when training)")  # fmt: skip
@@ -379,32 +398,30 @@ class Known:
 
 
 def known_counts(paths: list[str], index_dir: str | None) -> Known:
-    """The shards' sample counts from their places' ``sizes.json`` (or, for shards it lacks that this tool
-    indexed, their index files' first lines), and the shards the tool found unusable. An index file another tool
-    wrote (DALI's wds2idx lists every sample, usable or not) does not count. ValueError names a summary or index
-    file that is not one."""
+    """The shards' sample counts as this tool recorded them (``sizes.json`` for the shards ``fastclip_index.json``
+    lists and whose index file is there), and the shards it found unusable. A ``sizes.json`` written by hand or by
+    another tool, and index files another tool wrote (DALI's wds2idx lists every sample, usable or not), do not
+    count: a wrong count would shift which samples each rank reads. ValueError names a summary that is not one."""
     sizes, reports = {}, {}
     for place in {place_of(p, index_dir) for p in paths}:
         sizes[place] = _read_json(Path(place) / SIZES)
         reports[place] = _read_json(Path(place) / REPORT).get("shards", {})
     known = Known({}, {}, {}, [])
-    uncounted = []
+    indexed = index_files(paths, index_dir)
     for p in paths:
         place, name = place_of(p, index_dir), p.rpartition("/")[2]
-        entry = reports[place].get(name) or {}
+        entry = reports[place].get(name)
+        if not isinstance(entry, dict):
+            known.missing.append(p)
+            continue
         if isinstance(entry.get("bytes"), int):
             known.bytes[p] = entry["bytes"]
-        if isinstance(n := sizes[place].get(name), int):
-            known.samples[p] = n
-        elif entry.get("error"):
+        if entry.get("error"):
             known.bad[p] = f"the index tool found it unusable: {entry['error']}"
+        elif p not in indexed:
+            known.missing.append(p)  # its index file is gone (or was never copied along): not to be trusted
+        elif isinstance(n := sizes[place].get(name), int) and n >= 0:
+            known.samples[p] = n
         else:
-            uncounted.append((p, bool(entry)))
-    if uncounted:
-        indexed = index_files([p for p, _ in uncounted], index_dir)
-        for p, ours in uncounted:
-            if ours and p in indexed:
-                known.samples[p] = indexed_count(indexed[p])
-            else:
-                known.missing.append(p)
+            known.samples[p] = indexed_count(indexed[p])
     return known

@@ -48,7 +48,7 @@ def expand(spec: str, *, field: str = "shards") -> list[str]:
     (alone or in a list: a list whose part went missing would silently train on less data)."""
     paths = [m for part in spec.split("::") for pattern in braceexpand(part.strip())
              for m in _matches(pattern, field=field, spec=spec)]  # fmt: skip
-    repeated = sorted(p for p, n in Counter(paths).items() if n > 1)
+    repeated = sorted(p for p, n in Counter(map(os.path.normpath, paths)).items() if n > 1)  # 'a/x' and './a/x' too
     if repeated:
         say_once(field, f"{field}: {len(repeated)} shards are listed more than once (e.g. {repeated[0]}): their "
                   "samples are read that many times per epoch")  # fmt: skip
@@ -191,6 +191,14 @@ def _walk_damage(path: str, error: Exception) -> str:
     return f"{tail}: truncated or damaged ({error})" if tail else f"damaged: {error}"
 
 
+def gzipped(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(2) == b"\x1f\x8b"
+    except OSError:
+        return False
+
+
 def _check_opens(path: str, *, field: str, spec: str) -> None:
     if Path(path).is_dir():
         raise ConfigError(f"{field}: {path!r} (from {spec!r}) is a folder; name its shards, e.g. '{path}/*.tar'")
@@ -200,6 +208,9 @@ def _check_opens(path: str, *, field: str, spec: str) -> None:
         with tarfile.open(path, "r:") as tar:
             first = tar.next()
     except (tarfile.TarError, OSError) as e:
+        if gzipped(path):
+            raise ConfigError(f"{field}: shard {path!r} is gzip-compressed: webdataset shards for fastclip are plain "
+                              "tars (gunzip it, and name it .tar)") from None  # fmt: skip
         raise ConfigError(f"{field}: shard {path!r} is not a readable tar archive ({e}). Remove or re-create it") from e
     if first is None:
         raise ConfigError(f"{field}: shard {path!r} is an empty tar archive. Remove it from {spec!r}.")
@@ -281,6 +292,17 @@ def _spread(paths: list[str], n: int | None) -> list[str]:
     return [paths[round(i * (len(paths) - 1) / (n - 1))] for i in range(n)]
 
 
+def _check_index_readable(idx: str | None, *, field: str) -> None:
+    if idx is None:
+        return
+    try:
+        with open(idx, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise ConfigError(f"{field}: cannot read the index file {idx} ({e.strerror}): make it readable (chmod a+r) "
+                          "or re-run the index tool") from None  # fmt: skip
+
+
 def _changed(path: str, indexed: int | None) -> None:
     if indexed is not None and (size := os.path.getsize(path)) != indexed:
         raise ConfigError(
@@ -290,13 +312,11 @@ def _changed(path: str, indexed: int | None) -> None:
 
 
 def _known(paths: list[str], *, field: str, index_dir: str | None):
-    from fastclip.data.index import check_names, known_counts
+    from fastclip.data.index import known_counts
 
     if index_dir and not os.path.isdir(index_dir):
         raise ConfigError(f"data.index_dir: {index_dir!r} is not a folder; give the --index-dir the index tool wrote")
     try:
-        if index_dir:
-            check_names(paths, index_dir)
         return known_counts(paths, index_dir)
     except ValueError as e:
         raise ConfigError(f"{field}: {e}") from None
@@ -326,6 +346,7 @@ def resolve_shards(
             continue
         _check_opens(path, field=field, spec=spec)
         _changed(path, known.bytes.get(path))
+        _check_index_readable(indexed.get(path), field=field)
         if path not in indexed and (why := damage(path)) is not None:  # indexed: torn samples are left out
             damaged[path] = why
     counts, other = dict(known.samples), []
