@@ -244,14 +244,16 @@ def _fastclip_index(paths: list[str], out: str, *, deep: bool) -> None:
     from fastclip.data.index import index_shards
 
     found = index_shards(paths, index_dir=out, workers=WORKERS, deep=deep)
-    assert all(f.error is None and not f.rejected for f in found), [f for f in found if f.error or f.rejected]
+    assert all(f.error is None and not f.left_out for f in found), [f for f in found if f.error or f.left_out]
 
 
 def _same_index(ours: str, theirs: str, paths: list[str]) -> None:
     """Both tools wrote the same entries (the photo shards hold no bad sample)."""
-    for p in paths:
+    from fastclip.data.index import index_path
+
+    for p in paths:  # ours in the index folder's subfolder for the shards' folder
         name = Path(p).stem + ".idx"
-        assert Path(ours, name).read_text() == Path(theirs, name).read_text(), name
+        assert Path(index_path(p, ours)).read_text() == Path(theirs, name).read_text(), name
 
 
 def test_index_tool_throughput(benchmark, record, quick):
