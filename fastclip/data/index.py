@@ -395,6 +395,7 @@ class Known:
     bad: dict[str, str]  # shards the index tool found unusable: why
     bytes: dict[str, int]  # each shard's size when it was indexed, where recorded
     missing: list[str]  # shards neither counted nor found unusable
+    indexed: dict[str, str]  # the shards with an index file, and its path
 
 
 def known_counts(paths: list[str], index_dir: str | None) -> Known:
@@ -406,8 +407,8 @@ def known_counts(paths: list[str], index_dir: str | None) -> Known:
     for place in {place_of(p, index_dir) for p in paths}:
         sizes[place] = _read_json(Path(place) / SIZES)
         reports[place] = _read_json(Path(place) / REPORT).get("shards", {})
-    known = Known({}, {}, {}, [])
     indexed = index_files(paths, index_dir)
+    known = Known({}, {}, {}, [], indexed)
     for p in paths:
         place, name = place_of(p, index_dir), p.rpartition("/")[2]
         entry = reports[place].get(name)

@@ -271,7 +271,6 @@ class Shards:
     samples: list[int] | None  # usable samples in each, when every one is counted (index tool's files, or a walk)
     index: list[str | None]  # each shard's index file, or None
     indexed_bytes: list[int | None]  # each shard's size when it was indexed, where the index tool recorded it
-    listed: int  # shards the spec names, damaged ones included
     counted_from: str = ""  # where the counts came from ('sizes.json', 'tar headers', ...; '' when not counted)
 
     @property
@@ -333,12 +332,10 @@ def resolve_shards(
     and logged, and past ``max_bad_fraction`` the run stops. The others are checked by the loader when it first
     reads them. With ``count``, the shards the index tool's files do not count have their tar headers walked
     (slow on many shards: the log says so, and how to avoid it)."""
-    from fastclip.data.index import index_files
-
     paths = expand(spec, field=field)
     known = _known(paths, field=field, index_dir=index_dir)
     damaged: dict[str, str] = dict(known.bad)
-    indexed = index_files(paths, index_dir)
+    indexed = known.indexed
     walk_these = known.missing if count else []
     opened = set(_spread(paths, check)) | set(walk_these)  # a walk opens its tars anyway: check them first
     for path in paths:
@@ -361,8 +358,7 @@ def resolve_shards(
     sources = [f"the index tool's counts ({_count(len(good) - len(walked), 'shard')})" if len(walked) < len(good)
                else "", f"their tar headers ({_count(len(walked), 'shard')})" if walked else ""]  # fmt: skip
     counted_from = " and ".join(filter(None, sources)) if samples is not None else ""
-    return Shards(good, samples, [indexed.get(p) for p in good], [known.bytes.get(p) for p in good], len(paths),
-                  counted_from)  # fmt: skip
+    return Shards(good, samples, [indexed.get(p) for p in good], [known.bytes.get(p) for p in good], counted_from)
 
 
 def _count(n: int, noun: str) -> str:
