@@ -25,9 +25,9 @@ def pytest_collection_modifyitems(config, items):
 def single_rank():
     """A one-rank process group for in-process trainers, kept for the whole session: DeepSpeed caches its groups,
     so a second engine in the same process needs the first's process group, not a new one."""
-    from fastclip.distributed import close_distributed, init_distributed
+    from fastclip.world import close_distributed, join_world
 
-    yield init_distributed()
+    yield join_world()
     close_distributed()
 
 

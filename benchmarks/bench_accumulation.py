@@ -150,7 +150,7 @@ def _child(side: str, n: int, micro: int, root: Path) -> None:
     k = n // micro
     if side == "fastclip":
         import fastclip.trainer
-        from fastclip.distributed import init_distributed
+        from fastclip.world import join_world
 
         # the rung's batch may exceed the bench shards' sample count, which the trainer refuses as an epoch: the
         # step is fed random batches here, so its epoch arithmetic is set to one step of one epoch
@@ -158,7 +158,7 @@ def _child(side: str, n: int, micro: int, root: Path) -> None:
 
         extra = ("--model.force_image_size", str(PROBE_PX), "--data.batch_size", str(micro), "--train.grad_accum",
                  str(k), "--data.loader", "torch", "--data.shuffle_buffer", "8")  # fmt: skip
-        trainer = _fastclip_trainer(init_distributed(), root, 1, extra)
+        trainer = _fastclip_trainer(join_world(), root, 1, extra)
         trainer.train_step(_micro_batches(k, micro, trainer.image.size, trainer.tokenizer))
         trainer.meters.collect()
         trainer.close()

@@ -9,6 +9,12 @@ barrier of ``save_checkpoint``, so with a slow rank (a shared filesystem under l
 folder whose other ranks' files were still being written, and a kill then left a checkpoint that does not
 load. Here it moves only after every rank has returned from the save, and atomically: a temporary file, fsync,
 rename, fsync of the folder, so a crash leaves either the old name or the new one, never half of it.
+
+Each step folder also holds ``fastclip.json`` (:data:`META`): the step, world size, ZeRO stage, precision, model and
+every parameter's shape. A resume reads it before DeepSpeed does: a checkpoint of another model is refused naming
+the parameters that differ, and one saved on another number of ranks or ZeRO stage is converted once to
+DeepSpeed's universal format (``checkpoint.dir/universal/step_XXXXXXXX``, DeepSpeed's ds_to_universal) and
+loaded from there. ``python -m fastclip.export`` (fastclip/export.py) reads the same folders without a run.
 """
 
 from __future__ import annotations
@@ -24,12 +30,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fastclip.config import CheckpointConfig
+from fastclip.config import CheckpointConfig, differences
 from fastclip.console import log, say
 from fastclip.errors import ConfigError, TrainingDiverged
 from fastclip.eval import EarlyStopping
 
 LATEST = "latest"
+META = "fastclip.json"
+UNIVERSAL = "universal"  # checkpoint.dir/universal/<tag>: a step folder converted for another world size
 
 
 class CheckpointError(ConfigError):
@@ -98,25 +106,10 @@ def commit_latest(root: str | Path, tag: str) -> None:
     _fsync(root)
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-    return flat
-
-
 def changed_settings(saved: dict, current: dict) -> list[str]:
     """'section.field old -> new' for every config field that differs between a checkpoint's config and this
     run's (``checkpoint.resume`` left out: it is how a resume differs by definition)."""
-    old, new = _flatten(saved), _flatten(current)
-    return [
-        f"{key} {old.get(key)!r} -> {new.get(key)!r}"
-        for key in sorted(old.keys() | new.keys())
-        if key != "checkpoint.resume" and old.get(key) != new.get(key)
-    ]
+    return differences(saved, current, skip=("checkpoint.resume",))
 
 
 def _delete(folder: Path) -> None:
@@ -135,14 +128,77 @@ def _delete(folder: Path) -> None:
                     failed[0])  # fmt: skip
 
 
+def write_meta(folder: Path, meta: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{META}.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    tmp.replace(folder / META)
+
+
+def read_meta(folder: Path) -> dict[str, Any] | None:
+    """A step folder's ``fastclip.json``; None for folders saved before it existed."""
+    path = folder / META
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint.resume: {path} is unreadable ({e}); its save did not finish?") from e
+
+
+def check_same_model(folder: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse a checkpoint of another architecture, naming the parameters whose shapes differ."""
+    old, new = saved.get("params", {}), current["params"]
+    diffs = [f"{n} {old.get(n)} -> {new.get(n)}" for n in sorted(old.keys() | new.keys()) if old.get(n) != new.get(n)]
+    if not diffs:
+        return
+    raise CheckpointError(
+        f"checkpoint.resume: {folder} holds another model ({saved.get('model')!r}, {len(old)} tensors) than this run "
+        f"builds ({current['model']!r}, {len(new)} tensors): {len(diffs)} differ, first {'; '.join(diffs[:4])}. "
+        f"Resume with the checkpoint's --model.name (and --model.force_image_size), or use another --checkpoint.dir."
+    )
+
+
+def to_universal(folder: Path, target: Path) -> None:
+    """DeepSpeed's ds_to_universal of ``folder`` into ``target``, atomically (a temporary folder, renamed)."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = argparse.Namespace(
+        input_folder=str(folder), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
+        keep_temp_folder=False, strict=True, inject_missing_state=False,
+    )  # fmt: skip
+    chatter = io.StringIO()  # its print()s and progress bars, said only when it fails
+    try:
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            ds_to_universal.main(args)
+    except Exception as e:
+        raise CheckpointError(
+            f"checkpoint.resume: DeepSpeed could not convert {folder} to its universal format ({type(e).__name__}: "
+            f"{e}); resume on the world size and ZeRO stage it was saved with. Its output: {chatter.getvalue()[-800:]}"
+        ) from e
+    (tmp / ".complete").write_text("")
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+
 class CheckpointManager:
     """One run's checkpoint folder. Every rank calls :meth:`save`, :meth:`resume` and :meth:`export_open_clip`
     (each rank writes and reads its own files; the collectives are DeepSpeed's and the barriers here)."""
 
-    def __init__(self, cfg: CheckpointConfig, *, engine, rank: int, world_size: int, data_identity: dict[str, Any]):
+    def __init__(
+        self, cfg: CheckpointConfig, *, engine, rank: int, world_size: int, data_identity: dict[str, Any],
+        meta: dict[str, Any],
+    ):  # fmt: skip
         self.cfg, self.engine, self.rank, self.world_size = cfg, engine, rank, world_size
         self.root = Path(cfg.dir)
         self.data_identity = data_identity  # what a saved data position is only valid for
+        self.meta = meta  # what this run's checkpoints are (fastclip.json): model, shapes, world size, stage
 
     @property
     def latest(self) -> Path | None:
@@ -155,6 +211,8 @@ class CheckpointManager:
         """Write ``step_XXXXXXXX``: each rank's data position, then DeepSpeed's files; then move ``latest``."""
         tag = f"step_{state.step:08d}"
         self._save_position(self.root / tag, position)
+        if self.rank == 0:
+            write_meta(self.root / tag, {**self.meta, "step": state.step})
         client = {**state.state_dict(), "config": config}
         self.engine.save_checkpoint(str(self.root), tag=tag, client_state=client, save_latest=False)
         if dist.is_initialized():
@@ -178,6 +236,8 @@ class CheckpointManager:
         for old in steps[: -self.cfg.keep]:
             if old.name != latest:
                 _delete(old)
+                if (converted := self.root / UNIVERSAL / old.name).is_dir():
+                    _delete(converted)
 
     def _position_path(self, folder: Path) -> Path:
         return folder / f"data_rank{self.rank:05d}.json"
@@ -204,13 +264,45 @@ class CheckpointManager:
 
     def resume(self, folder: Path, state: TrainState, *, loader, load_scheduler: bool, stage: int) -> Resumed:
         """Load the engine, ``state`` and this rank's data position (into ``loader``) from ``folder``."""
-        saved = self._load_engine(folder, load_scheduler=load_scheduler, stage=stage)
+        saved_meta = read_meta(folder)
+        if saved_meta is not None:
+            check_same_model(folder, saved_meta, self.meta)
+        source = self._source(folder, saved_meta, stage)
+        saved = self._load_engine(source, folder, load_scheduler=load_scheduler, stage=stage)
         state.load_state_dict(saved)
         self._restore_position(folder, loader)
         return Resumed(folder, saved.get("config", {}))
 
-    def _load_engine(self, folder: Path, *, load_scheduler: bool, stage: int) -> dict[str, Any]:
-        """DeepSpeed's load of ``folder``; what fails is said in one line naming the folder."""
+    def _source(self, folder: Path, saved: dict | None, stage: int) -> Path:
+        """The folder DeepSpeed loads: ``folder`` itself, or its universal conversion when this run's world size or
+        ZeRO stage differs from the checkpoint's (made once, by rank 0, while the others wait)."""
+        if saved is None or (saved["world_size"], saved["zero_stage"]) == (self.world_size, stage):
+            return folder
+        was = f"{saved['world_size']} ranks, ZeRO-{saved['zero_stage']}, {saved['precision']}"
+        now = f"{self.world_size} ranks, ZeRO-{stage}, {self.meta['precision']}"
+        unpartitioned = "fp32" in (saved["precision"], self.meta["precision"]) and 0 in (saved["zero_stage"], stage)
+        if unpartitioned:  # DeepSpeed's plain optimizer state is whole in every checkpoint: no conversion
+            if saved["zero_stage"] == stage == 0 and saved["precision"] == self.meta["precision"]:
+                return folder
+            raise CheckpointError(
+                f"checkpoint.resume: {folder} ({was}) cannot resume on this run ({now}): DeepSpeed converts between "
+                "world sizes and ZeRO stages only for partitioned optimizers (ZeRO-1/2/3, or bf16). Resume with "
+                f"--train.zero_stage {saved['zero_stage']} --train.precision {saved['precision']}, or export its "
+                f"weights (python -m fastclip.export {folder} --out FILE) and start from them with --model.pretrained."
+            )
+        target = self.root / UNIVERSAL / folder.name
+        if self.rank == 0 and not (target / ".complete").is_file():
+            say(f"checkpoint: {folder} was saved on {was}; this run is {now}: converting it to DeepSpeed's "
+                f"universal format in {target} (once)")  # fmt: skip
+            to_universal(folder, target)
+        if dist.is_initialized():
+            dist.barrier()
+        self.engine._config.load_universal_checkpoint = True  # read at load time (DeepSpeed's engine and ZeRO)
+        return target
+
+    def _load_engine(self, source: Path, folder: Path, *, load_scheduler: bool, stage: int) -> dict[str, Any]:
+        """DeepSpeed's load of ``source`` (``folder``, or its universal conversion); what fails is said in one line
+        naming the folder."""
         if not folder.is_dir():
             raise CheckpointError(
                 f"checkpoint.resume: {folder} does not exist (it is what {folder.parent}/latest names); resume "
@@ -218,14 +310,14 @@ class CheckpointManager:
             )
         try:
             loaded, client = self.engine.load_checkpoint(
-                str(folder.parent), tag=folder.name, load_lr_scheduler_states=load_scheduler
+                str(source.parent), tag=source.name, load_lr_scheduler_states=load_scheduler
             )
         except Exception as e:  # DeepSpeed raises AssertionError, FileNotFoundError, its ZeRO errors, ...
             said = str(e).strip().splitlines()[-1] if str(e).strip() else ""
             raise CheckpointError(
                 f"checkpoint.resume: {folder} does not load on this run ({self.world_size} ranks, ZeRO-{stage}): "
-                f"{type(e).__name__}: {said}. A checkpoint resumes on the number of ranks and the ZeRO stage it "
-                "was saved with; a file missing from it means its save did not finish."
+                f"{type(e).__name__}: {said}. A file missing from it means its save did not finish; resume from an "
+                "older step folder with --checkpoint.resume DIR/step_XXXXXXXX."
             ) from e
         if loaded is None:
             raise CheckpointError(f"checkpoint.resume: DeepSpeed found no checkpoint in {folder}")
@@ -256,7 +348,7 @@ class CheckpointManager:
     def export_open_clip(self, *, step: int, model_name: str) -> Path | None:
         """fp32 weights as ``{'state_dict': ...}``, which ``open_clip.create_model(pretrained=path)`` loads;
         refused (:class:`TrainingDiverged`) when a weight is not finite."""
-        from fastclip.model import open_clip_state_dict
+        from fastclip.export import write_open_clip
 
         state = self._full_state()
         bad = next((name for name, value in state.items() if not torch.isfinite(value).all()), None)
@@ -269,10 +361,7 @@ class CheckpointManager:
             )
         if self.rank != 0:
             return None
-        path = self.root / "open_clip.pt"
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save({"state_dict": open_clip_state_dict(state), "step": step, "model": model_name}, tmp)
-        tmp.replace(path)
+        path = write_open_clip(self.root / "open_clip.pt", state, step=step, model=model_name)
         say(f"open_clip weights: {path}")
         return path
 

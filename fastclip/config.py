@@ -223,6 +223,23 @@ class EvalConfig:
 
 
 @dataclass
+class DistConfig:
+    join_timeout_s: float = 600.0  # start-up: seconds to wait for every rank to join; then the missing are named
+    timeout_s: float = 1800.0  # a collective that waits longer fails (torch's process-group timeout)
+    heartbeat_s: float = 5.0  # each rank tells the others it is alive this often (fastclip/watchdog.py)
+    lost_after_s: float = 60.0  # a rank silent this long is lost: every rank exits, naming it and the step
+
+    def __post_init__(self):
+        for name in ("join_timeout_s", "timeout_s", "heartbeat_s", "lost_after_s"):
+            _require(getattr(self, name) > 0, f"dist.{name}", f"must be a positive number of seconds, got "
+                     f"{getattr(self, name)}")  # fmt: skip
+        _require(
+            self.lost_after_s >= 2 * self.heartbeat_s, "dist.lost_after_s",
+            f"must be at least two heartbeats (dist.heartbeat_s={self.heartbeat_s:g}), got {self.lost_after_s:g}",
+        )  # fmt: skip
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -232,10 +249,28 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     deepspeed_config: str | None = None  # a DeepSpeed JSON that replaces the derived one (batch sizes must agree)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def differences(old: dict, new: dict, *, skip: tuple[str, ...] = ()) -> list[str]:
+    """'section.field old -> new' for every field of two (nested) config dicts that differs, ``skip`` left out."""
+    a, b = _flatten(old), _flatten(new)
+    return [f"{key} {a.get(key)!r} -> {b.get(key)!r}" for key in sorted(a.keys() | b.keys())
+            if key not in skip and a.get(key) != b.get(key)]  # fmt: skip
 
 
 def _type_name(tp: Any) -> str:

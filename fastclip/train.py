@@ -17,11 +17,11 @@ from fastclip.errors import ConfigError  # noqa: E402
 from fastclip.preflight import check_inputs  # noqa: E402
 
 
-def _fail(message: str, code: int = 2, *, any_rank: bool = False) -> None:
+def _fail(message: str, code: int = 2, *, any_rank: bool = False, speaker: bool | None = None) -> None:
     """Exit with one line on stderr: from rank 0 for what every rank finds alike, from the rank itself (named)
-    for what one rank may meet alone (its own data)."""
+    for what one rank may meet alone (its own data); ``speaker`` overrides who says it."""
     rank = os.environ.get("RANK", "0")
-    if any_rank or rank == "0":
+    if speaker if speaker is not None else (any_rank or rank == "0"):
         print(f"fastclip{f' (rank {rank})' if any_rank else ''}: {message}", file=sys.stderr, flush=True)
     sys.exit(code)
 
@@ -44,35 +44,58 @@ def _config(argv: list[str]):
         _fail(str(e))
 
 
+def _peer_gone(error: BaseException) -> bool:
+    """A collective that failed because another rank's connection closed (its process or node is gone)."""
+    import torch.distributed as dist
+
+    text = str(error).lower()
+    return isinstance(error, dist.DistError) or any(
+        word in text for word in ("connection closed", "connection reset", "broken pipe", "gloo", "nccl")
+    )
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
+    from fastclip.world import apply_launch_environment
+
+    apply_launch_environment()  # srun without a launcher: SLURM's variables as torch's, before any rank is read
     cfg = _config(sys.argv[1:] if argv is None else argv)
 
-    from fastclip.checkpoint import CheckpointError
+    from fastclip.checkpoint import CheckpointError, read_latest
     from fastclip.data.skips import DataBroken
-    from fastclip.distributed import close_distributed, init_distributed
     from fastclip.errors import OutOfMemory, TrainingDiverged
     from fastclip.trainer import Trainer
+    from fastclip.watchdog import Watchdog
+    from fastclip.world import RendezvousError, close_distributed, join_world
 
     try:
-        world = init_distributed()
-    except ConfigError as e:  # MASTER_PORT taken
-        _fail(str(e))
-    trainer = None
+        world = join_world(cfg.to_dict(), cfg.dist, deepspeed_file=cfg.deepspeed_config)
+    except RendezvousError as e:  # ranks missing or disagreeing, MASTER_PORT taken: before any model
+        _fail(str(e), speaker=e.speaker)
+    trainer, finished = None, False
+    watchdog = Watchdog(world, cfg.dist, step=lambda: trainer.step if trainer else 0,
+                        latest=lambda: read_latest(cfg.checkpoint.dir)).start()  # fmt: skip
     try:
         trainer = Trainer(cfg, world)
-        return trainer.train()
-    except CheckpointError as e:
-        _fail(str(e), any_rank=True)
-    except ConfigError as e:
-        _fail(str(e))
-    except TrainingDiverged as e:
-        _fail(str(e), code=1)
-    except (DataBroken, OutOfMemory) as e:  # one rank's data, one rank's memory
-        _fail(str(e), code=1, any_rank=True)
+        metrics = trainer.train()
+        finished = True
+        return metrics
+    except (CheckpointError, DataBroken, OutOfMemory) as e:  # one rank's files, data or memory: named
+        watchdog.fail(world.rank, str(e))
+        _fail(str(e), code=2 if isinstance(e, CheckpointError) else 1, any_rank=True)
+    except (ConfigError, TrainingDiverged) as e:  # every rank alike: said once
+        watchdog.fail(world.rank, str(e))
+        _fail(str(e), code=2 if isinstance(e, ConfigError) else 1)
+    except Exception as e:
+        if world.world_size > 1 and _peer_gone(e) and watchdog.await_verdict():
+            raise  # not reached: the watchdog has named the lost rank and ended the process
+        watchdog.fail(world.rank, f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+        raise
     finally:
+        watchdog.stop()
         if trainer is not None:
             trainer.close()
-        close_distributed()
+        if finished or world.world_size == 1:  # after a peer's loss the group cannot be torn down cleanly
+            close_distributed()
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ from fastclip.data.batch import Batch, BatchCount, DataPosition
 from fastclip.data.loader import build_loader
 from fastclip.data.shards import expand
 from fastclip.data.tokenizer import build_tokenizer
-from fastclip.distributed import World
 from fastclip.engine import apply_adamw_settings, build_engine, precision_of
 from fastclip.errors import ConfigError, OutOfMemory
 from fastclip.eval import EarlyStopping, evaluate, read_zeroshot_list
@@ -42,6 +41,7 @@ from fastclip.meters import Meters
 from fastclip.model import build_model, image_spec, logit_scale_of, param_groups
 from fastclip.schedules import LrSchedule, restart_at, total_steps
 from fastclip.sinks import MetricSinks, progress_bar, train_line
+from fastclip.world import World
 
 
 def seed_everything(seed: int) -> None:
@@ -110,7 +110,7 @@ class Trainer:
         self.state = TrainState(EarlyStopping(cfg.eval.early_stop_patience, cfg.eval.early_stop_min_delta))
         self.checkpoints = CheckpointManager(
             cfg.checkpoint, engine=self.engine, rank=world.rank, world_size=world.world_size,
-            data_identity=self._data_identity(),
+            data_identity=self._data_identity(), meta=self._checkpoint_meta(),
         )  # fmt: skip
         self.grad_norms_seen, self.lr = False, 0.0
         self.guard = NonFiniteGuard(cfg.optim, latest=lambda: self.checkpoints.latest)
@@ -130,6 +130,13 @@ class Trainer:
         return {"world_size": self.world.world_size, "train_shards": data.train_shards, "batch_size": data.batch_size,
                 "resampled": data.resampled, "seed": self.cfg.train.seed, "train_num_samples": data.train_num_samples,
                 "shard_list": hashlib.sha1(listed.encode()).hexdigest()[:16]}  # fmt: skip
+
+    def _checkpoint_meta(self) -> dict:
+        """What every checkpoint of this run records about itself (fastclip.json): a resume and the export read it."""
+        shapes = {n: list(getattr(p, "ds_shape", p.shape)) for n, p in self.engine.module.named_parameters()}
+        return {"world_size": self.world.world_size, "zero_stage": self.stage, "precision": self.precision,
+                "model": self.cfg.model.name, "force_image_size": self.cfg.model.force_image_size,
+                "params": shapes}  # fmt: skip
 
     def _zeroshot_lists(self) -> tuple[list[str] | None, list[str] | None]:
         data = self.cfg.data
@@ -337,8 +344,8 @@ class Trainer:
     def _announce(self) -> None:
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.clip.parameters())  # ZeRO-3: partitioned
         say(
-            f"fastclip: {self.cfg.model.name} ({n_params / 1e6:.1f}M params), {self.world.world_size} rank(s) on "
-            f"{self.world.device.type}, {self.precision}, ZeRO-{self.stage}, global batch {self.global_batch}, "
+            f"fastclip: {self.cfg.model.name} ({n_params / 1e6:.1f}M params), {self.precision}, ZeRO-{self.stage}, "
+            f"world: {self.world.layout()}; global batch {self.global_batch}, "
             f"{self.total_steps} steps ({self.steps_per_epoch}/epoch, {self.train_loader.samples_per_epoch} "
             f"samples/epoch from {self.train_loader.epoch_from}); {self._accumulation_line()}"
         )

@@ -17,8 +17,8 @@ import torch
 from fastclip.cli import parse_args
 from fastclip.data.batch import Batch
 from fastclip.data.tokenizer import build_tokenizer
-from fastclip.distributed import close_distributed, init_distributed
 from fastclip.trainer import Trainer
+from fastclip.world import close_distributed, join_world
 
 from grad_worker import fixed_global_batch
 from runs import small_run_args
@@ -64,7 +64,7 @@ def main(argv):
     base += ["--train.precision", "fp32", "--data.val_shards", "null", "--data.loader", "torch",
              "--optim.warmup_steps", "0", "--optim.weight_decay", "0", "--optim.eps", "1",
              "--optim.lr", "1", "--optim.grad_clip", "1e6", "--checkpoint.export_open_clip", "false"]  # fmt: skip
-    world = init_distributed()
+    world = join_world()
     # what fixed_global_batch reads of a trainer: the image size (small_run_args forces 32 px) and the tokenizer
     probe = SimpleNamespace(image=SimpleNamespace(size=32), tokenizer=build_tokenizer(parse_args(base).model.name))
     full = fixed_global_batch(probe, N * K * world.world_size)

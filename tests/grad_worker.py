@@ -11,8 +11,8 @@ import torch.distributed as dist
 
 from fastclip.cli import parse_args
 from fastclip.data.batch import Batch
-from fastclip.distributed import close_distributed, init_distributed
 from fastclip.trainer import Trainer
+from fastclip.world import close_distributed, join_world
 
 
 def fixed_global_batch(trainer: Trainer, size: int) -> Batch:
@@ -32,7 +32,7 @@ def main(argv):
         if a not in ("--out", "--global_batch") and argv[i - 1] not in ("--out", "--global_batch")
     ]
     cfg = parse_args(rest)
-    world = init_distributed()
+    world = join_world()
     trainer = Trainer(cfg, world)
     try:
         full = fixed_global_batch(trainer, global_batch)

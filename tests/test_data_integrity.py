@@ -16,11 +16,11 @@ from fastclip.cli import parse_args
 from fastclip.data.loader import build_loader
 from fastclip.data.skips import DataBroken
 from fastclip.data.tokenizer import build_tokenizer
-from fastclip.distributed import World
 from fastclip.errors import ConfigError
 from fastclip.model import ImageSpec
 from fastclip.preflight import check_inputs
 from fastclip.trainer import Trainer
+from fastclip.world import World
 
 SPEC = ImageSpec(size=32, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
 LOADERS = ["dali", "torch"]

@@ -14,8 +14,8 @@ from fastclip.data import shards
 from fastclip.data.index import index_shards
 from fastclip.data.loader import derive_seed
 from fastclip.data.skips import DataBroken
-from fastclip.distributed import World
 from fastclip.trainer import Trainer
+from fastclip.world import World
 
 
 def _loaders(cfg, world_size):

@@ -20,9 +20,9 @@ from runs import ROOT, clean_env
 _INIT = """
 import os, sys
 from fastclip.errors import ConfigError
-from fastclip.distributed import close_distributed, init_distributed
+from fastclip.world import close_distributed, join_world
 try:
-    world = init_distributed()
+    world = join_world()
 except ConfigError as e:
     print("error:", e)
     sys.exit(2)
@@ -97,7 +97,7 @@ def test_single_rank_run_picks_a_free_port_not_the_pid_one():
 
 
 def test_free_port_is_free():
-    from fastclip.distributed import free_port
+    from fastclip.world import free_port
 
     port = free_port()
     with socket.socket() as sock:

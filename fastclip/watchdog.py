@@ -1,0 +1,150 @@
+"""What ends a run whose rank died, instead of leaving the others waiting in a collective.
+
+A rank killed (SIGKILL, the out-of-memory killer) or on a node that is lost says nothing: its peers would wait in
+their next all-gather until the process-group timeout (30 minutes by default) and a cluster would bill that
+time. Each rank's :class:`Watchdog` thread beats on the rendezvous store every ``dist.heartbeat_s`` (its step with
+each beat) and reads the others' beats; a rank whose beat has not moved for ``dist.lost_after_s`` is lost. A rank
+that stops on an error of its own posts it first (:meth:`Watchdog.post_failure`), and the others read it at their
+next beat. Either way every rank prints one line naming the rank, its node and step, and this rank's step, and
+exits with status 1 (``os._exit``: a thread stuck in a collective cannot be joined). The newest checkpoint is
+untouched (``latest`` moves only after every rank has saved): ``--checkpoint.resume latest`` continues.
+
+Bounds: a rank's own error reaches the others within ``dist.heartbeat_s``; a silent death within
+``dist.lost_after_s + dist.heartbeat_s``; a rank alive but stuck (a hung device) within ``dist.timeout_s``, the
+collective timeout. The beats come from a thread: a main thread busy in a long eval, checkpoint or data wait
+keeps beating.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from datetime import timedelta
+
+from fastclip.config import DistConfig
+from fastclip.world import World, _store_key
+
+EXIT_CODE = 1
+
+
+class Watchdog:
+    def __init__(self, world: World, cfg: DistConfig, *, step: Callable[[], int], latest: Callable[[], object]):
+        self.world, self.cfg, self.step, self.latest = world, cfg, step, latest
+        self.others = [r for r in range(world.world_size) if r != world.rank]
+        self._stop = threading.Event()
+        self._verdict = threading.Event()  # set when this thread has decided to end the process
+        self._thread = threading.Thread(target=self._run, name="fastclip-watchdog", daemon=True)
+        self._store = None
+
+    def start(self) -> Watchdog:
+        if self.others:
+            import torch.distributed as dist
+
+            # its own connection: the main thread's store calls (the process group's) never wait on this thread's
+            self._store = dist.TCPStore(self.world.store.host, self.world.store.port, None, False,
+                                        timedelta(seconds=self.cfg.lost_after_s))  # fmt: skip
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """The run ends normally: stop beating (before the process group goes, so no peer reads a silence)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=self.cfg.heartbeat_s + 5)
+
+    # ------------------------------------------------------------------------------------------ the thread
+
+    def _run(self) -> None:
+        # two watchers read every beat (rank 0, and the last rank, on another node as a rule); every rank reads
+        # the one 'failed' key: store traffic grows with the ranks, not with their square
+        watching = self.world.rank in (0, self.world.world_size - 1)
+        seen = {r: None for r in self.others}
+        since = {r: time.monotonic() for r in self.others}
+        beats = 0
+        while not self._stop.wait(self.cfg.heartbeat_s if beats else 0):
+            beats += 1
+            try:
+                self._store.set(_store_key(f"beat/{self.world.rank}"), f"{beats} {self.step()}")
+                if self._store.check([_store_key("failed")]):
+                    self._end(self._store.get(_store_key("failed")).decode(), post=False)
+                values = self._beats() if watching else {}
+            except Exception as e:  # noqa: BLE001 - the store is gone with the process (or node) that held it
+                if not self._stop.is_set():
+                    self._end(self._store_lost(e), post=False)
+                return
+            now = time.monotonic()
+            for r, value in values.items():
+                if value != seen[r]:
+                    seen[r], since[r] = value, now
+            lost = [r for r in self.others if now - since[r] > self.cfg.lost_after_s] if watching else []
+            if lost and not self._stop.is_set():
+                self._end(self._lost(lost, seen, now - min(since[r] for r in lost)), post=True)
+
+    def _beats(self) -> dict[int, bytes]:
+        """The others' newest beats ('count step'), for the ranks that have beaten yet."""
+        keys = [_store_key(f"beat/{r}") for r in self.others]
+        if self._store.check(keys):
+            return dict(zip(self.others, self._store.multi_get(keys)))
+        return {r: self._store.get(k) for r, k in zip(self.others, keys) if self._store.check([k])}
+
+    def _lost(self, lost: list[int], seen: dict, silent: float) -> str:
+        named = []
+        for r in lost:
+            step = seen[r].decode().split()[1] if seen[r] else "start-up"
+            named.append(f"{self.world.describe(r)} at step {step}")
+        return (
+            f"{'; '.join(named)}: no heartbeat for {silent:.0f} s (dist.lost_after_s={self.cfg.lost_after_s:g}): "
+            "killed, out of memory, or its node lost"
+        )
+
+    def _store_lost(self, error: Exception) -> str:
+        holder = "torchrun's agent on node 0" if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else (
+            self.world.describe(0))  # fmt: skip
+        return (
+            f"the rendezvous store at {self.world.store.host}:{self.world.store.port} stopped answering, and with it "
+            f"{holder}, which holds it: killed, out of memory, or its node lost ({' '.join(str(error).split())[:120]})"
+        )
+
+    def _end(self, why: str, *, post: bool) -> None:
+        """Say why on this rank, tell the others (when this rank found it), and exit the process now."""
+        self._verdict.set()
+        if post:
+            self.post_failure(why)
+        latest = self.latest() or "none yet"
+        print(
+            f"fastclip (rank {self.world.rank}): stopping at step {self.step()}: {why}. The newest checkpoint "
+            f"({latest}) is whole: continue with --checkpoint.resume latest.",
+            file=sys.stderr,
+            flush=True,
+        )
+        sys.stdout.flush()
+        os._exit(EXIT_CODE)
+
+    # ------------------------------------------------------------------------------------ the main thread
+
+    def post_failure(self, why: str) -> None:
+        """Tell the other ranks why this one stops (the first rank to post is the one named)."""
+        if self._store is None:
+            return
+        try:
+            self._store.compare_set(_store_key("failed"), "", why)
+        except Exception:  # noqa: BLE001 - the store is gone: the others find this rank silent instead
+            pass
+
+    def fail(self, rank: int, why: str) -> None:
+        """This rank stops on its own error: post it as the run's cause, and give the others a beat to read it
+        before this process (which may host the store) exits."""
+        self.post_failure(f"{self.world.describe(rank)} stopped at step {self.step()}: {why}")
+        self._stop.set()
+        if self.world.rank == 0 and self._store is not None:
+            time.sleep(min(self.cfg.heartbeat_s * 1.5, 10))
+
+    def await_verdict(self) -> bool:
+        """After a collective failed in the main thread (a peer's socket closed): wait the bound for this thread
+        to name the cause and exit; False if it found none (the caller then reports the error itself)."""
+        if not self._thread.is_alive():
+            return False
+        return self._verdict.wait(self.cfg.lost_after_s + 2 * self.cfg.heartbeat_s)

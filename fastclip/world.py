@@ -1,0 +1,301 @@
+"""How this process joins the run: the launcher's variables, a rendezvous that checks the world before any model
+exists, the process group, and the layout the start-up banner prints.
+
+Launchers: ``deepspeed`` (one node, ``--hostfile`` over pdsh/ssh, or ``--no_ssh --node_rank R`` per node),
+``torchrun --nnodes N --node_rank R`` (or a c10d rendezvous), SLURM's ``srun`` without a launcher (the SLURM_*
+variables are mapped to torch's here: :func:`slurm_environment`), or plain ``python`` (a world of one).
+
+The rendezvous is fastclip's own, on torch's TCPStore, rather than ``init_process_group``'s: torch's waits its
+whole timeout and then says only that some clients did not come. Here every rank posts who it is (host, node,
+local rank, device, its run config and versions) and waits ``dist.join_timeout_s`` for the others; then it names
+the ranks that never came (a host of the hostfile that is down, a node whose launcher was not started), the
+settings on which ranks disagree, and two processes that claim one rank. The process group is then built on the
+same store, and DeepSpeed adopts it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import sys
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from fastclip.config import DistConfig, differences
+from fastclip.errors import ConfigError
+
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+# the node index each launcher gives its ranks: torchrun, deepspeed's launch.py, SLURM
+NODE_VARS = ("GROUP_RANK", "CROSS_RANK", "SLURM_NODEID")
+
+
+class RendezvousError(ConfigError):
+    """The world cannot form. ``speaker``: this rank says it (each rank knows only whether it reached the store;
+    who is missing, the lowest rank that came says)."""
+
+    def __init__(self, message: str, *, speaker: bool):
+        super().__init__(message)
+        self.speaker = speaker
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    members: tuple[dict, ...] = field(default=(), compare=False, repr=False)  # every rank's join record
+    store: Any = field(default=None, compare=False, repr=False)  # the rendezvous store (fastclip's keys)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def describe(self, rank: int) -> str:
+        """'rank 3 (node 1, host gpu-07, local rank 1)', from its join record."""
+        m = self.members[rank] if rank < len(self.members) else {}
+        return (
+            f"rank {rank} (node {m.get('node', '?')}, host {m.get('host', '?')}, local rank {m.get('local_rank', '?')})"
+        )
+
+    def layout(self) -> str:
+        """'4 ranks on 2 nodes x 2 (node 0 gpu-01: ranks 0-1; node 1 gpu-02: ranks 2-3), local ranks 0-1, devices
+        cuda:0, cuda:1'."""
+        if self.world_size == 1 or not self.members:
+            return f"{self.world_size} rank(s), {self.device}"
+        nodes: dict[str, list[dict]] = {}
+        for m in self.members:
+            nodes.setdefault(str(m["node"]), []).append(m)
+        sizes = sorted({len(ms) for ms in nodes.values()})
+        per = f"x {sizes[0]}" if len(sizes) == 1 else f"of {'/'.join(map(str, sizes))} ranks (uneven)"
+        where = "; ".join(
+            f"{'' if n == ms[0]['host'] else f'node {n} '}{ms[0]['host']}: ranks {_span([m['rank'] for m in ms])}"
+            for n, ms in nodes.items()
+        )
+        devices = sorted({m["device"] for m in self.members})
+        local = _span(sorted({m["local_rank"] for m in self.members}))
+        return (
+            f"{self.world_size} ranks on {len(nodes)} node(s) {per} ({where}), local ranks {local}, devices "
+            f"{', '.join(devices)}"
+        )
+
+
+def _span(numbers: list[int]) -> str:
+    """'0-3' for a run of consecutive numbers, else '0, 2, 5'."""
+    numbers = sorted(numbers)
+    if len(numbers) > 1 and numbers == list(range(numbers[0], numbers[-1] + 1)):
+        return f"{numbers[0]}-{numbers[-1]}"
+    return ", ".join(map(str, numbers))
+
+
+# ------------------------------------------------------------------------------------------------- SLURM
+
+
+def expand_nodelist(text: str) -> list[str]:
+    """SLURM's compressed host list ('gpu[001-003,007],login1') as host names, in order."""
+    hosts: list[str] = []
+    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\][^,\[]*)*", text):
+        match = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", part)
+        if not match:
+            hosts.append(part)
+            continue
+        prefix, ranges, suffix = match.groups()
+        for item in ranges.split(","):
+            lo, _, hi = item.partition("-")
+            for n in range(int(lo), int(hi or lo) + 1):
+                tail = expand_nodelist(suffix) if "[" in suffix else [suffix]
+                hosts += [f"{prefix}{n:0{len(lo)}d}{t}" for t in tail]
+    return hosts
+
+
+def slurm_environment(env: dict[str, str]) -> dict[str, str]:
+    """torch's launch variables for a task that ``srun`` started without a launcher ({} when a launcher set RANK,
+    or outside SLURM): rank, world size and local rank from SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID; the
+    first host of the job's node list as MASTER_ADDR; a MASTER_PORT from the job id, so every task picks the same
+    one without talking (set MASTER_PORT to choose it)."""
+    if "RANK" in env or "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
+        return {}
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if not env.get("MASTER_ADDR") and not nodelist:
+        raise ConfigError("SLURM: no SLURM_JOB_NODELIST to find the first node; set MASTER_ADDR to rank 0's host")
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": env["SLURM_NTASKS"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "MASTER_ADDR": env.get("MASTER_ADDR") or expand_nodelist(nodelist)[0],
+        "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0") or 0) % 20000),
+    }
+
+
+def apply_launch_environment() -> str:
+    """Fill torch's launch variables from SLURM's when ``srun`` started this process; returns the launcher's name."""
+    if mapped := slurm_environment(dict(os.environ)):
+        os.environ.update(mapped)
+        return "srun"
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        return "torchrun"
+    if "CROSS_RANK" in os.environ:
+        return "deepspeed"
+    return "python" if "RANK" not in os.environ else "a launcher"
+
+
+# ------------------------------------------------------------------------------------------- rendezvous
+
+
+def _address_in_use(error: BaseException) -> bool:
+    text = str(error).lower()
+    return "eaddrinuse" in text or "address already in use" in text
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now: the kernel's pick for a bind to port 0."""
+    # the wildcard address, as the rendezvous store listens on it: a port taken on any interface is not free
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def _node() -> str:
+    return next((os.environ[v] for v in NODE_VARS if v in os.environ), socket.gethostname())
+
+
+def _versions() -> dict[str, str]:
+    import deepspeed
+
+    import fastclip
+
+    return {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "fastclip": fastclip.__version__,
+            "python": sys.version.split()[0]}  # fmt: skip
+
+
+def _open_store(rank: int, world_size: int, join: float):
+    """The TCPStore at MASTER_ADDR:MASTER_PORT: rank 0 hosts it, unless torchrun's agent already does."""
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    hosts = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    try:
+        return dist.TCPStore(addr, port, world_size if hosts else None, hosts, timedelta(seconds=join),
+                             wait_for_workers=False)  # fmt: skip
+    except (RuntimeError, OSError) as e:  # torch's DistNetworkError and DistStoreError are RuntimeErrors
+        if hosts and _address_in_use(e):
+            raise RendezvousError(
+                f"MASTER_PORT {port} is already in use (another job?): pick a free port, with --master_port for the "
+                "deepspeed launcher or MASTER_PORT=<port> in the environment for torchrun, srun and python",
+                speaker=True,
+            ) from e
+        raise RendezvousError(
+            f"rank {rank} on {socket.gethostname()} could not reach the rendezvous at {addr}:{port} within "
+            f"dist.join_timeout_s={join:g} s ({' '.join(str(e).split())[:160]}). Check that rank 0's node was "
+            "started (every node's launcher with the same --master_addr/--master_port) and that this host can "
+            f"reach {addr} on that port.",
+            speaker=True,
+        ) from e
+
+
+def _store_key(name: str) -> str:
+    # torchrun's agent keeps its store across worker restarts: each attempt its own keys
+    return f"fastclip/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{name}"
+
+
+def _join(store, me: dict, world_size: int, join: float, launcher: str) -> list[dict]:
+    """Post ``me``, wait for every rank's record; name the ranks that never came, or a rank claimed twice."""
+    rank = me["rank"]
+    if store.add(_store_key(f"claim/{rank}"), 1) > 1:
+        raise RendezvousError(
+            f"two processes claim rank {rank} (this one on {me['host']}, node {me['node']}): give each node its own "
+            "--node_rank (deepspeed, torchrun) and the same --nnodes on every node",
+            speaker=True,
+        )
+    store.set(_store_key(f"join/{rank}"), json.dumps(me))
+    keys = [_store_key(f"join/{r}") for r in range(world_size)]
+    try:
+        store.wait(keys, timedelta(seconds=join))
+    except (RuntimeError, OSError) as e:
+        came = [r for r, key in enumerate(keys) if store.check([key])]
+        missing = [r for r in range(world_size) if r not in came]
+        hint = " Under SLURM, start one task per rank with srun." if launcher == "srun" else ""
+        raise RendezvousError(
+            f"ranks {_span(missing)} of {world_size} did not join the rendezvous at {os.environ['MASTER_ADDR']}:"
+            f"{os.environ['MASTER_PORT']} within dist.join_timeout_s={join:g} s (ranks {_span(came)} did). Check that "
+            "every host of the hostfile is up and reachable (pdsh/ssh), that every node's launcher was started with "
+            "the same --nnodes, --master_addr and --master_port, and that no node is still busy with a former "
+            f"run.{hint}",
+            speaker=rank == min(came, default=rank),
+        ) from e
+    return [json.loads(store.get(key)) for key in keys]
+
+
+def _disagreements(members: list[dict]) -> list[str]:
+    """What each rank's run config, DeepSpeed file or versions say differently from rank 0's."""
+    first, found = members[0], []
+    for m in members[1:]:
+        diffs = differences(first["config"], m["config"]) + differences(first["versions"], m["versions"])
+        if first["deepspeed_file"] != m["deepspeed_file"]:
+            diffs.append("the --deepspeed_config file's contents")
+        if diffs:
+            found.append(f"rank {m['rank']} (node {m['node']}, host {m['host']}): {'; '.join(diffs[:6])}")
+    return found
+
+
+def _store_barrier(store, name: str, world_size: int, seconds: float) -> None:
+    """Wait (at most ``seconds``) until every rank has reached ``name``: rank 0, which hosts the store, must not
+    leave before the others have read what they need from it."""
+    import time
+
+    key, deadline = _store_key(name), time.monotonic() + seconds
+    store.add(key, 1)
+    while store.add(key, 0) < world_size and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def join_world(
+    config: dict | None = None, dist_cfg: DistConfig | None = None, *, deepspeed_file: str | None = None
+) -> World:
+    """Join the world the launcher describes, or run as one rank; check it; build the process group on the
+    rendezvous store; let DeepSpeed adopt it. ``config``: this rank's run config (every rank's must agree)."""
+    import deepspeed
+
+    dist_cfg = dist_cfg or DistConfig()
+    launcher = apply_launch_environment()
+    if "RANK" not in os.environ:  # plain python: a world of one, no MPI discovery
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))  # a port from the pid collided with running jobs
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    store = _open_store(rank, world_size, dist_cfg.join_timeout_s)
+    digest = None
+    if deepspeed_file:
+        import hashlib
+
+        digest = hashlib.sha1(open(deepspeed_file, "rb").read()).hexdigest()
+    me = {"rank": rank, "host": socket.gethostname(), "node": _node(), "local_rank": local_rank, "device": str(device),
+          "config": config or {}, "versions": _versions(), "deepspeed_file": digest}  # fmt: skip
+    members = _join(store, me, world_size, dist_cfg.join_timeout_s, launcher)
+    if found := _disagreements(members):
+        _store_barrier(store, "checked", world_size, 10)
+        raise RendezvousError(
+            f"the ranks disagree on the run (against rank 0 on {members[0]['host']}): {' | '.join(found[:4])}. Start "
+            "every rank with the same command line, config files and software versions.",
+            speaker=rank == 0,
+        )
+    kwargs = {"device_id": device} if cuda else {}
+    dist.init_process_group(
+        "nccl" if cuda else "gloo", store=dist.PrefixStore(_store_key("pg"), store), rank=rank,
+        world_size=world_size, timeout=timedelta(seconds=dist_cfg.timeout_s), **kwargs,
+    )  # fmt: skip
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=dist_cfg.timeout_s))
+    return World(rank, world_size, local_rank, device, members=tuple(members), store=store)
+
+
+def close_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
