@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import sys
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -290,6 +291,15 @@ class CheckpointManager:
                 f"--train.zero_stage {saved['zero_stage']} --train.precision {saved['precision']}, or export its "
                 f"weights (python -m fastclip.export {folder} --out FILE) and start from them with --model.pretrained."
             )
+        if (saved["zero_stage"] == 3) != (stage == 3):
+            # DeepSpeed 0.19 writes ZeRO-3's universal folders for ZeRO-3 alone (flat tensors, per-rank model states)
+            raise CheckpointError(
+                f"checkpoint.resume: {folder} ({was}) cannot resume on this run ({now}): DeepSpeed's universal format "
+                "converts ZeRO-3 checkpoints for ZeRO-3 only, and ZeRO-0/1/2 ones for ZeRO-0/1/2 (any number of ranks "
+                f"either way). Resume with --train.zero_stage {saved['zero_stage'] if saved['zero_stage'] == 3 else 2}"
+                f", or export its weights (python -m fastclip.export {folder} --out FILE) and start from them with "
+                "--model.pretrained."
+            )
         target = self.root / UNIVERSAL / folder.name
         if self.rank == 0 and not (target / ".complete").is_file():
             say(f"checkpoint: {folder} was saved on {was}; this run is {now}: converting it to DeepSpeed's "
@@ -314,6 +324,9 @@ class CheckpointManager:
             )
         except Exception as e:  # DeepSpeed raises AssertionError, FileNotFoundError, its ZeRO errors, ...
             said = str(e).strip().splitlines()[-1] if str(e).strip() else ""
+            if not said and e.__traceback__ is not None:  # a bare assert: where DeepSpeed asserted is what helps
+                frame = traceback.extract_tb(e.__traceback__)[-1]
+                said = f"at {'/'.join(Path(frame.filename).parts[-3:])}:{frame.lineno}: {frame.line}"
             raise CheckpointError(
                 f"checkpoint.resume: {folder} does not load on this run ({self.world_size} ranks, ZeRO-{stage}): "
                 f"{type(e).__name__}: {said}. A file missing from it means its save did not finish; resume from an "

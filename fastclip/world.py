@@ -248,9 +248,12 @@ def _store_barrier(store, name: str, world_size: int, seconds: float) -> None:
     import time
 
     key, deadline = _store_key(name), time.monotonic() + seconds
-    store.add(key, 1)
-    while store.add(key, 0) < world_size and time.monotonic() < deadline:
-        time.sleep(0.05)
+    try:
+        store.add(key, 1)
+        while store.add(key, 0) < world_size and time.monotonic() < deadline:
+            time.sleep(0.05)
+    except (RuntimeError, OSError):
+        pass  # rank 0 has left with the store: everyone had arrived
 
 
 def join_world(

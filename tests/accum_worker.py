@@ -4,6 +4,9 @@ contrastively, and (first case only, to show the comparison tells them apart) K=
 accumulation. Rank 0 saves each way's parameter change, logged loss, grad norm and samples_seen to ``--out FILE``.
 
     deepspeed --num_gpus R tests/accum_worker.py --out FILE --world DIR --log DIR --cases 1/true/true,3/false/true
+        [--ways one,contrastive,independent]
+
+The step's 48 samples are the same on any number of ranks, so the K=1 way also compares world sizes and ZeRO stages.
 
 A case is stage/local_loss/gather_with_grad[/precision[/loss backend]] (fp32 and auto unless given).
 """
@@ -20,11 +23,18 @@ from fastclip.data.tokenizer import build_tokenizer
 from fastclip.trainer import Trainer
 from fastclip.world import close_distributed, join_world
 
-from grad_worker import fixed_global_batch
 from runs import small_run_args
 
-N = 6  # micro batch per rank
+GLOBAL_BATCH = 48  # one step's samples, split among the ranks: micro batches of 12 on one rank, 6 on two, 3 on four
 K = 4
+
+
+def fixed_global_batch(trainer, size: int) -> Batch:
+    g = torch.Generator().manual_seed(1234)
+    images = torch.randn(size, 3, trainer.image.size, trainer.image.size, generator=g)
+    colours, shapes = ["red", "green", "blue", "black"], ["circle", "square", "star"]
+    captions = [f"a {colours[i % 4]} {shapes[(i // 4) % 3]} number {i}" for i in range(size)]
+    return Batch(images=images, texts=trainer.tokenizer(captions))
 
 
 def _arg(argv, name, default=None):
@@ -56,20 +66,32 @@ def one_step(args: list[str], world, rows: Batch, k: int, mode: str) -> dict:
         trainer.close()
 
 
-def main(argv):
-    out, cases = _arg(argv, "--out"), _arg(argv, "--cases").split(",")
+def base_args(argv) -> list[str]:
+    """One step whose parameter changes carry the gradient: AdamW's first update is lr * g / (|g| + eps), with eps
+    1 it follows the gradient's size, not only its sign; a clip that never clips keeps that size (ZeRO 1-3 then
+    still compute the pre-clip norm, which is compared)."""
     base = small_run_args(Path(_arg(argv, "--world")), Path(_arg(argv, "--log")), steps=4)
-    # AdamW's first update is lr * g / (|g| + eps): with eps 1 it follows the gradient's size, not only its sign;
-    # a clip that never clips keeps that size (ZeRO 1-3 then still compute the pre-clip norm, which is compared)
-    base += ["--train.precision", "fp32", "--data.val_shards", "null", "--data.loader", "torch",
-             "--optim.warmup_steps", "0", "--optim.weight_decay", "0", "--optim.eps", "1",
-             "--optim.lr", "1", "--optim.grad_clip", "1e6", "--checkpoint.export_open_clip", "false"]  # fmt: skip
-    world = join_world()
+    return base + ["--train.precision", "fp32", "--data.val_shards", "null", "--data.loader", "torch",
+                   "--optim.warmup_steps", "0", "--optim.weight_decay", "0", "--optim.eps", "1",
+                   "--optim.lr", "1", "--optim.grad_clip", "1e6", "--checkpoint.export_open_clip", "false"]  # fmt: skip
+
+
+def rows_of(base: list[str], world, global_batch: int) -> Batch:
+    """This rank's rows of the fixed global batch."""
     # what fixed_global_batch reads of a trainer: the image size (small_run_args forces 32 px) and the tokenizer
     probe = SimpleNamespace(image=SimpleNamespace(size=32), tokenizer=build_tokenizer(parse_args(base).model.name))
-    full = fixed_global_batch(probe, N * K * world.world_size)
-    rows = slice(world.rank * N * K, (world.rank + 1) * N * K)
-    mine = Batch(images=full.images[rows], texts=full.texts[rows])
+    full = fixed_global_batch(probe, global_batch)
+    n = global_batch // world.world_size
+    rows = slice(world.rank * n, (world.rank + 1) * n)
+    return Batch(images=full.images[rows], texts=full.texts[rows])
+
+
+def main(argv):
+    out, cases = _arg(argv, "--out"), _arg(argv, "--cases").split(",")
+    ways_wanted = _arg(argv, "--ways", "one,contrastive,independent").split(",")
+    base = base_args(argv)
+    world = join_world()
+    mine = rows_of(base, world, GLOBAL_BATCH)  # the same samples on any number of ranks
     results = {}
     try:
         for i, case in enumerate(cases):
@@ -78,9 +100,10 @@ def main(argv):
             args = base + ["--train.zero_stage", stage, "--loss.local_loss", local,
                            "--loss.gather_with_grad", with_grad, "--train.precision", precision,
                            "--loss.backend", backend]  # fmt: skip
-            ways = {"one": one_step(args, world, mine, 1, "contrastive"),
-                    "contrastive": one_step(args, world, mine, K, "contrastive")}  # fmt: skip
-            if i == 0:
+            ways = {"one": one_step(args, world, mine, 1, "contrastive")}
+            if "contrastive" in ways_wanted:
+                ways["contrastive"] = one_step(args, world, mine, K, "contrastive")
+            if i == 0 and "independent" in ways_wanted:
                 ways["independent"] = one_step(args, world, mine, K, "independent")
             results[case] = ways
         if world.is_main:

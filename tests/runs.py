@@ -53,3 +53,47 @@ def small_run_args(world: Path, out: Path, *, steps: int, batch: int = 16) -> li
         "--log.dir", str(out),
         "--checkpoint.dir", str(out / "checkpoints"),
     ]  # fmt: skip
+
+
+def node_launch(
+    kind: str,
+    node: int,
+    *,
+    nodes: int,
+    per_node: int,
+    port: int,
+    args: list[str],
+    tmp: Path,
+    script: Path | None = None,
+    env: dict | None = None,
+) -> subprocess.Popen:
+    """One simulated node of a multi-node run on this machine: its own launcher process, as each node of a cluster
+    starts one (``kind``: 'deepspeed' with --no_ssh and a hostfile, or 'torchrun' with a static rendezvous)."""
+    script = script or ROOT / "fastclip" / "train.py"
+    bin_dir = Path(sys.executable).parent
+    if kind == "deepspeed":
+        hostfile = tmp / "hostfile"
+        hostfile.write_text("".join(f"node{n} slots={per_node}\n" for n in range(nodes)))
+        cmd = [str(bin_dir / "deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(node),
+               "--master_addr", "127.0.0.1", "--master_port", str(port), str(script)]  # fmt: skip
+    else:
+        cmd = [str(bin_dir / "torchrun"), "--nnodes", str(nodes), "--nproc-per-node", str(per_node), "--node-rank",
+               str(node), "--master-addr", "127.0.0.1", "--master-port", str(port), str(script)]  # fmt: skip
+    path = tmp / f"{kind}-node{node}-{port}.log"
+    with open(path, "w") as log:
+        proc = subprocess.Popen(cmd + args, cwd=ROOT, env=clean_env(env), stdout=log, stderr=subprocess.STDOUT)
+    proc.log_path = path
+    return proc
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float = 600) -> list[str]:
+    """Wait for every launcher (killing all if one outlives ``timeout``); each one's output."""
+    try:
+        for proc in procs:
+            proc.wait(timeout=timeout)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return [Path(proc.log_path).read_text() for proc in procs]

@@ -34,19 +34,29 @@ CASES = {
     # bf16 is DeepSpeed's BF16_Optimizer; loss.backend torch replays every micro batch (it keeps no graph)
     1: "0/true/true,1/true/true,2/true/true,3/true/true,2/true/true/fp32/torch,0/true/true/bf16,2/true/true/bf16",
     2: "0/true/true,1/true/true,2/true/true,3/true/true,1/false/true,2/false/true,3/false/true,2/true/false,"
-    "2/false/false,3/false/true/fp32/torch",
+    "2/false/false,3/false/true/fp32/torch,2/true/true/bf16",
+    4: "0/true/true,1/true/true,2/true/true,3/true/true,2/true/true/bf16",  # K=1 only: the world-size comparison
 }
+_results: dict[int, dict] = {}
+
+
+def _run(world_dir, tmp_path_factory, ranks: int) -> dict:
+    """The worker's results on ``ranks`` ranks (launched once per test session)."""
+    if ranks not in _results:
+        tmp = tmp_path_factory.mktemp(f"accum{ranks}")
+        cmd = deepspeed_cmd(ranks, 29640 + ranks)
+        cmd[-1] = str(ROOT / "tests" / "accum_worker.py")
+        args = ["--out", str(tmp / "result.pt"), "--world", str(world_dir), "--log", str(tmp / "log"),
+                "--cases", CASES[ranks]] + (["--ways", "one"] if ranks == 4 else [])  # fmt: skip
+        _check(run_cli(cmd + args, cwd=ROOT, env={"PYTHONPATH": str(ROOT / "tests")}))
+        _results[ranks] = torch.load(tmp / "result.pt")
+    return _results[ranks]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks", [1, 2])
-def test_k_micro_batches_step_as_one_batch_of_k_times_the_samples(world_dir, tmp_path, ranks):
-    out = tmp_path / "result.pt"
-    cmd = deepspeed_cmd(ranks, 29640 + ranks)
-    cmd[-1] = str(ROOT / "tests" / "accum_worker.py")
-    args = ["--out", str(out), "--world", str(world_dir), "--log", str(tmp_path / "log"), "--cases", CASES[ranks]]
-    _check(run_cli(cmd + args, cwd=ROOT, env={"PYTHONPATH": str(ROOT / "tests")}))
-    results = torch.load(out)
+def test_k_micro_batches_step_as_one_batch_of_k_times_the_samples(world_dir, tmp_path_factory, ranks):
+    results = _run(world_dir, tmp_path_factory, ranks)
     assert list(results) == CASES[ranks].split(",")
     for case, ways in results.items():
         one, ours = ways["one"], ways["contrastive"]
@@ -56,13 +66,35 @@ def test_k_micro_batches_step_as_one_batch_of_k_times_the_samples(world_dir, tmp
             assert math.isnan(ours["grad_norm"]) and math.isnan(one["grad_norm"]), case
         else:
             assert ours["grad_norm"] == pytest.approx(one["grad_norm"], rel=5e-3 if bf16 else 1e-4), case
-        assert ours["samples_seen"] == one["samples_seen"] == 24 * ranks
+        assert ours["samples_seen"] == one["samples_seen"] == 48
         if not bf16:  # bf16 module weights move in steps of their last bit: only the fp32 norm is compared there
             assert not _close(ours, one, rtol=1e-3), f"{case}: {_close(ours, one, rtol=1e-3)}"
     # the comparison tells plain accumulation apart: its loss has a quarter of the negatives
     first = results[CASES[ranks].split(",")[0]]
     assert first["independent"]["loss"] < first["one"]["loss"] - 0.5
     assert len(_close(first["independent"], first["one"], rtol=0.05)) > 10
+
+
+@pytest.mark.slow
+def test_every_zero_stage_on_1_2_and_4_ranks_takes_the_same_step(world_dir, tmp_path_factory):
+    """One global batch of 48: ZeRO 0-3 on 1, 2 and 4 ranks give one loss and one update (fp32: every parameter's
+    change within 1e-3 of its largest; bf16: loss and grad norm within its rounding)."""
+    reference = _run(world_dir, tmp_path_factory, 1)["0/true/true"]["one"]
+    norm = _run(world_dir, tmp_path_factory, 1)["1/true/true"]["one"]["grad_norm"]  # fp32 ZeRO-0 reports none
+    compared = 0
+    for ranks in (1, 2, 4):
+        for case, ways in _run(world_dir, tmp_path_factory, ranks).items():
+            if not case.startswith(("0/true/true", "1/true/true", "2/true/true", "3/true/true")) or "torch" in case:
+                continue
+            one, bf16 = ways["one"], "bf16" in case
+            where = f"{ranks} ranks, ZeRO-{case}"
+            assert one["loss"] == pytest.approx(reference["loss"], rel=2e-3 if bf16 else 1e-5), where
+            if not bf16:
+                assert not _close(one, reference, rtol=1e-3), f"{where}: {_close(one, reference, rtol=1e-3)}"
+            if not math.isnan(one["grad_norm"]):
+                assert one["grad_norm"] == pytest.approx(norm, rel=1e-2 if bf16 else 1e-4), where
+            compared += 1
+    assert compared == 6 + 5 + 5  # 1 rank: ZeRO 0-3 fp32, ZeRO-0/2 bf16; 2 and 4 ranks: ZeRO 0-3 fp32, ZeRO-2 bf16
 
 
 def _patch_dropout_model(tmp_path) -> str:

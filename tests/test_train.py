@@ -9,14 +9,9 @@ import time
 import pytest
 import torch
 
-from runs import ROOT, clean_env, deepspeed_cmd, run_cli, small_run_args
+from runs import ROOT, clean_env, run_cli, small_run_args
 
 pytestmark = pytest.mark.slow
-
-KEYS = {
-    "step", "epoch", "samples_seen", "loss", "lr", "logit_scale", "samples_per_second",
-    "samples_per_second_per_gpu", "data_time", "batch_time", "grad_norm",
-}  # fmt: skip
 
 
 def _records(log_dir):
@@ -27,39 +22,6 @@ def _check(proc):
     assert proc.returncode == 0, (
         f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
     )
-
-
-def test_two_ranks_train_log_eval_and_checkpoint(world_dir, tmp_path):
-    out = tmp_path / "run"
-    # two micro batches of 8 per rank and step, accumulated contrastively: 32 samples a step, as one batch of 16
-    args = small_run_args(world_dir, out, steps=14, batch=8) + ["--optim.lr", "2e-3", "--train.grad_accum", "2"]
-    proc = run_cli(deepspeed_cmd(2, 29611) + args, cwd=ROOT)
-    _check(proc)
-    records = _records(out)
-    train = [r for r in records if "loss" in r]
-    assert [r["step"] for r in train] == list(range(1, 15))
-    for r in train:
-        assert KEYS <= set(r)
-        assert r["samples_per_second_per_gpu"] == pytest.approx(r["samples_per_second"] / 2)
-        assert r["samples_seen"] == r["step"] * 32
-    first, last = sum(r["loss"] for r in train[:3]) / 3, sum(r["loss"] for r in train[-3:]) / 3
-    assert last < first - 0.1, f"loss did not fall: {first:.3f} -> {last:.3f}"
-    evals = [r for r in records if "val/clip_loss" in r]
-    assert len(evals) == 1 and evals[0]["val/samples"] == 100
-    assert {"val/zeroshot_top1", "val/image_to_text_R@1", "val/text_to_image_R@1"} <= set(evals[0])
-    ckpt = out / "checkpoints"
-    assert (ckpt / "latest").read_text().strip() == "step_00000014"
-    assert any((ckpt / "step_00000014").iterdir())
-    assert "step 14/14" in proc.stdout and "samples/s" in proc.stdout and "zeroshot_top1" in proc.stdout
-    assert "contrastive batch 32: accumulation 'contrastive', one loss over 2 micro batches of 8" in proc.stdout
-
-    import open_clip
-
-    from fastclip.model import _BUILTIN_CONFIGS
-
-    open_clip.add_model_config(_BUILTIN_CONFIGS / "fastclip-tiny.json")  # what a user does for a custom arch
-    model = open_clip.create_model("fastclip-tiny", pretrained=str(ckpt / "open_clip.pt"), force_image_size=32)
-    assert model.logit_scale.shape == ()
 
 
 @pytest.mark.parametrize(
@@ -97,25 +59,6 @@ def test_batch_size_mismatch_with_deepspeed_config_is_an_error(world_dir, tmp_pa
     assert "params" not in proc.stdout  # refused before the model was built
 
 
-def _grads(tmp_path, world_dir, ranks, port):
-    out = tmp_path / f"grads{ranks}.pt"
-    args = small_run_args(world_dir, tmp_path / f"log{ranks}", steps=1, batch=24 // ranks)
-    args += ["--train.precision", "fp32", "--train.zero_stage", "0", "--data.val_shards", "null"]
-    cmd = deepspeed_cmd(ranks, port)
-    cmd[-1] = str(ROOT / "tests" / "grad_worker.py")
-    _check(run_cli(cmd + ["--out", str(out), "--global_batch", "24", *args], cwd=ROOT))
-    return torch.load(out)
-
-
-def test_two_ranks_equal_one_rank_on_the_same_global_batch(world_dir, tmp_path):
-    one, two = _grads(tmp_path, world_dir, 1, 29612), _grads(tmp_path, world_dir, 2, 29613)
-    torch.testing.assert_close(two["loss"], one["loss"], rtol=1e-5, atol=1e-6)
-    assert one["grads"].keys() == two["grads"].keys()
-    for name, g in one["grads"].items():
-        torch.testing.assert_close(two["grads"][name], g, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
-    assert one["grads"]["logit_scale"].abs().sum() > 0
-
-
 def test_killed_run_leaves_a_loadable_checkpoint_and_resumes(world_dir, tmp_path):
     out = tmp_path / "run"
     args = small_run_args(world_dir, out, steps=10_000, batch=8) + ["--checkpoint.every", "3"]
@@ -148,7 +91,7 @@ def test_killed_run_leaves_a_loadable_checkpoint_and_resumes(world_dir, tmp_path
     assert steps[-2:] == [step + 1, step + 2]
 
 
-@pytest.mark.parametrize("stage", [0, 1, 3])
+@pytest.mark.parametrize("stage", [0, 1])  # ZeRO-3: tests/test_multinode.py (4 ranks)
 def test_every_zero_stage_trains_evaluates_and_exports(world_dir, tmp_path, stage):
     out = tmp_path / f"zero{stage}"
     args = small_run_args(world_dir, out, steps=3) + ["--train.zero_stage", str(stage), "--eval.every", "2"]
