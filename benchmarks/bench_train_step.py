@@ -311,3 +311,32 @@ def test_train_step_gpu(benchmark, record, quick, single_rank, model_name, ladde
                              "fastclip_peak_memory_bytes": peak_memory, "ladder": list(ladder)},
                       note=f"largest batch of {list(ladder)} that fits; MFU {mfu:.0%} of the bf16 matmul rate"
                            + (base_note if base else "; open_clip's loader not run on the GPU image")))  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_zero_stages_gpu(benchmark, record, quick, single_rank):
+    """ViT-B/16 on one card at one batch: samples/s of ZeRO-2 and ZeRO-3 against ZeRO-1 (data excluded). On one
+    rank nothing is partitioned, so this measures what each stage's machinery costs a step: ZeRO-3's parameter
+    fetches and its host syncs (fastclip/zero.py), ZeRO-2's gradient buckets."""
+    from fastclip.data.batch import Batch
+
+    steps, repeats, batch = (3, 1, 128) if quick else (5, 3, 256)
+    root = _shards("quick" if quick else "full")
+    per_sample = {}
+    for stage in (1, 2, 3):
+        extra = ("--model.name", "ViT-B-16", "--data.batch_size", str(batch), "--data.loader", "torch",
+                 "--train.zero_stage", str(stage), "--data.val_shards", "null")  # fmt: skip
+        trainer = _fastclip_trainer(single_rank, root, steps, extra)
+        try:
+            fixed = _fixed_batches(2, trainer.image.size, trainer.tokenizer, batch=batch, device="cuda")
+            cycle = (Batch(images=img, texts=txt) for _ in range(10**6) for img, txt in fixed)
+            timer = functools.partial(bench_time, benchmark) if stage == 3 else time_fn  # the fixture times once
+            timer = functools.partial(timer, cuda=True)
+            per_sample[stage] = _fastclip_run(trainer, cycle, steps, repeats=repeats, timer=timer) / batch
+        finally:
+            trainer.close()
+        params = {"model": "ViT-B-16", "batch": batch, "ranks": 1, "precision": "bf16", "device": "cuda",
+                  "stage": stage}  # fmt: skip
+        if stage > 1:  # each figure recorded as soon as it exists
+            record(Result("train_step", f"ZeRO-{stage} vs ZeRO-1, samples/s, one GPU", params, "samples_per_second",
+                          1 / per_sample[stage], 1 / per_sample[1]))  # fmt: skip

@@ -7,7 +7,8 @@
 # Installs nothing from the network. Packages the machine lacks come as wheels from $FASTCLIP_WHEELS
 # (made here by benchmarks/prepare_wheels.sh). fastclip itself runs from this checkout (PYTHONPATH=.).
 # Writes into OUTDIR: versions.json, gpu_tests.xml, gpu_bench.json (fastclip vs open_clip, ratios),
-# pytest_benchmark*.json, suite.log. Limits: tests 150 s, benchmarks 220 s, accumulation 90 s (<= 8 min in all).
+# pytest_benchmark*.json, suite.log. Limits: tests 150 s, benchmarks 220 s (ZeRO-1/2/3 at ViT-B/16 after the train steps), accumulation
+# 90 s (<= 8 min in all).
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_suite.sh OUTDIR [--dry]}
 mode=${2:-}
