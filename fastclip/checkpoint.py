@@ -172,7 +172,7 @@ def to_universal(folder: Path, target: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     args = argparse.Namespace(
         input_folder=str(folder), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
-        keep_temp_folder=False, strict=True, inject_missing_state=False,
+        keep_temp_folder=False, strict=True, inject_missing_state=True,  # folders saved before fastclip set it
     )  # fmt: skip
     chatter = io.StringIO()  # its print()s and progress bars, said only when it fails
     try:
@@ -200,6 +200,12 @@ class CheckpointManager:
         self.root = Path(cfg.dir)
         self.data_identity = data_identity  # what a saved data position is only valid for
         self.meta = meta  # what this run's checkpoints are (fastclip.json): model, shapes, world size, stage
+        from deepspeed.checkpoint import constants as ds
+
+        # DeepSpeed saves this attribute of the module with each checkpoint; its universal conversion requires it of
+        # ZeRO-1/2 checkpoints ("the client creates this state"): a plain data-parallel model needs nothing more
+        info = {ds.UNIVERSAL_CHECKPOINT_VERSION_KEY: ds.UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+        setattr(engine.module, ds.UNIVERSAL_CHECKPOINT_INFO, info)
 
     @property
     def latest(self) -> Path | None:

@@ -72,8 +72,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     except RendezvousError as e:  # ranks missing or disagreeing, MASTER_PORT taken: before any model
         _fail(str(e), speaker=e.speaker)
     trainer, finished = None, False
-    watchdog = Watchdog(world, cfg.dist, step=lambda: trainer.step if trainer else 0,
-                        latest=lambda: read_latest(cfg.checkpoint.dir)).start()  # fmt: skip
+
+    def latest():
+        tag = read_latest(cfg.checkpoint.dir)
+        return os.path.join(cfg.checkpoint.dir, tag) if tag else None
+
+    watchdog = Watchdog(world, cfg.dist, step=lambda: trainer.step if trainer else 0, latest=latest).start()
     try:
         trainer = Trainer(cfg, world)
         metrics = trainer.train()

@@ -113,10 +113,14 @@ class Watchdog:
         self._verdict.set()
         if post:
             self.post_failure(why)
-        latest = self.latest() or "none yet"
+        latest = self.latest()
+        after = (
+            f"The newest checkpoint ({latest}) is whole: continue with --checkpoint.resume latest."
+            if latest
+            else "No checkpoint was saved yet."
+        )
         print(
-            f"fastclip (rank {self.world.rank}): stopping at step {self.step()}: {why}. The newest checkpoint "
-            f"({latest}) is whole: continue with --checkpoint.resume latest.",
+            f"fastclip (rank {self.world.rank}): stopping at step {self.step()}: {why}. {after}",
             file=sys.stderr,
             flush=True,
         )

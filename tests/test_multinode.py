@@ -79,7 +79,6 @@ def killed_and_resumed(world_dir, tmp_path_factory):
     saved = int(latest.read_text().strip().split("_")[1])
     resume = small_run_args(world_dir, out, steps=saved + 2, batch=8) + [
         "--train.zero_stage", "3", "--train.precision", "fp32", "--checkpoint.resume", "latest",
-        "--eval.zeroshot", "false",
     ]  # fmt: skip
     again = _two_nodes("deepspeed", 29712, resume, tmp)
     resumed = wait_all(again)
@@ -95,6 +94,7 @@ def test_killed_rank_ends_every_rank_in_bounded_time_and_latest_resumes(killed_a
     node0 = run.killed[0]
     assert "fastclip (rank 0): stopping at step" in node0 and "rank 3 (node 1, host" in node0, node0[-3000:]
     assert "killed, out of memory, or its node lost" in node0 and "continue with --checkpoint.resume latest" in node0
+    assert f"The newest checkpoint ({run.out / 'checkpoints'}/step_" in node0
     assert "Traceback" not in node0
     node0, node1 = run.resumed
     assert LAYOUT in node0 and f"resumed from {run.out / 'checkpoints'}/step_{run.saved:08d} at step" in node0
@@ -112,7 +112,7 @@ def test_four_ranks_as_two_nodes_log_evaluate_and_save_once(killed_and_resumed):
     )
     before = [r["step"] for r in records[: len(records) - len(after)] if "loss" in r]
     assert before == sorted(set(before)) and before[:2] == [1, 2]
-    assert [r["step"] for r in after if "val/clip_loss" in r] == [run.saved + 2]
+    assert [r["step"] for r in after if "val/zeroshot_top1" in r] == [run.saved + 2]  # ZeRO-3: gathered for eval
     ckpt = run.out / "checkpoints"
     assert (ckpt / "latest").read_text().strip() == f"step_{run.saved + 2:08d}"
     folder = ckpt / f"step_{run.saved + 2:08d}"
@@ -204,7 +204,7 @@ def test_checkpoint_of_another_model_is_refused_before_any_step(killed_and_resum
 # ------------------------------------------------------------------------------------------------ torchrun
 
 
-def test_two_nodes_by_torchrun_train_evaluate_checkpoint_and_resume(world_dir, tmp_path):
+def test_two_nodes_by_torchrun_train_evaluate_checkpoint_and_resume(world_dir, tmp_path, single_rank):
     out = tmp_path / "run"
     args = small_run_args(world_dir, out, steps=3, batch=8) + ["--train.grad_accum", "2", "--checkpoint.every", "2",
                                                                  "--eval.every", "2", "--optim.lr", "2e-3"]  # fmt: skip
@@ -224,6 +224,25 @@ def test_two_nodes_by_torchrun_train_evaluate_checkpoint_and_resume(world_dir, t
     assert "resumed from" in resumed[0] and "at step 3" in resumed[0]
     assert [r["step"] for r in _records(out) if "loss" in r] == [1, 2, 3, 4]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+    _resumes_on_one_rank(out, world_dir, single_rank, stage=1)  # saved by 4 ranks at ZeRO-2 (bf16)
+
+
+def _resumes_on_one_rank(out, world_dir, world, *, stage: int) -> None:
+    """The run in ``out`` resumes on one rank at ZeRO-``stage`` with exactly the fp32 weights it saved."""
+    from fastclip.cli import parse_args
+    from fastclip.export import fp32_weights, step_folder
+    from fastclip.trainer import Trainer
+
+    saved = fp32_weights(step_folder(out / "checkpoints"))
+    args = small_run_args(world_dir, out, steps=1000, batch=8) + ["--checkpoint.resume", "latest",
+                                                                  "--train.zero_stage", str(stage)]  # fmt: skip
+    trainer = Trainer(parse_args(args), world)
+    try:
+        loaded = trainer.checkpoints._full_state()
+        for name, value in saved.items():
+            torch.testing.assert_close(loaded[name], value, rtol=0, atol=0, msg=name)
+    finally:
+        trainer.close()
 
 
 def test_ranks_of_two_nodes_read_disjoint_samples_covering_the_epoch(tmp_path):
@@ -245,14 +264,33 @@ def test_ranks_of_two_nodes_read_disjoint_samples_covering_the_epoch(tmp_path):
 # ------------------------------------------------------------------------------------------ SLURM, bad input
 
 
-def _slurm(world_dir, tmp_path, args_by_rank, *, timeout=300):
+# rank 1 stops on an error of its own at step 3 (a DataBroken, as its loader would raise)
+_FAILING_RANK = """
+import sys
+from fastclip import trainer
+from fastclip.data.skips import DataBroken
+from fastclip.train import main
+
+step = trainer.Trainer.train_step
+def failing(self, batches):
+    if self.world.rank == 1 and self.step == 2:
+        raise DataBroken("rank 1's shards: injected failure")
+    return step(self, batches)
+trainer.Trainer.train_step = failing
+sys.argv[0] = "fastclip/train.py"
+main()
+"""
+
+
+def _slurm(world_dir, tmp_path, args_by_rank, *, timeout=300, steps=2, code=None):
     """One process per rank, started as srun starts tasks: no launcher, only SLURM's variables."""
-    procs, run = [], small_run_args(world_dir, tmp_path / "run", steps=2) + ["--eval.zeroshot", "false"]
+    procs, run = [], small_run_args(world_dir, tmp_path / "run", steps=steps) + ["--eval.zeroshot", "false"]
     for rank, extra in enumerate(args_by_rank):
         env = {"SLURM_PROCID": str(rank), "SLURM_NTASKS": str(len(args_by_rank)), "SLURM_LOCALID": str(rank),
                "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "4242",
                }  # fmt: skip
-        cmd = [sys.executable, str(ROOT / "fastclip" / "train.py"), *run, *extra]
+        entry = ["-c", code] if code else [str(ROOT / "fastclip" / "train.py")]
+        cmd = [sys.executable, *entry, *run, *extra]
         pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=clean_env(env), **pipes))
     return [(p, *p.communicate(timeout=timeout)) for p in procs]
@@ -264,6 +302,16 @@ def test_srun_without_a_launcher_maps_the_slurm_variables_to_ranks(world_dir, tm
         assert proc.returncode == 0, out[-2000:] + err[-3000:]
     assert "2 ranks on 1 node(s) x 2 (node 0 " in results[0][1]
     assert [r["step"] for r in _records(tmp_path / "run") if "loss" in r] == [1, 2]
+
+
+def test_a_rank_that_fails_tells_the_others_at_once(world_dir, tmp_path):
+    beat = ["--dist.heartbeat_s", "1", "--dist.lost_after_s", "300"]  # silence alone would take 300 s
+    start = time.monotonic()
+    (zero, out0, err0), (one, _, err1) = _slurm(world_dir, tmp_path, [beat, beat], steps=1000, code=_FAILING_RANK)
+    assert time.monotonic() - start < 120 and zero.returncode == 1 and one.returncode == 1
+    assert "fastclip (rank 1): rank 1's shards: injected failure" in err1
+    assert "fastclip (rank 0): stopping at step" in err0 and "rank 1 (node 0, host" in err0, err0[-3000:]
+    assert "stopped at step 2: rank 1's shards: injected failure" in err0
 
 
 def test_ranks_that_disagree_on_the_config_stop_before_any_model(world_dir, tmp_path):
