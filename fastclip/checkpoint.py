@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from fastclip import reshard
 from fastclip.config import CheckpointConfig, differences
 from fastclip.console import log, say
 from fastclip.errors import ConfigError, TrainingDiverged
@@ -38,7 +39,6 @@ from fastclip.eval import EarlyStopping
 
 LATEST = "latest"
 META = "fastclip.json"
-UNIVERSAL = "universal"  # checkpoint.dir/universal/<tag>: a step folder converted for another world size
 
 
 class CheckpointError(ConfigError):
@@ -160,32 +160,13 @@ def check_same_model(folder: Path, saved: dict[str, Any], current: dict[str, Any
     )
 
 
-def to_universal(folder: Path, target: Path) -> None:
-    """DeepSpeed's ds_to_universal of ``folder`` into ``target``, atomically (a temporary folder, renamed)."""
-    import argparse
-    import contextlib
-    import io
-
-    from deepspeed.checkpoint import ds_to_universal
-
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    args = argparse.Namespace(
-        input_folder=str(folder), output_folder=str(tmp), num_extract_workers=1, num_merge_workers=1,
-        keep_temp_folder=False, strict=True, inject_missing_state=True,  # folders saved before fastclip set it
-    )  # fmt: skip
-    chatter = io.StringIO()  # its print()s and progress bars, said only when it fails
-    try:
-        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
-            ds_to_universal.main(args)
-    except Exception as e:
-        raise CheckpointError(
-            f"checkpoint.resume: DeepSpeed could not convert {folder} to its universal format ({type(e).__name__}: "
-            f"{e}); resume on the world size and ZeRO stage it was saved with. Its output: {chatter.getvalue()[-800:]}"
-        ) from e
-    (tmp / ".complete").write_text("")
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+def _unpartitioned_masters(optimizer) -> dict[int, torch.Tensor]:
+    """bf16 ZeRO-0's fp32 masters by parameter (DeepSpeed's unfused optimizer keeps them beside its bf16 groups,
+    where ``safe_get_full_fp32_param`` does not look); {} for other optimizers."""
+    low, high = getattr(optimizer, "fp16_groups", None), getattr(optimizer, "fp32_groups", None)
+    if not low or not high or not isinstance(high[0], (list, tuple)):
+        return {}
+    return {id(p): m.detach() for ps, ms in zip(low, high) for p, m in zip(ps, ms)}
 
 
 class CheckpointManager:
@@ -194,9 +175,11 @@ class CheckpointManager:
 
     def __init__(
         self, cfg: CheckpointConfig, *, engine, rank: int, world_size: int, data_identity: dict[str, Any],
-        meta: dict[str, Any],
+        meta: dict[str, Any], store=None,
     ):  # fmt: skip
         self.cfg, self.engine, self.rank, self.world_size = cfg, engine, rank, world_size
+        self.store = store  # the rendezvous store: rank 0's verdict on a universal conversion reaches the others
+        self.newest: Path | None = None  # the checkpoint this run saved or resumed last (the watchdog names it)
         self.root = Path(cfg.dir)
         self.data_identity = data_identity  # what a saved data position is only valid for
         self.meta = meta  # what this run's checkpoints are (fastclip.json): model, shapes, world size, stage
@@ -217,6 +200,12 @@ class CheckpointManager:
     def save(self, state: TrainState, *, position, config: dict[str, Any]) -> Path:
         """Write ``step_XXXXXXXX``: each rank's data position, then DeepSpeed's files; then move ``latest``."""
         tag = f"step_{state.step:08d}"
+        if self.rank == 0:  # a folder of this tag from an abandoned run (resumed from an older step) goes first
+            for stale in (self.root / tag, self.root / reshard.UNIVERSAL / tag):
+                if stale.is_dir():
+                    _delete(stale)
+        if dist.is_initialized():
+            dist.barrier()
         self._save_position(self.root / tag, position)
         if self.rank == 0:
             write_meta(self.root / tag, {**self.meta, "step": state.step})
@@ -227,6 +216,7 @@ class CheckpointManager:
         if self.rank == 0:
             commit_latest(self.root, tag)
             say(f"checkpoint: {self.root / tag}")
+        self.newest = self.root / tag
         self.prune()
         return self.root / tag
 
@@ -243,7 +233,7 @@ class CheckpointManager:
         for old in steps[: -self.cfg.keep]:
             if old.name != latest:
                 _delete(old)
-                if (converted := self.root / UNIVERSAL / old.name).is_dir():
+                if (converted := self.root / reshard.UNIVERSAL / old.name).is_dir():
                     _delete(converted)
 
     def _position_path(self, folder: Path) -> Path:
@@ -278,41 +268,28 @@ class CheckpointManager:
         saved = self._load_engine(source, folder, load_scheduler=load_scheduler, stage=stage)
         state.load_state_dict(saved)
         self._restore_position(folder, loader)
+        self._continue_from(folder)
+        self.newest = folder
         return Resumed(folder, saved.get("config", {}))
+
+    def _continue_from(self, folder: Path) -> None:
+        """Resumed from an older step of this folder than ``latest`` names: ``latest`` names it now, as the steps
+        after it belong to the abandoned run (this run replaces their folders as it saves them; a crash meanwhile
+        must not leave ``latest`` naming one half replaced)."""
+        if self.rank != 0 or folder.resolve().parent != self.root.resolve() or read_latest(self.root) == folder.name:
+            return
+        commit_latest(self.root, folder.name)
+        say(f"checkpoint: {self.root / LATEST} names {folder.name} now, the step this run goes on from")
 
     def _source(self, folder: Path, saved: dict | None, stage: int) -> Path:
         """The folder DeepSpeed loads: ``folder`` itself, or its universal conversion when this run's world size or
-        ZeRO stage differs from the checkpoint's (made once, by rank 0, while the others wait)."""
-        if saved is None or (saved["world_size"], saved["zero_stage"]) == (self.world_size, stage):
+        ZeRO stage differs from the checkpoint's (fastclip/reshard.py)."""
+        now = {**self.meta, "world_size": self.world_size, "zero_stage": stage}
+        if saved is None or not reshard.check_convertible(folder, saved, now):
             return folder
-        was = f"{saved['world_size']} ranks, ZeRO-{saved['zero_stage']}, {saved['precision']}"
-        now = f"{self.world_size} ranks, ZeRO-{stage}, {self.meta['precision']}"
-        unpartitioned = "fp32" in (saved["precision"], self.meta["precision"]) and 0 in (saved["zero_stage"], stage)
-        if unpartitioned:  # DeepSpeed's plain optimizer state is whole in every checkpoint: no conversion
-            if saved["zero_stage"] == stage == 0 and saved["precision"] == self.meta["precision"]:
-                return folder
-            raise CheckpointError(
-                f"checkpoint.resume: {folder} ({was}) cannot resume on this run ({now}): DeepSpeed converts between "
-                "world sizes and ZeRO stages only for partitioned optimizers (ZeRO-1/2/3, or bf16). Resume with "
-                f"--train.zero_stage {saved['zero_stage']} --train.precision {saved['precision']}, or export its "
-                f"weights (python -m fastclip.export {folder} --out FILE) and start from them with --model.pretrained."
-            )
-        if (saved["zero_stage"] == 3) != (stage == 3):
-            # DeepSpeed 0.19 writes ZeRO-3's universal folders for ZeRO-3 alone (flat tensors, per-rank model states)
-            raise CheckpointError(
-                f"checkpoint.resume: {folder} ({was}) cannot resume on this run ({now}): DeepSpeed's universal format "
-                "converts ZeRO-3 checkpoints for ZeRO-3 only, and ZeRO-0/1/2 ones for ZeRO-0/1/2 (any number of ranks "
-                f"either way). Resume with --train.zero_stage {saved['zero_stage'] if saved['zero_stage'] == 3 else 2}"
-                f", or export its weights (python -m fastclip.export {folder} --out FILE) and start from them with "
-                "--model.pretrained."
-            )
-        target = self.root / UNIVERSAL / folder.name
-        if self.rank == 0 and not (target / ".complete").is_file():
-            say(f"checkpoint: {folder} was saved on {was}; this run is {now}: converting it to DeepSpeed's "
-                f"universal format in {target} (once)")  # fmt: skip
-            to_universal(folder, target)
-        if dist.is_initialized():
-            dist.barrier()
+        say(f"checkpoint: {folder} was saved on {reshard.describe(saved)}; this run is {reshard.describe(now)}")
+        target = reshard.universal_source(folder, self.root, rank=self.rank, store=self.store,
+                                          key=f"fastclip/universal/{folder.resolve()}")  # fmt: skip
         self.engine._config.load_universal_checkpoint = True  # read at load time (DeepSpeed's engine and ZeRO)
         return target
 
@@ -388,8 +365,10 @@ class CheckpointManager:
         from deepspeed.utils import safe_get_full_fp32_param
 
         module, state = self.engine.module, {}
+        masters = _unpartitioned_masters(self.engine.optimizer)
         for name, param in module.named_parameters():
             full = safe_get_full_fp32_param(param)  # collective under ZeRO-3: every rank takes part
+            full = masters.get(id(param)) if full is None else full
             state[name] = (full if full is not None else param.detach()).float().cpu()
         persistent = module.state_dict().keys()  # leaves out non-persistent buffers (attn_mask)
         for name, buf in module.named_buffers():

@@ -59,48 +59,80 @@ def _saved_run(folder: Path) -> dict[str, Any]:
     return {"model": model.get("name"), "force_image_size": model.get("force_image_size"), "step": client.get("step")}
 
 
-def fp32_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """Every parameter's fp32 master (and the persistent buffers) from a step folder, on the CPU."""
-    if any(folder.glob("*optim_states.pt")):  # partitioned fp32 masters: ZeRO-1/2/3, or bf16's ZeRO-0
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
-    else:  # fp32 ZeRO-0: the module's own weights are the masters
-        (states,) = sorted(folder.glob("mp_rank_*_model_states.pt"))[:1] or [None]
-        if states is None:
-            raise ConfigError(f"{folder}: no mp_rank_00_model_states.pt: its save did not finish")
-        state = torch.load(states, map_location="cpu", weights_only=False)["module"]
-    return {
-        name: t.detach().float().clone() if t.is_floating_point() else t.detach().clone() for name, t in state.items()
-    }
+def fp32_weights(folder: Path, clip: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """Every parameter's fp32 master (and the persistent buffers) from a step folder, on the CPU. ``clip``: the
+    architecture the folder holds, which names bf16 ZeRO-0's masters (built from the folder's record if None)."""
+    try:
+        state = _partitioned(folder) if any(folder.glob("*optim_states.pt")) else _whole(folder, clip)
+    except ConfigError:
+        raise
+    except Exception as e:  # DeepSpeed's ValueError, FileNotFoundError, AssertionError on a partial folder
+        said = " ".join(str(e).split())[:300]
+        raise ConfigError(
+            f"{folder}: DeepSpeed cannot read it ({type(e).__name__}: {said}); its save did not finish?"
+        ) from e
+    return {name: (t.float() if t.is_floating_point() else t).detach().clone() for name, t in state.items()}
 
 
-def _check_loads(state: dict[str, torch.Tensor], run: dict[str, Any]) -> None:
-    """Load ``state`` strictly into the architecture the checkpoint names (what open_clip will do with the file)."""
+def _partitioned(folder: Path) -> dict[str, torch.Tensor]:
+    """ZeRO-1/2/3: the fp32 masters gathered from every rank's partition (DeepSpeed's zero_to_fp32)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+
+
+def _whole(folder: Path, clip: torch.nn.Module | None) -> dict[str, torch.Tensor]:
+    """ZeRO-0: the module's weights, with bf16's fp32 masters (its optimizer's, group by group in the order of
+    fastclip's parameter groups) in place of the bf16 copies."""
+    path = folder / "mp_rank_00_model_states.pt"
+    if not path.is_file():
+        raise ConfigError(f"{folder}: no mp_rank_00_model_states.pt or *optim_states.pt: its save did not finish")
+    states = torch.load(path, map_location="cpu", weights_only=False)
+    module = dict(states["module"])
+    masters = (states.get("optimizer") or {}).get("fp32_groups")
+    if not masters:
+        return module  # fp32: the module's weights are the masters
+    from fastclip.model import param_group_names
+
+    groups = param_group_names(clip if clip is not None else _model(_saved_run(folder)))
+    if [len(g) for g in groups] != [len(t) for t in masters]:
+        raise ConfigError(f"{folder}: its bf16 optimizer's parameter groups do not match the model it names")
+    for names, tensors in zip(groups, masters):
+        module.update({name: t.reshape(module[name].shape) for name, t in zip(names, tensors)})
+    return module
+
+
+def _model(run: dict[str, Any]) -> torch.nn.Module:
+    """The architecture a checkpoint names, as the trainer built it (fp32, CPU)."""
     from fastclip.config import ModelConfig
     from fastclip.model import _quiet_random_init, build_model
 
     with _quiet_random_init():
-        clip = build_model(ModelConfig(name=run["model"], force_image_size=run.get("force_image_size")))
+        return build_model(ModelConfig(name=run["model"], force_image_size=run.get("force_image_size")))
+
+
+def _check_loads(state: dict[str, torch.Tensor], clip: torch.nn.Module, name: str) -> None:
+    """Load ``state`` strictly into ``clip`` (what open_clip will do with the file)."""
     try:
         clip.load_state_dict(state, strict=True)
     except RuntimeError as e:
         said = " ".join(str(e).split())[:400]
-        raise ConfigError(f"the weights do not load into {run['model']}, the model the checkpoint names: {said}") from e
+        raise ConfigError(f"the weights do not load into {name}, the model the checkpoint names: {said}") from e
 
 
 def export(where: str | Path, out: str | Path) -> Path:
     folder = step_folder(where)
     run = _saved_run(folder)
-    state = fp32_weights(folder)
+    clip = _model(run) if run.get("model") else None
+    state = fp32_weights(folder, clip)
     bad = next(
         (name for name, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()), None
     )
     if bad is not None:
         raise ConfigError(f"{folder}: {bad} holds inf/NaN; export an earlier step folder")
-    if run.get("model"):
-        _check_loads(state, run)
+    if clip is not None:
+        _check_loads(state, clip, run["model"])
     return write_open_clip(Path(out), state, step=int(run.get("step") or 0), model=run.get("model") or "")
 
 

@@ -146,11 +146,18 @@ def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
     return param.ndim < 2 or any(key in name for key in ("bn", "ln", "bias", "logit_scale", "embedding"))
 
 
-def param_groups(clip: torch.nn.Module, *, weight_decay: float) -> list[dict]:
+def param_group_names(clip: torch.nn.Module) -> list[list[str]]:
+    """The parameter names of :func:`param_groups`' groups, in their order (which names an optimizer's tensors)."""
     decay, no_decay = [], []
     for name, param in clip.named_parameters():
         if param.requires_grad:
-            (no_decay if _no_decay(name, param) else decay).append(param)
+            (no_decay if _no_decay(name, param) else decay).append(name)
+    return [decay, no_decay]
+
+
+def param_groups(clip: torch.nn.Module, *, weight_decay: float) -> list[dict]:
+    params = dict(clip.named_parameters())
+    decay, no_decay = ([params[name] for name in names] for names in param_group_names(clip))
     return [
         {"params": decay, "weight_decay": weight_decay, "name": "decay"},
         {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},

@@ -54,6 +54,18 @@ def _peer_gone(error: BaseException) -> bool:
     )
 
 
+def _identity(cfg) -> dict:
+    """What every rank must agree on: its run config, and the train shards the spec matched on its node (a node
+    that mounts an older copy of the set would read other samples under the same glob)."""
+    import hashlib
+
+    from fastclip.data.shards import expand
+
+    listed = expand(cfg.data.train_shards, field="data.train_shards") if cfg.data.train_shards else []
+    digest = hashlib.sha1("\n".join(listed).encode()).hexdigest()[:12]
+    return {**cfg.to_dict(), "train shards found": f"{len(listed)} files, sha1 {digest}"}
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     from fastclip.world import apply_launch_environment
 
@@ -68,19 +80,20 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from fastclip.world import RendezvousError, close_distributed, join_world
 
     try:
-        world = join_world(cfg.to_dict(), cfg.dist, deepspeed_file=cfg.deepspeed_config)
+        world = join_world(_identity(cfg), cfg.dist, deepspeed_file=cfg.deepspeed_config)
     except RendezvousError as e:  # ranks missing or disagreeing, MASTER_PORT taken: before any model
         _fail(str(e), speaker=e.speaker)
     trainer, finished = None, False
 
-    def latest():
-        tag = read_latest(cfg.checkpoint.dir)
-        return os.path.join(cfg.checkpoint.dir, tag) if tag else None
+    def latest():  # kept in memory: read from the filesystem only before the trainer exists
+        known = trainer.checkpoints.newest if trainer else None
+        return known or os.path.join(cfg.checkpoint.dir, read_latest(cfg.checkpoint.dir) or "latest")
 
     watchdog = Watchdog(world, cfg.dist, step=lambda: trainer.step if trainer else 0, latest=latest).start()
     try:
         trainer = Trainer(cfg, world)
         metrics = trainer.train()
+        watchdog.finish()
         finished = True
         return metrics
     except (CheckpointError, DataBroken, OutOfMemory) as e:  # one rank's files, data or memory: named

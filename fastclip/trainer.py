@@ -110,7 +110,7 @@ class Trainer:
         self.state = TrainState(EarlyStopping(cfg.eval.early_stop_patience, cfg.eval.early_stop_min_delta))
         self.checkpoints = CheckpointManager(
             cfg.checkpoint, engine=self.engine, rank=world.rank, world_size=world.world_size,
-            data_identity=self._data_identity(), meta=self._checkpoint_meta(),
+            data_identity=self._data_identity(), meta=self._checkpoint_meta(), store=world.store,
         )  # fmt: skip
         self.grad_norms_seen, self.lr = False, 0.0
         self.guard = NonFiniteGuard(cfg.optim, latest=lambda: self.checkpoints.latest)

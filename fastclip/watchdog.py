@@ -50,10 +50,27 @@ class Watchdog:
         return self
 
     def stop(self) -> None:
-        """The run ends normally: stop beating (before the process group goes, so no peer reads a silence)."""
+        """This rank is done (or failing): stop beating, and mark it done so the watchers read no silence."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=self.cfg.heartbeat_s + 5)
+        if self._store is not None:
+            try:
+                self._store.set(_store_key(f"done/{self.world.rank}"), "1")
+            except Exception:  # noqa: BLE001 - the store is gone: nobody is left to read a silence
+                pass
+
+    def finish(self) -> None:
+        """The run ended normally: stop, then wait (at most ``dist.lost_after_s``) until every rank has stopped,
+        so that rank 0, which holds the store, does not take it away from a rank still beating."""
+        self.stop()
+        if self._store is None:
+            return
+        try:
+            keys = [_store_key(f"done/{r}") for r in range(self.world.world_size)]
+            self._store.wait(keys, timedelta(seconds=self.cfg.lost_after_s))
+        except Exception:  # noqa: BLE001 - a rank gone after the run's end: its exit code says what happened
+            pass
 
     # ------------------------------------------------------------------------------------------ the thread
 
@@ -80,6 +97,7 @@ class Watchdog:
                 if value != seen[r]:
                     seen[r], since[r] = value, now
             lost = [r for r in self.others if now - since[r] > self.cfg.lost_after_s] if watching else []
+            lost = [r for r in lost if not self._store.check([_store_key(f"done/{r}")])]  # ended its run normally
             if lost and not self._stop.is_set():
                 self._end(self._lost(lost, seen, now - min(since[r] for r in lost)), post=True)
 
@@ -113,14 +131,10 @@ class Watchdog:
         self._verdict.set()
         if post:
             self.post_failure(why)
-        latest = self.latest()
-        after = (
-            f"The newest checkpoint ({latest}) is whole: continue with --checkpoint.resume latest."
-            if latest
-            else "No checkpoint was saved yet."
-        )
+        latest = self.latest()  # from memory: a lost node's network filesystem may hang any read
         print(
-            f"fastclip (rank {self.world.rank}): stopping at step {self.step()}: {why}. {after}",
+            f"fastclip (rank {self.world.rank}): stopping at step {self.step()}: {why}. The newest checkpoint "
+            f"({latest}) is whole: continue with --checkpoint.resume latest.",
             file=sys.stderr,
             flush=True,
         )
@@ -140,10 +154,10 @@ class Watchdog:
 
     def fail(self, rank: int, why: str) -> None:
         """This rank stops on its own error: post it as the run's cause, and give the others a beat to read it
-        before this process (which may host the store) exits."""
+        before this process exits (its launcher then ends the node's other ranks, rank 0 with the store perhaps)."""
         self.post_failure(f"{self.world.describe(rank)} stopped at step {self.step()}: {why}")
         self._stop.set()
-        if self.world.rank == 0 and self._store is not None:
+        if self._store is not None:  # a launcher kills a failed rank's node mates, rank 0 and its store among them
             time.sleep(min(self.cfg.heartbeat_s * 1.5, 10))
 
     def await_verdict(self) -> bool:

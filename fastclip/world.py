@@ -87,11 +87,14 @@ class World:
 
 
 def _span(numbers: list[int]) -> str:
-    """'0-3' for a run of consecutive numbers, else '0, 2, 5'."""
-    numbers = sorted(numbers)
-    if len(numbers) > 1 and numbers == list(range(numbers[0], numbers[-1] + 1)):
-        return f"{numbers[0]}-{numbers[-1]}"
-    return ", ".join(map(str, numbers))
+    """Runs of consecutive numbers: '0-3, 5, 7-999'."""
+    numbers, runs = sorted(numbers), []
+    for n in numbers:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs)
 
 
 # ------------------------------------------------------------------------------------------------- SLURM
@@ -116,33 +119,42 @@ def expand_nodelist(text: str) -> list[str]:
 
 def slurm_environment(env: dict[str, str]) -> dict[str, str]:
     """torch's launch variables for a task that ``srun`` started without a launcher ({} when a launcher set RANK,
-    or outside SLURM): rank, world size and local rank from SLURM_PROCID, SLURM_NTASKS and SLURM_LOCALID; the
-    first host of the job's node list as MASTER_ADDR; a MASTER_PORT from the job id, so every task picks the same
-    one without talking (set MASTER_PORT to choose it)."""
-    if "RANK" in env or "SLURM_PROCID" not in env or "SLURM_NTASKS" not in env:
+    or outside an srun step: a batch script's own shell has SLURM_NTASKS but no SLURM_STEP_NUM_TASKS): rank, world
+    size and local rank from SLURM_PROCID, SLURM_STEP_NUM_TASKS and SLURM_LOCALID; the first host of the step's
+    node list as MASTER_ADDR; a MASTER_PORT from the job and step ids (below the kernel's ephemeral ports), so
+    every task picks the same one without talking (set MASTER_PORT to choose it)."""
+    if "RANK" in env or "SLURM_PROCID" not in env or "SLURM_STEP_NUM_TASKS" not in env:
         return {}
     nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not env.get("MASTER_ADDR") and not nodelist:
-        raise ConfigError("SLURM: no SLURM_JOB_NODELIST to find the first node; set MASTER_ADDR to rank 0's host")
+        raise ConfigError("SLURM: no SLURM_STEP_NODELIST to find the first node; set MASTER_ADDR to rank 0's host")
+    job, step = int(env.get("SLURM_JOB_ID", "0") or 0), int(env.get("SLURM_STEP_ID", "0") or 0)
     return {
         "RANK": env["SLURM_PROCID"],
-        "WORLD_SIZE": env["SLURM_NTASKS"],
+        "WORLD_SIZE": env["SLURM_STEP_NUM_TASKS"],
         "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
         "MASTER_ADDR": env.get("MASTER_ADDR") or expand_nodelist(nodelist)[0],
-        "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0") or 0) % 20000),
+        "MASTER_PORT": env.get("MASTER_PORT") or str(20000 + (job * 16 + step) % 12000),
     }
 
 
+_launcher: str | None = None
+
+
 def apply_launch_environment() -> str:
-    """Fill torch's launch variables from SLURM's when ``srun`` started this process; returns the launcher's name."""
-    if mapped := slurm_environment(dict(os.environ)):
-        os.environ.update(mapped)
-        return "srun"
-    if "TORCHELASTIC_RUN_ID" in os.environ:
-        return "torchrun"
-    if "CROSS_RANK" in os.environ:
-        return "deepspeed"
-    return "python" if "RANK" not in os.environ else "a launcher"
+    """Fill torch's launch variables from SLURM's when ``srun`` started this process (once); the launcher's name."""
+    global _launcher
+    if _launcher is None:
+        if mapped := slurm_environment(dict(os.environ)):
+            os.environ.update(mapped)
+            _launcher = "srun"
+        elif "TORCHELASTIC_RUN_ID" in os.environ:
+            _launcher = "torchrun"
+        elif "CROSS_RANK" in os.environ:
+            _launcher = "deepspeed"
+        else:
+            _launcher = "python" if "RANK" not in os.environ else "a launcher"
+    return _launcher
 
 
 # ------------------------------------------------------------------------------------------- rendezvous
@@ -178,6 +190,8 @@ def _open_store(rank: int, world_size: int, join: float):
     """The TCPStore at MASTER_ADDR:MASTER_PORT: rank 0 hosts it, unless torchrun's agent already does."""
     addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     hosts = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    if hosts:
+        _raise_file_limit()
     try:
         return dist.TCPStore(addr, port, world_size if hosts else None, hosts, timedelta(seconds=join),
                              wait_for_workers=False)  # fmt: skip
@@ -193,17 +207,32 @@ def _open_store(rank: int, world_size: int, join: float):
             f"dist.join_timeout_s={join:g} s ({' '.join(str(e).split())[:160]}). Check that rank 0's node was "
             "started (every node's launcher with the same --master_addr/--master_port) and that this host can "
             f"reach {addr} on that port.",
-            speaker=True,
+            speaker=os.environ.get("LOCAL_RANK", "0") == "0",  # one line a node
         ) from e
 
 
+def _raise_file_limit() -> None:
+    """The store holds two connections a rank (its own and the watchdog's): 1,000 ranks pass a 1,024 soft limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 1 << 20, hard))
+
+
 def _store_key(name: str) -> str:
-    # torchrun's agent keeps its store across worker restarts: each attempt its own keys
-    return f"fastclip/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{name}"
+    # torchrun's agent keeps its store across worker restarts (and, with a node range, a scale-up restart keeps
+    # the restart count): each attempt and world size its own keys
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return f"fastclip/{restart}/{os.environ.get('WORLD_SIZE', '1')}/{name}"
+
+
+LAYOUT_KEYS = ("rank", "host", "node", "local_rank", "device")
 
 
 def _join(store, me: dict, world_size: int, join: float, launcher: str) -> list[dict]:
-    """Post ``me``, wait for every rank's record; name the ranks that never came, or a rank claimed twice."""
+    """Post ``me``; rank 0 waits for every rank's record, judges the world and posts one verdict (the others read
+    it alone: the store's traffic grows with the ranks, not their square). Every rank's layout, or an error."""
     rank = me["rank"]
     if store.add(_store_key(f"claim/{rank}"), 1) > 1:
         raise RendezvousError(
@@ -212,22 +241,53 @@ def _join(store, me: dict, world_size: int, join: float, launcher: str) -> list[
             speaker=True,
         )
     store.set(_store_key(f"join/{rank}"), json.dumps(me))
+    if rank == 0:
+        verdict = _judge(store, world_size, join, launcher)
+        store.set(_store_key("verdict"), json.dumps(verdict))
+    else:
+        try:
+            store.wait([_store_key("verdict")], timedelta(seconds=join + 60))
+            verdict = json.loads(store.get(_store_key("verdict")))
+        except (RuntimeError, OSError) as e:
+            raise RendezvousError(
+                f"rank {rank} on {me['host']} joined the rendezvous at {os.environ['MASTER_ADDR']}:"
+                f"{os.environ['MASTER_PORT']}, but rank 0 never judged the world (its process or node is gone, or "
+                "it was started with another WORLD_SIZE)",
+                speaker=me["local_rank"] == 0,
+            ) from e
+    if verdict["error"]:
+        _store_barrier(store, "verdict read", len(verdict["members"]), 10)  # rank 0 hosts the store: it waits
+        raise RendezvousError(verdict["error"], speaker=rank == 0)
+    return verdict["members"]
+
+
+def _judge(store, world_size: int, join: float, launcher: str) -> dict:
+    """Rank 0's verdict on the world: {'error': str or None, 'members': each joined rank's layout}."""
     keys = [_store_key(f"join/{r}") for r in range(world_size)]
     try:
         store.wait(keys, timedelta(seconds=join))
-    except (RuntimeError, OSError) as e:
+    except (RuntimeError, OSError):
         came = [r for r, key in enumerate(keys) if store.check([key])]
-        missing = [r for r in range(world_size) if r not in came]
+        missing = sorted(set(range(world_size)) - set(came))
         hint = " Under SLURM, start one task per rank with srun." if launcher == "srun" else ""
-        raise RendezvousError(
+        error = (
             f"ranks {_span(missing)} of {world_size} did not join the rendezvous at {os.environ['MASTER_ADDR']}:"
             f"{os.environ['MASTER_PORT']} within dist.join_timeout_s={join:g} s (ranks {_span(came)} did). Check that "
             "every host of the hostfile is up and reachable (pdsh/ssh), that every node's launcher was started with "
             "the same --nnodes, --master_addr and --master_port, and that no node is still busy with a former "
-            f"run.{hint}",
-            speaker=rank == min(came, default=rank),
-        ) from e
-    return [json.loads(store.get(key)) for key in keys]
+            f"run.{hint}"
+        )
+        return {"error": error, "members": [{"rank": r} for r in came]}
+    records = [json.loads(value) for value in store.multi_get(keys)]
+    members = [{k: m[k] for k in LAYOUT_KEYS} for m in records]
+    error = None
+    if found := _disagreements(records):
+        error = (
+            f"the ranks disagree on the run (against rank 0 on {records[0]['host']}): {' | '.join(found[:4])}"
+            f"{f' (and {len(found) - 4} more ranks)' if len(found) > 4 else ''}. Start every rank with the same "
+            "command line, config files and software versions."
+        )
+    return {"error": error, "members": members}
 
 
 def _disagreements(members: list[dict]) -> list[str]:
@@ -271,9 +331,10 @@ def join_world(
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    # one GPU visible to each task (srun --gpus-per-task, --gpu-bind): it is device 0 whatever the local rank
+    device = torch.device("cuda", local_rank if torch.cuda.device_count() > 1 else 0) if cuda else torch.device("cpu")
     if cuda:
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(device)
     store = _open_store(rank, world_size, dist_cfg.join_timeout_s)
     digest = None
     if deepspeed_file:
@@ -283,13 +344,6 @@ def join_world(
     me = {"rank": rank, "host": socket.gethostname(), "node": _node(), "local_rank": local_rank, "device": str(device),
           "config": config or {}, "versions": _versions(), "deepspeed_file": digest}  # fmt: skip
     members = _join(store, me, world_size, dist_cfg.join_timeout_s, launcher)
-    if found := _disagreements(members):
-        _store_barrier(store, "checked", world_size, 10)
-        raise RendezvousError(
-            f"the ranks disagree on the run (against rank 0 on {members[0]['host']}): {' | '.join(found[:4])}. Start "
-            "every rank with the same command line, config files and software versions.",
-            speaker=rank == 0,
-        )
     kwargs = {"device_id": device} if cuda else {}
     dist.init_process_group(
         "nccl" if cuda else "gloo", store=dist.PrefixStore(_store_key("pg"), store), rank=rank,

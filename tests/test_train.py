@@ -104,6 +104,13 @@ def test_every_zero_stage_trains_evaluates_and_exports(world_dir, tmp_path, stag
     state = torch.load(out / "checkpoints" / "open_clip.pt")["state_dict"]
     assert state["logit_scale"].shape == () and all(torch.isfinite(v).all() for v in state.values())
     assert state["visual.conv1.weight"].dtype == torch.float32 and state["visual.conv1.weight"].abs().sum() > 0
+    # the standalone export of the last step folder: the same fp32 masters (bf16 ZeRO-0's from its optimizer)
+    exported = out / "exported.pt"
+    cmd = [sys.executable, "-m", "fastclip.export", str(out / "checkpoints"), "--out", str(exported)]
+    _check(run_cli(cmd, cwd=ROOT, timeout=300))
+    again = torch.load(exported)["state_dict"]
+    assert again.keys() == state.keys() and all(torch.equal(again[k], v) for k, v in state.items())
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in state.values())  # masters, not bf16 copies
 
 
 def test_torch_fallback_loader_trains(world_dir, tmp_path):
