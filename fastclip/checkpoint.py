@@ -153,7 +153,7 @@ def check_same_model(folder: Path, saved: dict[str, Any], current: dict[str, Any
     diffs = [f"{n} {old.get(n)} -> {new.get(n)}" for n in sorted(old.keys() | new.keys()) if old.get(n) != new.get(n)]
     if not diffs:
         return
-    raise CheckpointError(
+    raise ConfigError(  # every rank finds it alike: said once, by rank 0
         f"checkpoint.resume: {folder} holds another model ({saved.get('model')!r}, {len(old)} tensors) than this run "
         f"builds ({current['model']!r}, {len(new)} tensors): {len(diffs)} differ, first {'; '.join(diffs[:4])}. "
         f"Resume with the checkpoint's --model.name (and --model.force_image_size), or use another --checkpoint.dir."
