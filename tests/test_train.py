@@ -1,15 +1,12 @@
 """The trainer end to end, as users start it: deepspeed launcher, several CPU ranks (gloo), real shards."""
 
 import json
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
-from runs import ROOT, clean_env, run_cli, small_run_args
+from runs import ROOT, run_cli, small_run_args
 
 pytestmark = pytest.mark.slow
 
@@ -59,39 +56,7 @@ def test_batch_size_mismatch_with_deepspeed_config_is_an_error(world_dir, tmp_pa
     assert "params" not in proc.stdout  # refused before the model was built
 
 
-def test_killed_run_leaves_a_loadable_checkpoint_and_resumes(world_dir, tmp_path):
-    out = tmp_path / "run"
-    args = small_run_args(world_dir, out, steps=10_000, batch=8) + ["--checkpoint.every", "3"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fastclip.train", *args],
-        cwd=ROOT,
-        env=clean_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    latest = out / "checkpoints" / "latest"
-    deadline = time.time() + 240
-    while time.time() < deadline and not (latest.exists() and latest.read_text().strip() >= "step_00000006"):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert latest.exists(), proc.stdout.read().decode()[-3000:]
-    saved = latest.read_text().strip()
-    step = int(saved.split("_")[1])
-    resumed = run_cli(
-        [sys.executable, "-m", "fastclip.train", *small_run_args(world_dir, out, steps=step + 2, batch=8)]
-        + ["--checkpoint.resume", "latest", "--eval.zeroshot", "false"],
-        cwd=ROOT,
-        timeout=300,
-    )
-    _check(resumed)
-    assert f"at step {step}" in resumed.stdout
-    assert "the train stream goes on from the checkpoint's position" in resumed.stdout
-    steps = [r["step"] for r in _records(out) if "loss" in r]
-    assert steps[-2:] == [step + 1, step + 2]
-
-
-@pytest.mark.parametrize("stage", [0, 1])  # ZeRO-3: tests/test_multinode.py (4 ranks)
+@pytest.mark.parametrize("stage", [0])  # ZeRO-1/2/3: tests/test_accumulation.py, tests/test_multinode.py
 def test_every_zero_stage_trains_evaluates_and_exports(world_dir, tmp_path, stage):
     out = tmp_path / f"zero{stage}"
     args = small_run_args(world_dir, out, steps=3) + ["--train.zero_stage", str(stage), "--eval.every", "2"]
