@@ -57,13 +57,12 @@ def _peer_gone(error: BaseException) -> bool:
 def _identity(cfg) -> dict:
     """What every rank must agree on: its run config, and the train shards the spec matched on its node (a node
     that mounts an older copy of the set would read other samples under the same glob)."""
-    import hashlib
+    from fastclip.data.shards import shard_list_digest
 
-    from fastclip.data.shards import expand
-
-    listed = expand(cfg.data.train_shards, field="data.train_shards") if cfg.data.train_shards else []
-    digest = hashlib.sha1("\n".join(listed).encode()).hexdigest()[:12]
-    return {**cfg.to_dict(), "train shards found": f"{len(listed)} files, sha1 {digest}"}
+    count, digest = (
+        shard_list_digest(cfg.data.train_shards, field="data.train_shards") if cfg.data.train_shards else (0, "")
+    )
+    return {**cfg.to_dict(), "train shards found": f"{count} files, sha1 {digest}"}
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -97,15 +96,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         finished = True
         return metrics
     except (CheckpointError, DataBroken, OutOfMemory) as e:  # one rank's files, data or memory: named
-        watchdog.fail(world.rank, str(e))
+        watchdog.fail(str(e))
         _fail(str(e), code=2 if isinstance(e, CheckpointError) else 1, any_rank=True)
     except (ConfigError, TrainingDiverged) as e:  # every rank alike: said once
-        watchdog.fail(world.rank, str(e))
+        watchdog.fail(str(e))
         _fail(str(e), code=2 if isinstance(e, ConfigError) else 1)
     except Exception as e:
         if world.world_size > 1 and _peer_gone(e) and watchdog.await_verdict():
             raise  # not reached: the watchdog has named the lost rank and ended the process
-        watchdog.fail(world.rank, f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
+        watchdog.fail(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
         raise
     finally:
         watchdog.stop()

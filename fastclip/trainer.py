@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import random
 import time
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ from fastclip.config import Config
 from fastclip.console import say
 from fastclip.data.batch import Batch, BatchCount, DataPosition
 from fastclip.data.loader import build_loader
-from fastclip.data.shards import expand
+from fastclip.data.shards import shard_list_digest
 from fastclip.data.tokenizer import build_tokenizer
 from fastclip.engine import apply_adamw_settings, build_engine, precision_of
 from fastclip.errors import ConfigError, OutOfMemory
@@ -126,10 +125,9 @@ class Trainer:
         """What a saved train-stream position is valid for: another value of any starts the stream afresh. The
         shard list's hash, not only its spec: a glob matching shards added since would replay other samples."""
         data = self.cfg.data
-        listed = "\n".join(expand(data.train_shards, field="data.train_shards"))
         return {"world_size": self.world.world_size, "train_shards": data.train_shards, "batch_size": data.batch_size,
                 "resampled": data.resampled, "seed": self.cfg.train.seed, "train_num_samples": data.train_num_samples,
-                "shard_list": hashlib.sha1(listed.encode()).hexdigest()[:16]}  # fmt: skip
+                "shard_list": shard_list_digest(data.train_shards, field="data.train_shards")[1]}  # fmt: skip
 
     def _checkpoint_meta(self) -> dict:
         """What every checkpoint of this run records about itself (fastclip.json): a resume and the export read it."""

@@ -152,10 +152,10 @@ class Watchdog:
         except Exception:  # noqa: BLE001 - the store is gone: the others find this rank silent instead
             pass
 
-    def fail(self, rank: int, why: str) -> None:
+    def fail(self, why: str) -> None:
         """This rank stops on its own error: post it as the run's cause, and give the others a beat to read it
         before this process exits (its launcher then ends the node's other ranks, rank 0 with the store perhaps)."""
-        self.post_failure(f"{self.world.describe(rank)} stopped at step {self.step()}: {why}")
+        self.post_failure(f"{self.world.describe(self.world.rank)} stopped at step {self.step()}: {why}")
         self._stop.set()
         if self._store is not None:  # a launcher kills a failed rank's node mates, rank 0 and its store among them
             time.sleep(min(self.cfg.heartbeat_s * 1.5, 10))

@@ -22,6 +22,7 @@ import socket
 import sys
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,7 +31,6 @@ import torch.distributed as dist
 from fastclip.config import DistConfig, differences
 from fastclip.errors import ConfigError
 
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 # the node index each launcher gives its ranks: torchrun, deepspeed's launch.py, SLURM
 NODE_VARS = ("GROUP_RANK", "CROSS_RANK", "SLURM_NODEID")
 
@@ -340,7 +340,7 @@ def join_world(
     if deepspeed_file:
         import hashlib
 
-        digest = hashlib.sha1(open(deepspeed_file, "rb").read()).hexdigest()
+        digest = hashlib.sha1(Path(deepspeed_file).read_bytes()).hexdigest()
     me = {"rank": rank, "host": socket.gethostname(), "node": _node(), "local_rank": local_rank, "device": str(device),
           "config": config or {}, "versions": _versions(), "deepspeed_file": digest}  # fmt: skip
     members = _join(store, me, world_size, dist_cfg.join_timeout_s, launcher)

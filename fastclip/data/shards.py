@@ -55,6 +55,15 @@ def expand(spec: str, *, field: str = "shards") -> list[str]:
     return paths
 
 
+def shard_list_digest(spec: str, *, field: str = "shards") -> tuple[int, str]:
+    """How many files ``spec`` matches here and a hash of their paths: the list itself, which a glob does not
+    pin (shards added since, another node's older copy)."""
+    import hashlib
+
+    listed = expand(spec, field=field)
+    return len(listed), hashlib.sha1("\n".join(listed).encode()).hexdigest()[:16]
+
+
 def sample_key(name: str) -> tuple[str, str]:
     """webdataset's rule for a tar member: (key, extension). The key is the folder and the file name up to its
     first dot ('./a.b/000.jpg' -> './a.b/000'), the extension the rest, lower-cased ('jpg', 'seg.png')."""
