@@ -2,20 +2,38 @@
 
 With L = s * x y^T for "row" features x [n, D] and "column" features y [N, D]:
 
-    forward   lse_x[i] = log sum_j exp(L[i, j])          one program per BLOCK_M rows, streaming y
+    forward   lse_x[i] = log sum_j exp(L[i, j]),  lse_y[j] = log sum_i exp(L[i, j])
     backward  dL[i, j] = g_x[i] exp(L[i, j] - lse_x[i]) + g_y[j] exp(L[i, j] - lse_y[j])
-              dx      += dL y                               (the same kernel with x, y swapped gives dy)
-              ds       = sum dL * (x . y)                   (per-program partials, summed by the launcher)
+              dx = s dL y,  dy = s dL^T x,  ds = sum dL * (x . y)
 
-Column LSEs are row LSEs of the transposed problem, so the same forward kernel runs twice, and the
-backward kernel runs once per side. Online LSE (Milakov & Gimelshein 2018; FlashAttention, Dao 2022):
-m' = max(m, max_j L), l' = l 2^(m - m') + sum_j 2^(L - m'), in base 2 with s log2(e) folded into the tile.
+Forward: one pass over the logit tiles gives both LSEs. CLIP's features are L2-normalized, so every logit is
+bounded: L[i, j] <= B = s max|x| max|y| (B = s for unit features; computed on the device, no host sync). With
+B as a fixed offset, e = exp(L - B) <= 1 serves the row sum and the column sum alike: one exponential per logit
+(FlashAttention's running maximum needs one per direction), and the sums are plain additions, so any tiling of
+the grid can add its partial sums with atomics; that is what lets a second grid axis split the columns when there
+are few row blocks (a local loss: 512 rows against 32k columns). The guard: a row (column) whose sum falls below
+2^-60 (its largest logit more than ~41 below B: unnormalized features, or a vanishing row) would lose terms to
+underflow, so the finishing kernel recomputes exactly those blocks with the running maximum. Above 2^-60 the terms
+lost to underflow (< 2^-126) weigh less than 2^-49 of the sum even over 2^17 columns.
 
-Budget per call (N x N logits, D features, b bytes per element):
-    FLOPs    forward 2 x 2N^2 D (rows, then columns); backward 2 x (2N^2 D recompute + 2N^2 D product)
-    memory   reads O(N^2 D b / BLOCK_M) (y streamed once per row block), writes O(N D); no N x N buffer.
-Block sizes: Hopper table below (BLOCK_M x BLOCK_N tiles of bf16 through wgmma); small blocks for the
-interpreter. Program ids are cast to int64 before offsets are formed.
+Backward: the gradient of the logits is formed per tile in one exponential, dL = e (u_i + v_j) with u_i = g_x[i]
+e^(B - lse_x[i]) and v_j likewise (tiles holding a guarded row or column take the exact two-exponential form),
+scaled by s and written in bf16 (fp32 for fp32/fp16 inputs) to a chunk buffer of C x N (C rows at a time,
+<= 512 MiB, never N x N); dx and dy are then two tensor-core GEMMs of cuBLAS (dx = dL y, dy += dL^T x with fp32
+accumulation across chunks). bf16 dL is what torch's autocast feeds its own backward GEMMs.
+
+Budget per call (n rows, N columns, D features, b bytes per input element):
+    FLOPs executed   forward 2 n N D; backward 2 n N D (recompute) + 2 x 2 n N D (GEMMs): 8 n N D in all,
+                     the useful count (no recompute beyond the one the backward needs)
+    exponentials     forward n N, backward n N
+    bytes            forward: y streamed once per row block (n N D b / BLOCK_M) plus x once per tile
+                     (n N D b / BLOCK_N), mostly from L2; backward: the dL buffer written once and read by each
+                     GEMM (3 x n N x 2 bytes in bf16), y and x as in the forward for the tiles
+    per tile         BLOCK_M x BLOCK_N x 2 D FLOPs against (BLOCK_M + BLOCK_N) D b bytes loaded: with 128 x 128
+                     bf16 tiles, 64 FLOP per byte from L2, well inside an H100's L2 bandwidth at its matmul peak;
+                     the backward's dL write adds 2 bytes per 2 D FLOPs (D FLOP/byte from HBM: 512 at D = 512,
+                     above the H100's 295 ridge), so both kernels can be tensor-core bound.
+Interpreter: small blocks (tests). Program ids are cast to int64 before offsets are formed.
 """
 
 from __future__ import annotations
@@ -24,105 +42,170 @@ import torch
 import triton
 import triton.language as tl
 
-# (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) by device class; chosen for H100 (sm_90) bf16 tiles
-# that keep the fp32 accumulator of one BLOCK_M x BLOCK_N tile in registers.
-_BLOCKS = {
-    "cuda": (128, 64, 64, 8, 3),
-    "interpreter": (16, 16, 16, 1, 1),
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+GUARD2 = -60.0  # base-2 exponent: a row or column sum of exp(L - B) below 2^-60 takes the exact path
+DL_BUFFER_BYTES = 512 << 20  # the backward's dL chunk, at most
+
+
+# Tile configs (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages): ("cuda", dtype class) for sm_90 (H100/H200),
+# measured there at N = 32768, D = 512 and 768 (benchmarks/results); "interpreter" small for CPU tests.
+CONFIGS = {
+    "fwd": {"cuda16": (128, 128, 64, 8, 3), "cuda32": (128, 64, 32, 8, 3), "interpreter": (16, 16, 16, 1, 1)},
+    "bwd": {"cuda16": (128, 128, 64, 8, 3), "cuda32": (128, 64, 32, 8, 3), "interpreter": (16, 16, 16, 1, 1)},
 }
+# every config a launcher can pick on a GPU (the offline sm_90a compile test covers each)
+CANDIDATES = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]  # 128 x 256 spills
 
 
-def _blocks(device: torch.device):
-    return _BLOCKS["cuda"] if device.type == "cuda" else _BLOCKS["interpreter"]
+def config(kind: str, x: torch.Tensor) -> tuple[int, int, int, int, int]:
+    if x.device.type != "cuda":
+        return CONFIGS[kind]["interpreter"]
+    return CONFIGS[kind]["cuda32" if x.dtype == torch.float32 else "cuda16"]
+
+
+def _precision(x: torch.Tensor) -> str:
+    """tl.dot's input precision: bf16/fp16 as they are; fp32 as tf32 when torch allows it for its own matmuls."""
+    if x.dtype != torch.float32:
+        return "tf32"  # ignored for 16-bit inputs
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" or x.device.type != "cuda" else "tf32"
 
 
 @triton.jit
-def _tile_dot(X, Y, rows, cols, row_ok, col_ok, D, stride_x, stride_y,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
-    """x[rows] . y[cols] for one BLOCK_M x BLOCK_N tile, fp32, D in chunks of BLOCK_D."""
+def _tile_dot(XD, YD, X, Y, r0, c0, rows, cols, row_ok, col_ok, D, stride_x, stride_y,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+              TMA: tl.constexpr):  # fmt: skip
+    """x[rows] . y[cols] for one BLOCK_M x BLOCK_N tile (rows from r0, columns from c0), fp32 accumulation, D in
+    chunks of BLOCK_D. TMA: tensor descriptors (Hopper's bulk copies, zero-filled past the edges; Triton pipelines
+    them, 3.6-3.8 do not pipeline this loop's pointer loads); else pointer loads (rows not 16-byte aligned)."""
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        dims = d0 + tl.arange(0, BLOCK_D)
-        d_ok = dims < D
-        x = tl.load(X + rows[:, None] * stride_x + dims[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        y = tl.load(Y + cols[:, None] * stride_y + dims[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        if IEEE:
-            acc = tl.dot(x, tl.trans(y), acc, input_precision="ieee")
+        if TMA:
+            x = XD.load([r0, d0])
+            y = YD.load([c0, d0])
         else:
-            acc = tl.dot(x, tl.trans(y), acc)
+            dims = d0 + tl.arange(0, BLOCK_D)
+            d_ok = dims < D
+            x = tl.load(X + rows[:, None] * stride_x + dims[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            y = tl.load(Y + cols[:, None] * stride_y + dims[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(y), acc, input_precision=PRECISION)
     return acc
 
 
 @triton.jit
-def _lse_fwd_kernel(
-    X, Y, S, LSE,
-    n, N, D,
-    stride_x, stride_y,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+def _sums_kernel(
+    XD, YD, X, Y, S, BOUND, ROW_SUM, COL_SUM,
+    n, N, D, stride_x, stride_y, cols_per_split,
+    WITH_COL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    """Row (and column) sums of exp(L - B) over this program's rows and its split of the columns, added atomically."""
+    pid_m = tl.program_id(0)  # int32 offsets for the descriptors; int64 for the pointers
+    pid_s = tl.program_id(1)
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_ok = rows < n
-    scale2 = tl.load(S).to(tl.float32) * 1.4426950408889634  # s * log2(e): tiles come out in base 2
-    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    total = tl.zeros([BLOCK_M], tl.float32)
-    for c0 in range(0, N, BLOCK_N):
+    scale2 = tl.load(S).to(tl.float32) * 1.4426950408889634  # tiles come out in base 2
+    bound2 = tl.load(BOUND) * 1.4426950408889634
+    c_start = pid_s * cols_per_split
+    c_end = tl.minimum(c_start + cols_per_split, N)
+    row_acc = tl.zeros([BLOCK_M], tl.float32)
+    for c0 in range(c_start, c_end, BLOCK_N):
         cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        col_ok = cols < N
-        acc = _tile_dot(X, Y, rows, cols, row_ok, col_ok, D, stride_x, stride_y, BLOCK_M, BLOCK_N, BLOCK_D, IEEE)
-        t = tl.where(col_ok[None, :], acc * scale2, float("-inf"))  # L / ln 2
-        m_new = tl.maximum(m, tl.max(t, axis=1))
-        total = total * tl.exp2(m - m_new) + tl.sum(tl.exp2(t - m_new[:, None]), axis=1)
-        m = m_new
-    tl.store(LSE + rows, (m + tl.log2(total)) * 0.6931471805599453, mask=row_ok)
+        col_ok = cols < c_end
+        acc = _tile_dot(XD, YD, X, Y, pid_m * BLOCK_M, c0, rows, cols, row_ok, col_ok, D,
+                        stride_x, stride_y, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, TMA)  # fmt: skip
+        e = tl.exp2(acc * scale2 - bound2)
+        e = tl.where(row_ok[:, None] & col_ok[None, :], e, 0.0)
+        row_acc += tl.sum(e, axis=1)
+        if WITH_COL:
+            tl.atomic_add(COL_SUM + cols, tl.sum(e, axis=0), mask=col_ok, sem="relaxed")
+    tl.atomic_add(ROW_SUM + rows, row_acc, mask=row_ok, sem="relaxed")
 
 
 @triton.jit
-def _lse_bwd_kernel(
-    X, Y, S, LSE_X, LSE_Y, G_X, G_Y, DX, DS_PART,
-    n, N, D,
-    stride_x, stride_y, stride_dx,
-    HAS_GX: tl.constexpr, HAS_GY: tl.constexpr, WRITE_DS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+def _finish_kernel(
+    XD, YD, X, Y, S, BOUND, SUM, LSE,
+    n, N, D, stride_x, stride_y,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0).to(tl.int64)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    """lse = B + log(sum); a block holding a sum below 2^-60 recomputes those rows with the running maximum."""
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
     row_ok = rows < n
+    bound2 = tl.load(BOUND) * 1.4426950408889634
+    sums = tl.load(SUM + rows, mask=row_ok, other=1.0)
+    lse2 = bound2 + tl.log2(sums)
+    low = row_ok & (sums < 8.673617379884035e-19)  # 2^-60 (GUARD2)
+    if tl.max(low.to(tl.int32), axis=0) > 0:
+        scale2 = tl.load(S).to(tl.float32) * 1.4426950408889634
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        total = tl.zeros([BLOCK_M], tl.float32)
+        for c0 in range(0, N, BLOCK_N):
+            cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
+            col_ok = cols < N
+            acc = _tile_dot(XD, YD, X, Y, pid * BLOCK_M, c0, rows, cols, low, col_ok, D, stride_x,
+                            stride_y, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, TMA)  # fmt: skip
+            t = tl.where(col_ok[None, :], acc * scale2, float("-inf"))
+            m_new = tl.maximum(m, tl.max(t, axis=1))
+            total = total * tl.exp2(m - m_new) + tl.sum(tl.exp2(t - m_new[:, None]), axis=1)
+            m = m_new
+        lse2 = tl.where(low, m + tl.log2(total), lse2)
+    tl.store(LSE + rows, lse2 * 0.6931471805599453, mask=row_ok)
+
+
+@triton.jit
+def _dlogits_kernel(
+    XD, YD, X, Y, S, BOUND, LSE_X, LSE_Y, G_X, G_Y, DLD, DL, DS_PART,
+    row0, n_chunk, N, D, stride_x, stride_y, stride_dl,
+    HAS_GX: tl.constexpr, HAS_GY: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
+):  # fmt: skip
+    """s * dL for one tile of the chunk's rows [row0, row0 + n_chunk), into DL; its share of ds into DS_PART."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    local = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+    rows = row0 + local
+    row_ok = local < n_chunk
+    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+    col_ok = cols < N
     s = tl.load(S).to(tl.float32)
     scale2 = s * 1.4426950408889634
+    bound2 = tl.load(BOUND) * 1.4426950408889634
+    raw = _tile_dot(XD, YD, X, Y, row0 + pid_m * BLOCK_M, pid_n * BLOCK_N, rows, cols,
+                    row_ok, col_ok, D, stride_x, stride_y, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, TMA)  # fmt: skip
+    t = raw * scale2
+    # u_i = g_x[i] 2^(B2 - lse2_x[i]) (= g_x[i] / row sum); guarded rows (sum < 2^-60) are "low"
+    lse_x2 = tl.zeros([BLOCK_M], tl.float32)
+    u = tl.zeros([BLOCK_M], tl.float32)
+    low = tl.zeros([BLOCK_M], tl.int32)
     if HAS_GX:
         lse_x2 = tl.load(LSE_X + rows, mask=row_ok, other=0.0) * 1.4426950408889634
         g_x = tl.load(G_X + rows, mask=row_ok, other=0.0)
-    ds_acc = tl.zeros([BLOCK_M], tl.float32)
-    for c0 in range(0, N, BLOCK_N):
-        cols = c0 + tl.arange(0, BLOCK_N).to(tl.int64)
-        col_ok = cols < N
-        raw = _tile_dot(X, Y, rows, cols, row_ok, col_ok, D, stride_x, stride_y, BLOCK_M, BLOCK_N, BLOCK_D, IEEE)
-        t = raw * scale2  # x_i . y_j in base-2 logit units
+        u = g_x * tl.exp2(bound2 - lse_x2)
+        low = (row_ok & (lse_x2 - bound2 < -60.0)).to(tl.int32)
+    lse_y2 = tl.zeros([BLOCK_N], tl.float32)
+    v = tl.zeros([BLOCK_N], tl.float32)
+    low_c = tl.zeros([BLOCK_N], tl.int32)
+    if HAS_GY:
+        lse_y2 = tl.load(LSE_Y + cols, mask=col_ok, other=0.0) * 1.4426950408889634
+        g_y = tl.load(G_Y + cols, mask=col_ok, other=0.0)
+        v = g_y * tl.exp2(bound2 - lse_y2)
+        low_c = (col_ok & (lse_y2 - bound2 < -60.0)).to(tl.int32)
+    if tl.maximum(tl.max(low, axis=0), tl.max(low_c, axis=0)) == 0:
+        dl = tl.exp2(t - bound2) * (u[:, None] + v[None, :])  # one exponential for both directions
+    else:  # a guarded row or column in this tile: each direction against its own LSE
         dl = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        if HAS_GX:  # g_x[i] * P_row[i, j]
+        if HAS_GX:
             dl += g_x[:, None] * tl.exp2(t - lse_x2[:, None])
-        if HAS_GY:  # g_y[j] * P_col[i, j]
-            lse_y2 = tl.load(LSE_Y + cols, mask=col_ok, other=0.0) * 1.4426950408889634
-            g_y = tl.load(G_Y + cols, mask=col_ok, other=0.0)
+        if HAS_GY:
             dl += g_y[None, :] * tl.exp2(t - lse_y2[None, :])
-        dl = tl.where(row_ok[:, None] & col_ok[None, :], dl, 0.0)
-        if WRITE_DS:
-            ds_acc += tl.sum(dl * raw, axis=1)
-        # dx[rows] += dL y, D in chunks; this program owns its rows, so the read-modify-write is race free
-        for d0 in range(0, D, BLOCK_D):
-            dims = d0 + tl.arange(0, BLOCK_D)
-            d_ok = dims < D
-            y = tl.load(Y + cols[:, None] * stride_y + dims[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-            if IEEE:
-                part = tl.dot(dl.to(y.dtype), y, input_precision="ieee")
-            else:
-                part = tl.dot(dl.to(y.dtype), y)
-            ptrs = DX + rows[:, None] * stride_dx + dims[None, :]
-            mask = row_ok[:, None] & d_ok[None, :]
-            tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + part, mask=mask)
-    if WRITE_DS:
-        tl.store(DS_PART + pid, tl.sum(ds_acc, axis=0))
+    dl = tl.where(row_ok[:, None] & col_ok[None, :], dl, 0.0)
+    tl.store(DS_PART + pid_m.to(tl.int64) * tl.num_programs(1) + pid_n, tl.sum(tl.sum(dl * raw, axis=1), axis=0))
+    if TMA:  # rows and columns past the buffer's edges are dropped by the copy engine
+        DLD.store([pid_m * BLOCK_M, pid_n * BLOCK_N], (dl * s).to(DL.dtype.element_ty))
+    else:
+        ptrs = DL + local[:, None] * stride_dl + cols[None, :]
+        tl.store(ptrs, (dl * s).to(DL.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
 def _check(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> None:
@@ -142,50 +225,154 @@ def _check(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> None:
         raise ValueError("contrastive_lse: q and k must be contiguous along D (call .contiguous())")
 
 
-def _row_lse(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    block_m, block_n, block_d, warps, stages = _blocks(x.device)
-    out = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)
-    grid = (triton.cdiv(x.shape[0], block_m),)
-    _lse_fwd_kernel[grid](
-        x, y, scale, out, x.shape[0], y.shape[0], x.shape[1], x.stride(0), y.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=x.dtype == torch.float32,
-        num_warps=warps, num_stages=stages,
-    )  # fmt: skip
-    return out
+def bound(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """B = s max|q_i| max|k_j| >= every logit, as a 1-element fp32 tensor on the device (no host sync)."""
+    qn = torch.linalg.vector_norm(q.float(), dim=1).amax()
+    kn = torch.linalg.vector_norm(k.float(), dim=1).amax()
+    return (scale.float().reshape(()) * qn * kn).reshape(1)
+
+
+def _tma_ok(t: torch.Tensor) -> bool:
+    """Tensor descriptors need 16-byte aligned rows (D x itemsize a multiple of 16) and base."""
+    return t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+
+
+def descriptors(x: torch.Tensor, y: torch.Tensor, bm: int, bn: int, bd: int):
+    """(x's, y's descriptor or the tensors themselves, TMA) for the kernels' _tile_dot."""
+    if not (_tma_ok(x) and _tma_ok(y)):
+        return x, y, False
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(x, [bm, bd]), TensorDescriptor.from_tensor(y, [bn, bd]), True
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: small, so that tests take the split path
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def column_splits(n: int, N: int, block_m: int, block_n: int, sms: int) -> int:
+    """Second grid axis of the forward: enough programs for two waves of the card, each with >= 4 column tiles."""
+    row_blocks = triton.cdiv(n, block_m)
+    col_tiles = triton.cdiv(N, block_n)
+    want = triton.cdiv(2 * sms, row_blocks)
+    return max(1, min(want, col_tiles // 4))
 
 
 def lse_forward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, with_col: bool):
     """(row_lse [n], col_lse [N] or [0]) of L = scale * q k^T, fp32."""
     _check(q, k, scale)
     scale = scale.reshape(()).float()
-    row = _row_lse(q, k, scale)
-    col = _row_lse(k, q, scale) if with_col else torch.empty(0, device=q.device, dtype=torch.float32)
+    n, N, D = q.shape[0], k.shape[0], q.shape[1]
+    bm, bn, bd, warps, stages = config("fwd", q)
+    prec = _precision(q)
+    b = bound(q, k, scale)
+    row_sum = torch.zeros(n, device=q.device, dtype=torch.float32)
+    col_sum = torch.zeros(N if with_col else 1, device=q.device, dtype=torch.float32)
+    splits = column_splits(n, N, bm, bn, sm_count(q.device))
+    per_split = triton.cdiv(triton.cdiv(N, splits), bn) * bn
+    grid = (triton.cdiv(n, bm), triton.cdiv(N, per_split))
+    qd, kd, tma = descriptors(q, k, bm, bn, bd)
+    _sums_kernel[grid](
+        qd, kd, q, k, scale, b, row_sum, col_sum, n, N, D, q.stride(0), k.stride(0), per_split,
+        WITH_COL=with_col, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PRECISION=prec, TMA=tma,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    row = _finish(q, k, scale, b, row_sum, prec)
+    col = _finish(k, q, scale, b, col_sum, prec) if with_col else torch.empty(0, device=q.device, dtype=torch.float32)
     return row, col
 
 
-def _side_grad(x, y, scale, lse_x, lse_y, g_x, g_y, *, write_ds: bool):
-    block_m, block_n, block_d, warps, stages = _blocks(x.device)
-    grid = (triton.cdiv(x.shape[0], block_m),)
-    dx = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
-    ds_part = torch.zeros(grid[0] if write_ds else 1, device=x.device, dtype=torch.float32)
-    has_gx, has_gy = g_x.numel() > 0, g_y.numel() > 0
-    _lse_bwd_kernel[grid](
-        x, y, scale,
-        lse_x if has_gx else dx, lse_y if has_gy else dx, g_x if has_gx else dx, g_y if has_gy else dx,
-        dx, ds_part, x.shape[0], y.shape[0], x.shape[1], x.stride(0), y.stride(0), dx.stride(0),
-        HAS_GX=has_gx, HAS_GY=has_gy, WRITE_DS=write_ds,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, IEEE=x.dtype == torch.float32,
-        num_warps=warps, num_stages=stages,
+def _finish(x, y, scale, b, sums, prec):
+    bm, bn, bd, warps, stages = config("fwd", x)
+    out = torch.empty(x.shape[0], device=x.device, dtype=torch.float32)
+    xd, yd, tma = descriptors(x, y, bm, bn, bd)
+    _finish_kernel[(triton.cdiv(x.shape[0], bm),)](
+        xd, yd, x, y, scale, b, sums, out, x.shape[0], y.shape[0], x.shape[1], x.stride(0), y.stride(0),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PRECISION=prec, TMA=tma, num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    return dx, ds_part
+    return out
+
+
+def chunk_rows(n: int, N: int, block_m: int, elem_bytes: int) -> int:
+    """Rows of dL per backward chunk: all of them if C x N fits DL_BUFFER_BYTES, else a multiple of block_m."""
+    fit = DL_BUFFER_BYTES // (N * elem_bytes)
+    return n if fit >= n else max(block_m, fit // block_m * block_m)
+
+
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """acc + a @ b in fp32 for 16-bit a, b: cuBLAS accumulates and adds in fp32 where torch offers out_dtype."""
+    if a.dtype == torch.float32:
+        return acc.addmm_(a, b)
+    try:
+        return torch.addmm(acc, a, b, out_dtype=torch.float32)
+    except (RuntimeError, TypeError):  # torch without addmm(out_dtype): the product is rounded to 16 bits first
+        return acc.add_(a @ b)
 
 
 def lse_backward(q, k, scale, row_lse, col_lse, grad_row, grad_col):
     """(dq, dk, dscale) for upstream gradients of (row_lse, col_lse); an empty grad means none."""
     _check(q, k, scale)
     s = scale.reshape(()).float()
-    grad_row = grad_row.float().contiguous() if grad_row.numel() else grad_row
-    grad_col = grad_col.float().contiguous() if grad_col.numel() else grad_col
-    dq, ds_part = _side_grad(q, k, s, row_lse, col_lse, grad_row, grad_col, write_ds=True)
-    dk, _ = _side_grad(k, q, s, col_lse, row_lse, grad_col, grad_row, write_ds=False)
-    return (dq * s).to(q.dtype), (dk * s).to(k.dtype), ds_part.sum().reshape(())
+    n, N, D = q.shape[0], k.shape[0], q.shape[1]
+    has_gx, has_gy = grad_row.numel() > 0, grad_col.numel() > 0
+    grad_row = grad_row.float().contiguous() if has_gx else grad_row
+    grad_col = grad_col.float().contiguous() if has_gy else grad_col
+    bm, bn, bd, warps, stages = config("bwd", q)
+    prec = _precision(q)
+    b = bound(q, k, s)
+    # bf16 dL feeds bf16 GEMMs (as autocast's backward does); fp16's range is too narrow for dL, so fp16 and fp32
+    # go through fp32 GEMMs (tf32 where torch allows it)
+    gemm_dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32
+    qg, kg = (q, k) if gemm_dtype == q.dtype else (q.float(), k.float())
+    chunk = chunk_rows(n, N, bm, gemm_dtype.itemsize)
+    pad = 16 // gemm_dtype.itemsize  # rows of dL 16-byte aligned, for the descriptor
+    dl = torch.empty(chunk, triton.cdiv(N, pad) * pad, device=q.device, dtype=gemm_dtype)[:, :N]
+    dq = torch.empty(n, D, device=q.device, dtype=gemm_dtype)
+    dk = torch.zeros(N, D, device=q.device, dtype=torch.float32)
+    ds = torch.zeros((), device=q.device, dtype=torch.float32)
+    dummy = row_lse if row_lse.numel() else b
+    qd, kd, tma = descriptors(q, k, bm, bn, bd)
+    for r0 in range(0, n, chunk):
+        c = min(chunk, n - r0)
+        grid = (triton.cdiv(c, bm), triton.cdiv(N, bn))
+        dld = dl[:c]
+        if tma:
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            dld = TensorDescriptor.from_tensor(dl[:c], [bm, bn])
+        ds_part = torch.empty(grid[0] * grid[1], device=q.device, dtype=torch.float32)
+        _dlogits_kernel[grid](
+            qd, kd, q, k, s, b, row_lse if has_gx else dummy, col_lse if has_gy else dummy,
+            grad_row if has_gx else dummy, grad_col if has_gy else dummy, dld, dl, ds_part,
+            r0, c, N, D, q.stride(0), k.stride(0), dl.stride(0),
+            HAS_GX=has_gx, HAS_GY=has_gy, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PRECISION=prec, TMA=tma,
+            num_warps=warps, num_stages=stages,
+        )  # fmt: skip
+        ds += ds_part.sum()
+        torch.mm(dl[:c], kg, out=dq[r0 : r0 + c])
+        dk = _accumulate(dk, dl[:c].T, qg[r0 : r0 + c])
+    return dq.to(q.dtype), dk.to(k.dtype), ds
+
+
+def launch_plan(n: int, N: int, D: int, *, with_col: bool, dtype: torch.dtype, sms: int) -> dict:
+    """FLOPs the CUDA launches execute for one forward + backward (no guarded rows), counted from their grids and
+    tiles (masked lanes included), and the header's useful count 8 n N D, for the count test and the benchmark."""
+    bm, bn, bd, *_ = CONFIGS["fwd"]["cuda32" if dtype == torch.float32 else "cuda16"]
+    splits = column_splits(n, N, bm, bn, sms)
+    per_split = triton.cdiv(triton.cdiv(N, splits), bn) * bn
+    d_pad = triton.cdiv(D, bd) * bd
+    fwd = triton.cdiv(n, bm) * sum(triton.cdiv(min(per_split, N - c), bn) for c in range(0, N, per_split))
+    fwd_flops = fwd * 2 * bm * bn * d_pad
+    bm, bn, bd, *_ = CONFIGS["bwd"]["cuda32" if dtype == torch.float32 else "cuda16"]
+    elem = 2 if dtype == torch.bfloat16 else 4
+    chunk = chunk_rows(n, N, bm, elem)
+    tiles = sum(triton.cdiv(min(chunk, n - r), bm) for r in range(0, n, chunk)) * triton.cdiv(N, bn)
+    d_pad = triton.cdiv(D, bd) * bd
+    bwd_flops = tiles * 2 * bm * bn * d_pad + 2 * (2 * n * N * D)
+    return {
+        "forward_flops": fwd_flops, "backward_flops": bwd_flops, "useful_flops": 8 * n * N * D,
+        "exponentials": fwd * bm * bn + tiles * bm * bn, "dl_buffer_bytes": chunk * N * elem,
+        "dl_bytes_moved": 3 * n * N * elem, "column_splits": splits, "backward_chunks": triton.cdiv(n, chunk),
+    }  # fmt: skip

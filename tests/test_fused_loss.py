@@ -119,6 +119,37 @@ print(json.dumps([ours, plain]))
         _assert_error_rule(ours, plain, _floor(dtype, n, _features(n, d, seed=5)[2]))
 
 
+def test_triton_guarded_rows_and_columns_are_exact():
+    """Rows and columns whose logits all sit far below the bound B = s max|a| max|b| (sums of exp(L - B) under
+    2^-60) take the kernels' exact path, forward and backward: here one text feature 3 long lifts B to 3 s, so most
+    sums would underflow fp32 (below 2^-149) without the guard."""
+    code = """
+import torch, json, torch.nn.functional as F
+from tests.test_fused_loss import _features, _grads, _open_clip_loss, _errors
+from fastclip.loss import ClipLoss
+from fastclip.kernels.contrastive_lse import bound
+a, b, s = _features(37, 40, seed=9)
+s = torch.tensor(100.0, dtype=torch.float64)
+a[5] = -F.normalize(b.mean(0), dim=0)  # every logit of row 5 near -s: 2^-(~190) below the bound
+b[7] = -F.normalize(a.mean(0), dim=0)  # and of column 7
+b[0] *= 3  # not normalized: B = 3 s
+logits = s * a @ b.T
+B = float(bound(a.float(), b.float(), s.float()))
+gaps = [B - float(torch.logsumexp(logits[5], 0)), B - float(torch.logsumexp(logits[:, 7], 0))]
+ref = _grads(_open_clip_loss, a, b, s, torch.float64)
+ours = _errors(_grads(ClipLoss(backend="triton"), a, b, s, torch.float32), ref)
+print(json.dumps([gaps, ours, [float(r.abs().max()) for r in ref]]))
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    import json
+
+    gaps, ours, scale = json.loads(out.stdout.strip().splitlines()[-1])
+    assert min(gaps) > 150 * 0.6931471805599453, gaps  # both sums below 2^-150: zero in fp32 without the guard
+    assert all(e <= 2e-5 * max(1.0, m) for e, m in zip(ours, scale)), (ours, scale)
+
+
 def test_lse_op_values_and_column_mode():
     a, b, s = _features(300, 96, seed=1)
     for with_col in (True, False):

@@ -132,6 +132,7 @@ def test_gpu_step_has_no_host_syncs(single_rank, world_dir, tmp_path, accum):
     """On CUDA, torch's own sync detector and the audit together: a ZeRO-2 bf16 step with the Triton loss,
     on batches already on the device (the loaders' threads are not part of the step)."""
     import itertools
+    import traceback
     import warnings
 
     extra = ["--data.loader", "torch", "--data.num_threads", "2", "--train.tf32", "false"]  # fp32 matmuls left exact
@@ -143,10 +144,17 @@ def test_gpu_step_has_no_host_syncs(single_rank, world_dir, tmp_path, accum):
         for _ in range(2):
             trainer.train_step(batches)
         torch.cuda.synchronize()
+        syncs = []  # (message, where): the Python stack at each synchronizing call, so a failure names the line
+
+        def record(message, category, filename, lineno, file=None, line=None):
+            if "synchroniz" in str(message).lower():
+                syncs.append((str(message), "".join(traceback.format_stack(limit=14)[:-1])))
+
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            with warnings.catch_warnings(record=True) as caught, HostSyncAudit(device="cuda") as audit:
+            with warnings.catch_warnings(), HostSyncAudit(device="cuda") as audit:
                 warnings.simplefilter("always")
+                warnings.showwarning = record
                 for _ in range(3):
                     trainer.train_step(batches)
         finally:
@@ -154,7 +162,7 @@ def test_gpu_step_has_no_host_syncs(single_rank, world_dir, tmp_path, accum):
         means = trainer.meters.collect()
     finally:
         trainer.close()
-    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
-    assert not syncs, "\n".join(syncs[:10])
+    where = sorted({w for _, w in syncs}, key=len)
+    assert not syncs, f"{len(syncs)} synchronizing calls; {len(where)} places, first:\n" + "\n---\n".join(where[:3])
     assert audit.total == 0, audit.report()
     assert torch.isfinite(torch.tensor(means["loss"]))

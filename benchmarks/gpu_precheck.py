@@ -1,0 +1,255 @@
+"""The GPU suite's first stage (about a minute, no wheels): what the card and the fused loss do, each figure printed
+and appended to OUT/precheck.jsonl the moment it exists, so a run cut short keeps everything before the cut.
+
+    python benchmarks/gpu_precheck.py OUT [--tiles] [--quick]
+
+Records, in order: versions and limits; the card's bf16 matmul rate (8192^3, the peak the loss is measured
+against); the bf16 error rule (fastclip's fused loss and plain torch under autocast, both against float64, the rule
+of tests/test_fused_loss.py) and the exact path for guarded rows on the GPU (its exp2 flushes subnormals); with
+--tiles, the forward and backward time of every candidate tile config at N = 32768, D = 512; then forward-only and
+forward+backward time, TFLOP/s of the useful 8 N^2 D and extra memory at a few (N, D), against plain torch's
+softmax loss under bf16 autocast (open_clip's ClipLoss computes exactly that; open_clip itself is not on the
+GPU image, the pytest benchmarks compare against it when the wheels are carried).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+OUT = sys.argv[1] if len(sys.argv) > 1 else "."
+QUICK = "--quick" in sys.argv
+SIZES = [(4096, 512)] if QUICK else [(8192, 512), (32768, 512), (32768, 768), (65536, 512), (65536, 768)]
+STARTED = time.time()
+
+
+def emit(kind: str, **fields) -> None:
+    row = {"kind": kind, "t": round(time.time() - STARTED, 1), **fields}
+    print(json.dumps(row), flush=True)
+    with open(os.path.join(OUT, "precheck.jsonl"), "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def cuda_time(fn, repeats: int = 10, warmup: int = 2) -> float:
+    """Median seconds of fn between CUDA events, after warm-up."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def inputs(n: int, d: int, dtype=torch.bfloat16, seed: int = 0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    a = F.normalize(torch.randn(n, d, device="cuda", generator=g), dim=-1)
+    b = F.normalize(a + 0.7 * torch.randn(n, d, device="cuda", generator=g), dim=-1)
+    s = torch.tensor(14.0 + n % 7, device="cuda")
+    return a.to(dtype).requires_grad_(), b.to(dtype).requires_grad_(), s.requires_grad_()
+
+
+def plain_loss(a, b, s):
+    """open_clip's ClipLoss (one rank) under bf16 autocast: logits in bf16, cross entropy in fp32."""
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = s * a @ b.T
+        labels = torch.arange(a.shape[0], device=a.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def fused_loss(a, b, s):
+    from fastclip.loss import ClipLoss
+
+    return ClipLoss()(a, b, s)
+
+
+def versions() -> None:
+    import triton
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+                          "--format=csv,noheader"], capture_output=True, text=True).stdout.strip()  # fmt: skip
+    props = torch.cuda.get_device_properties(0)
+    emit("versions", torch=torch.__version__, triton=triton.__version__, gpu=torch.cuda.get_device_name(0),
+         smi=smi, sms=props.multi_processor_count, nofile=[soft, hard], python=sys.version.split()[0])  # fmt: skip
+
+
+def matmul_peak() -> float:
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t = cuda_time(lambda: x @ y, repeats=20, warmup=5)
+    emit("matmul_peak", tflops=2 * 8192**3 / t / 1e12)
+    return 2 * 8192**3 / t
+
+
+def _grads(fn, a, b, s, dtype):
+    a, b = a.detach().to(dtype).requires_grad_(), b.detach().to(dtype).requires_grad_()
+    s = s.detach().to(torch.float64 if dtype == torch.float64 else torch.float32).requires_grad_()
+    loss = fn(a, b, s)
+    (1.7 * loss).backward()
+    return [loss.detach().double(), a.grad.double(), b.grad.double(), s.grad.double()]
+
+
+def error_rule() -> None:
+    def ref64(a, b, s):
+        logits = s * a @ b.T
+        labels = torch.arange(a.shape[0], device=a.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+    for n, d in [(1, 64), (127, 500), (1000, 512), (4096, 768), (8192, 512)]:
+        a, b, s = inputs(n, d, torch.float64, seed=n + d)
+        ref = _grads(ref64, a, b, s, torch.float64)
+        ours = [float((x - r).abs().max()) for x, r in zip(_grads(fused_loss, a, b, s, torch.bfloat16), ref)]
+        plain = [float((x - r).abs().max()) for x, r in zip(_grads(plain_loss, a, b, s, torch.bfloat16), ref)]
+        floor = torch.finfo(torch.bfloat16).eps * float(s) / n
+        ok = ours[0] <= 2 * plain[0] + floor and all(o <= 3 * p + floor for o, p in zip(ours[1:], plain[1:]))
+        emit("error_rule", n=n, d=d, fused=ours, plain=plain, ok=ok)
+    # guarded rows on the GPU: one text feature 3 long lifts the bound to 3 s; fp32 with exact (ieee) products
+    a, b, s = inputs(333, 512, torch.float64, seed=3)
+    b.data[0] *= 3
+    s = torch.tensor(100.0, device="cuda", dtype=torch.float64)
+    ref = _grads(ref64, a, b, s, torch.float64)
+    torch.set_float32_matmul_precision("highest")
+    ours = [float((x - r).abs().max()) for x, r in zip(_grads(fused_loss, a, b, s, torch.float32), ref)]
+    torch.set_float32_matmul_precision("high")
+    emit("guarded_fp32", errors=ours, ok=all(e <= 2e-5 * max(1.0, float(r.abs().max())) for e, r in zip(ours, ref)))
+
+
+def _time_op(n: int, d: int, with_backward: bool) -> float:
+    a, b, s = inputs(n, d)
+
+    def step():
+        a.grad = b.grad = s.grad = None
+        loss = fused_loss(a, b, s)
+        if with_backward:
+            loss.backward()
+
+    return cuda_time(step, repeats=5)
+
+
+def tiles() -> None:
+    from fastclip.kernels import contrastive_lse as K
+
+    n, d = 32768, 512
+    for kind in ("fwd", "bwd"):
+        keep = K.CONFIGS[kind]["cuda16"]
+        for cfg in K.CANDIDATES:
+            K.CONFIGS[kind]["cuda16"] = cfg
+            try:
+                t_f = _time_op(n, d, False)
+                t_fb = _time_op(n, d, True)
+                emit("tile", which=kind, cfg=cfg, n=n, d=d, fwd_s=t_f, fwd_bwd_s=t_fb)
+            except Exception as e:  # a config the card rejects (shared memory, resources) is a finding, not an end
+                emit("tile", which=kind, cfg=cfg, error=repr(e)[:300])
+            finally:
+                K.CONFIGS[kind]["cuda16"] = keep
+            torch.cuda.empty_cache()
+
+
+def _extra_memory(fn, a, b, s) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn(a, b, s).backward()
+    torch.cuda.synchronize()
+    a.grad = b.grad = s.grad = None
+    return torch.cuda.max_memory_allocated() - base
+
+
+def _measure(fn, a, b, s, peak: float) -> dict:
+    n, d = a.shape
+
+    def both():
+        a.grad = b.grad = s.grad = None
+        fn(a, b, s).backward()
+
+    try:
+        fwd = cuda_time(lambda: fn(a, b, s), repeats=5)
+        t = cuda_time(both, repeats=5)
+        flops = 8 * n * n * d
+        return {"fwd_s": fwd, "fwd_bwd_s": t, "tflops": flops / t / 1e12, "of_peak": flops / t / peak,
+                "extra_bytes": _extra_memory(fn, a, b, s)}  # fmt: skip
+    except (torch.OutOfMemoryError, RuntimeError) as e:  # CUDA OOM may arrive as either
+        return {"error": repr(e)[:200]}
+    finally:
+        a.grad = b.grad = s.grad = None
+        torch.cuda.empty_cache()
+
+
+def loss_timings(peak: float) -> None:
+    for n, d in SIZES:
+        a, b, s = inputs(n, d)
+        row = {"n": n, "d": d, "fused": _measure(fused_loss, a, b, s, peak)}
+        row["plain"] = _measure(plain_loss, a, b, s, peak)
+        if "fwd_bwd_s" in row["fused"] and "fwd_bwd_s" in row["plain"]:
+            row["time_ratio"] = row["fused"]["fwd_bwd_s"] / row["plain"]["fwd_bwd_s"]
+            row["memory_ratio"] = row["fused"]["extra_bytes"] / row["plain"]["extra_bytes"]
+        emit("loss", **row)
+        a = b = s = None
+        torch.cuda.empty_cache()
+
+
+def breakdown() -> None:
+    """Where the fused backward's time goes at N = 32768, D = 512: the dL kernel against its two cuBLAS GEMMs."""
+    from fastclip.kernels import contrastive_lse as K
+
+    n, d = 32768, 512
+    a, b, s = inputs(n, d)
+    q, k, sc = a.detach(), b.detach(), s.detach()
+    row, col = K.lse_forward(q, k, sc, True)
+    g = torch.full((n,), 1 / (2 * n), device="cuda")
+    t_fwd = cuda_time(lambda: K.lse_forward(q, k, sc, True), repeats=5)
+    t_bwd = cuda_time(lambda: K.lse_backward(q, k, sc, row, col, g, g), repeats=5)
+    chunk = K.chunk_rows(n, n, K.CONFIGS["bwd"]["cuda16"][0], 2)
+    dl = torch.randn(chunk, n, device="cuda", dtype=torch.bfloat16)
+    dk = torch.zeros(n, d, device="cuda")
+
+    def gemms():
+        for r0 in range(0, n, chunk):
+            torch.mm(dl, k)
+            K._accumulate(dk, dl.T, q[r0 : r0 + chunk])
+
+    t_gemm = cuda_time(gemms, repeats=5)
+    try:
+        torch.addmm(dk, dl.T, q[:chunk], out_dtype=torch.float32)
+        out_dtype = True
+    except (RuntimeError, TypeError) as e:
+        out_dtype = repr(e)[:200]
+    emit("breakdown", n=n, d=d, fwd_s=t_fwd, bwd_s=t_bwd, bwd_gemms_s=t_gemm, dl_kernel_s=t_bwd - t_gemm,
+         chunk=chunk, addmm_out_dtype=out_dtype,
+         fwd_tflops=2 * n * n * d / t_fwd / 1e12, bwd_tflops=6 * n * n * d / t_bwd / 1e12)  # fmt: skip
+
+
+def main() -> None:
+    os.makedirs(OUT, exist_ok=True)
+    if not torch.cuda.is_available():
+        emit("versions", torch=torch.__version__, cuda=False, note="no CUDA device: the precheck needs one")
+        return
+    versions()
+    peak = matmul_peak()
+    error_rule()
+    if "--tiles" in sys.argv:
+        tiles()
+    breakdown()
+    loss_timings(peak)
+    emit("done")
+
+
+if __name__ == "__main__":
+    main()
