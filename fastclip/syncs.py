@@ -31,6 +31,8 @@ _VALUE_READS = {
     torch.ops.aten.nonzero.default,
     torch.ops.aten.masked_select.default,
 }
+# a fill whose value is a tensor: CUDA's kernel reads the value on the host (.item()) before it launches
+_TENSOR_FILLS = {torch.ops.aten.masked_fill_.Tensor, torch.ops.aten.masked_fill.Tensor}
 # a device-to-host copy waits for the device (a blocking one always); on a CPU run these are invisible
 _COPIES = {torch.ops.aten._to_copy.default, torch.ops.aten.copy_.default}
 _LIBRARY_DIRS = ("/torch/", "/torch\\")  # frames skipped when naming where a sync came from
@@ -76,6 +78,8 @@ class HostSyncAudit(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in _VALUE_READS and not self._on_host(args[0] if args else None):
+            self._record(func.name())
+        elif func in _TENSOR_FILLS and not self._on_host(args[2]):
             self._record(func.name())
         elif not self._on_cpu and func in _COPIES and _device_to_host(func, args, kwargs or {}):
             self._record(func.name())

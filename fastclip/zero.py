@@ -10,6 +10,11 @@ Found with :class:`fastclip.syncs.HostSyncAudit` on DeepSpeed 0.19 (tests/test_h
   path would train on; a checkpoint is never written from such a state.
 - ZeRO-1/2's ``unscale_and_clip_grads`` asks ``bool()`` of the grad norm to swap an invalid norm for +inf before
   clipping: :func:`sync_free_clipping` does the same swap with ``masked_fill`` on the device.
+- ZeRO-1/2's grad norm marks an invalid norm with ``mask_nan_or_inf_with_val_inplace``, which builds the -1 as a
+  device tensor from a host scalar (a blocking copy) and hands it to ``masked_fill_``, whose CUDA kernel reads
+  it back (``.item()``): two syncs per step, seen by the first GPU run (H200, 2026-11-27; the CPU audit could not
+  see them, it now counts a tensor-valued ``masked_fill``). :func:`sync_free_clipping` swaps in the same fill
+  with a Python float.
 
 ZeRO-0 under bf16 (DeepSpeed's unfused optimizer takes the grad norm with ``.item()`` per parameter) and
 ZeRO-3 (its step decides on the host whether the norm is valid) keep their syncs; ZeRO-1 and 2 have none.
@@ -43,11 +48,20 @@ def _unscale_and_clip_grads(self, grad_groups_flat, total_norm) -> None:
             g.data.mul_(1.0 / combined_scale)
 
 
+def _mask_nan_or_inf(input: torch.Tensor, device=None, val: float = -1.0) -> None:
+    """DeepSpeed's ``mask_nan_or_inf_with_val_inplace`` (which fills -1.0 whatever ``val`` says) with the fill
+    value passed as a Python float: a kernel argument, no host-device traffic."""
+    input.masked_fill_(input.isnan() | input.isinf(), -1.0)
+
+
 def sync_free_clipping(optimizer) -> bool:
-    """Give a ZeRO-1/2 optimizer the sync-free clipping above; True if it applied (False for other stages)."""
+    """Give a ZeRO-1/2 optimizer the sync-free grad norm and clipping above; True if it applied (False for other
+    stages). The norm's mask is a global of DeepSpeed's ZeRO-1/2 module: replaced there, for every instance."""
+    from deepspeed.runtime.zero import stage_1_and_2
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     if not isinstance(optimizer, DeepSpeedZeroOptimizer):
         return False
     optimizer.unscale_and_clip_grads = types.MethodType(_unscale_and_clip_grads, optimizer)
+    stage_1_and_2.mask_nan_or_inf_with_val_inplace = _mask_nan_or_inf
     return True
