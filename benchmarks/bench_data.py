@@ -35,9 +35,8 @@ def _shards(mode: str) -> Path:
     spec = SPECS[mode]
     root = ROOT / ".cache" / f"bench-data-{mode}"
     shard = spec["samples"] // 8  # open_clip needs a shard per worker (8 on the GPU machine)
-    world = WorldSpec(
-        train_samples=spec["samples"], val_samples=64, samples_per_shard=shard, image_size=spec["image_size"]
-    )
+    world = WorldSpec(train_samples=spec["samples"], val_samples=64, samples_per_shard=shard,
+                      image_size=spec["image_size"], per_shard_seeds=True)  # shards rendered in parallel  # fmt: skip
     return generate(root, world)
 
 

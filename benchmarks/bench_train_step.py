@@ -209,6 +209,12 @@ def _open_clip_loader_for(root, size: int):
     return get_wds_dataset(args, preprocess_train, is_train=True, tokenizer=open_clip.get_tokenizer(name)).dataloader
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    """CUDA out of memory as torch raises it, or as a RuntimeError from cuBLAS, cuDNN or NCCL allocations."""
+    text = str(e).lower()
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in text or "alloc_failed" in text
+
+
 def _fits(fn) -> bool:
     """Whether ``fn`` runs without exhausting GPU memory (what it allocated is freed either way)."""
     import gc
@@ -216,7 +222,9 @@ def _fits(fn) -> bool:
     try:
         fn()
         return True
-    except torch.OutOfMemoryError:
+    except RuntimeError as e:  # torch.OutOfMemoryError is one
+        if not _out_of_memory(e):
+            raise
         return False
     finally:
         gc.collect()
@@ -224,13 +232,12 @@ def _fits(fn) -> bool:
 
 
 def _largest(ladder: tuple[int, ...], fits) -> int | None:
-    """The largest batch of the ascending ``ladder`` that ``fits``; the search stops at the first that does not."""
-    best = None
-    for batch in ladder:
-        if not fits(batch):
-            break
-        best = batch
-    return best
+    """The largest batch of the ascending ``ladder`` that ``fits``, tried from the top down: on a card that holds
+    the largest, one probe instead of one per rung (device time is the suite's scarcest resource)."""
+    for batch in reversed(ladder):
+        if fits(batch):
+            return batch
+    return None
 
 
 def _fastclip_largest(trainer_at, ladder: tuple[int, ...]) -> tuple[int | None, int, object]:

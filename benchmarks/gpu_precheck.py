@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 OUT = sys.argv[1] if len(sys.argv) > 1 else "."
 QUICK = "--quick" in sys.argv
@@ -34,11 +35,52 @@ SIZES = [(4096, 512)] if QUICK else [(8192, 512), (32768, 512), (32768, 768), (6
 STARTED = time.time()
 
 
+ROWS: list[dict] = []
+
+
 def emit(kind: str, **fields) -> None:
+    """Print the row, append it to precheck.jsonl and rewrite precheck.json (the results format) at once."""
     row = {"kind": kind, "t": round(time.time() - STARTED, 1), **fields}
     print(json.dumps(row), flush=True)
     with open(os.path.join(OUT, "precheck.jsonl"), "a") as f:
         f.write(json.dumps(row) + "\n")
+    ROWS.append(row)
+    if torch.cuda.is_available():
+        from harness import machine
+
+        info = {**machine(), "open_clip": "not used: the baseline is open_clip's ClipLoss math in torch"}
+        with open(os.path.join(OUT, "precheck.json"), "w") as f:
+            json.dump(to_results(ROWS, info), f, indent=1)
+
+
+def to_results(rows: list[dict], info: dict) -> dict:
+    """Precheck rows as a benchmarks/results file (harness.Result records), for report.py's README table."""
+    from harness import Result
+
+    results = []
+    for row in rows:
+        if row["kind"] == "matmul_peak":
+            results.append(Result("loss", "bf16 matmul 8192^3 (card peak)", {}, "flop_per_second",
+                                  row["tflops"] * 1e12, None))  # fmt: skip
+        if row["kind"] == "error_rule":
+            results.append(Result("loss", "bf16 error vs float64 (max |err| of loss, d_image)",
+                                  {"N": row["n"], "D": row["d"]}, "abs_error", row["fused"][1], row["plain"][1],
+                                  note="within the rule" if row["ok"] else "OUTSIDE the error rule"))  # fmt: skip
+        if row["kind"] != "loss" or "fwd_bwd_s" not in row["fused"] or "fwd_bwd_s" not in row["plain"]:
+            continue
+        params = {"N": row["n"], "D": row["d"], "dtype": "bf16"}
+        ours, theirs = row["fused"], row["plain"]
+        note = f"fastclip {ours['of_peak']:.0%} of the card's bf16 matmul rate"
+        results.append(Result("loss", "fwd+bwd time", params, "seconds", ours["fwd_bwd_s"], theirs["fwd_bwd_s"],
+                              extra={"fastclip_tflops": ours["tflops"], "baseline_tflops": theirs["tflops"]},
+                              note=note))  # fmt: skip
+        results.append(Result("loss", "fwd time", params, "seconds", ours["fwd_s"], theirs["fwd_s"]))
+        results.append(Result("loss", "fwd+bwd peak extra memory", params, "bytes", ours["extra_bytes"],
+                              theirs["extra_bytes"]))  # fmt: skip
+    date = next((r.get("date") for r in rows if r.get("date")), None) or time.strftime("%Y-%m-%dT%H:%M:%S+00:00")
+    return {"date": date, "quick": QUICK, "machine": info, "results": [r.to_json() for r in results],
+            "note": "benchmarks/gpu_precheck.py: fastclip's fused loss against open_clip's ClipLoss computation "
+                    "(logits under bf16 autocast, fp32 cross entropy) in plain torch"}  # fmt: skip
 
 
 def cuda_time(fn, repeats: int = 10, warmup: int = 2) -> float:

@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one call of at most 8 minutes: the GPU tests, then the GPU benchmarks.
+# Everything that needs a GPU, in one call of at most 8 minutes, most telling first, every figure on disk the moment
+# it exists (a stage cut by its limit keeps what it measured):
 #
 #   benchmarks/gpu_suite.sh OUTDIR            on a single-GPU machine (torch >= 2.11, triton >= 3.6 there)
 #   benchmarks/gpu_suite.sh OUTDIR --dry      on a CPU: every step runs, the CUDA parts skip themselves
 #
-# Installs nothing from the network. Packages the machine lacks come as wheels from $FASTCLIP_WHEELS
-# (made here by benchmarks/prepare_wheels.sh). fastclip itself runs from this checkout (PYTHONPATH=.).
-# Writes into OUTDIR: versions.json, gpu_tests.xml, gpu_bench.json (fastclip vs open_clip, ratios),
-# pytest_benchmark*.json, suite.log. Limits: tests 150 s, benchmarks 220 s (ZeRO-1/2/3 at ViT-B/16 after the train steps), accumulation
-# 90 s (<= 8 min in all).
+# Stages (limit; estimate on an H100/H200): precheck, no wheels needed (75 s; 45 s: versions, matmul peak, the
+# bf16 error rule, the fused loss's times and memory against open_clip's math); GPU tests (110; 70); loss vs
+# open_clip itself (60; 30); train step ViT-B/32 (110; 80); data, nvJPEG (60; 35); train step ViT-B/16 (90; 60);
+# ZeRO-1/2/3 at ViT-B/16 (70; 50); contrastive batch 65,536 (60; 40). Each stage gets at most what is left of
+# the 460 s deadline (GPU_SUITE_SECONDS); its pytest is stopped with SIGINT (it writes its files) and killed 15 s
+# later.
+# Installs nothing from the network: open_clip, DeepSpeed and the rest come as wheels from $FASTCLIP_WHEELS
+# (benchmarks/prepare_wheels.sh). fastclip runs from this checkout (PYTHONPATH=.).
+# Writes into OUTDIR (8 files at most): precheck.jsonl, precheck.json, versions.json, gpu_tests.xml,
+# gpu_bench.json (fastclip vs open_clip, ratios), pytest_benchmark.json, suite.log.
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu_suite.sh OUTDIR [--dry]}
 mode=${2:-}
@@ -16,18 +22,50 @@ cd "$(dirname "$0")/.." || exit 2
 mkdir -p "$out"
 exec > >(tee "$out/suite.log") 2>&1
 started=$(date +%s)
+budget=${GPU_SUITE_SECONDS:-460}  # a shorter budget runs the stages in order until it is spent
+deadline=$((started + budget))
 py=${PYTHON:-python3}
+# the torch loader's GPU decode hands file descriptors between processes: the image's soft limit is too low
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+# not installed here: setup.py would map the top-level kernels/ to fastclip.kernels; a link (git-ignored) does it
+"$py" -c "import fastclip.kernels" 2>/dev/null || ln -sfn ../kernels fastclip/kernels
+quick=()
+[ "$mode" = "--dry" ] && quick=(--quick)
+status=0
+
+stage() {  # stage NAME LIMIT ESTIMATE CMD...: run CMD under min(LIMIT, time left), SIGINT first
+    local name=$1 limit=$2 estimate=$3 t0 left
+    shift 3
+    t0=$(date +%s)
+    left=$((deadline - t0))
+    [ "$left" -lt "$limit" ] && limit=$left
+    if [ "$limit" -lt 10 ]; then
+        echo "== $name: skipped, $left s left of the suite's $budget"
+        status=1
+        return
+    fi
+    echo "== $name (limit ${limit} s, estimate ${estimate} s; $((t0 - started)) s into the suite)"
+    timeout -s INT -k 15 "$limit" "$@" || { echo "== $name: exit $?"; status=1; }
+    echo "== $name: $(($(date +%s) - t0)) s"
+}
+
+if ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    if [ "$mode" != "--dry" ]; then
+        echo "gpu_suite: no CUDA device here; pass --dry to check the script on a CPU"
+        exit 2
+    fi
+    echo "gpu_suite: dry run, CUDA parts skip themselves"
+fi
+
+stage "precheck" 75 45 "$py" benchmarks/gpu_precheck.py "$out" --tiles "${quick[@]}"
 
 if [ -n "${FASTCLIP_WHEELS:-}" ]; then
     site=${TMPDIR:-/tmp}/fastclip-site
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
         "$FASTCLIP_WHEELS"/*.whl || { echo "gpu_suite: could not install the wheels in $FASTCLIP_WHEELS"; exit 2; }
-    export PYTHONPATH="$site:${PYTHONPATH:-}"
+    export PYTHONPATH="$PYTHONPATH:$site"
 fi
-export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
-# not installed here: setup.py would map the top-level kernels/ to fastclip.kernels; a link (git-ignored) does it
-"$py" -c "import fastclip.kernels" 2>/dev/null || ln -sfn ../kernels fastclip/kernels
-
 "$py" - "$out/versions.json" <<'PY'
 import json, sys, datetime, subprocess
 import torch, triton
@@ -37,36 +75,27 @@ if torch.cuda.is_available():
     info["gpu"] = torch.cuda.get_device_name(0)
     info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                                     capture_output=True, text=True).stdout.strip()
-try:
-    import open_clip
-    info["open_clip"] = open_clip.__version__
-except ImportError as e:
-    info["open_clip"] = f"missing ({e}): set FASTCLIP_WHEELS"
+for name in ("open_clip", "deepspeed", "nvidia.dali"):
+    try:
+        info[name] = __import__(name, fromlist=["_"]).__version__
+    except ImportError as e:
+        info[name] = f"missing ({e})"
 json.dump(info, open(sys.argv[1], "w"), indent=1)
 print("gpu_suite:", info)
 PY
 
-if ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    if [ "$mode" != "--dry" ]; then
-        echo "gpu_suite: no CUDA device here; pass --dry to check the script on a CPU"
-        exit 2
-    fi
-    echo "gpu_suite: dry run, CUDA parts skip themselves"
-fi
-quick=()
-[ "$mode" = "--dry" ] && quick=(--quick)
-
-status=0
-echo "== GPU tests"
-timeout 150 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/ --junitxml="$out/gpu_tests.xml" || status=1
-echo "== GPU benchmarks"
-# most important first: a run cut off by the timeout keeps what it measured (results are written per case)
-timeout 220 "$py" -m pytest -q -p no:cacheprovider -m gpu "${quick[@]}" \
-    benchmarks/bench_loss.py benchmarks/bench_train_step.py benchmarks/bench_data.py \
-    --results "$out/gpu_bench.json" --benchmark-json "$out/pytest_benchmark.json" || status=1
-echo "== GPU accumulation: contrastive batch 65,536 on one GPU"
-# its own limit, last: two steps of 65,536 ViT-B/32 samples must not eat the cases above
-timeout 90 "$py" -m pytest -q -p no:cacheprovider -m gpu "${quick[@]}" benchmarks/bench_accumulation.py \
-    --results "$out/gpu_bench.json" --benchmark-json "$out/pytest_benchmark_accumulation.json" || status=1
-echo "gpu_suite: done in $(( $(date +%s) - started )) s, status $status"
+bench() {  # bench NAME LIMIT ESTIMATE PYTEST-ARGS...: one benchmark stage, figures into gpu_bench.json
+    local name=$1 limit=$2 estimate=$3
+    shift 3
+    stage "$name" "$limit" "$estimate" "$py" -m pytest -q -p no:cacheprovider -m gpu "${quick[@]}" \
+        --results "$out/gpu_bench.json" --benchmark-json "$out/pytest_benchmark.json" "$@"
+}
+stage "GPU tests" 110 70 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/ --junitxml="$out/gpu_tests.xml"
+bench "loss vs open_clip" 60 30 benchmarks/bench_loss.py
+bench "train step ViT-B/32" 110 80 benchmarks/bench_train_step.py -k "test_train_step_gpu and ViT-B-32"
+bench "data" 60 35 benchmarks/bench_data.py
+bench "train step ViT-B/16" 90 60 benchmarks/bench_train_step.py -k "test_train_step_gpu and ViT-B-16"
+bench "ZeRO stages" 70 50 benchmarks/bench_train_step.py -k test_zero_stages_gpu
+bench "contrastive batch 65,536" 60 40 benchmarks/bench_accumulation.py
+echo "gpu_suite: done in $(($(date +%s) - started)) s, status $status"
 exit $status

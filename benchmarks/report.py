@@ -18,7 +18,8 @@ README = Path(__file__).parents[1] / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
-def _latest(kind: str) -> Path | None:
+def _latest(kind: str) -> list[Path]:
+    """The newest full run's file; on a GPU every file of that day (the suite and its precheck are two files)."""
     files = []
     for path in RESULTS.glob("*.json"):
         data = json.loads(path.read_text())
@@ -27,7 +28,12 @@ def _latest(kind: str) -> Path | None:
         is_gpu = bool(data["machine"].get("cuda"))
         if is_gpu == (kind == "gpu"):
             files.append((data["date"], path))
-    return max(files)[1] if files else None
+    if not files:
+        return []
+    newest = max(files)
+    if kind == "cpu":
+        return [newest[1]]
+    return [p for d, p in sorted(files, reverse=True) if d[:10] == newest[0][:10]]
 
 
 def _fmt(value, metric: str) -> str:
@@ -64,9 +70,11 @@ def table(path: Path) -> str:
     versions = f"torch {m['torch']}, triton {m['triton']}, open_clip {m.get('open_clip', '?')}"
     if m.get("driver"):
         versions += f", driver {m['driver']}"
-    lines = [
-        f"**{where}**, {data['date'][:10]}, {versions} (`{path.relative_to(Path(__file__).parents[1])}`)",
-        "",
+    lines = [f"**{where}**, {data['date'][:10]}, {versions} (`{path.relative_to(Path(__file__).parents[1])}`)", ""]
+    if data.get("commit") or data.get("note"):
+        lines += [" ".join(x for x in (f"Commit {data['commit']}." if data.get("commit") else "", data.get("note", ""))
+                           if x), ""]  # fmt: skip
+    lines += [
         "| suite | case | sizes | fastclip | open_clip | ratio | note |",
         "| --- | --- | --- | ---: | ---: | ---: | --- |",
     ]
@@ -88,8 +96,8 @@ def table(path: Path) -> str:
 def report() -> str:
     parts = []
     for kind in ("cpu", "gpu"):
-        path = _latest(kind)
-        parts.append(table(path) if path else f"**{kind.upper()}**: no full run saved yet.")
+        paths = _latest(kind)
+        parts += [table(p) for p in paths] if paths else [f"**{kind.upper()}**: no full run saved yet."]
     parts.append(
         "Ratio = fastclip / open_clip, measured in the same run: below 1 is better for time and memory, above 1 "
         "for samples/s and captions/s."

@@ -45,14 +45,14 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 GUARD2 = -60.0  # base-2 exponent: a row or column sum of exp(L - B) below 2^-60 takes the exact path
-DL_BUFFER_BYTES = 512 << 20  # the backward's dL chunk, at most
+DL_BUFFER_BYTES = 384 << 20  # the backward's dL chunk, at most: extra memory <= 0.05x of the logits at N = 32768
 
 
 # Tile configs (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages): ("cuda", dtype class) for sm_90 (H100/H200),
 # measured there at N = 32768, D = 512 and 768 (benchmarks/results); "interpreter" small for CPU tests.
 CONFIGS = {
     "fwd": {"cuda16": (128, 128, 64, 8, 3), "cuda32": (128, 64, 32, 8, 3), "interpreter": (16, 16, 16, 1, 1)},
-    "bwd": {"cuda16": (128, 128, 64, 8, 3), "cuda32": (128, 64, 32, 8, 3), "interpreter": (16, 16, 16, 1, 1)},
+    "bwd": {"cuda16": (64, 128, 64, 4, 4), "cuda32": (128, 64, 32, 8, 3), "interpreter": (16, 16, 16, 1, 1)},
 }
 # every config a launcher can pick on a GPU (the offline sm_90a compile test covers each)
 CANDIDATES = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4)]  # 128 x 256 spills
@@ -154,13 +154,43 @@ def _finish_kernel(
 
 
 @triton.jit
+def _coefs(LSE, G, idx, ok, bound2, HAS: tl.constexpr, SIZE: tl.constexpr):
+    """(lse in base 2, g, g 2^(B2 - lse2) = g / sum, guarded) for the rows (or columns) idx of one tile."""
+    if HAS:
+        lse2 = tl.load(LSE + idx, mask=ok, other=0.0) * 1.4426950408889634
+        g = tl.load(G + idx, mask=ok, other=0.0)
+        return lse2, g, g * tl.exp2(bound2 - lse2), (ok & (lse2 - bound2 < -60.0)).to(tl.int32)
+    else:
+        zero = tl.zeros([SIZE], tl.float32)
+        return zero, zero, zero, tl.zeros([SIZE], tl.int32)
+
+
+@triton.jit
+def _write_tile(DLD, DL, DS_PART, dl, raw, s, pid_m, pid_n, local, cols, row_ok, col_ok, stride_dl,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):  # fmt: skip
+    """s dL into the chunk buffer and the tile's share of ds = sum dL (x . y) into DS_PART."""
+    dl = tl.where(row_ok[:, None] & col_ok[None, :], dl, 0.0)
+    tl.store(DS_PART + pid_m.to(tl.int64) * tl.num_programs(1) + pid_n, tl.sum(tl.sum(dl * raw, axis=1), axis=0))
+    if TMA:  # rows and columns past the buffer's edges are dropped by the copy engine
+        DLD.store([pid_m * BLOCK_M, pid_n * BLOCK_N], (dl * s).to(DL.dtype.element_ty))
+    else:
+        ptrs = DL + local[:, None] * stride_dl + cols[None, :]
+        tl.store(ptrs, (dl * s).to(DL.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
 def _dlogits_kernel(
     XD, YD, X, Y, S, BOUND, LSE_X, LSE_Y, G_X, G_Y, DLD, DL, DS_PART,
     row0, n_chunk, N, D, stride_x, stride_y, stride_dl,
-    HAS_GX: tl.constexpr, HAS_GY: tl.constexpr,
+    HAS_GX: tl.constexpr, HAS_GY: tl.constexpr, EXACT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):  # fmt: skip
-    """s * dL for one tile of the chunk's rows [row0, row0 + n_chunk), into DL; its share of ds into DS_PART."""
+    """s * dL for one tile of the chunk's rows [row0, row0 + n_chunk), into DL; its share of ds into DS_PART.
+
+    EXACT=False: every tile, one exponential per logit, dL = e^(L - B) (u_i + v_j). EXACT=True (launched after):
+    only tiles holding a guarded row or column, rewritten with each direction against its own LSE; the others
+    return at once. Two kernels rather than a branch in one: the branch held both forms' registers (255 against
+    153 on sm_90a)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     local = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
@@ -169,43 +199,20 @@ def _dlogits_kernel(
     cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     col_ok = cols < N
     s = tl.load(S).to(tl.float32)
-    scale2 = s * 1.4426950408889634
     bound2 = tl.load(BOUND) * 1.4426950408889634
-    raw = _tile_dot(XD, YD, X, Y, row0 + pid_m * BLOCK_M, pid_n * BLOCK_N, rows, cols,
-                    row_ok, col_ok, D, stride_x, stride_y, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, TMA)  # fmt: skip
-    t = raw * scale2
-    # u_i = g_x[i] 2^(B2 - lse2_x[i]) (= g_x[i] / row sum); guarded rows (sum < 2^-60) are "low"
-    lse_x2 = tl.zeros([BLOCK_M], tl.float32)
-    u = tl.zeros([BLOCK_M], tl.float32)
-    low = tl.zeros([BLOCK_M], tl.int32)
-    if HAS_GX:
-        lse_x2 = tl.load(LSE_X + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-        g_x = tl.load(G_X + rows, mask=row_ok, other=0.0)
-        u = g_x * tl.exp2(bound2 - lse_x2)
-        low = (row_ok & (lse_x2 - bound2 < -60.0)).to(tl.int32)
-    lse_y2 = tl.zeros([BLOCK_N], tl.float32)
-    v = tl.zeros([BLOCK_N], tl.float32)
-    low_c = tl.zeros([BLOCK_N], tl.int32)
-    if HAS_GY:
-        lse_y2 = tl.load(LSE_Y + cols, mask=col_ok, other=0.0) * 1.4426950408889634
-        g_y = tl.load(G_Y + cols, mask=col_ok, other=0.0)
-        v = g_y * tl.exp2(bound2 - lse_y2)
-        low_c = (col_ok & (lse_y2 - bound2 < -60.0)).to(tl.int32)
-    if tl.maximum(tl.max(low, axis=0), tl.max(low_c, axis=0)) == 0:
-        dl = tl.exp2(t - bound2) * (u[:, None] + v[None, :])  # one exponential for both directions
-    else:  # a guarded row or column in this tile: each direction against its own LSE
-        dl = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        if HAS_GX:
-            dl += g_x[:, None] * tl.exp2(t - lse_x2[:, None])
-        if HAS_GY:
-            dl += g_y[None, :] * tl.exp2(t - lse_y2[None, :])
-    dl = tl.where(row_ok[:, None] & col_ok[None, :], dl, 0.0)
-    tl.store(DS_PART + pid_m.to(tl.int64) * tl.num_programs(1) + pid_n, tl.sum(tl.sum(dl * raw, axis=1), axis=0))
-    if TMA:  # rows and columns past the buffer's edges are dropped by the copy engine
-        DLD.store([pid_m * BLOCK_M, pid_n * BLOCK_N], (dl * s).to(DL.dtype.element_ty))
-    else:
-        ptrs = DL + local[:, None] * stride_dl + cols[None, :]
-        tl.store(ptrs, (dl * s).to(DL.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    lse_x2, g_x, u, low = _coefs(LSE_X, G_X, rows, row_ok, bound2, HAS_GX, BLOCK_M)
+    lse_y2, g_y, v, low_c = _coefs(LSE_Y, G_Y, cols, col_ok, bound2, HAS_GY, BLOCK_N)
+    guarded = tl.maximum(tl.max(low, axis=0), tl.max(low_c, axis=0)) > 0
+    if (not EXACT) or guarded:
+        raw = _tile_dot(XD, YD, X, Y, row0 + pid_m * BLOCK_M, pid_n * BLOCK_N, rows, cols, row_ok, col_ok, D,
+                        stride_x, stride_y, BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, TMA)  # fmt: skip
+        t = raw * (s * 1.4426950408889634)
+        if EXACT:
+            dl = g_x[:, None] * tl.exp2(t - lse_x2[:, None]) + g_y[None, :] * tl.exp2(t - lse_y2[None, :])
+        else:
+            dl = tl.exp2(t - bound2) * (u[:, None] + v[None, :])
+        _write_tile(DLD, DL, DS_PART, dl, raw, s, pid_m, pid_n, local, cols, row_ok, col_ok, stride_dl,
+                    BLOCK_M, BLOCK_N, TMA)  # fmt: skip
 
 
 def _check(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor) -> None:
@@ -343,13 +350,14 @@ def lse_backward(q, k, scale, row_lse, col_lse, grad_row, grad_col):
 
             dld = TensorDescriptor.from_tensor(dl[:c], [bm, bn])
         ds_part = torch.empty(grid[0] * grid[1], device=q.device, dtype=torch.float32)
-        _dlogits_kernel[grid](
-            qd, kd, q, k, s, b, row_lse if has_gx else dummy, col_lse if has_gy else dummy,
-            grad_row if has_gx else dummy, grad_col if has_gy else dummy, dld, dl, ds_part,
-            r0, c, N, D, q.stride(0), k.stride(0), dl.stride(0),
-            HAS_GX=has_gx, HAS_GY=has_gy, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PRECISION=prec, TMA=tma,
-            num_warps=warps, num_stages=stages,
-        )  # fmt: skip
+        for exact in (False, True):  # the exact pass rewrites guarded tiles only
+            _dlogits_kernel[grid](
+                qd, kd, q, k, s, b, row_lse if has_gx else dummy, col_lse if has_gy else dummy,
+                grad_row if has_gx else dummy, grad_col if has_gy else dummy, dld, dl, ds_part,
+                r0, c, N, D, q.stride(0), k.stride(0), dl.stride(0),
+                HAS_GX=has_gx, HAS_GY=has_gy, EXACT=exact, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PRECISION=prec,
+                TMA=tma, num_warps=warps, num_stages=stages,
+            )  # fmt: skip
         ds += ds_part.sum()
         torch.mm(dl[:c], kg, out=dq[r0 : r0 + c])
         dk = _accumulate(dk, dl[:c].T, qg[r0 : r0 + c])
@@ -357,22 +365,26 @@ def lse_backward(q, k, scale, row_lse, col_lse, grad_row, grad_col):
 
 
 def launch_plan(n: int, N: int, D: int, *, with_col: bool, dtype: torch.dtype, sms: int) -> dict:
-    """FLOPs the CUDA launches execute for one forward + backward (no guarded rows), counted from their grids and
-    tiles (masked lanes included), and the header's useful count 8 n N D, for the count test and the benchmark."""
-    bm, bn, bd, *_ = CONFIGS["fwd"]["cuda32" if dtype == torch.float32 else "cuda16"]
+    """What one forward + backward executes on CUDA when no row is guarded, counted from the launchers' own grids
+    and tiles (masked lanes included): FLOPs, exponentials and the bytes the header's budget names, beside the
+    header's useful count 8 n N D. tests/test_kernel_plan.py checks it against the launches the launchers make."""
+    key = "cuda32" if dtype == torch.float32 else "cuda16"
+    bm, bn, bd, *_ = CONFIGS["fwd"][key]
     splits = column_splits(n, N, bm, bn, sms)
     per_split = triton.cdiv(triton.cdiv(N, splits), bn) * bn
-    d_pad = triton.cdiv(D, bd) * bd
-    fwd = triton.cdiv(n, bm) * sum(triton.cdiv(min(per_split, N - c), bn) for c in range(0, N, per_split))
-    fwd_flops = fwd * 2 * bm * bn * d_pad
-    bm, bn, bd, *_ = CONFIGS["bwd"]["cuda32" if dtype == torch.float32 else "cuda16"]
-    elem = 2 if dtype == torch.bfloat16 else 4
-    chunk = chunk_rows(n, N, bm, elem)
-    tiles = sum(triton.cdiv(min(chunk, n - r), bm) for r in range(0, n, chunk)) * triton.cdiv(N, bn)
-    d_pad = triton.cdiv(D, bd) * bd
-    bwd_flops = tiles * 2 * bm * bn * d_pad + 2 * (2 * n * N * D)
-    return {
-        "forward_flops": fwd_flops, "backward_flops": bwd_flops, "useful_flops": 8 * n * N * D,
-        "exponentials": fwd * bm * bn + tiles * bm * bn, "dl_buffer_bytes": chunk * N * elem,
-        "dl_bytes_moved": 3 * n * N * elem, "column_splits": splits, "backward_chunks": triton.cdiv(n, chunk),
-    }  # fmt: skip
+    fwd_tiles = triton.cdiv(n, bm) * sum(triton.cdiv(min(per_split, N - c), bn) for c in range(0, N, per_split))
+    fwd_tile = (bm, bn, triton.cdiv(D, bd) * bd)
+    bm, bn, bd, *_ = CONFIGS["bwd"][key]
+    dl_elem = 2 if dtype == torch.bfloat16 else 4
+    chunk = chunk_rows(n, N, bm, dl_elem)
+    bwd_tiles = sum(triton.cdiv(min(chunk, n - r), bm) for r in range(0, n, chunk)) * triton.cdiv(N, bn)
+    bwd_tile = (bm, bn, triton.cdiv(D, bd) * bd)
+    gemm_flops = 2 * (2 * n * N * D)  # cuBLAS: dx = dL y and dy += dL^T x, exact shapes
+    plan = {"useful_flops": 8 * n * N * D, "column_splits": splits, "backward_chunks": triton.cdiv(n, chunk),
+            "dl_buffer_bytes": chunk * N * dl_elem, "dl_bytes_moved": 3 * n * N * dl_elem}  # fmt: skip
+    for name, tiles, (m, c, d) in (("forward", fwd_tiles, fwd_tile), ("backward", bwd_tiles, bwd_tile)):
+        plan[f"{name}_tiles"] = tiles
+        plan[f"{name}_flops"] = tiles * 2 * m * c * d + (gemm_flops if name == "backward" else 0)
+        plan[f"{name}_exponentials"] = tiles * m * c
+        plan[f"{name}_tile_bytes"] = tiles * (m + c) * d * dtype.itemsize  # tile operands, mostly L2 hits
+    return plan

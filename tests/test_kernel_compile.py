@@ -71,7 +71,8 @@ def compile_sm90(kernel, dtype, cfg, constexprs: dict, tma: bool = True):
 KERNELS = [
     ("fwd", K._sums_kernel, {"WITH_COL": True}),
     ("fwd", K._finish_kernel, {}),
-    ("bwd", K._dlogits_kernel, {"HAS_GX": True, "HAS_GY": True}),
+    ("bwd", K._dlogits_kernel, {"HAS_GX": True, "HAS_GY": True, "EXACT": False}),
+    ("bwd", K._dlogits_kernel, {"HAS_GX": True, "HAS_GY": True, "EXACT": True}),
 ]
 
 

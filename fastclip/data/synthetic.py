@@ -80,6 +80,9 @@ class WorldSpec:
     jpeg_quality: int = 90
     seed: int = 0
     version: int = 1
+    # each shard drawn from its own generator (seed, split, shard), so shards render in parallel processes (the GPU
+    # suite's shards, made on the device machine's clock); off for the demo world, whose bytes stay as they were
+    per_shard_seeds: bool = False
 
 
 def class_names() -> list[str]:
@@ -179,24 +182,37 @@ def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
+def _write_shard(path: Path, split: str, start: int, stop: int, spec: WorldSpec, rng: np.random.Generator) -> Path:
+    tmp = path.with_suffix(".tar.tmp")
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in range(start, stop):
+            jpg, caption, meta = render_sample(rng, spec.image_size, spec.jpeg_quality)
+            key = f"{split}{i:08d}"
+            _add(tar, f"{key}.jpg", jpg)
+            _add(tar, f"{key}.txt", caption.encode())
+            _add(tar, f"{key}.json", json.dumps({"key": key, "caption": caption, **meta}).encode())
+            _add(tar, f"{key}.cls", str(meta["label"]).encode())
+    os.replace(tmp, path)  # a killed run never leaves a truncated shard under the final name
+    return path
+
+
+def _own_seed_shard(args) -> Path:
+    path, split, start, stop, spec, seed = args
+    return _write_shard(path, split, start, stop, spec, np.random.default_rng(seed))
+
+
 def _write_split(out: Path, split: str, n: int, spec: WorldSpec, seed: int) -> list[Path]:
     (out / split).mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    paths = []
-    for shard, start in enumerate(range(0, n, spec.samples_per_shard)):
-        path = out / split / f"shard-{shard:06d}.tar"
-        tmp = path.with_suffix(".tar.tmp")
-        with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for i in range(start, min(n, start + spec.samples_per_shard)):
-                jpg, caption, meta = render_sample(rng, spec.image_size, spec.jpeg_quality)
-                key = f"{split}{i:08d}"
-                _add(tar, f"{key}.jpg", jpg)
-                _add(tar, f"{key}.txt", caption.encode())
-                _add(tar, f"{key}.json", json.dumps({"key": key, "caption": caption, **meta}).encode())
-                _add(tar, f"{key}.cls", str(meta["label"]).encode())
-        os.replace(tmp, path)  # a killed run never leaves a truncated shard under the final name
-        paths.append(path)
-    return paths
+    jobs = [(out / split / f"shard-{shard:06d}.tar", split, start, min(n, start + spec.samples_per_shard))
+            for shard, start in enumerate(range(0, n, spec.samples_per_shard))]  # fmt: skip
+    if not spec.per_shard_seeds:  # one generator through every shard, in order
+        rng = np.random.default_rng(seed)
+        return [_write_shard(*job, spec, rng) for job in jobs]
+    from concurrent.futures import ProcessPoolExecutor
+
+    args = [(*job, spec, [seed, shard]) for shard, job in enumerate(jobs)]
+    with ProcessPoolExecutor(max_workers=min(len(args), os.cpu_count() or 1)) as pool:
+        return list(pool.map(_own_seed_shard, args))
 
 
 def generate(out: str | os.PathLike, spec: WorldSpec = WorldSpec()) -> Path:
