@@ -264,12 +264,13 @@ def breakdown() -> None:
 
     def gemms():
         for r0 in range(0, n, chunk):
-            torch.mm(dl, k)
-            K._accumulate(dk, dl.T, q[r0 : r0 + chunk])
+            c = min(chunk, n - r0)
+            torch.mm(dl[:c], k)
+            K._accumulate(dk, dl[:c].T, q[r0 : r0 + c])
 
     t_gemm = cuda_time(gemms, repeats=5)
     try:
-        torch.addmm(dk, dl.T, q[:chunk], out_dtype=torch.float32)
+        torch.addmm(dk, dl.T, q[: dl.shape[0]], out_dtype=torch.float32)
         out_dtype = True
     except (RuntimeError, TypeError) as e:
         out_dtype = repr(e)[:200]
