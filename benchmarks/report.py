@@ -45,6 +45,8 @@ def _fmt(value, metric: str) -> str:
         return f"{value / 2**20:.0f} MiB" if value < 2**30 else f"{value / 2**30:.2f} GiB"
     if metric == "flop_per_second":
         return f"{value / 1e12:.0f} TFLOP/s"
+    if metric == "abs_error":
+        return f"{value:.1e}"
     if metric == "contrastive_batch":
         return f"{value:,.0f}"
     return f"{value:,.1f}"
