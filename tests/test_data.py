@@ -289,6 +289,29 @@ def test_refill_keeps_training_batches_full_and_in_order():
     assert all(torch.equal(b[1], b[2] * 10) and torch.equal(b[0], b[2].float()) for b in out)
 
 
+def test_gpu_decode_batches_travel_as_one_tensor_of_bytes():
+    """The torch loader's GPU-decode batches cross from worker to main process as one bytes tensor and its offsets
+    (a file descriptor each), not one tensor per sample; unpacked, every JPEG's bytes and every decoded image are
+    back in place."""
+    import pickle
+
+    from fastclip.data.torch_loader import PackedImages, _collate
+
+    g = torch.Generator().manual_seed(0)
+    jpegs = [torch.randint(0, 256, (int(n),), dtype=torch.uint8, generator=g) for n in (300, 17, 4096, 5)]
+    png = torch.randint(0, 256, (3, 8, 6), dtype=torch.uint8, generator=g)  # decoded in the worker
+    images = [jpegs[0], jpegs[1], png, jpegs[2], jpegs[3]]
+    items = [(im, torch.zeros(77, dtype=torch.long), 1, f"s:{i}") for i, im in enumerate(images)]
+    packed, texts, labels, sources = _collate(items)
+    assert isinstance(packed, PackedImages) and packed.data.numel() == sum(j.numel() for j in jpegs)
+    tensors = [t for t in pickle.loads(pickle.dumps(packed)) if isinstance(t, torch.Tensor)]
+    assert len(tensors) == 2 and list(packed.decoded) == [2]
+    got = packed.unpack()
+    assert len(got) == 5 and all(torch.equal(a, b) for a, b in zip(got, images))
+    assert got[0].data_ptr() == packed.data.data_ptr()  # a view, not a copy
+    assert texts.shape == (5, 77) and labels.tolist() == [1] * 5 and sources[2] == "s:2"
+
+
 @pytest.mark.gpu
 def test_corrupt_jpeg_on_the_gpu_decode_is_dropped_and_batches_stay_full(world_dir, tmp_path, capfd):
     shard = tmp_path / "corrupt-000.tar"

@@ -11,6 +11,7 @@ on the GPU (torchvision.io.decode_jpeg(device='cuda'), nvJPEG), then crops.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import DataLoader
@@ -84,11 +85,34 @@ def prepare(img: torch.Tensor, image: ImageSpec, crop_scale, train: bool) -> tor
     return out.sub_(mean).div_(std)
 
 
+class PackedImages(NamedTuple):
+    """A batch's images for the GPU: every JPEG's bytes in one tensor (``data[offsets[i]:offsets[i + 1]]``) and the
+    few other formats, decoded in the worker, by position. One tensor instead of one per sample: a worker hands
+    each tensor to the main process as a file descriptor, and a batch of 512 passed one by one exhausted a
+    1,024-descriptor limit (an emulation of the GPU machine's loader)."""
+
+    data: torch.Tensor  # uint8 [total bytes]
+    offsets: torch.Tensor  # int64 [n + 1]; a decoded image's span is empty
+    decoded: dict[int, torch.Tensor]  # position -> uint8 [3, H, W]
+
+    @classmethod
+    def pack(cls, images: list[torch.Tensor]) -> PackedImages:
+        sizes = [0] + [im.numel() if im.dim() == 1 else 0 for im in images]
+        data = torch.cat([im for im in images if im.dim() == 1]) if any(sizes) else torch.empty(0, dtype=torch.uint8)
+        decoded = {i: im for i, im in enumerate(images) if im.dim() == 3}
+        return cls(data, torch.tensor(sizes, dtype=torch.int64).cumsum(0), decoded)
+
+    def unpack(self) -> list[torch.Tensor]:
+        """JPEG bytes [n] or decoded pixels [3, H, W] per position, views of ``data`` (no copy)."""
+        bounds = self.offsets.tolist()
+        return [self.decoded.get(i, self.data[lo:hi]) for i, (lo, hi) in enumerate(zip(bounds, bounds[1:]))]
+
+
 def _collate(items):
     images, tokens, labels, sources = zip(*items)
-    gpu = images[0].dtype == torch.uint8  # to decode (or crop) on the GPU: a list of differently shaped tensors
-    stacked = list(images) if gpu else torch.stack(images)
-    return stacked, torch.stack(tokens), torch.tensor(labels, dtype=torch.long), list(sources)
+    gpu = images[0].dtype == torch.uint8  # to decode (or crop) on the GPU
+    packed = PackedImages.pack(list(images)) if gpu else torch.stack(images)
+    return packed, torch.stack(tokens), torch.tensor(labels, dtype=torch.long), list(sources)
 
 
 class _Refill:
@@ -223,8 +247,8 @@ class TorchLoader:
         refill = _Refill(self.batch_size) if self.train else None
         for images, texts, labels, sources in self._from_workers():
             self._batches_taken += 1
-            if isinstance(images, list):
-                images, keep = self._decode_on_gpu(images, sources)
+            if isinstance(images, PackedImages):
+                images, keep = self._decode_on_gpu(images.unpack(), sources)
                 if keep is not None:
                     if not keep:
                         continue
