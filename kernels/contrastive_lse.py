@@ -17,10 +17,15 @@ underflow, so the finishing kernel recomputes exactly those blocks with the runn
 lost to underflow (< 2^-126) weigh less than 2^-49 of the sum even over 2^17 columns.
 
 Backward: the gradient of the logits is formed per tile in one exponential, dL = e (u_i + v_j) with u_i = g_x[i]
-e^(B - lse_x[i]) and v_j likewise (tiles holding a guarded row or column take the exact two-exponential form),
-scaled by s and written in bf16 (fp32 for fp32/fp16 inputs) to a chunk buffer of C x N (C rows at a time,
-<= 512 MiB, never N x N); dx and dy are then two tensor-core GEMMs of cuBLAS (dx = dL y, dy += dL^T x with fp32
-accumulation across chunks). bf16 dL is what torch's autocast feeds its own backward GEMMs.
+e^(B - lse_x[i]) and v_j likewise (a second launch rewrites the tiles holding a guarded row or column in the exact
+two-exponential form; the others return at once), scaled by s and written in bf16 (fp32 for fp32/fp16 inputs:
+fp16's range is too narrow for dL) to a chunk buffer of C x N (C rows at a time, <= 384 MiB, never N x N); dx and
+dy are then two tensor-core GEMMs of cuBLAS (dx = dL y, dy += dL^T x accumulated in fp32 across chunks). bf16 dL
+is what torch's autocast feeds its own backward GEMMs, so the error stays within the bf16 rule (measured).
+
+Tiles move by TMA (tensor descriptors): Triton 3.6-3.8 do not software-pipeline this nested loop's pointer loads
+(no cp.async in the PTX, 255 registers with spills), while descriptor loads are pipelined (3 stages, 98 KB of
+shared memory, 150-180 registers, no spills). Rows not 16-byte aligned (D x itemsize) take the pointer path.
 
 Budget per call (n rows, N columns, D features, b bytes per input element):
     FLOPs executed   forward 2 n N D; backward 2 n N D (recompute) + 2 x 2 n N D (GEMMs): 8 n N D in all,
@@ -33,7 +38,14 @@ Budget per call (n rows, N columns, D features, b bytes per input element):
                      bf16 tiles, 64 FLOP per byte from L2, well inside an H100's L2 bandwidth at its matmul peak;
                      the backward's dL write adds 2 bytes per 2 D FLOPs (D FLOP/byte from HBM: 512 at D = 512,
                      above the H100's 295 ridge), so both kernels can be tensor-core bound.
-Interpreter: small blocks (tests). Program ids are cast to int64 before offsets are formed.
+Measured (H200, triton 3.6, benchmarks/results/h200-2026-11-27-loss.json; the card's bf16 matmul 779-785
+TFLOP/s): forward + backward 456 TFLOP/s of 8 n N D at N = 32768, D = 512 (58% of that peak; 0.35x open_clip's
+ClipLoss time, 0.037x its extra memory), 471 at D = 768 (60%; 0.44x, 0.044x), 456 / 463 at N = 65536. Where
+the time goes at N = 32768, D = 512: forward 2.6 ms (417 TFLOP/s), backward 6.8 ms = dL kernel 3.5 ms (316
+TFLOP/s: its bf16 dL write, 2 GB, is ~0.6 ms of it) + cuBLAS GEMMs 3.3 ms (660 TFLOP/s). What is left to reach
+70%: the dL kernel (fuse dx = dL y into it, so dL is written once and read once) and the forward's epilogue
+(one warpgroup's exponentials waiting on the other's wgmma: FA3's ping-pong, which Triton 3.6 does not schedule).
+Interpreter: small blocks (tests). Program ids are cast to int64 before pointer offsets are formed.
 """
 
 from __future__ import annotations
@@ -48,8 +60,10 @@ GUARD2 = -60.0  # base-2 exponent: a row or column sum of exp(L - B) below 2^-60
 DL_BUFFER_BYTES = 384 << 20  # the backward's dL chunk, at most: extra memory <= 0.05x of the logits at N = 32768
 
 
-# Tile configs (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages): ("cuda", dtype class) for sm_90 (H100/H200),
-# measured there at N = 32768, D = 512 and 768 (benchmarks/results); "interpreter" small for CPU tests.
+# Tile configs (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) for sm_90 by dtype class, from the precheck's sweep
+# of CANDIDATES on an H200 at N = 32768, D = 512 (forward + backward, ms): forward 128x128 w8 s3 9.72 (64x128 w4
+# 9.89, 128x64 w4 10.64, 128x128 s4 10.56); backward 64x128 w4 10.03 (128x64 w4 10.10, 128x128 w8 11.03).
+# fp32 (tf32) not swept. "interpreter": small blocks for the CPU tests.
 CONFIGS = {
     "fwd": {"cuda16": (128, 128, 64, 8, 3), "cuda32": (128, 64, 32, 8, 3), "interpreter": (16, 16, 16, 1, 1)},
     "bwd": {"cuda16": (64, 128, 64, 4, 4), "cuda32": (128, 64, 32, 8, 3), "interpreter": (16, 16, 16, 1, 1)},
