@@ -160,8 +160,11 @@ class TrainConfig:
     precision: str = "bf16"  # 'bf16' or 'fp32'
     tf32: bool = True  # on CUDA: TF32 tensor cores for fp32 matmuls and convs, cuDNN autotuning
     seed: int = 0  # seeds model init and data order (offset by rank for the data)
+    peak_tflops: float | None = None  # the card's dense bf16 TFLOP/s for the logs' mfu; none: known GPUs' datasheets
 
     def __post_init__(self):
+        peak = self.peak_tflops
+        _require(peak is None or peak > 0, "train.peak_tflops", f"must be positive, got {peak}")
         _require(self.steps >= 0, "train.steps", f"must be >= 0 (0 means use train.epochs), got {self.steps}")
         _require(self.epochs > 0, "train.epochs", f"must be positive, got {self.epochs}")
         _require(self.grad_accum > 0, "train.grad_accum", f"must be positive, got {self.grad_accum}")

@@ -83,6 +83,8 @@ def train_line(record: dict[str, Any], *, total_steps: int) -> str:
         + (f"grad_norm {record['grad_norm']:.3f} | " if "grad_norm" in record else "")
         + f"{record['samples_per_second']:.1f} samples/s ({record['samples_per_second_per_gpu']:.1f}/GPU) | "
         f"data {1e3 * record['data_time']:.1f} ms | batch {1e3 * record['batch_time']:.1f} ms"
+        + (f" | mfu {100 * record['mfu']:.1f}%" if record.get("mfu") is not None else "")
+        + (f" | mem {record['peak_memory_gb']:.1f} GB" if record.get("peak_memory_gb") is not None else "")
     )
 
 

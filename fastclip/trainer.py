@@ -37,6 +37,7 @@ from fastclip.eval import EarlyStopping, evaluate, read_zeroshot_list
 from fastclip.guard import NonFiniteGuard
 from fastclip.loss import LOGITS_BACKENDS, build_loss
 from fastclip.meters import Meters
+from fastclip.mfu import peak_flops, peak_memory_gb, train_flops_per_sample
 from fastclip.model import build_model, image_spec, logit_scale_of, param_groups
 from fastclip.schedules import LrSchedule, restart_at, total_steps
 from fastclip.sinks import MetricSinks, progress_bar, train_line
@@ -105,6 +106,9 @@ class Trainer:
                 keep_last_graph=cfg.loss.backend not in LOGITS_BACKENDS,  # those would hold the logits meanwhile
             )  # fmt: skip
         self.meters = Meters(["loss", "logit_scale", "grad_norm"], device=world.device)
+        self.flops_per_sample = train_flops_per_sample(cfg.model)  # model FLOPs, for the logs' mfu
+        self.peak_flops = peak_flops(world.device, cfg.train.peak_tflops)
+        peak_memory_gb(world.device)  # the first log's peak counts from here, not from the engine's build
         self.sinks = MetricSinks(cfg.log, enabled=world.is_main, config=cfg)
         self.state = TrainState(EarlyStopping(cfg.eval.early_stop_patience, cfg.eval.early_stop_min_delta))
         self.checkpoints = CheckpointManager(
@@ -383,7 +387,10 @@ class Trainer:
             "samples_per_second_per_gpu": samples_per_second / self.world.world_size,
             "data_time": interval.data_time / steps,
             "batch_time": elapsed / steps,
-        }
+            "mfu": (samples_per_second / self.world.world_size * self.flops_per_sample / self.peak_flops
+                    if self.peak_flops else None),
+            "peak_memory_gb": peak_memory_gb(self.world.device),  # since the last log line; null on a CPU
+        }  # fmt: skip
         if self.grad_norms_seen:
             record["grad_norm"] = means["grad_norm"]  # pre-clip global norm, mean over the interval's steps
         if self.cfg.optim.skip_nonfinite:

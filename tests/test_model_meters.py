@@ -87,3 +87,23 @@ def test_global_torch_flags_are_restored_after_each_test():
     """The root conftest's restore_torch_flags put back what the test before this one changed (pytest runs a
     file's tests in order), so no test's numbers depend on which tests ran before it."""
     assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.benchmark
+
+
+@pytest.mark.parametrize("name, gflops", [("ViT-B-32", 44.34), ("ViT-B-16", 123.27), ("ViT-L-14", 526.0)])
+def test_training_flops_per_sample_match_the_published_counts(name, gflops):
+    """open_clip's model profile (forward GFLOPs 14.78, 41.09, 175.33 at 224 px) times 3 for a training sample;
+    counted from the architecture on the meta device, so even ViT-L costs no memory."""
+    from fastclip.mfu import train_flops_per_sample
+
+    assert train_flops_per_sample(ModelConfig(name=name)) / 1e9 == pytest.approx(gflops, rel=0.02)
+
+
+def test_flops_follow_the_image_size_and_peaks_come_from_the_card_or_the_config():
+    from fastclip.mfu import peak_flops, peak_memory_gb, train_flops_per_sample
+
+    at_224 = train_flops_per_sample(ModelConfig(name="ViT-B-16"))
+    at_336 = train_flops_per_sample(ModelConfig(name="ViT-B-16", force_image_size=336))
+    assert 2.1 < at_336 / at_224 < 2.25  # image tokens grow 2.25x (attention faster); the text tower stays
+    cpu = torch.device("cpu")
+    assert peak_flops(cpu, None) is None and peak_flops(cpu, 312.0) == 312e12
+    assert peak_memory_gb(cpu) is None

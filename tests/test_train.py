@@ -81,9 +81,19 @@ def test_every_zero_stage_trains_evaluates_and_exports(world_dir, tmp_path, stag
 def test_torch_fallback_loader_trains(world_dir, tmp_path):
     out = tmp_path / "torch-loader"
     args = small_run_args(world_dir, out, steps=3) + ["--data.loader", "torch", "--data.num_threads", "1"]
-    _check(run_cli([sys.executable, "-m", "fastclip.train", *args], cwd=ROOT, timeout=300))
+    proc = run_cli([sys.executable, "-m", "fastclip.train", *args, "--train.peak_tflops", "0.5"], cwd=ROOT, timeout=300)
+    _check(proc)
     records = _records(out)
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
+    # every log line: MFU against the given peak (model FLOPs of the architecture), and no device memory on a CPU
+    from fastclip.config import ModelConfig
+    from fastclip.mfu import train_flops_per_sample
+
+    flops = train_flops_per_sample(ModelConfig(name="fastclip-tiny", force_image_size=32))
+    for r in (r for r in records if "loss" in r):
+        assert r["peak_memory_gb"] is None and 0 < r["mfu"] < 1
+        assert abs(r["mfu"] - r["samples_per_second_per_gpu"] * flops / 0.5e12) <= 1e-9 * max(r["mfu"], 1e-9) + 1e-12
+    assert " | mfu " in proc.stdout
     evals = [r for r in records if "val/zeroshot_top1" in r]
     assert len(evals) == 1 and evals[0]["val/samples"] == 100
 
