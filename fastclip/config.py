@@ -116,11 +116,15 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.98)  # AdamW betas (open_clip's ViT defaults)
     eps: float = 1e-6  # AdamW epsilon
     warmup_steps: int = 50  # linear warmup to lr, in optimizer steps
-    schedule: str = "cosine"  # after warmup: 'cosine', 'cosine_restarts' (SGDR) or 'constant'
+    schedule: str = "cosine"  # after warmup: 'cosine', 'cosine_restarts' (SGDR), 'constant' or 'const_cooldown'
     min_lr_ratio: float = 0.0  # cosine (and each restart cycle) decays to lr * min_lr_ratio
     restart_steps: int = 0  # cosine_restarts: steps in the first cycle; 0 means a quarter of the post-warmup steps
     restart_mult: float = 1.0  # cosine_restarts: each cycle this many times longer than the one before
     restart_decay: float = 1.0  # cosine_restarts: each cycle's peak lr this many times the one before
+    cooldown_steps: int = 0  # const_cooldown: the last steps, decaying from lr (open_clip's --epochs-cooldown in steps)
+    cooldown_epochs: float = 0.0  # const_cooldown: the cooldown in epochs, when cooldown_steps is 0
+    cooldown_end_lr: float = 0.0  # const_cooldown: the lr at the last step (open_clip's --lr-cooldown-end)
+    cooldown_power: float = 1.0  # const_cooldown: 1 decays linearly, 2 quadratically (open_clip's --lr-cooldown-power)
     grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
     fused_adam: bool = False  # on CUDA, DeepSpeed's FusedAdam (JIT-compiled with nvcc) instead of torch's AdamW
     skip_nonfinite: bool = False  # skip steps whose grads hold inf/NaN (DeepSpeed's check: a host sync per step)
@@ -138,6 +142,14 @@ class OptimConfig:
         _require(self.restart_steps >= 0, "optim.restart_steps", f"must be >= 0, got {self.restart_steps}")
         _require(self.restart_mult >= 1, "optim.restart_mult", f"must be >= 1, got {self.restart_mult}")
         _require(0 < self.restart_decay <= 1, "optim.restart_decay", f"must be in (0, 1], got {self.restart_decay}")
+        _require(self.cooldown_steps >= 0, "optim.cooldown_steps", f"must be >= 0, got {self.cooldown_steps}")
+        _require(self.cooldown_epochs >= 0, "optim.cooldown_epochs", f"must be >= 0, got {self.cooldown_epochs}")
+        end = self.cooldown_end_lr
+        _require(0 <= end <= self.lr, "optim.cooldown_end_lr", f"must be in [0, optim.lr={self.lr}], got {end}")
+        _require(self.cooldown_power > 0, "optim.cooldown_power", f"must be positive, got {self.cooldown_power}")
+        if self.schedule == "const_cooldown":
+            _require(self.cooldown_steps > 0 or self.cooldown_epochs > 0, "optim.cooldown_steps",
+                     "const_cooldown needs a cooldown: set optim.cooldown_steps or optim.cooldown_epochs")  # fmt: skip
         _require(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0 (0 disables), got {self.grad_clip}")
         skips = self.max_skipped_steps
         _require(skips > 0, "optim.max_skipped_steps", f"must be a positive number of steps, got {skips}")

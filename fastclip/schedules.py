@@ -1,4 +1,5 @@
-"""Learning-rate schedules: a linear warmup, then cosine decay, cosine with warm restarts (SGDR), or constant.
+"""Learning-rate schedules: a linear warmup, then cosine decay, cosine with warm restarts (SGDR), constant, or
+constant with a cooldown.
 
 A schedule is the factor of ``optim.lr`` that the optimizer step ``k`` (counted from 0) uses; DeepSpeed's engine
 steps it once per optimizer step as a ``LambdaLR``. Warmup is ``(k + 1) / warmup`` as open_clip's ``cosine_lr``,
@@ -7,6 +8,8 @@ so the first step already learns.
     cosine            f = m + (1 - m) * (1 + cos(pi * t / T)) / 2             T: the steps after warmup
     cosine_restarts   the same within cycle i of length c * mult**i, peak decay**i, restarting at the peak
     constant          f = 1
+    const_cooldown    f = 1, then over the last C steps f = e + (1 - e) * (1 - u / C) ** p      (open_clip's
+                      const-cooldown: u the steps since the cooldown began, e = cooldown_end_lr / lr, p the power)
 with t the steps since warmup ended and m = optim.min_lr_ratio (Loshchilov & Hutter, SGDR, 2017).
 """
 
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 
 from fastclip.errors import ConfigError
 
-SCHEDULES = ("cosine", "cosine_restarts", "constant")
+SCHEDULES = ("cosine", "cosine_restarts", "constant", "const_cooldown")
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,9 @@ class LrSchedule:
     cycle: int = 0  # cosine_restarts: steps in the first cycle; 0 means a quarter of the steps after warmup
     mult: float = 1.0  # cosine_restarts: each cycle this many times longer than the one before
     decay: float = 1.0  # cosine_restarts: each cycle's peak this many times the one before
+    cooldown: int = 0  # const_cooldown: the last steps, decaying to end_ratio
+    end_ratio: float = 0.0  # const_cooldown: the factor at the end of the cooldown
+    power: float = 1.0  # const_cooldown: 1 decays linearly, 2 quadratically, ...
 
     def __call__(self, step: int) -> float:
         if step < self.warmup:
@@ -36,6 +42,12 @@ class LrSchedule:
         t, span = step - self.warmup, max(self.total - self.warmup, 1)
         if self.kind == "constant":
             return 1.0
+        if self.kind == "const_cooldown":
+            start = self.total - self.cooldown
+            if step < start:
+                return 1.0
+            left = max(1.0 - (step - start) / self.cooldown, 0.0)
+            return self.end_ratio + (1.0 - self.end_ratio) * left**self.power
         if self.kind == "cosine":
             return self._cosine(min(t / span, 1.0), peak=1.0)
         length, peak = float(self.cycle or max(span // 4, 1)), 1.0
@@ -61,6 +73,24 @@ def restart_at(scheduler, schedule: LrSchedule, *, base_lr: float, step: int) ->
     for group in groups:
         group["initial_lr"], group["lr"] = base_lr, lr
     scheduler._last_lr = [lr] * len(groups)
+
+
+def cooldown_steps(optim, *, total: int, steps_per_epoch: int) -> int:
+    """const_cooldown's length in optimizer steps (``optim.cooldown_steps``, else ``cooldown_epochs`` epochs); 0 for
+    the other schedules. A cooldown that does not fit after the warmup is a ConfigError naming both."""
+    if optim.schedule != "const_cooldown":
+        return 0
+    steps = optim.cooldown_steps or round(optim.cooldown_epochs * steps_per_epoch)
+    room = total - optim.warmup_steps
+    if not 0 < steps <= room:
+        given = (
+            f"optim.cooldown_steps={optim.cooldown_steps}"
+            if optim.cooldown_steps
+            else f"optim.cooldown_epochs={optim.cooldown_epochs} ({steps} steps at {steps_per_epoch} an epoch)"
+        )
+        raise ConfigError(f"{given}: the cooldown must be 1 to {room} steps (the run's {total} steps less "
+                          f"optim.warmup_steps={optim.warmup_steps}); shorten it or lengthen the run")  # fmt: skip
+    return steps
 
 
 def total_steps(

@@ -39,7 +39,7 @@ from fastclip.loss import LOGITS_BACKENDS, build_loss
 from fastclip.meters import Meters
 from fastclip.mfu import peak_flops, peak_memory_gb, train_flops_per_sample
 from fastclip.model import build_model, image_spec, logit_scale_of, param_groups
-from fastclip.schedules import LrSchedule, restart_at, total_steps
+from fastclip.schedules import LrSchedule, cooldown_steps, restart_at, total_steps
 from fastclip.sinks import MetricSinks, progress_bar, train_line
 from fastclip.world import World
 
@@ -168,6 +168,8 @@ class Trainer:
         self.schedule = schedule = LrSchedule(
             kind=optim.schedule, warmup=optim.warmup_steps, total=self.total_steps, min_ratio=optim.min_lr_ratio,
             cycle=optim.restart_steps, mult=optim.restart_mult, decay=optim.restart_decay,
+            cooldown=cooldown_steps(optim, total=self.total_steps, steps_per_epoch=self.steps_per_epoch),
+            end_ratio=optim.cooldown_end_lr / optim.lr, power=optim.cooldown_power,
         )  # fmt: skip
         engine, scheduler, ds_config = build_engine(
             self.clip, cfg=self.cfg, world_size=self.world.world_size, cuda=self.world.device.type == "cuda",

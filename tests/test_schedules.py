@@ -27,6 +27,33 @@ def test_schedules_match_open_clip(kind):
         assert 3e-4 * ours(step) == pytest.approx(theirs(step), rel=1e-12, abs=1e-18)
 
 
+@pytest.mark.parametrize("power, end", [(1.0, 0.0), (2.0, 3e-5), (0.5, 1e-5)])
+def test_const_cooldown_matches_open_clip(power, end):
+    from open_clip_train.scheduler import const_lr_cooldown
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    theirs = const_lr_cooldown(opt, 3e-4, 25, 400, 100, cooldown_power=power, cooldown_end_lr=end)
+    ours = LrSchedule(kind="const_cooldown", warmup=25, total=400, cooldown=100, end_ratio=end / 3e-4, power=power)
+    for step in range(400):
+        assert 3e-4 * ours(step) == pytest.approx(theirs(step), rel=1e-12, abs=1e-18)
+
+
+def test_const_cooldown_length_from_steps_or_epochs_and_its_errors():
+    from fastclip.config import OptimConfig
+    from fastclip.schedules import cooldown_steps
+
+    optim = OptimConfig(schedule="const_cooldown", warmup_steps=10, cooldown_epochs=1.5)
+    assert cooldown_steps(optim, total=100, steps_per_epoch=20) == 30
+    assert cooldown_steps(OptimConfig(schedule="const_cooldown", cooldown_steps=7), total=100, steps_per_epoch=20) == 7
+    assert cooldown_steps(OptimConfig(), total=100, steps_per_epoch=20) == 0  # cosine: none
+    with pytest.raises(ConfigError, match=r"optim.cooldown_epochs=1.5 \(30 steps at 20 an epoch\).*1 to 10 steps"):
+        cooldown_steps(optim, total=20, steps_per_epoch=20)
+    with pytest.raises(ConfigError, match="needs a cooldown"):
+        OptimConfig(schedule="const_cooldown")
+    with pytest.raises(ConfigError, match="optim.cooldown_end_lr"):
+        OptimConfig(schedule="const_cooldown", cooldown_steps=5, lr=1e-3, cooldown_end_lr=2e-3)
+
+
 def test_cosine_floor_and_restarts():
     cos = LrSchedule(kind="cosine", warmup=10, total=110, min_ratio=0.1)
     assert cos(0) == pytest.approx(0.1) and cos(9) == 1.0 and cos(10) == 1.0
