@@ -1,4 +1,5 @@
-"""Evaluation on the val shards: val loss, zero-shot top-1 over class prompts, image<->text R@1.
+"""Evaluation on the val shards: val loss, zero-shot top-1 and top-5 over class prompts, image<->text R@1, R@5
+and R@10 (open_clip's retrieval metrics).
 
 Each rank encodes its part of the val set; features are gathered so that retrieval and zero-shot are
 scored over the whole set, the same numbers on every rank.
@@ -77,14 +78,21 @@ def _gather_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
 
-def _recall_at_1(queries: torch.Tensor, keys: torch.Tensor, chunk: int = 4096) -> float:
-    """Fraction of rows i whose nearest key is key i; row chunks keep memory at chunk x M."""
-    hits = 0
+RECALL_AT = (1, 5, 10)
+
+
+def _recall_at(queries: torch.Tensor, keys: torch.Tensor, chunk: int = 4096) -> dict[int, float]:
+    """R@k for k in RECALL_AT: the fraction of rows i whose key i is among their k nearest keys (its rank: how many
+    keys score above it, as open_clip's argsort ranks them); row chunks keep memory at chunk x M."""
+    hits = torch.zeros(len(RECALL_AT), dtype=torch.long, device=queries.device)
+    ks = torch.tensor(RECALL_AT, device=queries.device)
     for start in range(0, queries.shape[0], chunk):
         sims = queries[start : start + chunk] @ keys.T
-        target = torch.arange(start, start + sims.shape[0], device=sims.device)
-        hits += int((sims.argmax(dim=1) == target).sum())
-    return hits / max(queries.shape[0], 1)
+        rows = torch.arange(sims.shape[0], device=sims.device)
+        rank = (sims > sims[rows, rows + start, None]).sum(dim=1)
+        hits += (rank[:, None] < ks[None, :]).sum(dim=0)
+    n = max(queries.shape[0], 1)
+    return {k: h / n for k, h in zip(RECALL_AT, hits.tolist())}  # note: a host sync, at eval time only
 
 
 @torch.no_grad()
@@ -143,13 +151,16 @@ def evaluate(
 
     metrics = {"val/samples": float(images.shape[0]), "val/clip_loss": loss_total / n if n else float("nan")}
     if images.shape[0]:
-        metrics["val/image_to_text_R@1"] = _recall_at_1(images, texts)
-        metrics["val/text_to_image_R@1"] = _recall_at_1(texts, images)
+        for name, (queries, keys) in (("image_to_text", (images, texts)), ("text_to_image", (texts, images))):
+            for k, recall in _recall_at(queries, keys).items():
+                metrics[f"val/{name}_R@{k}"] = recall
     known = all_labels >= 0
     if classnames and templates and images.shape[0] and bool(known.any()):
         weights = zeroshot_classifier(model, tokenizer, classnames, templates, device=device)
-        pred = (images[known] @ weights.T).argmax(dim=1)
-        metrics["val/zeroshot_top1"] = float((pred == all_labels[known]).float().mean())
+        top = (images[known] @ weights.T).topk(min(5, len(classnames)), dim=1).indices
+        hit = top == all_labels[known][:, None]
+        metrics["val/zeroshot_top1"] = float(hit[:, 0].float().mean())
+        metrics["val/zeroshot_top5"] = float(hit.any(dim=1).float().mean())  # all classes when there are fewer
         metrics["val/zeroshot_chance"] = 1.0 / len(classnames)
     model.train(was_training)
     return metrics

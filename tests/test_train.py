@@ -96,6 +96,9 @@ def test_torch_fallback_loader_trains(world_dir, tmp_path):
     assert " | mfu " in proc.stdout
     evals = [r for r in records if "val/zeroshot_top1" in r]
     assert len(evals) == 1 and evals[0]["val/samples"] == 100
+    e = evals[0]
+    assert e["val/zeroshot_top1"] <= e["val/zeroshot_top5"] and e["val/image_to_text_R@1"] <= e["val/image_to_text_R@5"]
+    assert e["val/image_to_text_R@5"] <= e["val/image_to_text_R@10"] and "val/text_to_image_R@10" in e
 
 
 @pytest.mark.gpu
