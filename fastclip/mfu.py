@@ -6,7 +6,8 @@ FLOPs are counted once at start-up from the architecture itself: the open_clip m
 A training sample costs 3x its forward (the backward computes gradients for activations and weights). This is
 model FLOPs (MFU, as PaLM defines it): a contrastive step's replayed forwards and activation checkpointing's
 recompute are not counted as useful work. At 224 px it gives ViT-B/32 44.33, ViT-B/16 123.26 and ViT-L/14 525.98
-GFLOP per sample, open_clip's published profile times 3 (14.78, 41.09, 175.33 GFLOP forward).
+GFLOP per sample, open_clip's published profile times 3 (14.78, 41.09, 175.33 GFLOP forward). Patch dropout
+counts the tokens kept (the model is counted in training mode); locked towers count as trained (the convention).
 
 The peak is dense bf16 tensor-core throughput from the vendor's datasheets for known cards, or ``train.peak_tflops``
 (a measured matmul rate is the more honest denominator: benchmarks/gpu_precheck.py measures it).
@@ -46,8 +47,9 @@ def train_flops_per_sample(model: ModelConfig) -> float:
 
     with torch.device("meta"), _quiet_random_init():
         clip = open_clip.create_model(
-            resolve_model_name(model.name), force_image_size=model.force_image_size, device="meta"
-        )
+            resolve_model_name(model.name), force_image_size=model.force_image_size, device="meta",
+            force_patch_dropout=model.patch_dropout or None,  # in training mode: the tokens a step really sees
+        )  # fmt: skip
     size = clip.visual.image_size
     size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
     image = torch.empty(1, 3, *size, device="meta")

@@ -98,7 +98,10 @@ def build_model(model: ModelConfig) -> torch.nn.Module:
     name = resolve_model_name(model.name)
     quiet = _quiet_random_init() if model.pretrained is not None else contextlib.nullcontext()
     with quiet:
-        clip = open_clip.create_model(name, force_image_size=model.force_image_size, output_dict=True)
+        clip = open_clip.create_model(
+            name, force_image_size=model.force_image_size, output_dict=True,
+            force_patch_dropout=model.patch_dropout or None,  # active in training mode only (PatchDropout)
+        )  # fmt: skip
     if model.pretrained is not None:
         try:
             open_clip.load_checkpoint(clip, model.pretrained)
@@ -107,12 +110,30 @@ def build_model(model: ModelConfig) -> torch.nn.Module:
             raise ConfigError(f"model.pretrained: {model.pretrained!r} does not load into {name}: {said}") from e
         # strict loading: every tensor of the model came from the file
         say(f"fastclip: loaded {len(clip.state_dict())} tensors from {model.pretrained} into {name}")
+    _lock_and_checkpoint(clip, model)
     for attr in SCALAR_PARAMS:
         param = getattr(clip, attr, None)
         if isinstance(param, torch.nn.Parameter) and param.ndim == 0:
             # DeepSpeed broadcasts parameters as byte views, impossible for a 0-dim bf16 tensor: hold them as [1]
             setattr(clip, attr, torch.nn.Parameter(param.detach().reshape(1)))
     return clip
+
+
+def _lock_and_checkpoint(clip: torch.nn.Module, model: ModelConfig) -> None:
+    """open_clip's tower locks (after any pretrained weights load: LiT freezes trained towers) and activation
+    checkpointing. A locked parameter has requires_grad False, so param_groups leaves it out of the optimizer."""
+    try:
+        if model.lock_image:
+            clip.lock_image_tower(unlocked_groups=model.lock_image_unlocked_groups,
+                                  freeze_bn_stats=model.lock_image_freeze_bn_stats)  # fmt: skip
+        if model.lock_text:
+            clip.lock_text_tower(unlocked_layers=model.lock_text_unlocked_layers,
+                                 freeze_layer_norm=model.lock_text_freeze_layer_norm)  # fmt: skip
+    except (AssertionError, AttributeError, NotImplementedError) as e:
+        said = _one_line(e) or type(e).__name__
+        raise ConfigError(f"model.lock_image / model.lock_text on {model.name}: {said}") from None
+    if model.grad_checkpointing:
+        clip.set_grad_checkpointing(True)
 
 
 MAX_LOGIT_SCALE = 100.0  # open_clip clamps exp(logit_scale) to 100

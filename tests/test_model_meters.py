@@ -104,6 +104,8 @@ def test_flops_follow_the_image_size_and_peaks_come_from_the_card_or_the_config(
     at_224 = train_flops_per_sample(ModelConfig(name="ViT-B-16"))
     at_336 = train_flops_per_sample(ModelConfig(name="ViT-B-16", force_image_size=336))
     assert 2.1 < at_336 / at_224 < 2.25  # image tokens grow 2.25x (attention faster); the text tower stays
+    flip = train_flops_per_sample(ModelConfig(name="ViT-B-16", patch_dropout=0.5))
+    assert 0.5 < flip / at_224 < 0.6  # half the patches: half the image tower, all of the text tower
     cpu = torch.device("cpu")
     assert peak_flops(cpu, None) is None and peak_flops(cpu, 312.0) == 312e12
     assert peak_memory_gb(cpu) is None
