@@ -190,10 +190,15 @@ class TrainConfig:
     tf32: bool = True  # on CUDA: TF32 tensor cores for fp32 matmuls and convs, cuDNN autotuning
     seed: int = 0  # seeds model init and data order (offset by rank for the data)
     peak_tflops: float | None = None  # the card's dense bf16 TFLOP/s for the logs' mfu; none: known GPUs' datasheets
+    benchmark: int = 0  # > 0: measure this many steps of this run, data excluded and included; no checkpoint or eval
+    benchmark_warmup: int = 3  # with benchmark: unmeasured steps before each phase (compilation, allocator, loaders)
 
     def __post_init__(self):
         peak = self.peak_tflops
         _require(peak is None or peak > 0, "train.peak_tflops", f"must be positive, got {peak}")
+        _require(self.benchmark >= 0, "train.benchmark", f"must be >= 0 steps (0: train), got {self.benchmark}")
+        _require(self.benchmark != 1, "train.benchmark", "needs at least 2 measured steps for a spread")
+        _require(self.benchmark_warmup >= 1, "train.benchmark_warmup", f"must be >= 1, got {self.benchmark_warmup}")
         _require(self.steps >= 0, "train.steps", f"must be >= 0 (0 means use train.epochs), got {self.steps}")
         _require(self.epochs > 0, "train.epochs", f"must be positive, got {self.epochs}")
         _require(self.grad_accum > 0, "train.grad_accum", f"must be positive, got {self.grad_accum}")

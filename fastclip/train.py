@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     watchdog = Watchdog(world, cfg.dist, step=lambda: trainer.step if trainer else 0, latest=latest).start()
     try:
         trainer = Trainer(cfg, world)
-        metrics = trainer.train()
+        metrics = trainer.benchmark() if cfg.train.benchmark else trainer.train()
         watchdog.finish()
         finished = True
         return metrics

@@ -1,0 +1,139 @@
+"""Throughput of the user's own run: ``--train.benchmark N`` measures N optimizer steps of exactly the configured run
+(model, batch, accumulation, ZeRO stage, precision, world), after ``train.benchmark_warmup`` unmeasured ones, twice:
+
+- data excluded: the same few batches, already on the device, over and over (what the model step can do);
+- data included: the configured loader, as training reads it (what the run will do; the gap is the data path's).
+
+Rank 0 prints one table and writes ``log.dir/benchmark.json`` (card, world layout, versions, both phases).
+Nothing is checkpointed, evaluated or exported. Step times come from one event per step on CUDA (no host sync
+between steps, so the launch queue runs as in training) or the host clock on a CPU.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from fastclip.console import say
+from fastclip.mfu import peak_memory_gb
+
+if TYPE_CHECKING:
+    from fastclip.trainer import Trainer
+
+
+class _Clock:
+    """A mark after each step: CUDA events recorded on the stream (read once at the end), else perf_counter."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def step_times(self) -> list[float]:
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in itertools.pairwise(self.marks)]
+        return [b - a for a, b in itertools.pairwise(self.marks)]
+
+
+def _measure(trainer: Trainer, batches, steps: int, warmup: int) -> dict:
+    for _ in range(warmup):
+        trainer.train_step(batches)
+    device = trainer.world.device
+    clock, data_time = _Clock(device), 0.0
+    peak_memory_gb(device)  # restart the peak count: the measured steps' own
+    clock.mark()
+    start = time.perf_counter()
+    for _ in range(steps):
+        data_time += trainer.train_step(batches)
+        clock.mark()
+    times = clock.step_times()
+    wall = time.perf_counter() - start
+    median = statistics.median(times)
+    per_gpu = trainer.global_batch / median / trainer.world.world_size
+    quantiles = statistics.quantiles(times, n=10) if len(times) > 1 else [median] * 9
+    return {
+        "samples_per_second_per_gpu": per_gpu,
+        "samples_per_second": per_gpu * trainer.world.world_size,
+        "mfu": per_gpu * trainer.flops_per_sample / trainer.peak_flops if trainer.peak_flops else None,
+        "peak_memory_gb": peak_memory_gb(device),
+        "data_time_share": data_time / wall,
+        "step_time_median_s": median,
+        "step_time_p10_s": quantiles[0],
+        "step_time_p90_s": quantiles[-1],
+        "step_time_spread": (max(times) - min(times)) / median,
+    }
+
+
+def _versions() -> dict:
+    import deepspeed
+    import open_clip
+    import triton
+
+    return {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "triton": triton.__version__,
+            "open_clip": open_clip.__version__}  # fmt: skip
+
+
+def _card(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import os
+    import platform
+
+    arch = platform.processor() or platform.machine()
+    return f"CPU ({arch}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def table(report: dict) -> str:
+    lines = [
+        f"benchmark: {report['model']}, {report['card']}, {report['world']}; global batch {report['global_batch']}, "
+        f"{report['steps']} steps after {report['warmup']} warm-up, {report['precision']}, ZeRO-{report['zero_stage']}",
+        f"{'':16}{'samples/s/GPU':>14}{'MFU':>8}{'peak mem':>10}{'data share':>12}{'step p50':>11}{'p10-p90':>18}",
+    ]
+    for name, m in report["phases"].items():
+        mfu = f"{100 * m['mfu']:.1f}%" if m["mfu"] is not None else "—"
+        mem = f"{m['peak_memory_gb']:.1f} GB" if m["peak_memory_gb"] is not None else "—"
+        spread = f"{1e3 * m['step_time_p10_s']:.1f}-{1e3 * m['step_time_p90_s']:.1f} ms"
+        lines.append(
+            f"{name:16}{m['samples_per_second_per_gpu']:>14,.1f}{mfu:>8}{mem:>10}{100 * m['data_time_share']:>11.1f}%"
+            f"{1e3 * m['step_time_median_s']:>8.1f} ms{spread:>18}"
+        )
+    return "\n".join(lines)
+
+
+def run(trainer: Trainer, steps: int, warmup: int) -> dict:
+    """Both phases on every rank (the steps are collective); rank 0 reports. Returns the report."""
+    trainer.engine.train()
+    loaded = iter(trainer.train_loader)
+    fixed = [trainer.fetch(loaded) for _ in range(trainer.cfg.train.grad_accum)]  # the loader puts them on the device
+    cfg = trainer.cfg
+    report = {
+        "model": cfg.model.name, "card": _card(trainer.world.device), "world": trainer.world.layout(),
+        "world_size": trainer.world.world_size, "global_batch": trainer.global_batch, "steps": steps,
+        "warmup": warmup, "precision": trainer.precision, "zero_stage": trainer.stage,
+        "flops_per_sample": trainer.flops_per_sample, "peak_flops": trainer.peak_flops, "versions": _versions(),
+        "phases": {
+            "data excluded": _measure(trainer, itertools.cycle(fixed), steps, warmup),
+            "data included": _measure(trainer, loaded, steps, warmup),
+        },
+    }  # fmt: skip
+    if trainer.world.is_main:
+        say(table(report))
+        path = Path(cfg.log.dir) / "benchmark.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1))
+        say(f"benchmark: written to {path}")
+    return report
