@@ -190,12 +190,22 @@ class TrainConfig:
     tf32: bool = True  # on CUDA: TF32 tensor cores for fp32 matmuls and convs, cuDNN autotuning
     seed: int = 0  # seeds model init and data order (offset by rank for the data)
     peak_tflops: float | None = None  # the card's dense bf16 TFLOP/s for the logs' mfu; none: known GPUs' datasheets
+    compile: str = "none"  # torch.compile: 'none', 'model' (the towers) or 'step' (forward + loss); ZeRO-1/2 only
+    compile_backend: str = "inductor"  # torch.compile's backend ('aot_eager' traces without generating code)
     benchmark: int = 0  # > 0: measure this many steps of this run, data excluded and included; no checkpoint or eval
     benchmark_warmup: int = 3  # with benchmark: unmeasured steps before each phase (compilation, allocator, loaders)
 
     def __post_init__(self):
         peak = self.peak_tflops
         _require(peak is None or peak > 0, "train.peak_tflops", f"must be positive, got {peak}")
+        from fastclip.compile import MODES
+
+        modes = "; ".join(f"'{k}' ({v})" for k, v in MODES.items())
+        _require(self.compile in MODES, "train.compile", f"must be {modes}; got {self.compile!r}")
+        if self.compile != "none":
+            from fastclip.compile import check
+
+            check(self.compile, stage=self.zero_stage)  # before any model is built
         _require(self.benchmark >= 0, "train.benchmark", f"must be >= 0 steps (0: train), got {self.benchmark}")
         _require(self.benchmark != 1, "train.benchmark", "needs at least 2 measured steps for a spread")
         _require(self.benchmark_warmup >= 1, "train.benchmark_warmup", f"must be >= 1, got {self.benchmark_warmup}")

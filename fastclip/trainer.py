@@ -25,6 +25,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from fastclip import console
 from fastclip.accumulation import ContrastiveAccumulation, is_out_of_memory
 from fastclip.checkpoint import CheckpointManager, TrainState, changed_settings
+from fastclip.compile import check as check_compile
+from fastclip.compile import compile_fn
 from fastclip.config import Config
 from fastclip.console import say
 from fastclip.data.batch import Batch, BatchCount, DataPosition
@@ -99,6 +101,7 @@ class Trainer:
         self.stage, self.precision = self.engine.zero_optimization_stage(), precision_of(self.engine)
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
         self.loss_fn = build_loss(cfg.loss, rank=world.rank, world_size=world.world_size)
+        self.compiled_forward, self.compiled_step = self._compile(contrastive)
         self.accumulation = None
         if contrastive:
             self.accumulation = ContrastiveAccumulation(
@@ -188,8 +191,36 @@ class Trainer:
         self.data_position = batch.position  # host-side bookkeeping, saved with checkpoints
         return batch
 
+    def _compile(self, contrastive: bool):
+        """(compiled towers, compiled forward + loss) for ``train.compile`` (fastclip/compile.py); loss_fn is
+        compiled in place for a contrastive step's loss over its cached features."""
+        mode, backend = self.cfg.train.compile, self.cfg.train.compile_backend
+        check_compile(mode, stage=self.stage)
+        if mode == "none":
+            return None, None
+        # the module's forward, not its call: DeepSpeed's forward hooks (timers, ZeRO-3's parameter discovery: no work
+        # at ZeRO-1/2) read the engine's step counters, which a graph would guard on and recompile for every step
+        forward = self.engine.module.forward
+        towers = compile_fn(forward, backend=backend) if mode == "model" or contrastive else None
+        if mode == "step" and contrastive:
+            self.loss_fn = compile_fn(self.loss_fn, backend=backend)
+        step = compile_fn(self._module_and_loss, backend=backend) if mode == "step" and not contrastive else None
+        return towers, step
+
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
-        return self.engine(batch.images.to(self.dtype), batch.texts)
+        images = batch.images.to(self.dtype)
+        if self.compiled_forward is not None:
+            return self.compiled_forward(images, batch.texts)
+        return self.engine(images, batch.texts)
+
+    def forward_and_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.compiled_step is not None:
+            return self.compiled_step(batch.images.to(self.dtype), batch.texts)
+        return self.compute_loss(self.forward(batch))
+
+    def _module_and_loss(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What ``train.compile step`` compiles: the towers, the logit scale and the loss, one graph."""
+        return self.compute_loss(self.engine.module.forward(images, texts))  # without DeepSpeed's hooks, as above
 
     def compute_loss(self, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         scale = logit_scale_of(out)
@@ -231,8 +262,7 @@ class Trainer:
             batch = self.fetch(batches)
             data_time += time.perf_counter() - start
             with self._memory_said():
-                out = self.forward(batch)
-                loss, scale = self.compute_loss(out)
+                loss, scale = self.forward_and_loss(batch)
                 self.backward(loss)
                 self.optimizer_step()  # the first allocates the optimizer's state
             self.update_meters(loss, scale)

@@ -1,0 +1,45 @@
+"""``train.compile``: torch.compile of the training step, where DeepSpeed allows it.
+
+- ``model``: the CLIP towers' forward (and, through AOTAutograd, their backward) compiled as one module.
+- ``step``: forward, logit scale and the contrastive loss as one compiled function (the fused loss op is traced,
+  it is registered with torch.library), so the graph spans towers and loss and its backward is compiled with it.
+  With contrastive accumulation the towers and the loss over the cached features are compiled apart (the step's
+  micro batches are forwarded, cached and replayed between them).
+
+Both compile the module's ``forward`` itself, not ``engine(...)`` nor the module's call: DeepSpeed's forward
+pre/post hooks (timers, the flops profiler, ZeRO-3's parameter discovery; no work at ZeRO-1/2 in fastclip's
+config) read the engine's step counter, which a compiled graph would guard on and recompile for at every step.
+Gradients still reach DeepSpeed's parameter hooks and ``engine.backward``. ZeRO-0 and 3 are refused: ZeRO-3
+gathers parameters in those forward hooks, and ZeRO-0 (the unfused bf16 optimizer) syncs every step anyway. The
+optimizer step (DeepSpeed's) is not compiled. Evaluation runs the eager module (other batch sizes, no gradients:
+compiling them would recompile for nothing). Compile once: batch shapes are fixed (training drops the last
+partial batch), so no step after the first recompiles (tests/test_compile.py holds it with dynamo's
+error_on_recompile).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from fastclip.errors import ConfigError
+
+MODES = {
+    "none": "eager",
+    "model": "torch.compile of the CLIP towers",
+    "step": "forward, logit scale and loss compiled as one graph (towers and loss apart with contrastive accumulation)",
+}
+
+
+def check(mode: str, *, stage: int) -> None:
+    if mode != "none" and stage not in (1, 2):
+        raise ConfigError(
+            f"train.compile {mode} needs ZeRO-1 or 2 (train.zero_stage is {stage}): ZeRO-3's parameter gathering "
+            "happens in forward hooks a compiled graph would capture, and ZeRO-0's bf16 optimizer synchronizes "
+            "every step anyway. Use train.zero_stage 1 or 2, or train.compile none."
+        )
+
+
+def compile_fn(fn: Callable, *, backend: str, fullgraph: bool = False) -> Callable:
+    return torch.compile(fn, backend=backend, fullgraph=fullgraph, dynamic=False)
