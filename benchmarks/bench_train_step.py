@@ -56,7 +56,7 @@ class OpenClipTrainer:
     of ``batch``) drawn from one iterator, ``batches``, that every epoch continues."""
 
     def __init__(self, batches, *, model_name: str = "fastclip-tiny", batch: int = BATCH, device="cpu",
-                 accum_freq: int = 1, image_px: int | None = None):  # fmt: skip
+                 accum_freq: int = 1, image_px: int | None = None, compile_backend: str | None = None):  # fmt: skip
         import open_clip
         from open_clip_train.params import parse_args
         from open_clip_train.scheduler import cosine_lr
@@ -74,6 +74,8 @@ class OpenClipTrainer:
         torch.manual_seed(0)
         name = resolve_model_name(model_name)
         self.model = open_clip.create_model(name, output_dict=True, force_image_size=image_px).to(device)
+        if compile_backend:  # open_clip's --torchcompile: torch.compile(model), here with the given backend
+            self.model = torch.compile(self.model, backend=compile_backend)
         self.optimizer = torch.optim.AdamW(
             param_groups(self.model, weight_decay=0.1), lr=1e-3, betas=(0.9, 0.98), eps=1e-6
         )
@@ -165,6 +167,48 @@ def test_train_step_cpu(benchmark, record, quick, single_rank):
                       BATCH / ours, BATCH / theirs,
                       note="open_clip: train_one_epoch, autocast bf16"))  # fmt: skip
     benchmark.extra_info.update(params=params)
+
+
+def test_compile_cpu(benchmark, record, quick, single_rank):
+    """Eager vs train.compile model vs train.compile step, and open_clip's train_one_epoch eager vs --torchcompile,
+    on the same pre-made batches (data excluded). Full: inductor, the default backend. Quick (CI): aot_eager and only
+    compile step beside eager, which checks the plumbing in a third of the time; its times say nothing about speed."""
+    from fastclip.data.batch import Batch
+
+    backend = "aot_eager" if quick else "inductor"
+    steps, repeats = (2, 1) if quick else (STEPS["full"], 3)
+    root = _shards("quick" if quick else "full")
+    rates = {}
+    modes = ("none", "step") if quick else ("none", "model", "step")
+    for mode in modes:
+        torch._dynamo.reset()
+        extra = ("--train.compile", mode, "--train.compile_backend", backend)
+        trainer = _fastclip_trainer(single_rank, root, steps * (repeats + 2), extra)
+        try:
+            fixed = _fixed_batches(2, trainer.image.size, trainer.tokenizer)
+            cycle = (Batch(images=img, texts=txt) for _ in range(10**6) for img, txt in fixed)
+            timer = functools.partial(bench_time, benchmark) if mode == "step" else time_fn
+            rates[mode] = BATCH / _fastclip_run(trainer, cycle, steps, repeats=repeats, timer=timer)
+        finally:
+            trainer.close()
+        size, tokenizer = trainer.image.size, trainer.tokenizer
+    for compiled in (False,) if quick else (False, True):
+        torch._dynamo.reset()
+        batches = itertools.cycle(_fixed_batches(2, size, tokenizer))
+        per_step = _open_clip_run(batches, steps, repeats=repeats, compile_backend=backend if compiled else None)
+        rates[f"open_clip {'compiled' if compiled else 'eager'}"] = BATCH / per_step
+    params = {"model": "fastclip-tiny", "image_px": size, "batch": BATCH, "ranks": 1, "precision": "bf16",
+              "device": "cpu", "backend": backend}  # fmt: skip
+    note = "aot_eager: plumbing only (CI)" if quick else ""
+    for mode, base in (("none", "open_clip eager"), ("model", "open_clip compiled"), ("step", "open_clip compiled")):
+        if mode not in rates:
+            continue
+        base = base if base in rates else "open_clip eager"
+        record(Result("train_step", f"samples/s/GPU, data excluded, compile {mode}", params, "samples_per_second",
+                      rates[mode], rates[base], extra={"eager_samples_per_second": rates["none"]},
+                      note=f"open_clip: train_one_epoch{' --torchcompile' if 'compiled' in base else ''}"
+                      + (f"; {note}" if note else "")))  # fmt: skip
+    benchmark.extra_info.update(params=params, rates=rates)
 
 
 def _paired_fixed(trainer, cycle, fixed, steps: int, repeats: int, *, accum_freq: int = 1, benchmark=None):

@@ -1,6 +1,6 @@
 """The fused contrastive op, registered with torch.library so that torch.compile can trace it.
 
-``fastclip::contrastive_lse(q, k, scale, with_col, kernel) -> (row_lse, col_lse)`` is the log-sum-exp over each row
+``fastclip::contrastive_lse(q, k, scale, with_col, impl) -> (row_lse, col_lse)`` is the log-sum-exp over each row
 (and, with ``with_col``, each column) of ``L = scale * q k^T``, without materializing L. Its backward is the
 op ``fastclip::contrastive_lse_backward``. CPU tensors run the C++ kernel (csrc/, ``fastclip._C``); CUDA
 tensors run the Triton kernels (kernels/, ``fastclip.kernels``). The contrastive loss built on it lives in
@@ -34,9 +34,11 @@ def _empty_f32(like: Tensor) -> Tensor:
     return torch.empty(0, device=like.device, dtype=torch.float32)
 
 
-# Each op takes the kernel by name: "auto" is the device's own (C++ on CPU, Triton on CUDA); "cpp" and "triton"
-# name one whatever the device (Triton on CPU tensors runs under TRITON_INTERPRET=1, for tests). Named or not, the
-# call goes through the registered op, so opcheck, the fake kernel and torch.compile cover what users run.
+# Each op takes the kernel by name, as its argument ``impl``: "auto" is the device's own (C++ on CPU, Triton on CUDA);
+# "cpp" and "triton" name one whatever the device (Triton on CPU tensors runs under TRITON_INTERPRET=1, for tests).
+# Named or not, the call goes through the registered op, so opcheck, the fake kernel and torch.compile cover what
+# users run. (Not ``kernel``: inductor's fallback for custom ops has an argument of that name, and an op argument
+# called so broke torch.compile's lowering.)
 KERNELS = ("auto", "cpp", "triton")
 
 
@@ -61,19 +63,19 @@ def _host_scale(scale: Tensor, kernel: str) -> Tensor | float:
 
 
 @torch.library.custom_op("fastclip::contrastive_lse", mutates_args=(), device_types="cpu")
-def contrastive_lse(q: Tensor, k: Tensor, scale: Tensor, with_col: bool, kernel: str = "auto") -> tuple[Tensor, Tensor]:
+def contrastive_lse(q: Tensor, k: Tensor, scale: Tensor, with_col: bool, impl: str = "auto") -> tuple[Tensor, Tensor]:
     _check_scale(scale)
-    return _cpu_kernel(kernel).lse_forward(q, k, _host_scale(scale, kernel), with_col)
+    return _cpu_kernel(impl).lse_forward(q, k, _host_scale(scale, impl), with_col)
 
 
 @contrastive_lse.register_kernel("cuda")
-def _(q: Tensor, k: Tensor, scale: Tensor, with_col: bool, kernel: str = "auto") -> tuple[Tensor, Tensor]:
+def _(q: Tensor, k: Tensor, scale: Tensor, with_col: bool, impl: str = "auto") -> tuple[Tensor, Tensor]:
     _check_scale(scale)
-    return _cuda_kernel(kernel).lse_forward(q, k, scale, with_col)  # scale stays on the device: no host sync
+    return _cuda_kernel(impl).lse_forward(q, k, scale, with_col)  # scale stays on the device: no host sync
 
 
 @contrastive_lse.register_fake
-def _(q: Tensor, k: Tensor, scale: Tensor, with_col: bool, kernel: str = "auto") -> tuple[Tensor, Tensor]:
+def _(q: Tensor, k: Tensor, scale: Tensor, with_col: bool, impl: str = "auto") -> tuple[Tensor, Tensor]:
     row = q.new_empty(q.shape[0], dtype=torch.float32)
     col = q.new_empty(k.shape[0] if with_col else 0, dtype=torch.float32)
     return row, col
@@ -82,37 +84,37 @@ def _(q: Tensor, k: Tensor, scale: Tensor, with_col: bool, kernel: str = "auto")
 @torch.library.custom_op("fastclip::contrastive_lse_backward", mutates_args=(), device_types="cpu")
 def contrastive_lse_backward(
     q: Tensor, k: Tensor, scale: Tensor, row_lse: Tensor, col_lse: Tensor, grad_row: Tensor, grad_col: Tensor,
-    kernel: str = "auto",
+    impl: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    dq, dk, ds = _cpu_kernel(kernel).lse_backward(
-        q, k, _host_scale(scale, kernel), row_lse, col_lse, grad_row.float().contiguous(), grad_col.float().contiguous()
+    dq, dk, ds = _cpu_kernel(impl).lse_backward(
+        q, k, _host_scale(scale, impl), row_lse, col_lse, grad_row.float().contiguous(), grad_col.float().contiguous()
     )
     return dq, dk, ds.reshape(scale.shape).to(scale.dtype)
 
 
 @contrastive_lse_backward.register_kernel("cuda")
-def _(q, k, scale, row_lse, col_lse, grad_row, grad_col, kernel="auto"):
-    dq, dk, ds = _cuda_kernel(kernel).lse_backward(q, k, scale, row_lse, col_lse, grad_row, grad_col)
+def _(q, k, scale, row_lse, col_lse, grad_row, grad_col, impl="auto"):
+    dq, dk, ds = _cuda_kernel(impl).lse_backward(q, k, scale, row_lse, col_lse, grad_row, grad_col)
     return dq, dk, ds.reshape(scale.shape).to(scale.dtype)
 
 
 @contrastive_lse_backward.register_fake
-def _(q, k, scale, row_lse, col_lse, grad_row, grad_col, kernel="auto"):
+def _(q, k, scale, row_lse, col_lse, grad_row, grad_col, impl="auto"):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(scale)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, scale, with_col, kernel = inputs
+    q, k, scale, with_col, impl = inputs
     row_lse, col_lse = output
     ctx.save_for_backward(q, k, scale, row_lse, col_lse)
-    ctx.with_col, ctx.kernel = with_col, kernel
+    ctx.with_col, ctx.impl = with_col, impl
 
 
 def _backward(ctx, grad_row, grad_col):
     q, k, scale, row_lse, col_lse = ctx.saved_tensors
     grad_row = grad_row if grad_row is not None else _empty_f32(q)
     grad_col = grad_col if (grad_col is not None and ctx.with_col) else _empty_f32(q)
-    dq, dk, ds = contrastive_lse_backward(q, k, scale, row_lse, col_lse, grad_row, grad_col, ctx.kernel)
+    dq, dk, ds = contrastive_lse_backward(q, k, scale, row_lse, col_lse, grad_row, grad_col, ctx.impl)
     return dq, dk, ds, None, None
 
 
