@@ -373,6 +373,53 @@ def test_train_step_gpu(benchmark, record, quick, single_rank, model_name, ladde
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("model_name, ladder, flops_per_sample", GPU_CASES[:1])
+def test_compile_gpu(benchmark, record, quick, single_rank, model_name, ladder, flops_per_sample):
+    """ViT-B/32 at one batch (1024; 256 quick), data excluded: fastclip eager, train.compile model and step
+    (inductor), against open_clip's train_one_epoch eager and --torchcompile, each figure kept as measured."""
+    from fastclip.data.batch import Batch
+
+    from bench_loss import _bf16_matmul_peak
+
+    steps, repeats, batch = (3, 1, 256) if quick else (5, 3, 1024)
+    root = _shards("quick" if quick else "full")
+    peak = _bf16_matmul_peak()
+    params = {"model": model_name, "batch": batch, "ranks": 1, "precision": "bf16", "device": "cuda"}
+    rates: dict[str, float] = {}
+    for mode in ("none", "model", "step"):
+        torch._dynamo.reset()
+        extra = ("--model.name", model_name, "--data.batch_size", str(batch), "--data.loader", "torch",
+                 "--train.compile", mode, "--data.val_shards", "null")  # fmt: skip
+        trainer = _fastclip_trainer(single_rank, root, steps, extra)
+        try:
+            size, tokenizer = trainer.image.size, trainer.tokenizer
+            fixed = _fixed_batches(2, size, tokenizer, batch=batch, device="cuda")
+            cycle = (Batch(images=img, texts=txt) for _ in range(10**6) for img, txt in fixed)
+            timer = functools.partial(bench_time, benchmark) if mode == "step" else time_fn
+            rates[mode] = batch / _fastclip_run(trainer, cycle, steps, repeats=repeats,
+                                                timer=functools.partial(timer, cuda=True))  # fmt: skip
+        finally:
+            trainer.close()
+        mfu = rates[mode] * flops_per_sample / peak
+        record(Result("train_step", f"samples/s/GPU, data excluded, compile {mode}", params, "samples_per_second",
+                      rates[mode], None, extra={"fastclip_mfu": mfu, "eager": rates["none"]},
+                      note=f"MFU {mfu:.0%}; open_clip not measured yet"))  # fmt: skip
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        batches = itertools.cycle(_fixed_batches(2, size, tokenizer, batch=batch, device="cuda"))
+        per_step = _open_clip_run(batches, steps, repeats=repeats, model_name=model_name, batch=batch,
+                                  device="cuda", compile_backend="inductor" if compiled else None)  # fmt: skip
+        rates[f"open_clip {compiled}"] = batch / per_step
+    for mode in ("none", "model", "step"):
+        mfu = rates[mode] * flops_per_sample / peak
+        base = rates[f"open_clip {mode != 'none'}"]
+        flag = " --torchcompile" if mode != "none" else ""
+        record(Result("train_step", f"samples/s/GPU, data excluded, compile {mode}", params, "samples_per_second",
+                      rates[mode], base, extra={"fastclip_mfu": mfu, "eager": rates["none"]},
+                      note=f"MFU {mfu:.0%}; open_clip: train_one_epoch{flag}"))  # fmt: skip
+
+
+@pytest.mark.gpu
 def test_zero_stages_gpu(benchmark, record, quick, single_rank):
     """ViT-B/16 on one card at one batch: samples/s of ZeRO-2 and ZeRO-3 against ZeRO-1 (data excluded). On one
     rank nothing is partitioned, so this measures what each stage's machinery costs a step: ZeRO-3's parameter

@@ -8,7 +8,8 @@
 # Stages (limit; estimate on an H100/H200): precheck, no wheels needed (75 s; 45 s: versions, matmul peak, the
 # bf16 error rule, the fused loss's times and memory against open_clip's math); GPU tests (110; 70); loss vs
 # open_clip itself (60; 30); train step ViT-B/32 (110; 80); data, nvJPEG (60; 35); train step ViT-B/16 (90; 60);
-# ZeRO-1/2/3 at ViT-B/16 (70; 50); contrastive batch 65,536 (60; 40). Each stage gets at most what is left of
+# ZeRO-1/2/3 at ViT-B/16 (70; 50); contrastive batch 65,536 (60; 40); then, past the default deadline unless
+# GPU_SUITE_SECONDS gives it room, train.compile at ViT-B/32 (150; 120). Each stage gets at most what is left of
 # the 460 s deadline (GPU_SUITE_SECONDS); its pytest is stopped with SIGINT (it writes its files) and killed 15 s
 # later.
 # Installs nothing from the network: open_clip, DeepSpeed and the rest come as wheels from $FASTCLIP_WHEELS
@@ -97,5 +98,6 @@ bench "data" 60 35 benchmarks/bench_data.py
 bench "train step ViT-B/16" 90 60 benchmarks/bench_train_step.py -k "test_train_step_gpu and ViT-B-16"
 bench "ZeRO stages" 70 50 benchmarks/bench_train_step.py -k test_zero_stages_gpu
 bench "contrastive batch 65,536" 60 40 benchmarks/bench_accumulation.py
+bench "compile ViT-B/32" 150 120 benchmarks/bench_train_step.py -k test_compile_gpu
 echo "gpu_suite: done in $(($(date +%s) - started)) s, status $status"
 exit $status
