@@ -30,20 +30,14 @@ class ModelConfig:
     name: str = "fastclip-tiny"  # open_clip architecture (see open_clip.list_models()) or a model-config JSON path
     pretrained: str | None = None  # local checkpoint file to start from (state_dict or {'state_dict': ...})
     force_image_size: int | None = None  # override the architecture's input resolution
-    grad_checkpointing: bool = (
-        False  # recompute each transformer block in the backward (open_clip's --grad-checkpointing)
-    )
+    grad_checkpointing: bool = False  # recompute each block in the backward (open_clip's --grad-checkpointing)
     lock_image: bool = False  # freeze the image tower (LiT; open_clip's --lock-image): no gradients, no optimizer state
     lock_image_unlocked_groups: int = 0  # with lock_image: leave the last N layer groups trainable
     lock_image_freeze_bn_stats: bool = False  # with lock_image: also freeze BatchNorm running statistics (ResNets)
     lock_text: bool = False  # freeze the text tower (open_clip's --lock-text)
     lock_text_unlocked_layers: int = 0  # with lock_text: leave the last N layers trainable
-    lock_text_freeze_layer_norm: bool = (
-        True  # with lock_text: freeze its LayerNorms too (open_clip's towers require it)
-    )
-    patch_dropout: float = (
-        0.0  # fraction of image patches dropped in training, none at eval (FLIP; --force-patch-dropout)
-    )
+    lock_text_freeze_layer_norm: bool = True  # with lock_text: its LayerNorms too (open_clip's text tower needs it)
+    patch_dropout: float = 0.0  # image patches dropped in training, none at eval (FLIP; --force-patch-dropout)
 
     def __post_init__(self):
         _require(bool(self.name), "model.name", "must name an open_clip architecture or a model-config JSON file")
