@@ -12,8 +12,7 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt setup.py pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	# --no-compile: byte-compiling all of torch at install costs a minute; imports compile what they use
-	$(BIN)/python -m pip install --quiet --no-compile -r requirements.txt
+	$(BIN)/python -m pip install --quiet -r requirements.txt
 	$(BIN)/python -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 

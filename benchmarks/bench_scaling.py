@@ -46,7 +46,7 @@ WORKER = Path(__file__).resolve().parent / "profile_worker.py"
 SPECS = {"full": dict(steps=30, profile=5, batch=64), "quick": dict(steps=1, profile=1, batch=16)}
 # name: (ranks, nodes, port); ports 29850-29899
 CONFIGS = {"1 rank": (1, 1, 29861), "2 ranks": (2, 1, 29862), "4 ranks": (4, 1, 29864), "2 nodes x 2": (4, 2, 29866)}
-QUICK = ("1 rank", "2 nodes x 2")
+QUICK = ("1 rank", "2 ranks")  # two launchers as nodes: tests/test_multinode.py, and the full run
 COMMS = ("loss_allgather_ms", "deepspeed_reduce_ms", "deepspeed_allgather_ms")
 
 

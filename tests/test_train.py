@@ -1,6 +1,7 @@
 """The trainer end to end, as users start it: deepspeed launcher, several CPU ranks (gloo), real shards."""
 
 import json
+import statistics
 import sys
 
 import pytest
@@ -99,6 +100,19 @@ def test_torch_fallback_loader_trains(world_dir, tmp_path):
     e = evals[0]
     assert e["val/zeroshot_top1"] <= e["val/zeroshot_top5"] and e["val/image_to_text_R@1"] <= e["val/image_to_text_R@5"]
     assert e["val/image_to_text_R@5"] <= e["val/image_to_text_R@10"] and "val/text_to_image_R@10" in e
+
+    # --train.benchmark of this configuration on one rank: its data-excluded rate agrees with the trainer's own
+    # logged rate within a 2-core machine's noise (the data path of this tiny run is a small share)
+    from test_benchmark_mode import check_report
+
+    bench = tmp_path / "bench1"
+    cmd = [sys.executable, "-m", "fastclip.train", *small_run_args(world_dir, bench, steps=8),
+           "--data.loader", "torch", "--data.num_threads", "1", "--train.peak_tflops", "0.5",
+           "--train.benchmark", "4", "--train.benchmark_warmup", "1"]  # fmt: skip
+    report = check_report(bench, run_cli(cmd, cwd=ROOT, timeout=300), ranks=1, steps=4, mfu=True)
+    trained = statistics.median(r["samples_per_second_per_gpu"] for r in records if r.get("step", 0) > 1 and "lr" in r)
+    rate = report["phases"]["data excluded"]["samples_per_second_per_gpu"]
+    assert trained / 3 < rate < trained * 3, (rate, trained)
 
 
 @pytest.mark.gpu
