@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 import time
@@ -84,19 +83,10 @@ def to_results(rows: list[dict], info: dict) -> dict:
 
 
 def cuda_time(fn, repeats: int = 10, warmup: int = 2) -> float:
-    """Median seconds of fn between CUDA events, after warm-up."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    """Median seconds of fn after warm-up, on the benchmarks' one clock (harness.time_fn)."""
+    from harness import time_fn
+
+    return time_fn(fn, repeats=repeats, warmup=warmup, cuda=True).median_s
 
 
 def inputs(n: int, d: int, dtype=torch.bfloat16, seed: int = 0):
