@@ -275,11 +275,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward(const at::Tensor& q_
   return {dq.to(q_in.scalar_type()), dk.to(k_in.scalar_type()), at::scalar_tensor(ds, q.options())};
 }
 
-void register_bpe(pybind11::module& m);  // csrc/bpe.cpp
+void register_bpe(pybind11::module& m);           // csrc/bpe.cpp
+void register_sigmoid_loss(pybind11::module& m);  // csrc/sigmoid_loss.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastclip C++ CPU kernels";
   register_bpe(m);
+  register_sigmoid_loss(m);
   m.def("lse_forward", &lse_forward, "fused contrastive LSE forward (CPU)", py::arg("q"), py::arg("k"),
         py::arg("scale"), py::arg("with_col"));
   m.def("lse_backward", &lse_backward, "fused contrastive LSE backward (CPU)", py::arg("q"), py::arg("k"),

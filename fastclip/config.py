@@ -112,12 +112,18 @@ class LossConfig:
     local_loss: bool = True  # each rank computes its rows against all columns (open_clip's --local-loss)
     gather_with_grad: bool = True  # all-gather features with gradient (open_clip's --gather-with-grad)
     backend: str = "auto"  # 'auto' (fused: C++ on CPU, Triton on CUDA), 'cpp', 'triton', 'torch', 'open_clip'
+    kind: str = "auto"  # 'clip' (softmax), 'siglip' (sigmoid, with a logit bias) or 'auto' (siglip for SigLIP models)
+    siglip_dist_impl: str = "gather"  # how texts reach the other ranks: 'gather', 'shift', 'bidir' (or 'reduce')
 
     def __post_init__(self):
-        from fastclip.loss import BACKENDS
+        from fastclip.loss import BACKENDS, DIST_IMPLS
 
         choices = ", ".join(BACKENDS)
         _require(self.backend in BACKENDS, "loss.backend", f"must be one of {choices}; got {self.backend!r}")
+        kinds = ("auto", "clip", "siglip")
+        _require(self.kind in kinds, "loss.kind", f"must be auto, clip or siglip; got {self.kind!r}")
+        impls = ", ".join(DIST_IMPLS)
+        _require(self.siglip_dist_impl in DIST_IMPLS, "loss.siglip_dist_impl", f"must be one of {impls}")
 
 
 @dataclass

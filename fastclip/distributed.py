@@ -1,5 +1,6 @@
-"""Collectives: the all-gather whose backward reduce-scatters (gather with grad), and any-rank flags. How a process
-joins the world is fastclip/world.py's."""
+"""Collectives: the all-gather whose backward reduce-scatters (gather with grad), the neighbour exchange whose
+backward sends gradients back (SigLIP's ring), and any-rank flags. How a process joins the world is fastclip/world.py's.
+"""
 
 from __future__ import annotations
 
@@ -37,6 +38,34 @@ class _GatherWithGrad(torch.autograd.Function):
 def all_gather_with_grad(tensor: torch.Tensor, group=None) -> torch.Tensor:
     """``cat`` of every rank's ``tensor`` (same shape on all ranks) along dim 0, differentiable."""
     return _GatherWithGrad.apply(tensor, group)
+
+
+class _ExchangeWithGrad(torch.autograd.Function):
+    """Forward: send ``tensor`` to ``send_to`` and receive a tensor of its shape from ``recv_from``. Backward: the
+    received tensor's gradient goes back to where it came from, and ours comes back from where we sent it."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, send_to: int, recv_from: int, group) -> torch.Tensor:
+        ctx.send_to, ctx.recv_from, ctx.group = send_to, recv_from, group
+        return _send_recv(tensor, send_to, recv_from, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _send_recv(grad, ctx.recv_from, ctx.send_to, ctx.group), None, None, None
+
+
+def _send_recv(tensor: torch.Tensor, send_to: int, recv_from: int, group) -> torch.Tensor:
+    tensor = tensor.contiguous()
+    out = torch.empty_like(tensor)
+    ops = [dist.P2POp(dist.isend, tensor, send_to, group), dist.P2POp(dist.irecv, out, recv_from, group)]
+    for request in dist.batch_isend_irecv(ops):
+        request.wait()
+    return out
+
+
+def exchange_with_grad(tensor: torch.Tensor, *, send_to: int, recv_from: int, group=None) -> torch.Tensor:
+    """A neighbour exchange (every rank sends and receives one tensor of one shape), differentiable."""
+    return _ExchangeWithGrad.apply(tensor, send_to, recv_from, group)
 
 
 def all_gather_no_grad(tensor: torch.Tensor, group=None) -> torch.Tensor:

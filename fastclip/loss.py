@@ -1,4 +1,4 @@
-"""``ClipLoss``: a drop-in for ``open_clip.loss.ClipLoss`` (same arguments, values and gradients).
+"""``ClipLoss`` and ``SigLipLoss``: drop-ins for open_clip's (same arguments, values and gradients).
 
 Loss = 1/2 (mean_i CE(L_i:, i) + mean_j CE(L_:j, j)) with L = s * a b^T. Across ranks, features are
 all-gathered (with gradient if ``gather_with_grad``); with ``local_loss`` each rank scores only its own rows
@@ -9,6 +9,12 @@ accumulate in fp32 and return an fp32 loss whatever the features' dtype.
 
 Fused form: loss = (sum_i row_lse_i + sum_i col_lse_i - 2 sum_i L_ii) / (2n), the LSEs from the op, the
 diagonal targets L_ii = s a_i . b_i in plain torch (O(nD)), so autograd adds the -2I of dL = P_row + P_col - 2I.
+
+SigLIP: loss = 1/n sum_i sum_j softplus(-y_ij (s a_i . b_j + bias)) over this rank's n images against every rank's
+texts, y = +1 on the pairs, as open_clip's SigLipLoss sums it (its ranks' losses are not averaged: the gradient
+reduction does that). The fused op (fastclip.ops.sigmoid_pair_loss) never holds the n x N logits. Texts reach the
+other ranks by one all-gather with gradient (``dist_impl`` 'gather', the default; 'reduce' computes the same) or
+around a ring of neighbour exchanges ('shift'; 'bidir' both ways, half the hops), one fused call per block.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from fastclip.distributed import all_gather_no_grad, all_gather_with_grad
+from fastclip.distributed import all_gather_no_grad, all_gather_with_grad, exchange_with_grad
+from fastclip.errors import ConfigError
 
 if TYPE_CHECKING:
     from fastclip.config import LossConfig
@@ -176,11 +183,125 @@ class ClipLoss(torch.nn.Module):
         return {"contrastive_loss": loss} if output_dict else loss
 
 
-def build_loss(loss: LossConfig, *, rank: int, world_size: int) -> torch.nn.Module:
-    """The run's contrastive loss: fastclip's ClipLoss on ``loss.backend``, or open_clip's own for comparisons."""
+def sigmoid_loss_local(
+    image_rows: torch.Tensor, text_cols: torch.Tensor, logit_scale: torch.Tensor, logit_bias: torch.Tensor,
+    *, offset: int,
+) -> torch.Tensor:  # fmt: skip
+    """sum_ij softplus(-y_ij z_ij) with plain logits z = s a b^T + bias (fp32), y = +1 at j = i + offset: the
+    reference (the n x N logits exist)."""
+    logits = logit_scale.float() * image_rows.float() @ text_cols.float().T + logit_bias.float()
+    labels = -torch.ones_like(logits)
+    rows = torch.arange(image_rows.shape[0], device=logits.device)
+    keep = rows + offset < text_cols.shape[0]
+    labels[rows[keep], rows[keep] + offset] = 1.0
+    return -F.logsigmoid(labels * logits).sum()
+
+
+DIST_IMPLS = ("gather", "reduce", "shift", "bidir")  # open_clip's names; 'reduce' runs as 'gather' (same values)
+
+
+class SigLipLoss(torch.nn.Module):
+    """Same constructor and ``forward`` as ``open_clip.loss.SigLipLoss``, plus ``backend`` (see the module doc).
+
+    ``dist_impl`` None is 'gather' here (open_clip's default is 'bidir'): one all-gather and one fused call over
+    every rank's texts beat W - 1 exchanges of one block and W calls on a block each (benchmarks/bench_loss.py).
+    """
+
+    def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1, dist_impl: str | None = None,
+                 backend: str = "auto"):  # fmt: skip
+        super().__init__()
+        if backend not in BACKENDS or backend == "open_clip":
+            choices = ", ".join(b for b in BACKENDS if b != "open_clip")
+            raise ValueError(f"SigLipLoss(backend={backend!r}): choose one of {choices}")
+        self.dist_impl = dist_impl or "gather"
+        if self.dist_impl not in DIST_IMPLS:
+            raise ValueError(f"SigLipLoss(dist_impl={dist_impl!r}): choose one of {', '.join(DIST_IMPLS)}")
+        self.cache_labels = cache_labels  # accepted for compatibility: labels are never built
+        self.rank, self.world_size, self.backend = rank, world_size, backend
+
+    def _pairs(self, images, texts, scale, bias, offset: int) -> torch.Tensor:
+        if self.backend == "torch":
+            return sigmoid_loss_local(images, texts, scale, bias, offset=offset)
+        from fastclip.ops import sigmoid_pair_loss
+
+        return sigmoid_pair_loss(images, texts, scale, bias, offset, self.backend)
+
+    def _ring(self, images, texts, scale, bias) -> torch.Tensor:
+        """Every other rank's texts, a block at a time around the ring (both ways for 'bidir'), no positives."""
+        right, left = (self.rank + 1) % self.world_size, (self.rank - 1) % self.world_size
+        none = texts.shape[0]  # an offset past the block's columns: no positive pairs
+        total = self._pairs(images, texts, scale, bias, 0)
+        to_right = to_left = texts
+        hops = self.world_size - 1
+        if self.dist_impl == "bidir":
+            for _ in range(hops // 2):
+                to_right = exchange_with_grad(to_right, send_to=right, recv_from=left)
+                to_left = exchange_with_grad(to_left, send_to=left, recv_from=right)
+                total = total + self._pairs(images, to_right, scale, bias, none)
+                total = total + self._pairs(images, to_left, scale, bias, none)
+            hops %= 2
+        for _ in range(hops):
+            to_right = exchange_with_grad(to_right, send_to=right, recv_from=left)
+            total = total + self._pairs(images, to_right, scale, bias, none)
+        return total
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict: bool = False):
+        if image_features.ndim != 2 or text_features.shape != image_features.shape or not image_features.shape[0]:
+            raise ValueError(
+                f"SigLipLoss: image_features and text_features must both be [N, D] with N >= 1; got "
+                f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
+            )
+        if self.world_size > 1 and not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(f"SigLipLoss(world_size={self.world_size}) needs an initialized torch.distributed group")
+        scale = torch.as_tensor(logit_scale).float().reshape(())
+        bias = scale.new_zeros(()) if logit_bias is None else torch.as_tensor(logit_bias).float().reshape(())
+        n = image_features.shape[0]
+        if self.world_size == 1:
+            total = self._pairs(image_features, text_features, scale, bias, 0)
+        elif self.dist_impl in ("gather", "reduce"):
+            texts = all_gather_with_grad(text_features)
+            total = self._pairs(image_features, texts, scale, bias, self.rank * n)
+        else:
+            total = self._ring(image_features, text_features, scale, bias)
+        loss = total / n
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+def build_loss(loss: LossConfig, *, rank: int, world_size: int, kind: str = "clip") -> torch.nn.Module:
+    """The run's loss (``kind`` as resolved by :func:`loss_kind`): fastclip's ClipLoss or SigLipLoss on
+    ``loss.backend``, or open_clip's own for comparisons."""
+    if kind == "siglip":
+        if loss.backend == "open_clip":
+            from open_clip.loss import SigLipLoss as OpenSigLipLoss
+
+            return OpenSigLipLoss(rank=rank, world_size=world_size, dist_impl=loss.siglip_dist_impl)
+        return SigLipLoss(rank=rank, world_size=world_size, dist_impl=loss.siglip_dist_impl, backend=loss.backend)
     kwargs = dict(local_loss=loss.local_loss, gather_with_grad=loss.gather_with_grad, rank=rank, world_size=world_size)
     if loss.backend == "open_clip":
         from open_clip.loss import ClipLoss as OpenClipLoss
 
         return OpenClipLoss(**kwargs)
     return ClipLoss(**kwargs, backend=loss.backend)
+
+
+def architecture_has_bias(model_name: str) -> bool:
+    """Whether open_clip builds ``model_name`` with a logit bias (its SigLIP architectures: init_logit_bias)."""
+    import open_clip
+
+    from fastclip.model import resolve_model_name
+
+    cfg = open_clip.get_model_config(resolve_model_name(model_name)) or {}
+    return cfg.get("init_logit_bias") is not None
+
+
+def loss_kind(loss: LossConfig, model_name: str) -> str:
+    """'clip' or 'siglip': loss.kind, with 'auto' following the architecture (a logit bias means SigLIP)."""
+    has_bias = architecture_has_bias(model_name)
+    if loss.kind == "auto":
+        return "siglip" if has_bias else "clip"
+    if loss.kind == "clip" and has_bias:
+        raise ConfigError(
+            f"loss.kind clip: model.name {model_name!r} is a SigLIP architecture (it has a logit bias, which the "
+            "softmax loss does not train); use loss.kind siglip (or auto), or a CLIP architecture"
+        )
+    return loss.kind

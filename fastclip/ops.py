@@ -131,3 +131,71 @@ def lse(q: Tensor, k: Tensor, scale: Tensor, with_col: bool, backend: str = "aut
     if backend not in KERNELS:
         raise ValueError(f"lse: backend must be 'auto', 'cpp' or 'triton', got {backend!r}")
     return contrastive_lse(q, k, scale, with_col, backend)
+
+
+# ---- the sigmoid (SigLIP) loss: fastclip::sigmoid_loss ------------------------------------------------------------
+# ``fastclip::sigmoid_loss(q, k, scale, bias, offset, with_grad, impl) -> (loss_sum, dq, dk, dscale_dbias)``:
+# loss_sum = sum_ij softplus(-y_ij (scale q_i . k_j + bias)), y = +1 at j = i + offset (none when offset >= N), -1
+# elsewhere. The loss is a scalar, so with ``with_grad`` the kernel returns the gradient of loss_sum from the same
+# pass over the logits (3 GEMMs instead of a forward and a recomputing backward's 4), and the backward scales it.
+# The other three outputs are that saved gradient (fp32; 1-element placeholders without grad), not results to
+# differentiate.
+
+
+def _sigmoid_kernel(q: Tensor, impl: str):
+    if impl not in KERNELS:
+        raise ValueError(f"sigmoid_loss: impl must be one of {', '.join(KERNELS)}, got {impl!r}")
+    if q.device.type == "cuda" and impl == "cpp":
+        raise ValueError("sigmoid_loss: the C++ kernel runs on CPU tensors; these are on CUDA (use 'auto')")
+    if impl == "triton" or q.device.type == "cuda":
+        from fastclip.kernels import sigmoid_loss as triton_sigmoid
+
+        return triton_sigmoid.sigmoid_forward
+    return lambda q, k, s, b, offset, with_grad: _cpp().sigmoid_forward(q, k, float(s), float(b), offset, with_grad)
+
+
+@torch.library.custom_op("fastclip::sigmoid_loss", mutates_args=(), device_types=("cpu", "cuda"))
+def sigmoid_loss_op(
+    q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, offset: int, with_grad: bool, impl: str = "auto"
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    for name, t in (("scale", scale), ("bias", bias)):
+        if t.numel() != 1:
+            raise ValueError(f"sigmoid_loss: {name} must hold one value, got shape {tuple(t.shape)}")
+    # C++ reads scale and bias as host floats (CPU tensors: no sync); Triton takes the tensors (CUDA: none either)
+    return _sigmoid_kernel(q, impl)(q, k, scale, bias, offset, with_grad)
+
+
+@sigmoid_loss_op.register_fake
+def _(q, k, scale, bias, offset, with_grad, impl="auto"):
+    def grad(*shape):
+        return q.new_empty(shape if with_grad else (1,), dtype=torch.float32)
+
+    return q.new_empty((), dtype=torch.float32), grad(*q.shape), grad(*k.shape), grad(2)
+
+
+def _sigmoid_setup_context(ctx, inputs, output):
+    q, k, scale, bias, _offset, with_grad, _impl = inputs
+    _loss, dq, dk, dsb = output
+    ctx.save_for_backward(dq, dk, dsb)
+    ctx.with_grad = with_grad
+    ctx.like = [(t.dtype, t.shape) for t in (q, k, scale, bias)]
+
+
+def _sigmoid_backward(ctx, grad, _dq, _dk, _dsb):
+    if not ctx.with_grad:
+        raise RuntimeError("sigmoid_loss: backward through a call made with with_grad=False (use sigmoid_pair_loss)")
+    dq, dk, dsb = ctx.saved_tensors
+    grads = (dq, dk, dsb[0], dsb[1])
+    return *((grad * g).reshape(shape).to(dtype) for g, (dtype, shape) in zip(grads, ctx.like)), None, None, None
+
+
+sigmoid_loss_op.register_autograd(_sigmoid_backward, setup_context=_sigmoid_setup_context)
+
+
+def sigmoid_pair_loss(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, offset: int, backend: str = "auto") -> Tensor:
+    """sum_ij softplus(-y_ij (scale q_i . k_j + bias)) through the registered op (fp32 scalar). Its gradient is
+    computed in the same pass when autograd will ask for it."""
+    if backend not in KERNELS:
+        raise ValueError(f"sigmoid_pair_loss: backend must be 'auto', 'cpp' or 'triton', got {backend!r}")
+    with_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, scale, bias))
+    return sigmoid_loss_op(q.contiguous(), k.contiguous(), scale, bias, offset, with_grad, backend)[0]
