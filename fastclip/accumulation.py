@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from fastclip.data.batch import Batch
-from fastclip.model import logit_scale_of
+from fastclip.model import loss_scalars
 
 
 @dataclass(frozen=True)
@@ -53,16 +53,16 @@ class RandomState:
 
 @dataclass
 class FeatureCache:
-    """What phases 1 and 2 leave for phase 3: the loss (fp32, detached) and logit scale, the gradients of the loss
-    with respect to each micro batch's features (rows in micro-batch order) and the logit scale, the random state
-    each micro batch's forward started from, the running statistics of batch norms after phase 1, and the last
-    micro batch's features and scale with their graph (when it is kept)."""
+    """What phases 1 and 2 leave for phase 3: the loss (fp32, detached) and its scalar inputs (logit scale, and bias
+    for SigLIP), the gradients of the loss with respect to each micro batch's features (rows in micro-batch order)
+    and the scalars, the random state each micro batch's forward started from, the running statistics of batch
+    norms after phase 1, and the last micro batch's output with its graph (when it is kept)."""
 
     loss: torch.Tensor
-    scale: torch.Tensor
+    scalars: dict[str, torch.Tensor]
     image_grads: list[torch.Tensor]
     text_grads: list[torch.Tensor]
-    scale_grad: torch.Tensor
+    scalar_grads: dict[str, torch.Tensor]
     random_states: list[RandomState]
     after: RandomState  # where the generators stood after phase 1; restored once the replays are done
     norm_stats: list[torch.Tensor]
@@ -102,21 +102,22 @@ class ContrastiveAccumulation:
             images.append(out["image_features"].detach())
             texts.append(out["text_features"].detach())
         after = RandomState.capture(self.device)
-        scale = logit_scale_of(out).detach()  # the same parameters for every micro batch of the step
-        last = {key: out[key] for key in ("image_features", "text_features", "logit_scale")}  # not, say, CoCa's logits
+        scalars = {k: v.detach() for k, v in loss_scalars(out).items()}  # the same for every micro batch of the step
+        keys = ("image_features", "text_features", "logit_scale", "logit_bias")  # not, say, CoCa's logits
+        last = {key: out[key] for key in keys if out.get(key) is not None}
         del out
         image_all = torch.cat(images).requires_grad_()
         text_all = torch.cat(texts).requires_grad_()
-        scale_leaf = scale.clone().requires_grad_()
-        loss = self.loss_fn(image_all, text_all, scale_leaf)
-        image_grad, text_grad, scale_grad = torch.autograd.grad(loss, (image_all, text_all, scale_leaf))
+        leaves = [v.clone().requires_grad_() for v in scalars.values()]
+        loss = self.loss_fn(image_all, text_all, *leaves)
+        image_grad, text_grad, *scalar_grads = torch.autograd.grad(loss, (image_all, text_all, *leaves))
         sizes = [len(b.images) for b in micro]
         return FeatureCache(
             loss=loss.detach(),
-            scale=scale,
+            scalars=scalars,
             image_grads=list(image_grad.split(sizes)),
             text_grads=list(text_grad.split(sizes)),
-            scale_grad=scale_grad,
+            scalar_grads=dict(zip(scalars, scalar_grads)),
             random_states=states,
             after=after,
             norm_stats=[buf.clone() for buf in self.norm_buffers],
@@ -128,7 +129,7 @@ class ContrastiveAccumulation:
         dL/dθ: the last micro batch's from its kept graph (if kept), then each other one forwarded again from its
         cached random state, one at a time (back-propagate each before asking for the next). Their values mean
         nothing: back-propagate them without dividing by the accumulation steps (the loss is already the batch's
-        mean). The logit scale's gradient rides on the first."""
+        mean). The gradients of the logit scale (and bias) ride on the first."""
         replays, kept = list(range(len(micro))), cache.last is not None
         if kept:
             out, cache.last = cache.last, None
@@ -144,8 +145,9 @@ class ContrastiveAccumulation:
     @staticmethod
     def _surrogate(cache: FeatureCache, k: int, out: dict[str, torch.Tensor], *, with_scale: bool) -> torch.Tensor:
         surrogate = _dot(out["image_features"], cache.image_grads[k]) + _dot(out["text_features"], cache.text_grads[k])
-        if with_scale:  # every micro batch's forward gives the same scale: its gradient once
-            surrogate = surrogate + logit_scale_of(out) * cache.scale_grad
+        if with_scale:  # every micro batch's forward gives the same scalars: their gradients once
+            for name, value in loss_scalars(out).items():
+                surrogate = surrogate + value * cache.scalar_grads[name]
         return surrogate
 
 

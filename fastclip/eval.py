@@ -18,13 +18,14 @@ import torch
 import torch.distributed as dist
 
 from fastclip.errors import ConfigError
-from fastclip.loss import contrastive_loss_local
-from fastclip.model import logit_scale_of
+from fastclip.loss import contrastive_loss_local, sigmoid_loss_local
+from fastclip.model import loss_scalars
 
 
 @dataclass
 class EarlyStopping:
-    """Stop when the val clip loss has not improved by more than ``min_delta`` for ``patience`` evaluations."""
+    """Stop when the val loss (the run's: clip or siglip) has not improved by more than ``min_delta`` for
+    ``patience`` evaluations."""
 
     patience: int  # 0: never stop early
     min_delta: float = 0.0
@@ -123,7 +124,9 @@ def evaluate(
     templates: list[str] | None,
     device: torch.device,
     dtype: torch.dtype,
+    loss_kind: str = "clip",
 ) -> dict[str, float]:
+    """Val metrics; the val loss is the run's (``val/clip_loss`` or ``val/siglip_loss``), within each val batch."""
     was_training = model.training
     model.eval()
     image_feats, text_feats, labels = [], [], []
@@ -132,8 +135,12 @@ def evaluate(
     for batch in loader:
         out = model(batch.images.to(dtype), batch.texts)
         img, txt = out["image_features"].float(), out["text_features"].float()
-        scale = logit_scale_of(out)
-        loss_sum += contrastive_loss_local(img, txt, img, txt, scale, row_offset=0).double() * img.shape[0]
+        scalars = loss_scalars(out)
+        if loss_kind == "siglip":  # its loss is a sum over the batch's pairs / n: times n, the sum
+            loss_sum += sigmoid_loss_local(img, txt, *scalars.values(), offset=0).double()
+        else:
+            scale = scalars["logit_scale"]
+            loss_sum += contrastive_loss_local(img, txt, img, txt, scale, row_offset=0).double() * len(img)
         count += img.shape[0]
         image_feats.append(img)
         text_feats.append(txt)
@@ -149,7 +156,7 @@ def evaluate(
         dist.all_reduce(totals)
     loss_total, n = totals.tolist()  # note: a host sync, at eval time only
 
-    metrics = {"val/samples": float(images.shape[0]), "val/clip_loss": loss_total / n if n else float("nan")}
+    metrics = {"val/samples": float(images.shape[0]), f"val/{loss_kind}_loss": loss_total / n if n else float("nan")}
     if images.shape[0]:
         for name, (queries, keys) in (("image_to_text", (images, texts)), ("text_to_image", (texts, images))):
             for k, recall in _recall_at(queries, keys).items():

@@ -109,7 +109,8 @@ def _model(run: dict[str, Any]) -> torch.nn.Module:
     from fastclip.model import _quiet_random_init, build_model
 
     with _quiet_random_init():
-        return build_model(ModelConfig(name=run["model"], force_image_size=run.get("force_image_size")))
+        model = ModelConfig(name=run["model"], force_image_size=run.get("force_image_size"))
+        return build_model(model, siglip=run.get("loss_kind") == "siglip")
 
 
 def _check_loads(state: dict[str, torch.Tensor], clip: torch.nn.Module, name: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import pickle
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -91,16 +92,25 @@ def _one_line(error: Exception, limit: int = 400) -> str:
     return f"{type(error).__name__}: {text[:limit]}{' ...' if len(text) > limit else ''}"
 
 
-def build_model(model: ModelConfig) -> torch.nn.Module:
-    """An fp32 open_clip CLIP model on the CPU that returns a dict of features and the logit scale."""
+SIGLIP_INIT = {"init_logit_scale": math.log(10), "init_logit_bias": -10.0}  # open_clip_train's --siglip
+
+
+def build_model(model: ModelConfig, *, siglip: bool = False) -> torch.nn.Module:
+    """An fp32 open_clip CLIP model on the CPU that returns a dict of features and the logit scale (and bias).
+
+    ``siglip``: trained with the sigmoid loss, so the model needs a logit bias; an architecture without one gets
+    open_clip_train's ``--siglip`` initialization (logit scale log 10, bias -10), as open_clip would build it."""
     import open_clip
 
     name = resolve_model_name(model.name)
     quiet = _quiet_random_init() if model.pretrained is not None else contextlib.nullcontext()
+    has_bias = (open_clip.get_model_config(name) or {}).get("init_logit_bias") is not None
+    extra = SIGLIP_INIT if siglip and not has_bias else {}
     with quiet:
         clip = open_clip.create_model(
             name, force_image_size=model.force_image_size, output_dict=True,
             force_patch_dropout=model.patch_dropout or None,  # active in training mode only (PatchDropout)
+            **extra,
         )  # fmt: skip
     if model.pretrained is not None:
         try:
@@ -146,6 +156,15 @@ def logit_scale_of(out: dict[str, torch.Tensor]) -> torch.Tensor:
     clamp_, and it holds for ZeRO-partitioned and low-precision master weights alike.
     """
     return out["logit_scale"].float().reshape(()).clamp(max=MAX_LOGIT_SCALE)
+
+
+def loss_scalars(out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The loss's scalar inputs from a model output, fp32 and 0-dim, in the order the losses take them:
+    ``logit_scale`` (exp, clamped) and, for a model with one (SigLIP), ``logit_bias``."""
+    scalars = {"logit_scale": logit_scale_of(out)}
+    if out.get("logit_bias") is not None:
+        scalars["logit_bias"] = out["logit_bias"].float().reshape(())
+    return scalars
 
 
 def open_clip_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -80,6 +80,7 @@ def train_line(record: dict[str, Any], *, total_steps: int) -> str:
     return (
         f"step {record['step']}/{total_steps} | epoch {record['epoch']:.2f} | loss {record['loss']:.4f} | "
         f"lr {record['lr']:.3e} | logit_scale {record['logit_scale']:.2f} | "
+        + (f"logit_bias {record['logit_bias']:.2f} | " if "logit_bias" in record else "")
         + (f"grad_norm {record['grad_norm']:.3f} | " if "grad_norm" in record else "")
         + f"{record['samples_per_second']:.1f} samples/s ({record['samples_per_second_per_gpu']:.1f}/GPU) | "
         f"data {1e3 * record['data_time']:.1f} ms | batch {1e3 * record['batch_time']:.1f} ms"

@@ -37,10 +37,10 @@ from fastclip.engine import apply_adamw_settings, build_engine, precision_of
 from fastclip.errors import ConfigError, OutOfMemory
 from fastclip.eval import EarlyStopping, evaluate, read_zeroshot_list
 from fastclip.guard import NonFiniteGuard
-from fastclip.loss import LOGITS_BACKENDS, build_loss
+from fastclip.loss import LOGITS_BACKENDS, build_loss, loss_kind
 from fastclip.meters import Meters
 from fastclip.mfu import peak_flops, peak_memory_gb, train_flops_per_sample
-from fastclip.model import build_model, image_spec, logit_scale_of, param_groups
+from fastclip.model import build_model, image_spec, loss_scalars, param_groups
 from fastclip.schedules import LrSchedule, cooldown_steps, restart_at, total_steps
 from fastclip.sinks import MetricSinks, progress_bar, train_line
 from fastclip.world import World
@@ -85,7 +85,8 @@ class Trainer:
         console.setup(world.rank)
         seed_everything(cfg.train.seed)
         configure_matmuls(world.device, tf32=cfg.train.tf32)
-        self.clip = build_model(cfg.model)
+        self.loss_kind = loss_kind(cfg.loss, cfg.model.name)  # 'clip' or 'siglip'
+        self.clip = build_model(cfg.model, siglip=self.loss_kind == "siglip")
         self.image = image_spec(self.clip)
         self.tokenizer = build_tokenizer(cfg.model.name)
         self.train_loader, self.val_loader = self._build_loaders()
@@ -100,7 +101,7 @@ class Trainer:
         self.engine, self.scheduler = self._build_engine()
         self.stage, self.precision = self.engine.zero_optimization_stage(), precision_of(self.engine)
         self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-        self.loss_fn = build_loss(cfg.loss, rank=world.rank, world_size=world.world_size)
+        self.loss_fn = build_loss(cfg.loss, rank=world.rank, world_size=world.world_size, kind=self.loss_kind)
         self.compiled_forward, self.compiled_step = self._compile(contrastive)
         self.accumulation = None
         if contrastive:
@@ -108,7 +109,8 @@ class Trainer:
                 self.forward, self.loss_fn, device=world.device, model=self.engine.module,
                 keep_last_graph=cfg.loss.backend not in LOGITS_BACKENDS,  # those would hold the logits meanwhile
             )  # fmt: skip
-        self.meters = Meters(["loss", "logit_scale", "grad_norm"], device=world.device)
+        scalars = ["logit_scale", "logit_bias"] if self.loss_kind == "siglip" else ["logit_scale"]
+        self.meters = Meters(["loss", *scalars, "grad_norm"], device=world.device)
         self.flops_per_sample = train_flops_per_sample(cfg.model)  # model FLOPs, for the logs' mfu
         self.peak_flops = peak_flops(world.device, cfg.train.peak_tflops)
         peak_memory_gb(world.device)  # the first log's peak counts from here, not from the engine's build
@@ -141,7 +143,7 @@ class Trainer:
         shapes = {n: list(getattr(p, "ds_shape", p.shape)) for n, p in self.engine.module.named_parameters()}
         return {"world_size": self.world.world_size, "zero_stage": self.stage, "precision": self.precision,
                 "model": self.cfg.model.name, "force_image_size": self.cfg.model.force_image_size,
-                "params": shapes}  # fmt: skip
+                "loss_kind": self.loss_kind, "params": shapes}  # fmt: skip
 
     def _zeroshot_lists(self) -> tuple[list[str] | None, list[str] | None]:
         data = self.cfg.data
@@ -222,9 +224,15 @@ class Trainer:
         """What ``train.compile step`` compiles: the towers, the logit scale and the loss, one graph."""
         return self.compute_loss(self.engine.module.forward(images, texts))  # without DeepSpeed's hooks, as above
 
-    def compute_loss(self, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        scale = logit_scale_of(out)
-        return self.loss_fn(out["image_features"], out["text_features"], scale), scale
+    def compute_loss(self, out: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss and its scalar inputs (logit scale; and bias, for SigLIP), for the meters."""
+        scalars = loss_scalars(out)
+        return self.loss_fn(out["image_features"], out["text_features"], *scalars.values()), scalars
+
+    @property
+    def val_loss_key(self) -> str:
+        """The val loss early stopping watches: the run's own loss on the val set."""
+        return f"val/{self.loss_kind}_loss"
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
@@ -233,9 +241,10 @@ class Trainer:
         self.lr = self.scheduler.get_last_lr()[0]  # the rate this update uses (a host float); logged
         self.engine.step()  # applies the update at the accumulation boundary, with clipping and the LR schedule
 
-    def update_meters(self, loss: torch.Tensor, scale: torch.Tensor) -> None:
+    def update_meters(self, loss: torch.Tensor, scalars: dict[str, torch.Tensor]) -> None:
         self.meters["loss"].update(loss)
-        self.meters["logit_scale"].update(scale)
+        for name, value in scalars.items():
+            self.meters[name].update(value)
 
     def update_grad_norm(self) -> None:
         """The pre-clip global grad norm of the step just taken (a device tensor under ZeRO-1/2/3)."""
@@ -262,10 +271,10 @@ class Trainer:
             batch = self.fetch(batches)
             data_time += time.perf_counter() - start
             with self._memory_said():
-                loss, scale = self.forward_and_loss(batch)
+                loss, scalars = self.forward_and_loss(batch)
                 self.backward(loss)
                 self.optimizer_step()  # the first allocates the optimizer's state
-            self.update_meters(loss, scale)
+            self.update_meters(loss, scalars)
         return data_time
 
     def contrastive_step(self, batches: Iterator[Batch]) -> float:
@@ -283,7 +292,7 @@ class Trainer:
             for surrogate in self.accumulation.backward_passes(cache, micro):
                 self.engine.backward(surrogate, scale_wrt_gas=False)  # the loss is already the whole batch's mean
                 self.optimizer_step()
-        self.update_meters(cache.loss, cache.scale)
+        self.update_meters(cache.loss, cache.scalars)
         return data_time
 
     @contextlib.contextmanager
@@ -346,7 +355,7 @@ class Trainer:
                     interval = self.log_train(interval, bar)
                 if self.should_evaluate():
                     metrics = self.evaluate()
-                    if self.state.early_stopping.update(metrics.get("val/clip_loss"), self.step):
+                    if self.state.early_stopping.update(metrics.get(self.val_loss_key), self.step):
                         if interval.steps:  # the steps since the last log line
                             self.log_train(interval, bar)
                         self._stop_early()
@@ -371,12 +380,12 @@ class Trainer:
 
     def _stop_early(self) -> None:
         stop = self.state.early_stopping
-        record = {"step": self.step, "early_stop": True, "val/best_clip_loss": stop.best}
+        record = {"step": self.step, "early_stop": True, f"val/best_{self.loss_kind}_loss": stop.best}
         record["val/best_step"] = stop.best_step
         self.sinks.write(
             record,
             console=(
-                f"early stop at step {self.step}: val clip loss has not improved on {stop.best:.4f} (step "
+                f"early stop at step {self.step}: val {self.loss_kind} loss has not improved on {stop.best:.4f} (step "
                 f"{stop.best_step}) by more than {stop.min_delta} in {stop.patience} evaluations"
             ),
         )
@@ -421,6 +430,7 @@ class Trainer:
             "loss": means["loss"],
             "lr": float(self.lr),
             "logit_scale": means["logit_scale"],
+            **({"logit_bias": means["logit_bias"]} if "logit_bias" in means else {}),
             "samples_per_second": samples_per_second,
             "samples_per_second_per_gpu": samples_per_second / self.world.world_size,
             "data_time": interval.data_time / steps,
@@ -456,7 +466,7 @@ class Trainer:
         with self._full_params():
             metrics = evaluate(
                 self.engine.module, self.val_loader, tokenizer=self.tokenizer, classnames=self.classnames,
-                templates=self.templates, device=self.world.device, dtype=self.dtype,
+                templates=self.templates, device=self.world.device, dtype=self.dtype, loss_kind=self.loss_kind,
             )  # fmt: skip
         metrics["val/time"] = time.perf_counter() - start
         record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), **metrics}

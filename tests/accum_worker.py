@@ -8,7 +8,7 @@ accumulation. Rank 0 saves each way's parameter change, logged loss, grad norm a
 
 The step's 48 samples are the same on any number of ranks, so the K=1 way also compares world sizes and ZeRO stages.
 
-A case is stage/local_loss/gather_with_grad[/precision[/loss backend]] (fp32 and auto unless given).
+A case is stage/local_loss/gather_with_grad[/precision[/loss backend[/loss kind]]] (fp32, auto, clip unless given).
 """
 
 import sys
@@ -96,10 +96,10 @@ def main(argv):
     try:
         for i, case in enumerate(cases):
             parts = case.split("/")
-            stage, local, with_grad, precision, backend = parts + ["fp32", "auto"][len(parts) - 3 :]
+            stage, local, with_grad, precision, backend, kind = parts + ["fp32", "auto", "clip"][len(parts) - 3 :]
             args = base + ["--train.zero_stage", stage, "--loss.local_loss", local,
                            "--loss.gather_with_grad", with_grad, "--train.precision", precision,
-                           "--loss.backend", backend]  # fmt: skip
+                           "--loss.backend", backend, "--loss.kind", kind]  # fmt: skip
             ways = {"one": one_step(args, world, mine, 1, "contrastive")}
             if "contrastive" in ways_wanted:
                 ways["contrastive"] = one_step(args, world, mine, K, "contrastive")

@@ -30,11 +30,13 @@ def _close(ours: dict, reference: dict, *, rtol: float) -> list[str]:
 
 
 CASES = {
-    # stage/local_loss/gather_with_grad[/precision[/backend]]; with one rank there is nothing to gather. ZeRO-0 in
-    # bf16 is DeepSpeed's BF16_Optimizer; loss.backend torch replays every micro batch (it keeps no graph)
-    1: "0/true/true,1/true/true,2/true/true,3/true/true,2/true/true/fp32/torch,0/true/true/bf16,2/true/true/bf16",
+    # stage/local_loss/gather_with_grad[/precision[/backend[/kind]]]; with one rank there is nothing to gather. ZeRO-0
+    # in bf16 is DeepSpeed's BF16_Optimizer; loss.backend torch replays every micro batch (it keeps no graph); SigLIP
+    # caches the logit bias's gradient beside the scale's
+    1: "0/true/true,1/true/true,2/true/true,3/true/true,2/true/true/fp32/torch,0/true/true/bf16,2/true/true/bf16,"
+    "2/true/true/fp32/auto/siglip",
     2: "0/true/true,1/true/true,2/true/true,3/true/true,2/false/true,2/true/false,"
-    "2/false/false,3/false/true/fp32/torch,2/true/true/bf16",
+    "2/false/false,3/false/true/fp32/torch,2/true/true/bf16,2/true/true/fp32/auto/siglip",
     4: "0/true/true,1/true/true,2/true/true,3/true/true,2/true/true/bf16",  # K=1 only: the world-size comparison
 }
 _results: dict[int, dict] = {}
@@ -86,6 +88,8 @@ def test_every_zero_stage_on_1_2_and_4_ranks_takes_the_same_step(world_dir, tmp_
         for case, ways in _run(world_dir, tmp_path_factory, ranks).items():
             if not case.startswith(("0/true/true", "1/true/true", "2/true/true", "3/true/true")) or "torch" in case:
                 continue
+            if "siglip" in case:  # its own loss: 2 ranks against 1 below
+                continue
             one, bf16 = ways["one"], "bf16" in case
             where = f"{ranks} ranks, ZeRO-{case}"
             assert one["loss"] == pytest.approx(reference["loss"], rel=2e-3 if bf16 else 1e-5), where
@@ -95,6 +99,11 @@ def test_every_zero_stage_on_1_2_and_4_ranks_takes_the_same_step(world_dir, tmp_
                 assert one["grad_norm"] == pytest.approx(norm, rel=1e-2 if bf16 else 1e-4), where
             compared += 1
     assert compared == 6 + 5 + 5  # 1 rank: ZeRO 0-3 fp32, ZeRO-0/2 bf16; 2 and 4 ranks: ZeRO 0-3 fp32, ZeRO-2 bf16
+    # SigLIP (each rank's images against every rank's texts, bias trained): 2 ranks take the 1-rank step
+    siglip = "2/true/true/fp32/auto/siglip"
+    one, two = (_run(world_dir, tmp_path_factory, r)[siglip]["one"] for r in (1, 2))
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5) and not _close(two, one, rtol=1e-3)
+    assert one["delta"]["logit_bias"].abs().max() > 0 and one["loss"] != reference["loss"]
 
 
 def _patch_dropout_model(tmp_path) -> str:
