@@ -85,7 +85,11 @@ def table(path: Path) -> str:
         extra = r.get("extra") or {}
         note = r.get("note") or ""
         if extra.get("fastclip_tflops"):
-            note = (note + "; " if note else "") + f"fastclip {extra['fastclip_tflops']:.0f} TFLOP/s of 8N²D"
+            # the useful work the rate counts: ClipLoss's 8N²D unless the figure names its own (SigLipLoss: 6N²D)
+            work = extra.get("work", "8N²D")
+            note = (note + "; " if note else "") + f"fastclip {extra['fastclip_tflops']:.0f} TFLOP/s of {work}"
+            if extra.get("fastclip_of_peak"):
+                note += f" ({extra['fastclip_of_peak']:.0%} of the card's bf16 matmul rate)"
         if rates := _rates(extra):
             note = (note + "; " if note else "") + rates
         lines.append(

@@ -175,7 +175,8 @@ std::tuple<at::Tensor, at::Tensor> lse_forward(const at::Tensor& q_in, const at:
   at::Tensor k = as_float(k_in);
   at::Tensor row_lse = at::empty({n}, q.options());
   const int64_t row_blocks = (n + kBlockRows - 1) / kBlockRows;
-  const int threads = at::get_num_threads();
+  // at::parallel_for runs at most one thread per row block: per-thread buffers for those only
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), row_blocks);
   const float neg_inf = -std::numeric_limits<float>::infinity();
   // per-thread running column statistics, merged after the parallel region
   at::Tensor col_max = at::full({threads, with_col ? N : 0}, neg_inf, q.options());
@@ -183,6 +184,7 @@ std::tuple<at::Tensor, at::Tensor> lse_forward(const at::Tensor& q_in, const at:
 
   at::parallel_for(0, row_blocks, 1, [&](int64_t b0, int64_t b1) {
     const int t = at::get_thread_num();
+    TORCH_CHECK(t < threads, "contrastive_lse: thread ", t, " of a parallel_for over ", row_blocks, " row blocks");
     at::Tensor tile_buf = at::empty({kBlockRows, kBlockCols}, q.options());
     std::vector<float> m(kBlockRows), l(kBlockRows), tile_cmax(kBlockCols);
     float* cm = with_col ? col_max[t].data_ptr<float>() : nullptr;
@@ -237,13 +239,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lse_backward(const at::Tensor& q_
   at::Tensor gr = g_row.detach().contiguous(), gc = g_col.detach().contiguous();
   const float s = static_cast<float>(scale);
   at::Tensor dq = at::zeros({n, D}, q.options());
-  const int threads = at::get_num_threads();
+  const int64_t row_blocks = (n + kBlockRows - 1) / kBlockRows;
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), row_blocks);  // as in lse_forward
   at::Tensor dk_parts = at::zeros({threads, N, D}, q.options());
   std::vector<double> ds_parts(threads, 0.0);
-  const int64_t row_blocks = (n + kBlockRows - 1) / kBlockRows;
 
   at::parallel_for(0, row_blocks, 1, [&](int64_t b0, int64_t b1) {
     const int t = at::get_thread_num();
+    TORCH_CHECK(t < threads, "contrastive_lse: thread ", t, " of a parallel_for over ", row_blocks, " row blocks");
     at::Tensor dl_buf = at::empty({kBlockRows, kBlockCols}, q.options());
     at::Tensor dk_t = dk_parts[t];
     double ds_acc = 0.0;

@@ -52,6 +52,16 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k) {
               "sigmoid_loss: features must be float32, bfloat16 or float16, got ", dt);
 }
 
+// log1p(e) for e in [0, 1], vectorized: 2 atanh(u) with u = e / (2 + e) in [0, 1/3], its odd series to u^17
+// (truncation below 3e-10 relative). Sleef's general log1p cost 8 ns an element here, as much as the tile's GEMM.
+inline Vec log1p_unit(const Vec& e) {
+  const Vec u = e / (Vec(2.f) + e);
+  const Vec u2 = u * u;
+  Vec p(1.f / 17);
+  for (float c : {1.f / 15, 1.f / 13, 1.f / 11, 1.f / 9, 1.f / 7, 1.f / 5, 1.f / 3}) p = at::vec::fmadd(p, u2, Vec(c));
+  return Vec(2.f) * at::vec::fmadd(u * u2, p, u);
+}
+
 struct Sums {
   double loss = 0, ds = 0, db = 0;
 };
@@ -67,7 +77,7 @@ void negatives(float* row, int64_t j0, int64_t j1, float s, float b, bool with_g
     const Vec raw = Vec::loadu(row + j);
     const Vec t = raw * vs + vb;
     const Vec e = t.abs().neg().exp();
-    vloss = vloss + at::vec::maximum(t, zero) + e.log1p();
+    vloss = vloss + at::vec::maximum(t, zero) + log1p_unit(e);
     if (with_grad) {
       const Vec r = one / (one + e);
       const Vec dz = Vec::blendv(e * r, r, t >= zero);
@@ -129,14 +139,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sigmoid_forward(const
   at::Tensor q = q_in.detach().to(at::kFloat).contiguous();
   at::Tensor k = k_in.detach().to(at::kFloat).contiguous();
   const float s = static_cast<float>(scale), b = static_cast<float>(bias);
-  const int threads = at::get_num_threads();
   const int64_t row_blocks = (n + kRows - 1) / kRows;
+  // at::parallel_for runs at most one thread per row block: per-thread buffers (dk: N x D each) for those only
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), row_blocks);
   at::Tensor dq = with_grad ? at::zeros({n, D}, q.options()) : at::empty({0}, q.options());
   at::Tensor dk_parts = at::zeros({with_grad ? threads : 0, N, D}, q.options());
   std::vector<Sums> parts(threads);
 
   at::parallel_for(0, row_blocks, 1, [&](int64_t b0, int64_t b1) {
     const int t = at::get_thread_num();
+    TORCH_CHECK(t < threads, "sigmoid_loss: thread ", t, " of a parallel_for over ", row_blocks, " row blocks");
     at::Tensor tile_buf = at::empty({kRows, kCols}, q.options());
     Sums acc;
     for (int64_t rb = b0; rb < b1; ++rb) {

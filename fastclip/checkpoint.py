@@ -148,7 +148,13 @@ def read_meta(folder: Path) -> dict[str, Any] | None:
 
 
 def check_same_model(folder: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Refuse a checkpoint of another architecture, naming the parameters whose shapes differ."""
+    """Refuse a checkpoint of another architecture or loss kind, naming the parameters whose shapes differ."""
+    kind, ours = saved.get("loss_kind", "clip"), current.get("loss_kind", "clip")  # folders before SigLIP: clip
+    if kind != ours:
+        raise ConfigError(
+            f"checkpoint.resume: {folder} was trained with loss.kind {kind}; this run's loss is {ours} (loss.kind "
+            f"auto follows the architecture). Resume with --loss.kind {kind}, or use another --checkpoint.dir."
+        )
     old, new = saved.get("params", {}), current["params"]
     diffs = [f"{n} {old.get(n)} -> {new.get(n)}" for n in sorted(old.keys() | new.keys()) if old.get(n) != new.get(n)]
     if not diffs:

@@ -123,7 +123,11 @@ class LossConfig:
         kinds = ("auto", "clip", "siglip")
         _require(self.kind in kinds, "loss.kind", f"must be auto, clip or siglip; got {self.kind!r}")
         impls = ", ".join(DIST_IMPLS)
-        _require(self.siglip_dist_impl in DIST_IMPLS, "loss.siglip_dist_impl", f"must be one of {impls}")
+        _require(
+            self.siglip_dist_impl in DIST_IMPLS,
+            "loss.siglip_dist_impl",
+            f"must be one of {impls}; got {self.siglip_dist_impl!r}",
+        )
 
 
 @dataclass

@@ -41,31 +41,35 @@ def all_gather_with_grad(tensor: torch.Tensor, group=None) -> torch.Tensor:
 
 
 class _ExchangeWithGrad(torch.autograd.Function):
-    """Forward: send ``tensor`` to ``send_to`` and receive a tensor of its shape from ``recv_from``. Backward: the
-    received tensor's gradient goes back to where it came from, and ours comes back from where we sent it."""
+    """Forward: send each tensor to its rank in ``send_to`` and receive one of the same shape from the matching rank
+    in ``recv_from``, all in one batch of point-to-point operations. Backward: each received tensor's gradient goes
+    back where it came from, and each sent one's comes back from where it went, again in one batch (so every rank
+    posts the same operations in the same call, whatever order autograd runs its nodes in)."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, send_to: int, recv_from: int, group) -> torch.Tensor:
+    def forward(ctx, send_to: tuple[int, ...], recv_from: tuple[int, ...], group, *tensors: torch.Tensor):
         ctx.send_to, ctx.recv_from, ctx.group = send_to, recv_from, group
-        return _send_recv(tensor, send_to, recv_from, group)
+        return _send_recv(tensors, send_to, recv_from, group)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _send_recv(grad, ctx.recv_from, ctx.send_to, ctx.group), None, None, None
+    def backward(ctx, *grads: torch.Tensor):
+        return None, None, None, *_send_recv(grads, ctx.recv_from, ctx.send_to, ctx.group)
 
 
-def _send_recv(tensor: torch.Tensor, send_to: int, recv_from: int, group) -> torch.Tensor:
-    tensor = tensor.contiguous()
-    out = torch.empty_like(tensor)
-    ops = [dist.P2POp(dist.isend, tensor, send_to, group), dist.P2POp(dist.irecv, out, recv_from, group)]
+def _send_recv(tensors, send_to, recv_from, group) -> tuple[torch.Tensor, ...]:
+    tensors = [t.contiguous() for t in tensors]
+    outs = tuple(torch.empty_like(t) for t in tensors)
+    ops = [dist.P2POp(dist.isend, t, dst, group) for t, dst in zip(tensors, send_to)]
+    ops += [dist.P2POp(dist.irecv, out, src, group) for out, src in zip(outs, recv_from)]
     for request in dist.batch_isend_irecv(ops):
         request.wait()
-    return out
+    return outs
 
 
-def exchange_with_grad(tensor: torch.Tensor, *, send_to: int, recv_from: int, group=None) -> torch.Tensor:
-    """A neighbour exchange (every rank sends and receives one tensor of one shape), differentiable."""
-    return _ExchangeWithGrad.apply(tensor, send_to, recv_from, group)
+def exchange_with_grad(*tensors: torch.Tensor, send_to: tuple[int, ...], recv_from: tuple[int, ...], group=None):
+    """A neighbour exchange, differentiable: ``tensors[i]`` goes to rank ``send_to[i]`` and the i-th result comes
+    from rank ``recv_from[i]`` (every rank sends and receives tensors of the same shapes)."""
+    return _ExchangeWithGrad.apply(tuple(send_to), tuple(recv_from), group, *tensors)
 
 
 def all_gather_no_grad(tensor: torch.Tensor, group=None) -> torch.Tensor:

@@ -2,11 +2,12 @@
 
 CHECKPOINT_DIR is a step folder (``checkpoint.dir/step_XXXXXXXX``) or a checkpoint folder (the step its ``latest``
 names). The weights are the fp32 masters, gathered from every rank's ZeRO partition (DeepSpeed's zero_to_fp32, for
-ZeRO-1/2/3 and bf16 ZeRO-0) or read whole (fp32 ZeRO-0), without a process group or a GPU: a checkpoint of 64
-ranks exports on a laptop. The file is what the trainer writes at the end of a run (``open_clip.pt``):
-``{'state_dict': ...}``, which ``open_clip.create_model(NAME, pretrained=FILE)`` loads. Before it is written the
-weights are loaded strictly into the architecture the checkpoint names, so a file that would not load is never
-written.
+ZeRO-1/2/3 and bf16 ZeRO-0) or read whole (fp32 ZeRO-0), without a process group or a GPU: a checkpoint of 64 ranks
+exports on a laptop. The file is what the trainer writes at the end of a run (``open_clip.pt``): ``{'state_dict':
+...}``, which ``open_clip.create_model(NAME, pretrained=FILE)`` loads (a run of an architecture without a logit bias
+trained with ``loss.kind siglip`` has one: add ``init_logit_bias=-10``, which the file overrides). Before it is
+written the weights are loaded strictly into the architecture the checkpoint names, so a file that would not load is
+never written.
 """
 
 from __future__ import annotations

@@ -163,6 +163,7 @@ class ClipLoss(torch.nn.Module):
         )
 
     def forward(self, image_features, text_features, logit_scale, output_dict: bool = False):
+        logit_scale = torch.as_tensor(logit_scale, device=image_features.device)  # open_clip takes a Python float too
         self._check(image_features, text_features, logit_scale)
         if self.world_size > 1:
             image_all, text_all = gather_features(
@@ -204,7 +205,8 @@ class SigLipLoss(torch.nn.Module):
     """Same constructor and ``forward`` as ``open_clip.loss.SigLipLoss``, plus ``backend`` (see the module doc).
 
     ``dist_impl`` None is 'gather' here (open_clip's default is 'bidir'): one all-gather and one fused call over
-    every rank's texts beat W - 1 exchanges of one block and W calls on a block each (benchmarks/bench_loss.py).
+    every rank's texts beat W - 1 exchanges of one block and W calls on a block each (benchmarks/bench_loss.py,
+    test_siglip_dist_impl_cpu).
     """
 
     def __init__(self, cache_labels: bool = False, rank: int = 0, world_size: int = 1, dist_impl: str | None = None,
@@ -233,15 +235,15 @@ class SigLipLoss(torch.nn.Module):
         total = self._pairs(images, texts, scale, bias, 0)
         to_right = to_left = texts
         hops = self.world_size - 1
-        if self.dist_impl == "bidir":
+        if self.dist_impl == "bidir":  # both ways at once: half the hops
             for _ in range(hops // 2):
-                to_right = exchange_with_grad(to_right, send_to=right, recv_from=left)
-                to_left = exchange_with_grad(to_left, send_to=left, recv_from=right)
+                pair = exchange_with_grad(to_right, to_left, send_to=(right, left), recv_from=(left, right))
+                to_right, to_left = pair
                 total = total + self._pairs(images, to_right, scale, bias, none)
                 total = total + self._pairs(images, to_left, scale, bias, none)
             hops %= 2
         for _ in range(hops):
-            to_right = exchange_with_grad(to_right, send_to=right, recv_from=left)
+            (to_right,) = exchange_with_grad(to_right, send_to=(right,), recv_from=(left,))
             total = total + self._pairs(images, to_right, scale, bias, none)
         return total
 
@@ -253,8 +255,13 @@ class SigLipLoss(torch.nn.Module):
             )
         if self.world_size > 1 and not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError(f"SigLipLoss(world_size={self.world_size}) needs an initialized torch.distributed group")
-        scale = torch.as_tensor(logit_scale).float().reshape(())
-        bias = scale.new_zeros(()) if logit_bias is None else torch.as_tensor(logit_bias).float().reshape(())
+        device = image_features.device  # open_clip takes Python floats too
+        scale = torch.as_tensor(logit_scale, device=device).float().reshape(())
+        bias = (
+            scale.new_zeros(())
+            if logit_bias is None
+            else torch.as_tensor(logit_bias, device=device).float().reshape(())
+        )
         n = image_features.shape[0]
         if self.world_size == 1:
             total = self._pairs(image_features, text_features, scale, bias, 0)

@@ -184,6 +184,12 @@ def _sigmoid_setup_context(ctx, inputs, output):
 def _sigmoid_backward(ctx, grad, _dq, _dk, _dsb):
     if not ctx.with_grad:
         raise RuntimeError("sigmoid_loss: backward through a call made with with_grad=False (use sigmoid_pair_loss)")
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        # the saved gradient is a constant here: a graph of it would give zero second derivatives, silently
+        raise RuntimeError(
+            "sigmoid_loss: second-order gradients (create_graph=True) are not supported by the fused op; use "
+            "SigLipLoss(backend='torch') (loss.backend torch)"
+        )
     dq, dk, dsb = ctx.saved_tensors
     grads = (dq, dk, dsb[0], dsb[1])
     return *((grad * g).reshape(shape).to(dtype) for g, (dtype, shape) in zip(grads, ctx.like)), None, None, None
@@ -197,5 +203,7 @@ def sigmoid_pair_loss(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, offset:
     computed in the same pass when autograd will ask for it."""
     if backend not in KERNELS:
         raise ValueError(f"sigmoid_pair_loss: backend must be 'auto', 'cpp' or 'triton', got {backend!r}")
+    if offset < 0:
+        raise ValueError(f"sigmoid_pair_loss: offset must be >= 0 (k.shape[0] or more: no positives), got {offset}")
     with_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, scale, bias))
     return sigmoid_loss_op(q.contiguous(), k.contiguous(), scale, bias, offset, with_grad, backend)[0]

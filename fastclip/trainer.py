@@ -215,12 +215,14 @@ class Trainer:
             return self.compiled_forward(images, batch.texts)
         return self.engine(images, batch.texts)
 
-    def forward_and_loss(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_and_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.compiled_step is not None:
             return self.compiled_step(batch.images.to(self.dtype), batch.texts)
         return self.compute_loss(self.forward(batch))
 
-    def _module_and_loss(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _module_and_loss(
+        self, images: torch.Tensor, texts: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """What ``train.compile step`` compiles: the towers, the logit scale and the loss, one graph."""
         return self.compute_loss(self.engine.module.forward(images, texts))  # without DeepSpeed's hooks, as above
 

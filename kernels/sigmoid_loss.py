@@ -20,8 +20,7 @@ C rows at a time, <= DL_BUFFER_BYTES, never n x N); dx and dy are then cuBLAS GE
 
 Budget per call: FLOPs 2 n N D (tiles) + 4 n N D (GEMMs, with grad); per logit one exp2, one log2, two
 divisions; bytes: the dz buffer written once and read by each GEMM (3 n N x 2 bytes in bf16). Not yet measured on a
-GPU (the tile config is contrastive_lse's backward one, whose shape is the same: a GEMM tile plus an elementwise
-epilogue that writes it).
+GPU (benchmarks/gpu_precheck.py and bench_loss.py have the cases).
 """
 
 from __future__ import annotations
@@ -30,9 +29,19 @@ import torch
 import triton
 import triton.language as tl
 
-from .contrastive_lse import _accumulate, _precision, _tile_dot, chunk_rows, config, descriptors
+from .contrastive_lse import _accumulate, _precision, _tile_dot, chunk_rows, descriptors
 
-LOG2E = 1.4426950408889634
+# Tile configs (BLOCK_M, BLOCK_N, BLOCK_D, num_warps, num_stages) for sm_90 by dtype class. Not contrastive_lse's
+# backward 64 x 128 at 4 warps: with this epilogue's live tiles (raw, t, e, 1 + e) it took 255 registers and spilled
+# (48 bytes in bf16, 652 in fp16, whose dz is fp32; tests/test_kernel_compile.py); 128 x 64 at 8 warps does not
+# (and ran within 1% of it for the LSE backward on an H200). Not yet timed on a GPU for this kernel.
+CONFIGS = {"cuda16": (128, 64, 64, 8, 3), "cuda32": (128, 64, 32, 8, 3), "interpreter": (16, 16, 16, 1, 1)}
+
+
+def config(x: torch.Tensor) -> tuple[int, int, int, int, int]:
+    if x.device.type != "cuda":
+        return CONFIGS["interpreter"]
+    return CONFIGS["cuda32" if x.dtype == torch.float32 else "cuda16"]
 
 
 @triton.jit
@@ -101,7 +110,7 @@ def sigmoid_forward(q, k, scale, bias, offset: int, with_grad: bool):
     _check(q, k, scale, bias)
     s, b = scale.reshape(1).float(), bias.reshape(1).float()
     n, N, D = q.shape[0], k.shape[0], q.shape[1]
-    bm, bn, bd, warps, stages = config("bwd", q)
+    bm, bn, bd, warps, stages = config(q)
     prec = _precision(q)
     # bf16 dz feeds bf16 GEMMs (as autocast's backward would); fp16's range is too narrow, so fp16 and fp32 go
     # through fp32 GEMMs (tf32 where torch allows it)

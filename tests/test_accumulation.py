@@ -103,7 +103,7 @@ def test_every_zero_stage_on_1_2_and_4_ranks_takes_the_same_step(world_dir, tmp_
     siglip = "2/true/true/fp32/auto/siglip"
     one, two = (_run(world_dir, tmp_path_factory, r)[siglip]["one"] for r in (1, 2))
     assert two["loss"] == pytest.approx(one["loss"], rel=1e-5) and not _close(two, one, rtol=1e-3)
-    assert one["delta"]["logit_bias"].abs().max() > 0 and one["loss"] != reference["loss"]
+    assert one["delta"]["logit_bias"].abs().max() > 0
 
 
 def _patch_dropout_model(tmp_path) -> str:

@@ -108,3 +108,17 @@ def test_skipping_nonfinite_steps_never_ends_in_a_nan_export(world_dir, tmp_path
     assert not (out / "checkpoints" / "open_clip.pt").exists() and not (out / "checkpoints" / "latest").exists()
     train = [r for r in _strict_records(out) if "loss" in r]
     assert train and all(r["loss"] is None for r in train) and train[-1]["skipped_steps"] == train[-1]["step"]
+
+
+def test_a_resume_under_another_loss_kind_is_refused_with_the_flag_to_pass(tmp_path):
+    from fastclip.checkpoint import check_same_model
+    from fastclip.errors import ConfigError
+
+    params = {"logit_scale": [1], "logit_bias": [1]}
+    saved = {"model": "fastclip-tiny", "loss_kind": "siglip", "params": params}
+    check_same_model(tmp_path, saved, {"model": "fastclip-tiny", "loss_kind": "siglip", "params": params})
+    with pytest.raises(ConfigError, match="trained with loss.kind siglip; this run's loss is clip.*--loss.kind siglip"):
+        check_same_model(tmp_path, saved, {"model": "fastclip-tiny", "loss_kind": "clip", "params": {}})
+    older = {"model": "fastclip-tiny", "params": {}}  # folders from before SigLIP: the softmax loss
+    with pytest.raises(ConfigError, match="--loss.kind clip"):
+        check_same_model(tmp_path, older, {"model": "fastclip-tiny", "loss_kind": "siglip", "params": params})

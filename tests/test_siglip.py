@@ -88,12 +88,16 @@ def _interpreter_cases():
             plain = _errors(_grads(_open_clip, a, b, s, bias, dtype), ref)
             cases.append([n, d, str(dtype), ours, plain, [float(r.abs().max()) for r in ref]])
     a, b, s, bias = (t.float() for t in _features(48, 40, seed=9))
+    from fastclip.kernels import contrastive_lse
+
+    contrastive_lse.DL_BUFFER_BYTES = 16 * 48 * 4  # dz in chunks of 16 rows: rows 16-47 go through row0 > 0
     offsets = []
-    for offset in (16, 48):  # rows against a wider block, positives offset (gathered texts); none (another rank's)
-        with torch.no_grad():
-            empty = sigmoid_loss_op(a[:16], b, s, bias, offset, False, "triton")[1].numel() == 1
-        got = [float(sigmoid_pair_loss(a[:16], b, s, bias, offset, k)) for k in ("triton", "cpp")]
-        offsets.append([empty, *got, float(sigmoid_loss_local(a[:16], b, s, bias, offset=offset))])
+    for rows, offset in ((16, 16), (16, 48), (48, 0)):  # a rank's rows against gathered texts; another rank's; all
+        q = a[:rows]
+        triton_out, cpp_out = (sigmoid_loss_op(q, b, s, bias, offset, True, k) for k in ("triton", "cpp"))
+        grad_errors = [float((t - c).abs().max() / c.abs().max()) for t, c in zip(triton_out[1:], cpp_out[1:])]
+        want = float(sigmoid_loss_local(q, b, s, bias, offset=offset))
+        offsets.append([float(triton_out[0]), float(cpp_out[0]), want, grad_errors])
     return cases, offsets
 
 
@@ -109,9 +113,9 @@ def test_triton_interpreter():
             assert all(e <= 2e-5 * max(1.0, m) for e, m in zip(ours, scale)), (n, d, ours)
         else:
             _assert_error_rule(ours, plain, _floor(torch.float16, n, 20.0))
-    for empty, triton_loss, cpp_loss, want in offsets:
-        assert empty
+    for triton_loss, cpp_loss, want, grad_errors in offsets:
         assert triton_loss == pytest.approx(want, rel=1e-5) and cpp_loss == pytest.approx(want, rel=1e-5)
+        assert max(grad_errors) < 1e-5, grad_errors  # dq, dk, (ds, db) of the Triton kernel against the C++
 
 
 def test_opcheck_compile_and_no_grad():
@@ -129,11 +133,29 @@ def test_opcheck_compile_and_no_grad():
         grads = torch.autograd.grad(compiled(*args), args)
         for got, want in zip(grads, torch.autograd.grad(loss(*args), args)):
             torch.testing.assert_close(got, want)
-    with torch.no_grad():  # eval: the loss alone, no gradient pass
-        torch.testing.assert_close(loss(*args), loss(*args).detach())
+    import fastclip.ops
+
+    seen, op = [], fastclip.ops.sigmoid_loss_op
+
+    def spy(*call):
+        seen.append(call[5])  # with_grad
+        return op(*call)
+
+    fastclip.ops.sigmoid_loss_op = spy
+    try:
+        with torch.no_grad():  # eval: the loss alone, no gradient pass, the same value
+            torch.testing.assert_close(loss(*args), loss(*args).detach(), rtol=0, atol=0)
+            eval_value = loss(*args)
+        train_value = loss(*args)
+    finally:
+        fastclip.ops.sigmoid_loss_op = op
+    assert seen == [False, False, False, True]
+    torch.testing.assert_close(eval_value, train_value.detach(), rtol=1e-6, atol=0)
     raw = sigmoid_loss_op(a.detach(), b.detach(), s.detach(), bias.detach().requires_grad_(), 0, False)
     with pytest.raises(RuntimeError, match="with_grad=False"):
         raw[0].backward()
+    with pytest.raises(RuntimeError, match="second-order"):  # the saved gradient is a constant: refuse, not zeros
+        torch.autograd.grad(loss(*args), args[0], create_graph=True)
 
 
 def test_bad_input_and_config_are_clear_errors():
@@ -160,10 +182,18 @@ def test_bad_input_and_config_are_clear_errors():
         loss_kind(LossConfig(kind="clip"), "ViT-B-16-SigLIP")
 
 
-def test_nan_propagates():
+def test_nan_propagates_and_python_floats_are_taken():
     a, b, s, bias = (t.float() for t in _features(16, 32, seed=5))
+    want = SigLipLoss()(a, b, s, bias)
+    torch.testing.assert_close(SigLipLoss()(a, b, float(s), float(bias)), want)  # as open_clip takes them
+    from fastclip.loss import ClipLoss
+
+    torch.testing.assert_close(ClipLoss()(a, b, float(s)), ClipLoss()(a, b, s))
     a[3, 7] = float("nan")
-    assert torch.isnan(SigLipLoss(backend="cpp")(a, b, s, bias))
+    a.requires_grad_()
+    loss = SigLipLoss(backend="cpp")(a, b, s, bias)
+    loss.backward()
+    assert torch.isnan(loss) and torch.isnan(a.grad[3]).all()
 
 
 # ---- several ranks ----------------------------------------------------------------------------------------------
@@ -229,3 +259,26 @@ def test_ranks_match_open_clip_rank_by_rank_and_one_rank_on_the_global_batch(wor
     torch.testing.assert_close(torch.cat([r[2] for r in ranks]) / world, one[2], rtol=1e-5, atol=1e-6)
     for k in (3, 4):
         torch.testing.assert_close(sum(r[k] for r in ranks) / world, one[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("n, d", [(1, 64), (127, 500), (1000, 512), (4096, 768)])
+def test_triton_cuda_bf16_error_rule(n, d):
+    """The Triton kernel on the GPU, bf16, against float64, next to open_clip's SigLipLoss under bf16 autocast."""
+    a, b, s, bias = (t.cuda() for t in _features(n, d, seed=n + d))
+    ref = _grads(_open_clip, a, b, s, bias, torch.float64)
+
+    def open_clip_autocast(x, y, t, c):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return _open_clip(x, y, t, c)
+
+    ours = _errors(_grads(SigLipLoss(), a, b, s, bias, torch.bfloat16), ref)
+    plain = _errors(_grads(open_clip_autocast, a, b, s, bias, torch.bfloat16), ref)
+    _assert_error_rule(ours, plain, _floor(torch.bfloat16, n, s))
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # fp32 products, not tf32 (a trainer in this process sets "high")
+    try:
+        fp32 = _errors(_grads(SigLipLoss(), a, b, s, bias, torch.float32), ref)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    assert all(e <= 2e-4 * max(1.0, float(r.abs().max())) for e, r in zip(fp32, ref)), fp32

@@ -80,8 +80,10 @@ def test_every_zero_stage_trains_evaluates_and_exports(world_dir, tmp_path, stag
 
 
 def test_torch_fallback_loader_trains(world_dir, tmp_path):
+    """The torch loader, with the SigLIP loss on a CLIP architecture (the softmax loss has the ZeRO-stage test)."""
     out = tmp_path / "torch-loader"
     args = small_run_args(world_dir, out, steps=3) + ["--data.loader", "torch", "--data.num_threads", "1"]
+    args += ["--loss.kind", "siglip"]
     proc = run_cli([sys.executable, "-m", "fastclip.train", *args, "--train.peak_tflops", "0.5"], cwd=ROOT, timeout=300)
     _check(proc)
     records = _records(out)
@@ -97,6 +99,15 @@ def test_torch_fallback_loader_trains(world_dir, tmp_path):
     assert " | mfu " in proc.stdout
     evals = [r for r in records if "val/zeroshot_top1" in r]
     assert len(evals) == 1 and evals[0]["val/samples"] == 100
+    # SigLIP: the bias is built (open_clip_train's -10), trained, logged, in the val loss and in the export, whose
+    # standalone rebuild of the architecture (with the bias) loads it strictly
+    assert all("logit_bias" in r for r in records if "loss" in r) and " | logit_bias " in proc.stdout
+    assert "val/siglip_loss" in evals[0] and "val/clip_loss" not in evals[0]
+    exported = tmp_path / "siglip.pt"
+    cmd = [sys.executable, "-m", "fastclip.export", str(out / "checkpoints"), "--out", str(exported)]
+    _check(run_cli(cmd, cwd=ROOT, timeout=300))
+    bias = torch.load(exported)["state_dict"]["logit_bias"]
+    assert bias.shape == () and -10.1 < float(bias) < -9.9 and float(bias) != -10.0
     e = evals[0]
     assert e["val/zeroshot_top1"] <= e["val/zeroshot_top5"] and e["val/image_to_text_R@1"] <= e["val/image_to_text_R@5"]
     assert e["val/image_to_text_R@5"] <= e["val/image_to_text_R@10"] and "val/text_to_image_R@10" in e
