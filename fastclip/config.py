@@ -147,7 +147,8 @@ class OptimConfig:
     cooldown_end_lr: float = 0.0  # const_cooldown: the lr at the last step (open_clip's --lr-cooldown-end)
     cooldown_power: float = 1.0  # const_cooldown: 1 decays linearly, 2 quadratically (open_clip's --lr-cooldown-power)
     grad_clip: float = 1.0  # global gradient-norm clip; 0 disables
-    fused_adam: bool = False  # on CUDA, DeepSpeed's FusedAdam (JIT-compiled with nvcc) instead of torch's AdamW
+    fused: bool = True  # torch's AdamW as one fused kernel a step (false: its foreach ops); see optim.fused_adam
+    fused_adam: bool = False  # on CUDA, DeepSpeed's FusedAdam (JIT-compiled with nvcc) instead of torch's AdamW at all
     skip_nonfinite: bool = False  # skip steps whose grads hold inf/NaN (DeepSpeed's check: a host sync per step)
     max_skipped_steps: int = 10  # with skip_nonfinite: this many skipped steps in a row end the run (exit 1)
 

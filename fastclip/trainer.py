@@ -398,8 +398,16 @@ class Trainer:
             f"fastclip: {self.cfg.model.name} ({n_params / 1e6:.1f}M params), {self.precision}, ZeRO-{self.stage}, "
             f"world: {self.world.layout()}; global batch {self.global_batch}, "
             f"{self.total_steps} steps ({self.steps_per_epoch}/epoch, {self.train_loader.samples_per_epoch} "
-            f"samples/epoch from {self.train_loader.epoch_from}); {self._accumulation_line()}"
+            f"samples/epoch from {self.train_loader.epoch_from}); {self._loss_line()}; {self._accumulation_line()}"
         )
+
+    def _loss_line(self) -> str:
+        """Which loss and which of the loss options are in effect (the other kind's are ignored)."""
+        loss = self.cfg.loss
+        if self.loss_kind == "siglip":
+            return f"loss siglip (texts to every rank by '{loss.siglip_dist_impl}'; backend {loss.backend})"
+        options = f"local_loss {loss.local_loss}, gather_with_grad {loss.gather_with_grad}"
+        return f"loss clip ({options}; backend {loss.backend})"
 
     def _accumulation_line(self) -> str:
         k, micro, ranks = self.cfg.train.grad_accum, self.cfg.data.batch_size, self.world.world_size
