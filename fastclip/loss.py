@@ -42,6 +42,19 @@ BACKENDS = {
 LOGITS_BACKENDS = ("torch", "open_clip")  # the backends whose loss holds the N x N logits
 
 
+def _check_world(name: str, world_size: int) -> None:
+    """A loss told of ``world_size`` ranks needs a process group of that many (its gathers assume it)."""
+    if world_size == 1:
+        return
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"{name}(world_size={world_size}) needs an initialized torch.distributed group")
+    if dist.get_world_size() != world_size:
+        raise RuntimeError(
+            f"{name}(world_size={world_size}) in a torch.distributed group of {dist.get_world_size()} ranks: pass "
+            "the group's size and this process's rank"
+        )
+
+
 def gather_features(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -150,8 +163,7 @@ class ClipLoss(torch.nn.Module):
             raise ValueError("ClipLoss: image_features has N=0 rows; a contrastive loss needs at least one pair")
         if torch.as_tensor(logit_scale).numel() != 1:
             raise ValueError(f"ClipLoss: logit_scale must be a scalar, got shape {tuple(logit_scale.shape)}")
-        if self.world_size > 1 and not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(f"ClipLoss(world_size={self.world_size}) needs an initialized torch.distributed group")
+        _check_world("ClipLoss", self.world_size)
 
     def _loss(self, image_rows, text_rows, image_all, text_all, logit_scale, row_offset: int) -> torch.Tensor:
         if self.backend == "torch":
@@ -253,8 +265,7 @@ class SigLipLoss(torch.nn.Module):
                 f"SigLipLoss: image_features and text_features must both be [N, D] with N >= 1; got "
                 f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
             )
-        if self.world_size > 1 and not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError(f"SigLipLoss(world_size={self.world_size}) needs an initialized torch.distributed group")
+        _check_world("SigLipLoss", self.world_size)
         device = image_features.device  # open_clip takes Python floats too
         scale = torch.as_tensor(logit_scale, device=device).float().reshape(())
         bias = (
