@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STAGES = ["precheck", "GPU tests", "loss vs open_clip", "train step ViT-B/32", "data", "train step ViT-B/16",
-          "ZeRO stages", "contrastive batch 65,536", "compile ViT-B/32"]  # fmt: skip
+STAGES = ["precheck", "GPU tests", "loss vs open_clip", "AdamW step", "train step ViT-B/32", "data",
+          "train step ViT-B/16", "ZeRO stages", "contrastive batch 65,536", "compile ViT-B/32"]  # fmt: skip
 
 
 def test_dry_run_runs_every_stage(tmp_path):

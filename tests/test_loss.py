@@ -66,26 +66,33 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _rank_worker(rank, world, port, a, b, s, local_loss, backend, out):
+VARIANTS = [(True, "auto"), (False, "auto"), (True, "torch"), (False, "torch")]  # (local_loss, backend)
+
+
+def _rank_worker(rank, world, port, a, b, s, out):
+    """Every VARIANT's loss and gradients on this rank, reduced as a data-parallel engine would; rank 0 sends them."""
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     n = a.shape[0] // world
     rows = slice(rank * n, (rank + 1) * n)
-    loss_fn = ClipLoss(local_loss=local_loss, gather_with_grad=True, rank=rank, world_size=world, backend=backend)
-    loss, ga, gb, gs = _loss_and_grads(loss_fn, a[rows], b[rows], s)
-    # what a data-parallel engine does: average the loss and the parameter (here: logit scale) gradient over
-    # ranks; a rank's feature gradient already holds every rank's contribution (reduce-scatter), over world
-    for t in (loss, gs):
-        dist.all_reduce(t)
-    grads_a = [torch.empty_like(ga) for _ in range(world)]
-    grads_b = [torch.empty_like(gb) for _ in range(world)]
-    dist.all_gather(grads_a, ga / world)
-    dist.all_gather(grads_b, gb / world)
-    if rank == 0:
+    results = []
+    for local_loss, backend in VARIANTS:
+        loss_fn = ClipLoss(local_loss=local_loss, gather_with_grad=True, rank=rank, world_size=world, backend=backend)
+        loss, ga, gb, gs = _loss_and_grads(loss_fn, a[rows], b[rows], s)
+        # what a data-parallel engine does: average the loss and the parameter (here: logit scale) gradient over
+        # ranks; a rank's feature gradient already holds every rank's contribution (reduce-scatter), over world
+        for t in (loss, gs):
+            dist.all_reduce(t)
+        grads_a = [torch.empty_like(ga) for _ in range(world)]
+        grads_b = [torch.empty_like(gb) for _ in range(world)]
+        dist.all_gather(grads_a, ga / world)
+        dist.all_gather(grads_b, gb / world)
         # numpy arrays travel by value: a tensor would travel as a shared-memory handle that dies with us
-        out.put(tuple(t.numpy() for t in (loss / world, torch.cat(grads_a), torch.cat(grads_b), gs / world)))
+        results.append(tuple(t.numpy() for t in (loss / world, torch.cat(grads_a), torch.cat(grads_b), gs / world)))
+    if rank == 0:
+        out.put(results)
     dist.barrier()
     dist.destroy_process_group()
     out.close()
@@ -96,30 +103,28 @@ def _rank_worker(rank, world, port, a, b, s, local_loss, backend, out):
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("local_loss", [True, False])
-@pytest.mark.parametrize("backend", ["auto", "torch"])
-def test_ranks_match_one_rank_on_the_global_batch(world, local_loss, backend):
-    """The mean over ranks of the loss and gradients equals the one-rank values on the whole batch."""
+def test_ranks_match_one_rank_on_the_global_batch(world):
+    """The mean over ranks of the loss and gradients equals the one-rank values on the whole batch, for local and
+    global losses, fused and plain (one launch of the ranks for all four)."""
     a, b, s = _features(12 * world, 32, seed=world)
     one_rank = _loss_and_grads(ClipLoss(), a, b, s)
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = _free_port()
-    procs = [
-        ctx.Process(target=_rank_worker, args=(r, world, port, a, b, s, local_loss, backend, out)) for r in range(world)
-    ]
+    procs = [ctx.Process(target=_rank_worker, args=(r, world, port, a, b, s, out)) for r in range(world)]
     for p in procs:
         p.start()
-    result = out.get(timeout=120)
+    results = out.get(timeout=120)
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
     # local-loss rows each see every column: the loss over ranks averages to the global loss
-    for ours, ref in zip(result, one_rank):
-        torch.testing.assert_close(torch.from_numpy(ours), ref, rtol=1e-5, atol=1e-6)
+    for variant, result in zip(VARIANTS, results):
+        for ours, ref in zip(result, one_rank):
+            torch.testing.assert_close(torch.from_numpy(ours), ref, rtol=1e-5, atol=1e-6, msg=str(variant))
 
 
-def _no_grad_gather_worker(rank, world, port, a, b, s, local_loss, out):
+def _no_grad_gather_worker(rank, world, port, a, b, s, out):
     import torch.distributed as dist
     from open_clip.loss import ClipLoss as OpenClipLoss
 
@@ -127,10 +132,11 @@ def _no_grad_gather_worker(rank, world, port, a, b, s, local_loss, out):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     n = a.shape[0] // world
     rows = slice(rank * n, (rank + 1) * n)
-    kwargs = dict(local_loss=local_loss, gather_with_grad=False, rank=rank, world_size=world)
-    ours = _loss_and_grads(ClipLoss(**kwargs), a[rows], b[rows], s)
-    theirs = _loss_and_grads(OpenClipLoss(**kwargs), a[rows], b[rows], s)
-    out.put((rank, [t.numpy() for t in ours], [t.numpy() for t in theirs]))
+    for local_loss in (True, False):
+        kwargs = dict(local_loss=local_loss, gather_with_grad=False, rank=rank, world_size=world)
+        ours = _loss_and_grads(ClipLoss(**kwargs), a[rows], b[rows], s)
+        theirs = _loss_and_grads(OpenClipLoss(**kwargs), a[rows], b[rows], s)
+        out.put((rank, local_loss, [t.numpy() for t in ours], [t.numpy() for t in theirs]))
     dist.barrier()
     dist.destroy_process_group()
     out.close()
@@ -138,26 +144,23 @@ def _no_grad_gather_worker(rank, world, port, a, b, s, local_loss, out):
     os._exit(0)  # as _rank_worker: skip a gloo worker's interpreter teardown
 
 
-@pytest.mark.parametrize("local_loss", [True, False])
-def test_gather_without_grad_matches_open_clip_rank_by_rank(local_loss):
+def test_gather_without_grad_matches_open_clip_rank_by_rank():
     """With gather_with_grad false the other ranks' features are constants, so a rank's gradients are not the
-    one-rank ones: the contract is open_clip's own numbers, rank by rank."""
+    one-rank ones: the contract is open_clip's own numbers, rank by rank (local loss and not, one launch)."""
     world = 2
     a, b, s = _features(10 * world, 24, seed=7)
     ctx = mp.get_context("spawn")
     out, port = ctx.Queue(), _free_port()
-    procs = [
-        ctx.Process(target=_no_grad_gather_worker, args=(r, world, port, a, b, s, local_loss, out))
-        for r in range(world)
-    ]
+    procs = [ctx.Process(target=_no_grad_gather_worker, args=(r, world, port, a, b, s, out)) for r in range(world)]
     for p in procs:
         p.start()
-    results = [out.get(timeout=120) for _ in range(world)]
+    results = [out.get(timeout=120) for _ in range(2 * world)]
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
-    for rank, ours, theirs in results:
+    assert sorted((rank, local) for rank, local, *_ in results) == [(0, False), (0, True), (1, False), (1, True)]
+    for rank, local_loss, ours, theirs in results:
         for x, y in zip(ours, theirs):
             torch.testing.assert_close(
-                torch.from_numpy(x), torch.from_numpy(y), rtol=1e-5, atol=1e-6, msg=f"rank {rank}"
+                torch.from_numpy(x), torch.from_numpy(y), rtol=1e-5, atol=1e-6, msg=f"rank {rank}, {local_loss}"
             )
