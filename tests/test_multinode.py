@@ -5,6 +5,7 @@ checkpoint resumed on 2 and 1 ranks, the standalone export of a 4-rank ZeRO-3 ch
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -92,7 +93,10 @@ def test_killed_rank_ends_every_rank_in_bounded_time_and_latest_resumes(killed_a
     # node 1's launcher ends rank 2 at once; node 0's ranks find ranks 2 and 3 silent after dist.lost_after_s
     assert run.gone < LOST_AFTER + HEARTBEAT + 20, f"{run.gone:.1f} s"
     node0 = run.killed[0]
-    assert "fastclip (rank 0): stopping at step" in node0 and "rank 3 (node 1, host" in node0, node0[-3000:]
+    # which of node 1's ranks is named first is a race: rank 2's last heartbeat may predate the kill of rank 3 by up
+    # to dist.heartbeat_s, and its silence then reaches dist.lost_after_s first (seen once in ~10 runs)
+    assert "fastclip (rank 0): stopping at step" in node0, node0[-3000:]
+    assert re.search(r"rank [23] \(node 1, host", node0), node0[-3000:]
     assert "killed, out of memory, or its node lost" in node0 and "continue with --checkpoint.resume latest" in node0
     assert f"The newest checkpoint ({run.out / 'checkpoints'}/step_" in node0
     assert "Traceback" not in node0
