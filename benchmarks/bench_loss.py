@@ -95,31 +95,38 @@ def _cpu_memory(which: str, n: int, d: int, loss: str = "ClipLoss") -> float:
     return peak_extra_rss(_INPUTS + step + setup)
 
 
+def _cpu_case(benchmark, record, quick, n: int, d: int, tensors: tuple, ours_step, theirs_step, loss: str) -> None:
+    """Time (fastclip's and open_clip's step on the same ``tensors``) and peak extra memory (each in a process of
+    its own) of one CPU case of ``loss`` (ClipLoss or SigLipLoss), recorded beside each other."""
+    repeats = 1 if quick else 3
+
+    def ours():
+        _clear_grads(*tensors)
+        ours_step(*tensors)
+
+    def theirs():
+        _clear_grads(*tensors)
+        theirs_step(*tensors)
+
+    prefix = "siglip " if loss == "SigLipLoss" else ""  # the case names of the results files
+    t_ours = bench_time(benchmark, ours, repeats=repeats)
+    t_theirs = time_fn(theirs, repeats=repeats)
+    params = {"N": n, "D": d, "dtype": "fp32", "device": "cpu", "threads": torch.get_num_threads()}
+    record(Result("loss", f"{prefix}fwd+bwd time", params, "seconds", t_ours.median_s, t_theirs.median_s,
+                  extra={"fastclip_spread": t_ours.spread, "baseline_spread": t_theirs.spread,
+                         "runs": repeats}))  # fmt: skip
+    m_ours, m_theirs = _cpu_memory("fastclip", n, d, loss), _cpu_memory("open_clip", n, d, loss)
+    record(Result("loss", f"{prefix}fwd+bwd peak extra memory", params, "bytes", m_ours, m_theirs))
+    benchmark.extra_info.update(params=params, time_ratio=t_ours.median_s / t_theirs.median_s,
+                                memory_ratio=m_ours / m_theirs if m_theirs else None)  # fmt: skip
+
+
 @pytest.mark.parametrize("d", DIMS)
 @pytest.mark.parametrize("size_index", range(3))
 def test_loss_cpu_fp32(benchmark, record, quick, size_index, d):
     n = _size(CPU_SIZES, quick, size_index)
-    a, b, s = inputs(n, d, torch.float32, "cpu")  # noqa: F821 (defined by exec above)
-    repeats = 1 if quick else 3
-
-    def ours():
-        _clear_grads(a, b, s)
-        _fastclip_step(a, b, s)
-
-    def theirs():
-        _clear_grads(a, b, s)
-        _open_clip_step(a, b, s)
-
-    t_ours = bench_time(benchmark, ours, repeats=repeats)
-    t_theirs = time_fn(theirs, repeats=repeats)
-    params = {"N": n, "D": d, "dtype": "fp32", "device": "cpu", "threads": torch.get_num_threads()}
-    record(Result("loss", "fwd+bwd time", params, "seconds", t_ours.median_s, t_theirs.median_s,
-                  extra={"fastclip_spread": t_ours.spread, "baseline_spread": t_theirs.spread,
-                         "runs": repeats}))  # fmt: skip
-    m_ours, m_theirs = _cpu_memory("fastclip", n, d), _cpu_memory("open_clip", n, d)
-    record(Result("loss", "fwd+bwd peak extra memory", params, "bytes", m_ours, m_theirs))
-    benchmark.extra_info.update(params=params, time_ratio=t_ours.median_s / t_theirs.median_s,
-                                memory_ratio=m_ours / m_theirs if m_theirs else None)  # fmt: skip
+    tensors = inputs(n, d, torch.float32, "cpu")  # noqa: F821 (defined by exec above)
+    _cpu_case(benchmark, record, quick, n, d, tensors, _fastclip_step, _open_clip_step, "ClipLoss")
 
 
 @pytest.mark.parametrize("d", DIMS)
@@ -128,28 +135,8 @@ def test_siglip_loss_cpu_fp32(benchmark, record, quick, size_index, d):
     n = _size(CPU_SIZES, quick, size_index)
     if d not in SIGLIP_CPU_DIMS["quick" if quick else "full"]:
         pytest.skip("no such D in this mode")
-    a, b, s, bias = siglip_inputs(n, d, torch.float32, "cpu")  # noqa: F821 (defined by exec above)
-    repeats = 1 if quick else 3
-
-    def ours():
-        _clear_grads(a, b, s, bias)
-        _fastclip_siglip_step(a, b, s, bias)
-
-    def theirs():
-        _clear_grads(a, b, s, bias)
-        _open_clip_siglip_step(a, b, s, bias)
-
-    t_ours = bench_time(benchmark, ours, repeats=repeats)
-    t_theirs = time_fn(theirs, repeats=repeats)
-    params = {"N": n, "D": d, "dtype": "fp32", "device": "cpu", "threads": torch.get_num_threads()}
-    record(Result("loss", "siglip fwd+bwd time", params, "seconds", t_ours.median_s, t_theirs.median_s,
-                  extra={"fastclip_spread": t_ours.spread, "baseline_spread": t_theirs.spread,
-                         "runs": repeats}))  # fmt: skip
-    m_ours = _cpu_memory("fastclip", n, d, "SigLipLoss")
-    m_theirs = _cpu_memory("open_clip", n, d, "SigLipLoss")
-    record(Result("loss", "siglip fwd+bwd peak extra memory", params, "bytes", m_ours, m_theirs))
-    benchmark.extra_info.update(params=params, time_ratio=t_ours.median_s / t_theirs.median_s,
-                                memory_ratio=m_ours / m_theirs if m_theirs else None)  # fmt: skip
+    tensors = siglip_inputs(n, d, torch.float32, "cpu")  # noqa: F821 (defined by exec above)
+    _cpu_case(benchmark, record, quick, n, d, tensors, _fastclip_siglip_step, _open_clip_siglip_step, "SigLipLoss")
 
 
 def _bf16_matmul_peak() -> float:
