@@ -530,3 +530,7 @@ class Trainer:
         if self.val_loader is not None:
             self.val_loader.close()
         self.sinks.close()
+        # ZeRO's gradient hooks live on autograd nodes, which Python's collector cannot see through: without their
+        # removal the engine, its parameters and optimizer state outlive the trainer (a second trainer in the same
+        # process, a sweep or a benchmark's batch probe, would run beside a dead one's memory)
+        self.engine.destroy()

@@ -1,8 +1,10 @@
 """Learning-rate schedules (against open_clip's own) and early stopping, alone and inside the trainer."""
 
+import gc
 import json
 import math
 import sys
+import weakref
 
 import pytest
 import torch
@@ -104,6 +106,10 @@ def test_trainer_steps_the_schedule(single_rank, world_dir, tmp_path):
             trainer.train_step(batches)
     finally:
         trainer.close()
+    engine, parameter = weakref.ref(trainer.engine), weakref.ref(next(trainer.engine.module.parameters()))
+    del trainer
+    gc.collect()
+    assert engine() is None and parameter() is None, "a closed trainer's engine and parameters stay in memory"
 
 
 @pytest.mark.slow
