@@ -4,7 +4,7 @@ deepspeed launcher as users start it; samples/s/GPU with data, and the time per 
 Configurations: 1 rank (``--num_gpus 1``, the baseline), 2 and 4 ranks on one node (``--num_gpus R``), and 4 ranks
 as two nodes of 2: two launchers started together, each ``deepspeed --hostfile H --no_ssh --node_rank N`` (H:
 ``node0 slots=2``, ``node1 slots=2``), meeting at 127.0.0.1 as a cluster's nodes meet at the master. Full mode runs
-all four, 64 samples per rank, 30 timed steps; quick mode (CI) only 1 rank and the two nodes, 16 per rank, 1 timed
+all four, 64 samples per rank, 30 timed steps; quick mode (CI) only 1 and 2 ranks on one node, 16 per rank, 1 timed
 step, to check that the launches and the profile work (its figures are not kept).
 
 Each run is fastclip/train.py's ``main`` under benchmarks/profile_worker.py: S steps as train.py takes them, whose

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import itertools
 
 import pytest
 import torch
 
 from bench_data import _shards
-from harness import Result, bench_paired, bench_time, time_fn, time_paired
+from harness import Result, bench_paired, bench_time, time_by_kind, time_fn, time_paired
 
 BATCH = 64
 STEPS = {"full": 6, "quick": 2}  # steps per timed block; the full run takes the median of 3 blocks
@@ -93,13 +94,18 @@ class OpenClipTrainer:
         _sync(self.device)
 
 
-def _open_clip_run(batches, steps: int, *, repeats: int, warmup: bool = True, **kwargs) -> float:
+def _open_clip_run(batches, steps: int, *, repeats: int, warmup: bool = True, kinds: dict | None = None,
+                   **kwargs) -> float:  # fmt: skip
     """Median over ``repeats`` epochs of ``steps`` of open_clip's seconds per optimizer step, after a one-step
-    warm-up epoch (see :class:`OpenClipTrainer` for ``kwargs``)."""
+    warm-up epoch (see :class:`OpenClipTrainer` for ``kwargs``); with ``kinds``, one more step profiled into it
+    (:func:`harness.time_by_kind`)."""
     runner = OpenClipTrainer(batches, **kwargs)
     if warmup:
         runner.epoch(1)
-    return time_fn(lambda: runner.epoch(steps), repeats=repeats, warmup=0).median_s / steps
+    per_step = time_fn(lambda: runner.epoch(steps), repeats=repeats, warmup=0).median_s / steps
+    if kinds is not None:
+        _profile_into(kinds, lambda: runner.epoch(1), cuda=str(runner.device).startswith("cuda"))
+    return per_step
 
 
 def _sync(device) -> None:
@@ -133,6 +139,36 @@ def _fastclip_run(trainer, batches, steps: int, *, repeats: int, timer=time_fn) 
     return timer(block, repeats=repeats, warmup=0).median_s / steps
 
 
+def _profile_into(kinds: dict, fn, *, cuda: bool) -> None:
+    try:
+        kinds.update(time_by_kind(fn, cuda=cuda))
+    except Exception as e:  # a profiler that cannot start (CUPTI, say) must not cost the timed figures
+        kinds["error"] = f"{type(e).__name__}: {e}"[:300]
+
+
+def _kinds_result(params: dict, ours: dict, theirs: dict, step_s: tuple[float, float | None], **extra) -> Result:
+    """Where one step's time goes, fastclip beside open_clip (:func:`harness.time_by_kind`): the kinds that differ
+    most in the note and, on a GPU, how long the card idled in a step (the timed step less its kernels' time)."""
+    failed = [f"{who}'s profile failed: {k['error']}" for who, k in (("fastclip", ours), ("open_clip", theirs))
+              if "error" in k]  # fmt: skip
+    if failed:
+        return Result("train_step", "step time by kind (kernel or op time)", params, "seconds", None, None,
+                      note="; ".join(failed))  # fmt: skip
+    diffs = sorted(ours.keys() | theirs.keys(), key=lambda k: -abs(ours.get(k, 0.0) - theirs.get(k, 0.0)))
+    note = "ms a step, fastclip - open_clip: " + ", ".join(
+        f"{k} {ours.get(k, 0.0) - theirs.get(k, 0.0):+.1f}" for k in diffs[:5]
+    )
+    busy = (sum(ours.values()) / 1e3, sum(theirs.values()) / 1e3 if theirs else None)
+    if params.get("device") == "cuda":
+        idle = [1e3 * (step - b) if step and b is not None else None for step, b in zip(step_s, busy)]
+        extra.update(fastclip_idle_ms=idle[0], open_clip_idle_ms=idle[1])
+        note += "; the card idle a step: " + ", ".join(
+            f"{who} {ms:.1f} ms" for who, ms in zip(("fastclip", "open_clip"), idle) if ms is not None
+        )
+    return Result("train_step", "step time by kind (kernel or op time)", params, "seconds", busy[0], busy[1],
+                  extra={"fastclip_ms": ours, "open_clip_ms": theirs, **extra}, note=note)  # fmt: skip
+
+
 def test_train_step_cpu(benchmark, record, quick, single_rank):
     from fastclip.data.batch import Batch
 
@@ -144,7 +180,9 @@ def test_train_step_cpu(benchmark, record, quick, single_rank):
         size = trainer.image.size
         fixed = _fixed_batches(steps + 1, size, trainer.tokenizer)
         cycle = (Batch(images=img, texts=txt) for _ in range(10**6) for img, txt in fixed)
-        ours_fixed, theirs_fixed = (t.median_s / steps for t in _paired_fixed(trainer, cycle, fixed, steps, repeats))
+        kinds: dict = {}
+        paired = _paired_fixed(trainer, cycle, fixed, steps, repeats, kinds=kinds)
+        ours_fixed, theirs_fixed = (t.median_s / steps for t in paired)
         timer = functools.partial(bench_time, benchmark)  # the figure users compare: data included
         # one loader at a time: a second one's workers would prefetch in the background of the other's rounds
         ours_loaded = _fastclip_run(trainer, iter(trainer.train_loader), steps, repeats=repeats, timer=timer)
@@ -166,6 +204,7 @@ def test_train_step_cpu(benchmark, record, quick, single_rank):
         record(Result("train_step", f"samples/s/GPU, {case}", params, "samples_per_second",
                       BATCH / ours, BATCH / theirs,
                       note="open_clip: train_one_epoch, autocast bf16"))  # fmt: skip
+    record(_kinds_result(params, kinds["fastclip"], kinds["open_clip"], (ours_fixed, theirs_fixed)))
     benchmark.extra_info.update(params=params)
 
 
@@ -206,11 +245,12 @@ def test_compile_cpu(benchmark, record, quick, single_rank):
     benchmark.extra_info.update(params=params, rates=rates)
 
 
-def _paired_fixed(trainer, cycle, fixed, steps: int, repeats: int, *, accum_freq: int = 1, benchmark=None):
+def _paired_fixed(trainer, cycle, fixed, steps: int, repeats: int, *, accum_freq: int = 1, benchmark=None,
+                  kinds: dict | None = None):  # fmt: skip
     """Seconds per step of fastclip (``trainer`` on ``cycle``) and open_clip (``train_one_epoch`` with
     ``accum_freq``) on the same pre-made batches, in alternating rounds after a warm-up step each: no loader runs,
     so neither side's rounds share the machine with the other's work. With ``benchmark``, fastclip's rounds are
-    pytest-benchmark's."""
+    pytest-benchmark's. With ``kinds``, one more step of each profiled into kinds["fastclip"], kinds["open_clip"]."""
     theirs = OpenClipTrainer(itertools.cycle(fixed), accum_freq=accum_freq)
     theirs.epoch(1)
     trainer.train_step(cycle)
@@ -225,6 +265,9 @@ def _paired_fixed(trainer, cycle, fixed, steps: int, repeats: int, *, accum_freq
         ours, base = time_paired(ours_block, lambda: theirs.epoch(steps), repeats=repeats)
     else:
         ours, base = bench_paired(benchmark, ours_block, lambda: theirs.epoch(steps), repeats=repeats)
+    if kinds is not None:
+        _profile_into(kinds.setdefault("fastclip", {}), lambda: trainer.train_step(cycle), cuda=False)
+        _profile_into(kinds.setdefault("open_clip", {}), lambda: theirs.epoch(1), cuda=False)
     return ours, base
 
 
@@ -301,8 +344,6 @@ def _fastclip_largest(trainer_at, ladder: tuple[int, ...]) -> tuple[int | None, 
 @pytest.mark.gpu
 @pytest.mark.parametrize("model_name, ladder, flops_per_sample", GPU_CASES)
 def test_train_step_gpu(benchmark, record, quick, single_rank, model_name, ladder, flops_per_sample):
-    from fastclip.data.batch import Batch
-
     from bench_loss import _bf16_matmul_peak
 
     steps, repeats = (3, 1) if quick else (5, 3)
@@ -323,48 +364,79 @@ def test_train_step_gpu(benchmark, record, quick, single_rank, model_name, ladde
             Result("train_step", "samples/s/GPU, data excluded", params, "samples_per_second", None, None, note=note)
         )
         pytest.skip("no batch of the ladder fits")
-    torch.cuda.reset_peak_memory_stats()
-    trainer = trainer_at(batch)
-    try:
-        fixed = _fixed_batches(2, size, trainer.tokenizer, batch=batch, device="cuda")
-        cycle = (Batch(images=img, texts=txt) for _ in range(10**6) for img, txt in fixed)
-        timer = functools.partial(bench_time, benchmark, cuda=True)
-        ours_fixed = _fastclip_run(trainer, cycle, steps, repeats=repeats, timer=timer)
-        ours_loaded = _fastclip_run(trainer, iter(trainer.train_loader), steps, repeats=repeats)
-        peak_memory = torch.cuda.max_memory_allocated()
-    finally:
-        trainer.close()
-
+    ours = _fastclip_measured(trainer_at(batch), batch, steps, repeats, benchmark)
     peak = _bf16_matmul_peak()
     params["batch"] = batch
 
-    def keep(base_note: str, theirs=None) -> None:
-        for case, ours, base in (("data excluded", ours_fixed, theirs), ("data included", ours_loaded, None)):
-            mfu = batch / ours * flops_per_sample / peak
-            record(Result("train_step", f"samples/s/GPU, {case}", params, "samples_per_second", batch / ours,
+    def keep(base_note: str, theirs: dict) -> None:
+        for case, seconds, base in (("data excluded", ours["fixed_s"], theirs.get("per_sample_s")),
+                                    ("data included", ours["loaded_s"], None)):  # fmt: skip
+            mfu = batch / seconds * flops_per_sample / peak
+            record(Result("train_step", f"samples/s/GPU, {case}", params, "samples_per_second", batch / seconds,
                           1 / base if base else None,
-                          extra={"fastclip_mfu": mfu, "matmul_peak_flops": peak, "baseline_batch": theirs_batch,
-                                 "fastclip_peak_memory_bytes": peak_memory, "ladder": list(ladder)},
+                          extra={"fastclip_mfu": mfu, "matmul_peak_flops": peak, "baseline_batch": theirs.get("batch"),
+                                 "fastclip_peak_memory_bytes": ours["peak_bytes"], "ladder": list(ladder)},
                           note=f"largest batch of {list(ladder)} that fits; MFU {mfu:.0%} of the bf16 matmul rate"
                                + (base_note if case == "data excluded"
                                   else "; open_clip's loader not run on the GPU image")))  # fmt: skip
 
-    theirs_batch = None
-    keep("; open_clip not measured yet")  # fastclip's figures kept at once: the suite's limit may cut what follows
+    keep("; open_clip not measured yet", {})  # fastclip's figures kept at once: the suite's limit may cut what follows
+    theirs = _open_clip_measured(model_name, size, tokenizer, batch, ladder, steps, repeats)
+    same = theirs["batch"] == batch
+    keep("" if same else (f"; open_clip at batch {theirs['batch']}, its largest that fits" if theirs["batch"]
+                          else "; open_clip: no batch fits"), theirs)  # fmt: skip
+    record(Result("train_step", "peak memory, data excluded", params, "bytes", ours["peak_bytes"],
+                  theirs.get("peak_bytes") if same else None,
+                  note="torch.cuda.max_memory_allocated over the timed steps, less what was allocated before"
+                       + ("" if same else "; open_clip not at the same batch")))  # fmt: skip
+    if same:
+        record(_kinds_result(params, ours["kinds"], theirs["kinds"], (ours["fixed_s"], theirs["per_sample_s"] * batch)))
 
-    def open_clip_at(b: int, steps: int, repeats: int) -> float:
+
+def _fastclip_measured(trainer, batch: int, steps: int, repeats: int, benchmark) -> dict:
+    """fastclip's seconds per step at ``batch`` on pre-made CUDA batches (data excluded) and from its loader, the
+    peak memory the steps added, and one profiled step's time by kind; ``trainer`` is closed."""
+    from fastclip.data.batch import Batch
+
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    out: dict = {"kinds": {}}
+    try:
+        fixed = _fixed_batches(2, trainer.image.size, trainer.tokenizer, batch=batch, device="cuda")
+        cycle = (Batch(images=img, texts=txt) for _ in range(10**6) for img, txt in fixed)
+        timer = functools.partial(bench_time, benchmark, cuda=True)
+        out["fixed_s"] = _fastclip_run(trainer, cycle, steps, repeats=repeats, timer=timer)
+        out["peak_bytes"] = torch.cuda.max_memory_allocated() - before
+        _profile_into(out["kinds"], lambda: trainer.train_step(cycle), cuda=True)
+        out["loaded_s"] = _fastclip_run(trainer, iter(trainer.train_loader), steps, repeats=repeats)
+    finally:
+        trainer.close()
+    return out
+
+
+def _open_clip_measured(model_name: str, size: int, tokenizer, batch: int, ladder, steps: int, repeats: int) -> dict:
+    """open_clip's train_one_epoch at ``batch``, or at the largest smaller batch of ``ladder`` that fits: that batch,
+    seconds per sample, peak memory added and one profiled step's time by kind (``batch`` None: none fits)."""
+    gc.collect()
+    torch.cuda.empty_cache()
+
+    def at(b: int, steps: int, repeats: int, kinds: dict | None = None) -> float:
         batches = itertools.cycle(_fixed_batches(2, size, tokenizer, batch=b, device="cuda"))
-        return _open_clip_run(batches, steps, repeats=repeats, model_name=model_name, batch=b, device="cuda")
+        return _open_clip_run(batches, steps, repeats=repeats, model_name=model_name, batch=b, device="cuda",
+                              kinds=kinds)  # fmt: skip
 
-    theirs_batch, theirs = batch, None
-    if not _fits(lambda: open_clip_at(batch, 1, 1)):
-        theirs_batch = _largest(tuple(b for b in ladder if b < batch), lambda b: _fits(lambda: open_clip_at(b, 1, 1)))
-    if theirs_batch is not None:
-        theirs = open_clip_at(theirs_batch, steps, repeats) / theirs_batch  # seconds per sample
-    base_note = "" if theirs_batch == batch else (
-        f"; open_clip at batch {theirs_batch}, its largest that fits" if theirs_batch else "; open_clip: no batch fits"
-    )  # fmt: skip
-    keep(base_note, theirs)
+    chosen = batch
+    if not _fits(lambda: at(batch, 1, 1)):
+        chosen = _largest(tuple(b for b in ladder if b < batch), lambda b: _fits(lambda: at(b, 1, 1)))
+    out: dict = {"batch": chosen, "kinds": {}}
+    if chosen is not None:
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out["per_sample_s"] = at(chosen, steps, repeats, out["kinds"]) / chosen
+        out["peak_bytes"] = torch.cuda.max_memory_allocated() - before
+    return out
 
 
 @pytest.mark.gpu
