@@ -4,6 +4,7 @@ Error rule (flash-attention's): against a float64 reference, a low-precision ker
 much as plain torch at the same dtype (3x for gradients); fp32 uses fixed tolerances.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -105,27 +106,56 @@ def test_cpp_bf16_error_at_most_torch_bf16_error(n, d):
     _assert_error_rule(ours, torch_bf16, _floor(torch.bfloat16, n, s))
 
 
+INTERPRETER_SIZES = [(1, 64), (3, 33), (37, 40), (100, 64)]
+
+
+def _interpreter_cases() -> dict:
+    """Run in a TRITON_INTERPRET=1 subprocess (the flag is read at import; one process for every case, each start
+    costs seconds): the Triton kernels' errors against float64 beside open_clip's at the same dtype, per size and
+    dtype, and the guarded-rows case of :func:`test_triton_guarded_rows_and_columns_are_exact`."""
+    cases = {}
+    for n, d in INTERPRETER_SIZES:
+        a, b, s = _features(n, d, seed=5)
+        ref = _grads(_open_clip_loss, a, b, s, torch.float64)
+        for dtype in (torch.float32, torch.float16):
+            ours = _errors(_grads(ClipLoss(backend="triton"), a, b, s, dtype), ref)
+            plain = _errors(_grads(_open_clip_loss, a, b, s, dtype), ref)
+            cases[f"{n}-{d}-{dtype}"] = [ours, plain]
+    cases["guarded"] = _guarded_case()
+    return cases
+
+
+def _guarded_case() -> list:
+    from fastclip.kernels.contrastive_lse import bound
+
+    a, b, s = _features(37, 40, seed=9)
+    s = torch.tensor(100.0, dtype=torch.float64)
+    a[5] = -F.normalize(b.mean(0), dim=0)  # every logit of row 5 near -s: 2^-(~190) below the bound
+    b[7] = -F.normalize(a.mean(0), dim=0)  # and of column 7
+    b[0] *= 3  # not normalized: B = 3 s
+    logits = s * a @ b.T
+    B = float(bound(a.float(), b.float(), s.float()))
+    gaps = [B - float(torch.logsumexp(logits[5], 0)), B - float(torch.logsumexp(logits[:, 7], 0))]
+    ref = _grads(_open_clip_loss, a, b, s, torch.float64)
+    ours = _errors(_grads(ClipLoss(backend="triton"), a, b, s, torch.float32), ref)
+    return [gaps, ours, [float(r.abs().max()) for r in ref]]
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict:
+    code = "import json; from tests.test_fused_loss import _interpreter_cases; print(json.dumps(_interpreter_cases()))"
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 @interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("n, d", [(1, 64), (3, 33), (37, 40), (100, 64)])
-def test_triton_interpreter(n, d, dtype):
-    """The Triton kernels on CPU tensors through TRITON_INTERPRET=1 (a subprocess: the flag is read at import)."""
-    code = f"""
-import torch, json
-from tests.test_fused_loss import _features, _grads, _open_clip_loss, _errors
-from fastclip.loss import ClipLoss
-a, b, s = _features({n}, {d}, seed=5)
-ref = _grads(_open_clip_loss, a, b, s, torch.float64)
-ours = _errors(_grads(ClipLoss(backend="triton"), a, b, s, torch.{str(dtype).split(".")[1]}), ref)
-plain = _errors(_grads(_open_clip_loss, a, b, s, torch.{str(dtype).split(".")[1]}), ref)
-print(json.dumps([ours, plain]))
-"""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    import json
-
-    ours, plain = json.loads(out.stdout.strip().splitlines()[-1])
+@pytest.mark.parametrize("n, d", INTERPRETER_SIZES)
+def test_triton_interpreter(interpreted, n, d, dtype):
+    """The Triton kernels on CPU tensors through TRITON_INTERPRET=1."""
+    ours, plain = interpreted[f"{n}-{d}-{dtype}"]
     if dtype == torch.float32:
         assert max(ours) < 2e-5, ours
     else:
@@ -133,33 +163,11 @@ print(json.dumps([ours, plain]))
 
 
 @interpreter
-def test_triton_guarded_rows_and_columns_are_exact():
+def test_triton_guarded_rows_and_columns_are_exact(interpreted):
     """Rows and columns whose logits all sit far below the bound B = s max|a| max|b| (sums of exp(L - B) under
     2^-60) take the kernels' exact path, forward and backward: here one text feature 3 long lifts B to 3 s, so most
     sums would underflow fp32 (below 2^-149) without the guard."""
-    code = """
-import torch, json, torch.nn.functional as F
-from tests.test_fused_loss import _features, _grads, _open_clip_loss, _errors
-from fastclip.loss import ClipLoss
-from fastclip.kernels.contrastive_lse import bound
-a, b, s = _features(37, 40, seed=9)
-s = torch.tensor(100.0, dtype=torch.float64)
-a[5] = -F.normalize(b.mean(0), dim=0)  # every logit of row 5 near -s: 2^-(~190) below the bound
-b[7] = -F.normalize(a.mean(0), dim=0)  # and of column 7
-b[0] *= 3  # not normalized: B = 3 s
-logits = s * a @ b.T
-B = float(bound(a.float(), b.float(), s.float()))
-gaps = [B - float(torch.logsumexp(logits[5], 0)), B - float(torch.logsumexp(logits[:, 7], 0))]
-ref = _grads(_open_clip_loss, a, b, s, torch.float64)
-ours = _errors(_grads(ClipLoss(backend="triton"), a, b, s, torch.float32), ref)
-print(json.dumps([gaps, ours, [float(r.abs().max()) for r in ref]]))
-"""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
-    import json
-
-    gaps, ours, scale = json.loads(out.stdout.strip().splitlines()[-1])
+    gaps, ours, scale = interpreted["guarded"]
     assert min(gaps) > 150 * 0.6931471805599453, gaps  # both sums below 2^-150: zero in fp32 without the guard
     assert all(e <= 2e-5 * max(1.0, m) for e, m in zip(ours, scale)), (ours, scale)
 
