@@ -1,5 +1,5 @@
 # The README's two commands: `make demo` and `make test`. Each sets up .venv first (once; again when the
-# pinned requirements, setup.py or the C++ sources change).
+# pinned requirements, setup.py or the C++ sources and headers change).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -10,7 +10,7 @@ NUM_GPUS ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | grep -c GPU); [ "$$n" -gt 0
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt setup.py pyproject.toml $(wildcard csrc/*.cpp)
+$(VENV)/.installed: requirements.txt setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	$(BIN)/python -m pip install --quiet --no-build-isolation --no-deps -e .

@@ -8,8 +8,10 @@ ROOT = Path(__file__).parent
 
 
 def extensions():
-    """fastclip._C from csrc/*.cpp, when there are sources; built against the installed torch."""
+    """fastclip._C from csrc/*.cpp (and its headers, csrc/*.h), when there are sources; built against the installed
+    torch."""
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cpp"))
+    headers = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.h"))
     if not sources:
         return [], {}
     from torch.utils.cpp_extension import BuildExtension, CppExtension
@@ -17,6 +19,7 @@ def extensions():
     ext = CppExtension(
         "fastclip._C",
         sources,
+        depends=headers,  # a changed header rebuilds the sources (setuptools compares times with these too)
         extra_compile_args={"cxx": ["-O3", "-fopenmp", "-march=native"]},
         extra_link_args=["-fopenmp"],
     )

@@ -18,21 +18,10 @@
 // Inputs fp32 / bf16 / fp16 are converted once to fp32 (O(N D)); accumulation and results are fp32,
 // gradients are returned in the input dtype.
 
-// at::vec picks its SIMD width from CPU_CAPABILITY_*; setup.py compiles with -march=native, so follow it.
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
-#define CPU_CAPABILITY_AVX512
-#define CPU_CAPABILITY AVX512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY_AVX2
-#define CPU_CAPABILITY AVX2
-#else
-#define CPU_CAPABILITY DEFAULT
-#endif
+#include "cpu_vec.h"  // first: it sets the SIMD width at::vec compiles for
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cmath>

@@ -12,20 +12,10 @@
 // then dq_blk += dz k_blk and dk_t += dz^T q_blk. dk partials are per thread (T x N x D fp32), summed at the end.
 // Extra memory O((T + 1) N D); inputs fp32 / bf16 / fp16 converted once to fp32; results fp32.
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
-#define CPU_CAPABILITY_AVX512
-#define CPU_CAPABILITY AVX512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY_AVX2
-#define CPU_CAPABILITY AVX2
-#else
-#define CPU_CAPABILITY DEFAULT
-#endif
+#include "cpu_vec.h"  // first: it sets the SIMD width at::vec compiles for
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <cmath>
