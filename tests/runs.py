@@ -7,7 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from fastclip.data.loader import dali_available
+
 ROOT = Path(__file__).resolve().parents[1]
+# the GPU machines' image has no DALI unless benchmarks/gpu_dali.sh brought it; this machine and CI have it
+NEEDS_DALI = pytest.mark.skipif(not dali_available(), reason="needs nvidia-dali (benchmarks/gpu_dali.sh on a GPU)")
 
 
 def run_cli(

@@ -17,6 +17,8 @@ from fastclip.data.synthetic import COLOURS, SHAPES, class_names
 from fastclip.data.tokenizer import build_tokenizer
 from fastclip.model import ImageSpec
 
+from runs import NEEDS_DALI
+
 SPEC = ImageSpec(size=32, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
 
 
@@ -313,11 +315,12 @@ def test_gpu_decode_batches_travel_as_one_tensor_of_bytes():
 
 
 @pytest.mark.gpu
-def test_corrupt_jpeg_on_the_gpu_decode_is_dropped_and_batches_stay_full(world_dir, tmp_path, capfd):
+@pytest.mark.parametrize("kind", ["torch", pytest.param("dali", marks=NEEDS_DALI)])
+def test_corrupt_jpeg_on_the_gpu_decode_is_dropped_and_batches_stay_full(world_dir, tmp_path, capfd, kind):
     shard = tmp_path / "corrupt-000.tar"
     _corrupt_copy(world_dir / "val" / "shard-000000.tar", shard, "val00000005.jpg")
     args = ["--data.train_shards", str(shard), "--data.val_shards", str(shard), "--data.batch_size", "16"]
-    data = parse_args([*args, "--data.loader", "torch", "--data.num_threads", "1"]).data
+    data = parse_args([*args, "--data.loader", kind, "--data.num_threads", "1"]).data
     common = dict(data=data, image=SPEC, tokenizer=build_tokenizer("fastclip-tiny"), rank=0, world_size=1, seed=0)
     val = build_loader(train=False, device=torch.device("cuda"), **common)
     assert sum(b.images.shape[0] for b in val) == 99
@@ -327,7 +330,7 @@ def test_corrupt_jpeg_on_the_gpu_decode_is_dropped_and_batches_stay_full(world_d
         for _ in range(14):  # two passes over the shard
             batch = next(batches)
             assert batch.images.shape[0] == batch.texts.shape[0] == 16 and batch.images.is_cuda
-        assert train._skips.count >= 1  # the refill that kept them full: test_refill_keeps_training_batches_full...
+        assert train.skipped >= 1  # the refill that kept them full: test_refill_keeps_training_batches_full...
     finally:
         train.close()
     log = capfd.readouterr().err

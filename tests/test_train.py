@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from runs import ROOT, run_cli, small_run_args
+from runs import NEEDS_DALI, ROOT, run_cli, small_run_args
 
 pytestmark = pytest.mark.slow
 
@@ -127,10 +127,12 @@ def test_torch_fallback_loader_trains(world_dir, tmp_path):
 
 
 @pytest.mark.gpu
-def test_gpu_short_train_run(world_dir, tmp_path):
-    """On one GPU: the torch loader with nvJPEG decode, the bf16 engine, the Triton loss, eval and export."""
+@pytest.mark.parametrize("loader", ["torch", pytest.param("dali", marks=NEEDS_DALI)])
+def test_gpu_short_train_run(world_dir, tmp_path, loader):
+    """On one GPU: the loader's GPU decode (torch: nvJPEG through torchvision; DALI: its mixed decoder, where the
+    GPU image has DALI: benchmarks/gpu_dali.sh), the bf16 engine, the Triton loss, eval and export."""
     out = tmp_path / "gpu"
-    args = small_run_args(world_dir, out, steps=20, batch=32) + ["--data.loader", "torch", "--optim.lr", "2e-3"]
+    args = small_run_args(world_dir, out, steps=20, batch=32) + ["--data.loader", loader, "--optim.lr", "2e-3"]
     _check(run_cli([sys.executable, "-m", "fastclip.train", *args], cwd=ROOT, timeout=400))
     train = [r for r in _records(out) if "loss" in r]
     assert len(train) == 20 and sum(r["loss"] for r in train[-3:]) < sum(r["loss"] for r in train[:3])

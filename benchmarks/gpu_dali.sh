@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# DALI on the GPU machine, whose image lacks it. Its wheels (about 250 MB) are more than one call may carry, so
+# `benchmarks/prepare_wheels.sh --dali` cuts them into parts (.dali/part-NN beside .dali/manifest.txt). Each call
+# carries the manifest and one part; this script stashes the part outside the checkout, where files stay while the
+# machine stays warm (about 30 s after a call: make the calls back to back; a fresh machine starts an empty stash,
+# and the script says which parts it holds). The call that completes the set checks every checksum, installs DALI
+# into the stash and runs the DALI GPU checks: a short training run and the corrupt-JPEG test with
+# --data.loader dali (mixed decode on the GPU), and the data benchmark against open_clip's loader.
+#
+#   benchmarks/gpu_dali.sh OUTDIR            on the GPU machine (FASTCLIP_WHEELS as for gpu_suite.sh)
+#   benchmarks/gpu_dali.sh OUTDIR --dry      on a CPU: stash, check and install as there; the CUDA checks skip
+#
+# A device session: call 1 carries .whl, .dali/manifest.txt and .dali/part-00 and runs
+# `benchmarks/gpu_dali.sh /tmp/dali-stash; FASTCLIP_WHEELS=.whl benchmarks/gpu_suite.sh $OUT`; calls 2.. carry the
+# manifest and the next part and run `benchmarks/gpu_dali.sh $OUT` (the last one also carries .whl).
+# Writes OUTDIR/dali.log, and once complete OUTDIR/dali_tests.xml and OUTDIR/dali_bench.json.
+# Exit status: 0 the checks ran and passed; 1 a check failed; 2 no manifest, or the install failed; 3 parts are
+# still missing (the log names them).
+set -uo pipefail
+out=${1:?usage: benchmarks/gpu_dali.sh OUTDIR [--dry]}
+mode=${2:-}
+cd "$(dirname "$0")/.." || exit 2
+repo=$PWD
+mkdir -p "$out"
+exec > >(tee "$out/dali.log") 2>&1
+parts=${FASTCLIP_DALI_PARTS:-.dali}
+stash=${FASTCLIP_DALI_STASH:-${TMPDIR:-/tmp}/fastclip-dali}
+py=${PYTHON:-python3}
+mkdir -p "$stash"
+
+if [ ! -f "$parts/manifest.txt" ]; then
+    echo "gpu_dali: no $parts/manifest.txt: carry it with every part (benchmarks/prepare_wheels.sh --dali makes both)"
+    exit 2
+fi
+if [ -f "$stash/manifest.txt" ] && ! cmp -s "$parts/manifest.txt" "$stash/manifest.txt"; then
+    echo "gpu_dali: the parts were cut again since the stash began: starting it afresh"
+    rm -rf "${stash:?}"/*
+fi
+cp "$parts/manifest.txt" "$stash/"
+for part in "$parts"/part-*; do
+    [ -e "$part" ] && cp "$part" "$stash/" && echo "gpu_dali: stashed $(basename "$part") in $stash"
+done
+
+cd "$stash" || exit 2
+if [ ! -f site/.installed ]; then
+    missing=()
+    while read -r sum name; do
+        [[ $name == part-* ]] || continue
+        if [ ! -f "$name" ]; then
+            missing+=("$name")
+        elif ! echo "$sum  $name" | sha256sum -c --status; then
+            echo "gpu_dali: $name does not match its checksum (cut short in transit?): carry it again"
+            rm -f "$name"
+            missing+=("$name")
+        fi
+    done <manifest.txt
+    if [ "${#missing[@]}" -gt 0 ]; then
+        echo "gpu_dali: still missing ${missing[*]}; carry the manifest and the next of them in a call right after this"
+        exit 3
+    fi
+    cat part-* >dali.tar && grep ' dali.tar$' manifest.txt | sha256sum -c --status || {
+        echo "gpu_dali: the parts do not add up to the manifest's dali.tar: run benchmarks/prepare_wheels.sh --dali again"
+        rm -f dali.tar
+        exit 2
+    }
+    rm -rf wheels site && tar -xf dali.tar && rm -f dali.tar part-*
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target site wheels/*.whl || {
+        echo "gpu_dali: pip could not install the DALI wheels"
+        exit 2
+    }
+    touch site/.installed
+    echo "gpu_dali: installed $(ls wheels/*.whl | wc -l) wheels into $stash/site"
+fi
+cd "$repo" || exit 2
+
+export PYTHONPATH="$repo:${PYTHONPATH:-}:$stash/site" PYTHONUNBUFFERED=1
+if [ -n "${FASTCLIP_WHEELS:-}" ]; then  # as gpu_suite.sh installs them (a no-op when it already did on this machine)
+    site=${TMPDIR:-/tmp}/fastclip-site
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+        "$FASTCLIP_WHEELS"/*.whl || { echo "gpu_dali: could not install the wheels in $FASTCLIP_WHEELS"; exit 2; }
+    export PYTHONPATH="$PYTHONPATH:$site"
+fi
+"$py" -c "import fastclip.kernels" 2>/dev/null || ln -sfn ../kernels fastclip/kernels  # as gpu_suite.sh does
+"$py" -c "import nvidia.dali as d; print('gpu_dali: DALI', d.__version__, 'from', d.__file__)" || exit 2
+quick=()
+[ "$mode" = "--dry" ] && quick=(--quick)
+status=0
+timeout -s INT -k 15 300 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_train.py tests/test_data.py -k dali \
+    --junitxml="$out/dali_tests.xml" || status=1
+timeout -s INT -k 15 150 "$py" -m pytest -q -p no:cacheprovider -m gpu "${quick[@]}" benchmarks/bench_data.py \
+    -k "test_data_gpu and dali" --results "$out/dali_bench.json" || status=1
+echo "gpu_dali: done, status $status"
+exit $status
