@@ -19,8 +19,10 @@ import itertools
 import pytest
 import torch
 
+from fastclip.profiling import time_by_kind
+
 from bench_data import _shards
-from harness import Result, bench_paired, bench_time, time_by_kind, time_fn, time_paired
+from harness import Result, bench_paired, bench_time, time_fn, time_paired
 
 BATCH = 64
 STEPS = {"full": 6, "quick": 2}  # steps per timed block; the full run takes the median of 3 blocks
@@ -98,7 +100,7 @@ def _open_clip_run(batches, steps: int, *, repeats: int, warmup: bool = True, ki
                    **kwargs) -> float:  # fmt: skip
     """Median over ``repeats`` epochs of ``steps`` of open_clip's seconds per optimizer step, after a one-step
     warm-up epoch (see :class:`OpenClipTrainer` for ``kwargs``); with ``kinds``, one more step profiled into it
-    (:func:`harness.time_by_kind`)."""
+    (:func:`fastclip.profiling.time_by_kind`)."""
     runner = OpenClipTrainer(batches, **kwargs)
     if warmup:
         runner.epoch(1)
@@ -147,8 +149,8 @@ def _profile_into(kinds: dict, fn, *, cuda: bool) -> None:
 
 
 def _kinds_result(params: dict, ours: dict, theirs: dict, step_s: tuple[float, float | None], **extra) -> Result:
-    """Where one step's time goes, fastclip beside open_clip (:func:`harness.time_by_kind`): the kinds that differ
-    most in the note and, on a GPU, how long the card idled in a step (the timed step less its kernels' time)."""
+    """Where one step's time goes, fastclip beside open_clip (fastclip/profiling.py): the kinds that differ most in
+    the note and, on a GPU, how long the card idled in a step (the timed step less its kernels' time)."""
     failed = [f"{who}'s profile failed: {k['error']}" for who, k in (("fastclip", ours), ("open_clip", theirs))
               if "error" in k]  # fmt: skip
     if failed:

@@ -114,51 +114,6 @@ def bench_paired(
     return _timing(mine), _timing(base)
 
 
-# what a profiled CPU op or CUDA kernel is, by lower-case substrings of its name; the first kind that matches wins
-OP_KINDS = (
-    ("attention", ("flash", "fmha", "attention", "sdpa")),
-    ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "cublas", "aten::mm", "aten::addmm", "aten::bmm", "conv")),
-    ("loss", ("fastclip::", "_lse_", "lse_kernel", "sigmoid_tile", "dz_kernel")),
-    ("optimizer", ("adam", "multi_tensor", "lerp", "addcdiv", "addcmul", "sqrt")),
-    ("layer norm", ("layer_norm", "layernorm", "gammabeta")),
-    ("reduction", ("reduce_kernel", "norm", "aten::sum", "aten::mean", "aten::max")),
-    ("copy / cast", ("copy", "memcpy", "memset", "cat", "fill", "clone", "aten::to")),
-    ("collective", ("nccl", "gloo", "allreduce", "all_gather", "reduce_scatter", "broadcast")),
-)
-
-
-def op_kind(name: str) -> str:
-    lower = name.lower()
-    return next((kind for kind, marks in OP_KINDS if any(m in lower for m in marks)), "other")
-
-
-def time_by_kind(fn: Callable[[], Any], *, cuda: bool = False) -> dict[str, float]:
-    """Milliseconds of one call of ``fn`` by :data:`OP_KINDS`, under torch.profiler: on a GPU the kernels' device
-    time (what the card was busy with; the step's time beyond their sum is the card idling), on a CPU each op's
-    self time. Where a step's time goes, to explain a ratio: the profiler's own overhead is in neither figure."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    if cuda:
-        torch.cuda.synchronize()
-    with profile(activities=activities) as prof:
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-    kinds: dict[str, float] = {}
-    for event in prof.key_averages():
-        if cuda and event.device_type != DeviceType.CUDA:
-            continue
-        if cuda:  # a kernel's time is its self device time; the name changed in torch 2.4
-            us = getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0)
-        else:
-            us = event.self_cpu_time_total
-        kind = op_kind(event.key)
-        kinds[kind] = kinds.get(kind, 0.0) + us / 1e3
-    return {k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
-
-
 def bench_once(benchmark, fn: Callable[[], Any]) -> Any:
     """``fn()`` as the fixture's one timed round (a whole multi-rank run, say), its result returned."""
     out = []

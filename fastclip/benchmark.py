@@ -4,7 +4,9 @@
 - data excluded: the same few batches, already on the device, over and over (what the model step can do);
 - data included: the configured loader, as training reads it (what the run will do; the gap is the data path's).
 
-Rank 0 prints one table and writes ``log.dir/benchmark.json`` (card, world layout, versions, both phases).
+Rank 0 prints one table and writes ``log.dir/benchmark.json`` (card, world layout, versions, both phases), and
+where one more step's time goes by kind of work (fastclip/profiling.py: matmul, attention, copies, optimizer, ...;
+on a GPU the kernels' time and how long the card idled).
 Nothing is checkpointed, evaluated or exported. Step times come from one event per step on CUDA (no host sync
 between steps, so the launch queue runs as in training) or the host clock on a CPU.
 """
@@ -22,6 +24,7 @@ import torch
 
 from fastclip.console import say
 from fastclip.mfu import peak_memory_gb
+from fastclip.profiling import breakdown_line, time_by_kind
 
 if TYPE_CHECKING:
     from fastclip.trainer import Trainer
@@ -111,6 +114,10 @@ def table(report: dict) -> str:
             f"{name:16}{m['samples_per_second_per_gpu']:>14,.1f}{mfu:>8}{mem:>10}{100 * m['data_time_share']:>11.1f}%"
             f"{1e3 * m['step_time_median_s']:>8.1f} ms{spread:>18}"
         )
+    kinds, cuda = report["step_breakdown_ms"], report["device"] == "cuda"
+    step = report["phases"]["data excluded"]["step_time_median_s"] if cuda else None
+    what = "kernel time" if cuda else "op time on the host"
+    lines.append(f"one step more, data excluded, by {what}: {breakdown_line(kinds, step)}")
     return "\n".join(lines)
 
 
@@ -119,9 +126,9 @@ def run(trainer: Trainer, steps: int, warmup: int) -> dict:
     trainer.engine.train()
     loaded = iter(trainer.train_loader)
     fixed = [trainer.fetch(loaded) for _ in range(trainer.cfg.train.grad_accum)]  # the loader puts them on the device
-    cfg = trainer.cfg
+    cfg, device = trainer.cfg, trainer.world.device
     report = {
-        "model": cfg.model.name, "card": _card(trainer.world.device), "world": trainer.world.layout(),
+        "model": cfg.model.name, "card": _card(device), "device": device.type, "world": trainer.world.layout(),
         "world_size": trainer.world.world_size, "global_batch": trainer.global_batch, "steps": steps,
         "warmup": warmup, "precision": trainer.precision, "zero_stage": trainer.stage,
         "flops_per_sample": trainer.flops_per_sample, "peak_flops": trainer.peak_flops, "versions": _versions(),
@@ -129,6 +136,8 @@ def run(trainer: Trainer, steps: int, warmup: int) -> dict:
             "data excluded": _measure(trainer, itertools.cycle(fixed), steps, warmup),
             "data included": _measure(trainer, loaded, steps, warmup),
         },
+        # where a step's time goes (fastclip/profiling.py): one more step on the fixed batches, every rank
+        "step_breakdown_ms": time_by_kind(lambda: trainer.train_step(iter(fixed)), cuda=device.type == "cuda"),
     }  # fmt: skip
     if trainer.world.is_main:
         say(table(report))

@@ -21,6 +21,9 @@ def check_report(out, proc, *, ranks: int, steps: int, mfu: bool = False) -> dic
         assert m["samples_per_second_per_gpu"] > 0 and 0 <= m["data_time_share"] < 1
         assert m["step_time_p10_s"] <= m["step_time_median_s"] <= m["step_time_p90_s"]
         assert (m["mfu"] is not None) == mfu and m["peak_memory_gb"] is None  # a CPU: a peak only if given
+    kinds = report["step_breakdown_ms"]  # one more step profiled: the tiny model's matmuls and attention show
+    assert kinds["matmul"] > 0 and kinds["attention"] > 0 and report["device"] == "cpu"
+    assert "one step more, data excluded, by op time on the host: " in proc.stdout
     assert not (out / "checkpoints").exists()  # nothing saved
     assert not (out / "metrics.jsonl").read_text()  # no log lines, no eval: the measured steps are the table's
     return report
@@ -32,3 +35,29 @@ def test_benchmark_mode_on_two_ranks(world_dir, tmp_path):
     proc = run_cli([*deepspeed_cmd(2, 29660), *args], cwd=ROOT, timeout=400)
     report = check_report(out, proc, ranks=2, steps=4)
     assert report["world"].startswith("2 ranks")
+
+
+def test_op_kinds_name_what_the_profiler_reports():
+    from fastclip.profiling import breakdown_line, op_kind
+
+    names = {  # CUDA kernels as an H100 profile names them, CPU ops as this machine's does
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_kernel": "matmul",
+        "nvjet_tst_192x192_64x4_1x2_h_bz_coopA_NNT": "matmul",
+        "aten::addmm": "matmul",
+        "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<64>>": "attention",
+        "fmha_cutlassF_bf16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel::Params)": "attention",
+        "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+        "_sums_kernel": "loss", "_dlogits_kernel": "loss", "_sigmoid_tile_kernel": "loss",
+        "fastclip::contrastive_lse_forward": "loss",
+        "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor<float, 4>>": "optimizer",
+        "aten::_fused_adamw_": "optimizer",
+        "void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<c10::BFloat16, float>": "layer norm",
+        "void at::native::reduce_kernel<512, 1, ReduceOp<float, at::native::NormTwoOps<float>>>": "reduction",
+        "void at::native::elementwise_kernel<128, 2, direct_copy_kernel_cuda(at::TensorIteratorBase&)>": "copy / cast",
+        "Memcpy HtoD (Pageable -> Device)": "copy / cast",
+        "ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)": "collective",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>": "other",
+    }  # fmt: skip
+    assert {name: op_kind(name) for name in names} == names
+    line = breakdown_line({"matmul": 30.0, "attention": 10.0}, step_s=0.05)
+    assert line == "matmul 30.0 ms (75%), attention 10.0 ms (25%), the card idle 10.0 ms of 50.0"
