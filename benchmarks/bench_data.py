@@ -197,8 +197,8 @@ def test_data_cpu(benchmark, record, quick):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("loader", ["torch", "dali"])
-def test_data_gpu(benchmark, record, quick, loader):
+@pytest.mark.parametrize("kind", ["torch", "dali"])
+def test_data_gpu(benchmark, record, quick, kind):
     """fastclip's GPU decode against open_clip's loader: the torch loader with nvJPEG batch decode, and DALI's mixed
     decoder where DALI is installed (the GPU image lacks it: benchmarks/gpu_dali.sh brings it)."""
     from fastclip.cli import parse_args
@@ -206,14 +206,14 @@ def test_data_gpu(benchmark, record, quick, loader):
     from fastclip.data.tokenizer import build_tokenizer
     from fastclip.model import ImageSpec
 
-    if loader == "dali" and not dali_available():
+    if kind == "dali" and not dali_available():
         pytest.skip("needs nvidia-dali (benchmarks/gpu_dali.sh installs it on the GPU machine)")
     mode = "quick" if quick else "full"
     spec, workers = SPECS[mode], 8
     root = _shards(mode)
     data = parse_args(
         ["--data.train_shards", str(root / "train" / "*.tar"), "--data.batch_size", str(BATCH),
-         "--data.num_threads", str(workers), "--data.shuffle_buffer", "512", "--data.loader", loader]
+         "--data.num_threads", str(workers), "--data.shuffle_buffer", "512", "--data.loader", kind]
     ).data  # fmt: skip
     image = ImageSpec(size=224, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
     loader = build_loader(
@@ -227,8 +227,8 @@ def test_data_gpu(benchmark, record, quick, loader):
         loader.close()
     theirs = _throughput(_open_clip_batches(root, spec["samples"], workers), spec["batches"])
     params = {"image_px": spec["image_size"], "crop_px": 224, "batch": BATCH, "workers": workers, "device": "cuda",
-              "loader": loader}  # fmt: skip
-    how = {"torch": "torch loader + nvJPEG", "dali": "DALI, mixed (GPU) decode"}[loader]
+              "loader": kind}  # fmt: skip
+    how = {"torch": "torch loader + nvJPEG", "dali": "DALI, mixed (GPU) decode"}[kind]
     record(Result("data", "loader throughput (decode, crop, normalize, tokenize)", params, "samples_per_second",
                   ours, theirs, note=f"fastclip: {how}; open_clip: PIL in workers"))  # fmt: skip
 

@@ -19,7 +19,7 @@ import itertools
 import pytest
 import torch
 
-from fastclip.profiling import time_by_kind
+from fastclip.profiling import breakdown_line, time_by_kind
 
 from bench_data import _shards
 from harness import Result, bench_paired, bench_time, time_fn, time_paired
@@ -148,27 +148,31 @@ def _profile_into(kinds: dict, fn, *, cuda: bool) -> None:
         kinds["error"] = f"{type(e).__name__}: {e}"[:300]
 
 
-def _kinds_result(params: dict, ours: dict, theirs: dict, step_s: tuple[float, float | None], **extra) -> Result:
-    """Where one step's time goes, fastclip beside open_clip (fastclip/profiling.py): the kinds that differ most in
-    the note and, on a GPU, how long the card idled in a step (the timed step less its kernels' time)."""
+def _kinds_result(params: dict, ours: dict, theirs: dict, step_s: tuple[float | None, float | None]) -> Result:
+    """Where one step's time goes (fastclip/profiling.py), fastclip beside open_clip (``theirs`` empty: fastclip's
+    alone): the kinds that differ most in the note and, on a GPU, how long the card idled in a step (the timed
+    step, ``step_s``, less its kernels' time)."""
+    case = "step time by kind (kernel or op time)"
     failed = [f"{who}'s profile failed: {k['error']}" for who, k in (("fastclip", ours), ("open_clip", theirs))
               if "error" in k]  # fmt: skip
     if failed:
-        return Result("train_step", "step time by kind (kernel or op time)", params, "seconds", None, None,
-                      note="; ".join(failed))  # fmt: skip
-    diffs = sorted(ours.keys() | theirs.keys(), key=lambda k: -abs(ours.get(k, 0.0) - theirs.get(k, 0.0)))
-    note = "ms a step, fastclip - open_clip: " + ", ".join(
-        f"{k} {ours.get(k, 0.0) - theirs.get(k, 0.0):+.1f}" for k in diffs[:5]
-    )
+        return Result("train_step", case, params, "seconds", None, None, note="; ".join(failed))
     busy = (sum(ours.values()) / 1e3, sum(theirs.values()) / 1e3 if theirs else None)
+    extra: dict = {"fastclip_ms": ours, "open_clip_ms": theirs}
+    if theirs:
+        diffs = sorted(ours.keys() | theirs.keys(), key=lambda k: -abs(ours.get(k, 0.0) - theirs.get(k, 0.0)))
+        note = "ms a step, fastclip - open_clip: " + ", ".join(
+            f"{k} {ours.get(k, 0.0) - theirs.get(k, 0.0):+.1f}" for k in diffs[:5]
+        )
+    else:
+        note = "fastclip alone (open_clip not measured at this batch): " + breakdown_line(ours)
     if params.get("device") == "cuda":
         idle = [1e3 * (step - b) if step and b is not None else None for step, b in zip(step_s, busy)]
         extra.update(fastclip_idle_ms=idle[0], open_clip_idle_ms=idle[1])
         note += "; the card idle a step: " + ", ".join(
             f"{who} {ms:.1f} ms" for who, ms in zip(("fastclip", "open_clip"), idle) if ms is not None
         )
-    return Result("train_step", "step time by kind (kernel or op time)", params, "seconds", busy[0], busy[1],
-                  extra={"fastclip_ms": ours, "open_clip_ms": theirs, **extra}, note=note)  # fmt: skip
+    return Result("train_step", case, params, "seconds", busy[0], busy[1], extra=extra, note=note)
 
 
 def test_train_step_cpu(benchmark, record, quick, single_rank):
@@ -340,7 +344,7 @@ def _fastclip_largest(trainer_at, ladder: tuple[int, ...]) -> tuple[int | None, 
     try:
         return _largest(ladder, lambda b: _fits(lambda: step(b))), size, tokenizer
     finally:
-        probe.close()
+        probe.close()  # its engine is freed at the next collection (_fastclip_measured starts with one)
 
 
 @pytest.mark.gpu
@@ -366,44 +370,59 @@ def test_train_step_gpu(benchmark, record, quick, single_rank, model_name, ladde
             Result("train_step", "samples/s/GPU, data excluded", params, "samples_per_second", None, None, note=note)
         )
         pytest.skip("no batch of the ladder fits")
-    ours = _fastclip_measured(trainer_at(batch), batch, steps, repeats, benchmark)
-    peak = _bf16_matmul_peak()
-    params["batch"] = batch
-
-    def keep(base_note: str, theirs: dict) -> None:
-        for case, seconds, base in (("data excluded", ours["fixed_s"], theirs.get("per_sample_s")),
-                                    ("data included", ours["loaded_s"], None)):  # fmt: skip
-            mfu = batch / seconds * flops_per_sample / peak
-            record(Result("train_step", f"samples/s/GPU, {case}", params, "samples_per_second", batch / seconds,
-                          1 / base if base else None,
-                          extra={"fastclip_mfu": mfu, "matmul_peak_flops": peak, "baseline_batch": theirs.get("batch"),
-                                 "fastclip_peak_memory_bytes": ours["peak_bytes"], "ladder": list(ladder)},
-                          note=f"largest batch of {list(ladder)} that fits; MFU {mfu:.0%} of the bf16 matmul rate"
-                               + (base_note if case == "data excluded"
-                                  else "; open_clip's loader not run on the GPU image")))  # fmt: skip
-
-    keep("; open_clip not measured yet", {})  # fastclip's figures kept at once: the suite's limit may cut what follows
+    ours = _fastclip_measured(trainer_at, batch, steps, repeats, benchmark)
+    figures = dict(params={**params, "batch": batch}, batch=batch, ladder=ladder, per_sample=flops_per_sample,
+                   peak=_bf16_matmul_peak())  # fmt: skip
+    for result in _gpu_results(ours, {}, **figures):  # kept at once: the suite's limit may cut what follows
+        record(result)
     theirs = _open_clip_measured(model_name, size, tokenizer, batch, ladder, steps, repeats)
-    same = theirs["batch"] == batch
-    keep("" if same else (f"; open_clip at batch {theirs['batch']}, its largest that fits" if theirs["batch"]
-                          else "; open_clip: no batch fits"), theirs)  # fmt: skip
-    record(Result("train_step", "peak memory, data excluded", params, "bytes", ours["peak_bytes"],
-                  theirs.get("peak_bytes") if same else None,
-                  note="torch.cuda.max_memory_allocated over the timed steps, less what was allocated before"
-                       + ("" if same else "; open_clip not at the same batch")))  # fmt: skip
-    if same:
-        record(_kinds_result(params, ours["kinds"], theirs["kinds"], (ours["fixed_s"], theirs["per_sample_s"] * batch)))
+    for result in _gpu_results(ours, theirs, **figures):
+        record(result)
 
 
-def _fastclip_measured(trainer, batch: int, steps: int, repeats: int, benchmark) -> dict:
+def _gpu_results(ours: dict, theirs: dict, *, params, batch, ladder, per_sample, peak) -> list[Result]:
+    """The figures of a GPU train-step case from what is measured so far (``theirs`` empty: open_clip not yet)."""
+    same = theirs.get("batch") == batch
+    if not theirs:
+        base_note = "; open_clip not measured yet"
+    else:
+        base_note = "" if same else (f"; open_clip at batch {theirs['batch']}, its largest that fits"
+                                     if theirs["batch"] else "; open_clip: no batch fits")  # fmt: skip
+    results = []
+    for case, seconds, base in (("data excluded", ours["fixed_s"], theirs.get("per_sample_s")),
+                                ("data included", ours.get("loaded_s"), None)):  # fmt: skip
+        if seconds is None:
+            results.append(Result("train_step", f"samples/s/GPU, {case}", params, "samples_per_second", None, None,
+                                  note=f"fastclip's loader failed: {ours.get('loaded_error')}"))  # fmt: skip
+            continue
+        mfu = batch / seconds * per_sample / peak
+        note = f"largest batch of {list(ladder)} that fits; MFU {mfu:.0%} of the bf16 matmul rate" + (
+            base_note if case == "data excluded" else "; open_clip's loader not run on the GPU image"
+        )
+        extra = {"fastclip_mfu": mfu, "matmul_peak_flops": peak, "baseline_batch": theirs.get("batch"),
+                 "fastclip_peak_memory_bytes": ours["peak_bytes"], "ladder": list(ladder)}  # fmt: skip
+        results.append(Result("train_step", f"samples/s/GPU, {case}", params, "samples_per_second", batch / seconds,
+                              1 / base if base else None, extra=extra, note=note))  # fmt: skip
+    memory_note = "torch.cuda.max_memory_allocated over the model's build and the timed steps" + base_note
+    results.append(Result("train_step", "peak memory, data excluded", params, "bytes", ours["peak_bytes"],
+                          theirs.get("peak_bytes") if same else None, note=memory_note))  # fmt: skip
+    their_step = theirs["per_sample_s"] * batch if same and "per_sample_s" in theirs else None
+    results.append(_kinds_result(params, ours["kinds"], theirs.get("kinds", {}) if same else {},
+                                 (ours["fixed_s"], their_step)))  # fmt: skip
+    return results
+
+
+def _fastclip_measured(trainer_at, batch: int, steps: int, repeats: int, benchmark) -> dict:
     """fastclip's seconds per step at ``batch`` on pre-made CUDA batches (data excluded) and from its loader, the
-    peak memory the steps added, and one profiled step's time by kind; ``trainer`` is closed."""
+    peak memory of its build and steps, then one profiled step's time by kind (profiled last: a profiler session
+    may slow what follows it in the process)."""
     from fastclip.data.batch import Batch
 
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
+    trainer = trainer_at(batch)  # after ``before``: the engine's weights and optimizer state count, as open_clip's do
     out: dict = {"kinds": {}}
     try:
         fixed = _fixed_batches(2, trainer.image.size, trainer.tokenizer, batch=batch, device="cuda")
@@ -411,8 +430,11 @@ def _fastclip_measured(trainer, batch: int, steps: int, repeats: int, benchmark)
         timer = functools.partial(bench_time, benchmark, cuda=True)
         out["fixed_s"] = _fastclip_run(trainer, cycle, steps, repeats=repeats, timer=timer)
         out["peak_bytes"] = torch.cuda.max_memory_allocated() - before
+        try:
+            out["loaded_s"] = _fastclip_run(trainer, iter(trainer.train_loader), steps, repeats=repeats)
+        except Exception as e:  # the data path is another subsystem: its failure must not cost the step's figures
+            out["loaded_error"] = f"{type(e).__name__}: {e}"[:300]
         _profile_into(out["kinds"], lambda: trainer.train_step(cycle), cuda=True)
-        out["loaded_s"] = _fastclip_run(trainer, iter(trainer.train_loader), steps, repeats=repeats)
     finally:
         trainer.close()
     return out

@@ -10,9 +10,11 @@
 #   benchmarks/gpu_dali.sh OUTDIR            on the GPU machine (FASTCLIP_WHEELS as for gpu_suite.sh)
 #   benchmarks/gpu_dali.sh OUTDIR --dry      on a CPU: stash, check and install as there; the CUDA checks skip
 #
-# A device session: call 1 carries .whl, .dali/manifest.txt and .dali/part-00 and runs
-# `benchmarks/gpu_dali.sh /tmp/dali-stash; FASTCLIP_WHEELS=.whl benchmarks/gpu_suite.sh $OUT`; calls 2.. carry the
-# manifest and the next part and run `benchmarks/gpu_dali.sh $OUT` (the last one also carries .whl).
+# A device session, its 15 minutes permitting (the main suite takes 8; five calls of a part each, about half a
+# minute apiece when warm, then the checks, about 3): call 1 carries .whl, .dali/manifest.txt and .dali/part-00 and
+# runs `benchmarks/gpu_dali.sh /tmp/dali-stash; FASTCLIP_WHEELS=.whl benchmarks/gpu_suite.sh $OUT`; each later call
+# carries .whl, the manifest and the next part and runs `FASTCLIP_WHEELS=.whl benchmarks/gpu_dali.sh $OUT` (the
+# install comes only once every part is in; open_clip and DeepSpeed from an earlier gpu_suite.sh are found too).
 # Writes OUTDIR/dali.log, and once complete OUTDIR/dali_tests.xml and OUTDIR/dali_bench.json.
 # Exit status: 0 the checks ran and passed; 1 a check failed; 2 no manifest, or the install failed; 3 parts are
 # still missing (the log names them).
@@ -27,6 +29,8 @@ parts=${FASTCLIP_DALI_PARTS:-.dali}
 stash=${FASTCLIP_DALI_STASH:-${TMPDIR:-/tmp}/fastclip-dali}
 py=${PYTHON:-python3}
 mkdir -p "$stash"
+# the torch loader's GPU decode hands file descriptors between processes: the image's soft limit is too low
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 if [ ! -f "$parts/manifest.txt" ]; then
     echo "gpu_dali: no $parts/manifest.txt: carry it with every part (benchmarks/prepare_wheels.sh --dali makes both)"
@@ -59,35 +63,36 @@ if [ ! -f site/.installed ]; then
         exit 3
     fi
     cat part-* >dali.tar && grep ' dali.tar$' manifest.txt | sha256sum -c --status || {
-        echo "gpu_dali: the parts do not add up to the manifest's dali.tar: run benchmarks/prepare_wheels.sh --dali again"
+        echo "gpu_dali: the parts do not add up to the manifest's dali.tar: cut them again (prepare_wheels.sh --dali)"
         rm -f dali.tar
         exit 2
     }
-    rm -rf wheels site && tar -xf dali.tar && rm -f dali.tar part-*
+    rm -rf wheels site && tar -xf dali.tar && rm -f dali.tar
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target site wheels/*.whl || {
-        echo "gpu_dali: pip could not install the DALI wheels"
+        echo "gpu_dali: pip could not install the DALI wheels (the parts stay stashed: the next call tries again)"
         exit 2
     }
     touch site/.installed
+    rm -f part-*  # only now: a failed install keeps what the calls brought
     echo "gpu_dali: installed $(ls wheels/*.whl | wc -l) wheels into $stash/site"
 fi
 cd "$repo" || exit 2
 
 export PYTHONPATH="$repo:${PYTHONPATH:-}:$stash/site" PYTHONUNBUFFERED=1
-if [ -n "${FASTCLIP_WHEELS:-}" ]; then  # as gpu_suite.sh installs them (a no-op when it already did on this machine)
-    site=${TMPDIR:-/tmp}/fastclip-site
+site=${TMPDIR:-/tmp}/fastclip-site  # where gpu_suite.sh installs open_clip, DeepSpeed and the rest
+if [ -n "${FASTCLIP_WHEELS:-}" ]; then
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
         "$FASTCLIP_WHEELS"/*.whl || { echo "gpu_dali: could not install the wheels in $FASTCLIP_WHEELS"; exit 2; }
-    export PYTHONPATH="$PYTHONPATH:$site"
 fi
+[ -d "$site" ] && export PYTHONPATH="$PYTHONPATH:$site"
 "$py" -c "import fastclip.kernels" 2>/dev/null || ln -sfn ../kernels fastclip/kernels  # as gpu_suite.sh does
 "$py" -c "import nvidia.dali as d; print('gpu_dali: DALI', d.__version__, 'from', d.__file__)" || exit 2
 quick=()
 [ "$mode" = "--dry" ] && quick=(--quick)
 status=0
-timeout -s INT -k 15 300 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_train.py tests/test_data.py -k dali \
+timeout -s INT -k 15 240 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_train.py tests/test_data.py -k dali \
     --junitxml="$out/dali_tests.xml" || status=1
-timeout -s INT -k 15 150 "$py" -m pytest -q -p no:cacheprovider -m gpu "${quick[@]}" benchmarks/bench_data.py \
+timeout -s INT -k 15 120 "$py" -m pytest -q -p no:cacheprovider -m gpu "${quick[@]}" benchmarks/bench_data.py \
     -k "test_data_gpu and dali" --results "$out/dali_bench.json" || status=1
 echo "gpu_dali: done, status $status"
 exit $status

@@ -526,11 +526,19 @@ class Trainer:
         apply_adamw_settings(self.engine.optimizer.param_groups, self.cfg.optim)
 
     def close(self) -> None:
-        self.train_loader.close()
-        if self.val_loader is not None:
-            self.val_loader.close()
-        self.sinks.close()
-        # ZeRO's gradient hooks live on autograd nodes, which Python's collector cannot see through: without their
-        # removal the engine, its parameters and optimizer state outlive the trainer (a second trainer in the same
-        # process, a sweep or a benchmark's batch probe, would run beside a dead one's memory)
-        self.engine.destroy()
+        try:
+            self.train_loader.close()
+            if self.val_loader is not None:
+                self.val_loader.close()
+            self.sinks.close()
+        finally:
+            self._release_engine()
+
+    def _release_engine(self) -> None:
+        """ZeRO's gradient hooks live on autograd nodes, which Python's collector cannot see through: without their
+        removal the engine, its parameters and optimizer state outlive the trainer (a second trainer in the same
+        process, a sweep or a benchmark's batch probe, would run beside a dead one's memory)."""
+        try:
+            self.engine.destroy()  # it synchronizes the device
+        except Exception as e:  # a device that already failed (a sticky CUDA error): the error to see came first
+            say(f"fastclip: the DeepSpeed engine was not released cleanly ({type(e).__name__}: {e})")

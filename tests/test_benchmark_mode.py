@@ -56,6 +56,7 @@ def test_op_kinds_name_what_the_profiler_reports():
         "void at::native::elementwise_kernel<128, 2, direct_copy_kernel_cuda(at::TensorIteratorBase&)>": "copy / cast",
         "Memcpy HtoD (Pageable -> Device)": "copy / cast",
         "ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)": "collective",
+        "ncclDevKernel_ReduceScatter_Sum_bf16_RING_LL": "collective", "aten::topk": "other",
         "void at::native::vectorized_elementwise_kernel<4, at::native::GeluCUDAKernelImpl>": "other",
     }  # fmt: skip
     assert {name: op_kind(name) for name in names} == names

@@ -66,7 +66,7 @@ def test_dali_parts_travel_one_call_at_a_time(tmp_path):
         data = (src / part).read_bytes()
         (carried / part).write_bytes(data[:-1] if damage else data)
         env = {**os.environ, "PYTHON": sys.executable, "FASTCLIP_DALI_PARTS": str(carried),
-               "FASTCLIP_DALI_STASH": str(stash)}  # fmt: skip
+               "FASTCLIP_DALI_STASH": str(stash), "TMPDIR": str(tmp_path)}  # fmt: skip
         env.pop("FASTCLIP_WHEELS", None)
         out = subprocess.run(["bash", "benchmarks/gpu_dali.sh", str(tmp_path / f"out-{n}"), "--dry"], cwd=ROOT,
                              env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
