@@ -303,10 +303,20 @@ def _out_of_memory(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or "out of memory" in text or "alloc_failed" in text
 
 
+def _release_cuda() -> None:
+    """What earlier runs left on the card (collected objects, the allocator's cache) back to the driver."""
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _memory_mark() -> int:
+    """Bytes allocated now, the peak counter restarted: ``max_memory_allocated() - mark`` is what follows' peak."""
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
 def _fits(fn) -> bool:
     """Whether ``fn`` runs without exhausting GPU memory (what it allocated is freed either way)."""
-    import gc
-
     try:
         fn()
         return True
@@ -315,8 +325,7 @@ def _fits(fn) -> bool:
             raise
         return False
     finally:
-        gc.collect()
-        torch.cuda.empty_cache()
+        _release_cuda()
 
 
 def _largest(ladder: tuple[int, ...], fits) -> int | None:
@@ -418,10 +427,8 @@ def _fastclip_measured(trainer_at, batch: int, steps: int, repeats: int, benchma
     may slow what follows it in the process)."""
     from fastclip.data.batch import Batch
 
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
+    _release_cuda()
+    before = _memory_mark()
     trainer = trainer_at(batch)  # after ``before``: the engine's weights and optimizer state count, as open_clip's do
     out: dict = {"kinds": {}}
     try:
@@ -443,8 +450,7 @@ def _fastclip_measured(trainer_at, batch: int, steps: int, repeats: int, benchma
 def _open_clip_measured(model_name: str, size: int, tokenizer, batch: int, ladder, steps: int, repeats: int) -> dict:
     """open_clip's train_one_epoch at ``batch``, or at the largest smaller batch of ``ladder`` that fits: that batch,
     seconds per sample, peak memory added and one profiled step's time by kind (``batch`` None: none fits)."""
-    gc.collect()
-    torch.cuda.empty_cache()
+    _release_cuda()
 
     def at(b: int, steps: int, repeats: int, kinds: dict | None = None) -> float:
         batches = itertools.cycle(_fixed_batches(2, size, tokenizer, batch=b, device="cuda"))
@@ -456,8 +462,7 @@ def _open_clip_measured(model_name: str, size: int, tokenizer, batch: int, ladde
         chosen = _largest(tuple(b for b in ladder if b < batch), lambda b: _fits(lambda: at(b, 1, 1)))
     out: dict = {"batch": chosen, "kinds": {}}
     if chosen is not None:
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+        before = _memory_mark()
         out["per_sample_s"] = at(chosen, steps, repeats, out["kinds"]) / chosen
         out["peak_bytes"] = torch.cuda.max_memory_allocated() - before
     return out
