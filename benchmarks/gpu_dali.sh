@@ -29,8 +29,6 @@ parts=${FASTCLIP_DALI_PARTS:-.dali}
 stash=${FASTCLIP_DALI_STASH:-${TMPDIR:-/tmp}/fastclip-dali}
 py=${PYTHON:-python3}
 mkdir -p "$stash"
-# the torch loader's GPU decode hands file descriptors between processes: the image's soft limit is too low
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 if [ ! -f "$parts/manifest.txt" ]; then
     echo "gpu_dali: no $parts/manifest.txt: carry it with every part (benchmarks/prepare_wheels.sh --dali makes both)"
@@ -78,14 +76,11 @@ if [ ! -f site/.installed ]; then
 fi
 cd "$repo" || exit 2
 
-export PYTHONPATH="$repo:${PYTHONPATH:-}:$stash/site" PYTHONUNBUFFERED=1
-site=${TMPDIR:-/tmp}/fastclip-site  # where gpu_suite.sh installs open_clip, DeepSpeed and the rest
-if [ -n "${FASTCLIP_WHEELS:-}" ]; then
-    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
-        "$FASTCLIP_WHEELS"/*.whl || { echo "gpu_dali: could not install the wheels in $FASTCLIP_WHEELS"; exit 2; }
-fi
-[ -d "$site" ] && export PYTHONPATH="$PYTHONPATH:$site"
-"$py" -c "import fastclip.kernels" 2>/dev/null || ln -sfn ../kernels fastclip/kernels  # as gpu_suite.sh does
+# shellcheck source=benchmarks/gpu_env.sh
+. benchmarks/gpu_env.sh
+gpu_env
+export PYTHONPATH="$PYTHONPATH:$stash/site"
+gpu_wheels gpu_dali || exit 2  # open_clip, DeepSpeed and the rest: installed now, or by an earlier gpu_suite.sh
 "$py" -c "import nvidia.dali as d; print('gpu_dali: DALI', d.__version__, 'from', d.__file__)" || exit 2
 quick=()
 [ "$mode" = "--dry" ] && quick=(--quick)

@@ -28,11 +28,9 @@ started=$(date +%s)
 budget=${GPU_SUITE_SECONDS:-460}  # a shorter budget runs the stages in order until it is spent
 deadline=$((started + budget))
 py=${PYTHON:-python3}
-# the torch loader's GPU decode hands file descriptors between processes: the image's soft limit is too low
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
-export PYTHONPATH="$PWD:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
-# not installed here: setup.py would map the top-level kernels/ to fastclip.kernels; a link (git-ignored) does it
-"$py" -c "import fastclip.kernels" 2>/dev/null || ln -sfn ../kernels fastclip/kernels
+# shellcheck source=benchmarks/gpu_env.sh
+. benchmarks/gpu_env.sh
+gpu_env
 quick=()
 [ "$mode" = "--dry" ] && quick=(--quick)
 status=0
@@ -63,12 +61,7 @@ fi
 
 stage "precheck" 90 60 "$py" benchmarks/gpu_precheck.py "$out" --tiles "${quick[@]}"
 
-if [ -n "${FASTCLIP_WHEELS:-}" ]; then
-    site=${TMPDIR:-/tmp}/fastclip-site
-    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
-        "$FASTCLIP_WHEELS"/*.whl || { echo "gpu_suite: could not install the wheels in $FASTCLIP_WHEELS"; exit 2; }
-    export PYTHONPATH="$PYTHONPATH:$site"
-fi
+gpu_wheels gpu_suite || exit 2
 "$py" - "$out/versions.json" <<'PY'
 import json, sys, datetime, subprocess
 import torch, triton
