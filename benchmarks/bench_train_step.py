@@ -19,7 +19,7 @@ import itertools
 import pytest
 import torch
 
-from fastclip.profiling import breakdown_line, time_by_kind
+from fastclip.profiling import breakdown_line, profile_step
 
 from bench_data import _shards
 from harness import Result, bench_paired, bench_time, time_fn, time_paired
@@ -96,17 +96,17 @@ class OpenClipTrainer:
         _sync(self.device)
 
 
-def _open_clip_run(batches, steps: int, *, repeats: int, warmup: bool = True, kinds: dict | None = None,
+def _open_clip_run(batches, steps: int, *, repeats: int, warmup: bool = True, profile: dict | None = None,
                    **kwargs) -> float:  # fmt: skip
     """Median over ``repeats`` epochs of ``steps`` of open_clip's seconds per optimizer step, after a one-step
-    warm-up epoch (see :class:`OpenClipTrainer` for ``kwargs``); with ``kinds``, one more step profiled into it
-    (:func:`fastclip.profiling.time_by_kind`)."""
+    warm-up epoch (see :class:`OpenClipTrainer` for ``kwargs``); with ``profile``, one more step profiled into it
+    (:func:`_profile_into`)."""
     runner = OpenClipTrainer(batches, **kwargs)
     if warmup:
         runner.epoch(1)
     per_step = time_fn(lambda: runner.epoch(steps), repeats=repeats, warmup=0).median_s / steps
-    if kinds is not None:
-        _profile_into(kinds, lambda: runner.epoch(1), cuda=str(runner.device).startswith("cuda"))
+    if profile is not None:
+        _profile_into(profile, lambda: runner.epoch(1), cuda=str(runner.device).startswith("cuda"))
     return per_step
 
 
@@ -141,31 +141,36 @@ def _fastclip_run(trainer, batches, steps: int, *, repeats: int, timer=time_fn) 
     return timer(block, repeats=repeats, warmup=0).median_s / steps
 
 
-def _profile_into(kinds: dict, fn, *, cuda: bool) -> None:
+def _profile_into(into: dict, fn, *, cuda: bool) -> None:
+    """One call of ``fn`` profiled (:func:`fastclip.profiling.profile_step`): ``into["kinds"]``, ms by kind of
+    work, and ``into["top"]``, the ops or kernels that took the most; ``into["error"]`` if the profiler failed."""
     try:
-        kinds.update(time_by_kind(fn, cuda=cuda))
+        profiled = profile_step(fn, cuda=cuda)
+        into.update(kinds=profiled.kinds, top=[dict(zip(("name", "kind", "calls", "ms"), op)) for op in profiled.top])
     except Exception as e:  # a profiler that cannot start (CUPTI, say) must not cost the timed figures
-        kinds["error"] = f"{type(e).__name__}: {e}"[:300]
+        into["error"] = f"{type(e).__name__}: {e}"[:300]
 
 
 def _kinds_result(params: dict, ours: dict, theirs: dict, step_s: tuple[float | None, float | None]) -> Result:
-    """Where one step's time goes (fastclip/profiling.py), fastclip beside open_clip (``theirs`` empty: fastclip's
-    alone): the kinds that differ most in the note and, on a GPU, how long the card idled in a step (the timed
-    step, ``step_s``, less its kernels' time)."""
+    """Where one step's time goes (:func:`_profile_into`'s profiles), fastclip beside open_clip (``theirs`` empty:
+    fastclip's alone): the kinds that differ most in the note, each side's most costly ops or kernels in the
+    extra, and, on a GPU, how long the card idled in a step (the timed step, ``step_s``, less its kernels' time)."""
     case = "step time by kind (kernel or op time)"
-    failed = [f"{who}'s profile failed: {k['error']}" for who, k in (("fastclip", ours), ("open_clip", theirs))
-              if "error" in k]  # fmt: skip
+    failed = [f"{who}'s profile failed: {p['error']}" for who, p in (("fastclip", ours), ("open_clip", theirs))
+              if "error" in p]  # fmt: skip
     if failed:
         return Result("train_step", case, params, "seconds", None, None, note="; ".join(failed))
-    busy = (sum(ours.values()) / 1e3, sum(theirs.values()) / 1e3 if theirs else None)
-    extra: dict = {"fastclip_ms": ours, "open_clip_ms": theirs}
-    if theirs:
-        diffs = sorted(ours.keys() | theirs.keys(), key=lambda k: -abs(ours.get(k, 0.0) - theirs.get(k, 0.0)))
+    mine, base = ours["kinds"], theirs.get("kinds", {})
+    busy = (sum(mine.values()) / 1e3, sum(base.values()) / 1e3 if base else None)
+    extra: dict = {"fastclip_ms": mine, "open_clip_ms": base,
+                   "fastclip_top_ops": ours["top"], "open_clip_top_ops": theirs.get("top", [])}  # fmt: skip
+    if base:
+        diffs = sorted(mine.keys() | base.keys(), key=lambda k: -abs(mine.get(k, 0.0) - base.get(k, 0.0)))
         note = "ms a step, fastclip - open_clip: " + ", ".join(
-            f"{k} {ours.get(k, 0.0) - theirs.get(k, 0.0):+.1f}" for k in diffs[:5]
+            f"{k} {mine.get(k, 0.0) - base.get(k, 0.0):+.1f}" for k in diffs[:5]
         )
     else:
-        note = "fastclip alone (open_clip not measured at this batch): " + breakdown_line(ours)
+        note = "fastclip alone (open_clip not measured at this batch): " + breakdown_line(mine)
     if params.get("device") == "cuda":
         idle = [1e3 * (step - b) if step and b is not None else None for step, b in zip(step_s, busy)]
         extra.update(fastclip_idle_ms=idle[0], open_clip_idle_ms=idle[1])
@@ -186,8 +191,8 @@ def test_train_step_cpu(benchmark, record, quick, single_rank):
         size = trainer.image.size
         fixed = _fixed_batches(steps + 1, size, trainer.tokenizer)
         cycle = (Batch(images=img, texts=txt) for _ in range(10**6) for img, txt in fixed)
-        kinds: dict = {}
-        paired = _paired_fixed(trainer, cycle, fixed, steps, repeats, kinds=kinds)
+        profiles: dict = {}
+        paired = _paired_fixed(trainer, cycle, fixed, steps, repeats, profiles=profiles)
         ours_fixed, theirs_fixed = (t.median_s / steps for t in paired)
         timer = functools.partial(bench_time, benchmark)  # the figure users compare: data included
         # one loader at a time: a second one's workers would prefetch in the background of the other's rounds
@@ -210,7 +215,7 @@ def test_train_step_cpu(benchmark, record, quick, single_rank):
         record(Result("train_step", f"samples/s/GPU, {case}", params, "samples_per_second",
                       BATCH / ours, BATCH / theirs,
                       note="open_clip: train_one_epoch, autocast bf16"))  # fmt: skip
-    record(_kinds_result(params, kinds["fastclip"], kinds["open_clip"], (ours_fixed, theirs_fixed)))
+    record(_kinds_result(params, profiles["fastclip"], profiles["open_clip"], (ours_fixed, theirs_fixed)))
     benchmark.extra_info.update(params=params)
 
 
@@ -252,11 +257,11 @@ def test_compile_cpu(benchmark, record, quick, single_rank):
 
 
 def _paired_fixed(trainer, cycle, fixed, steps: int, repeats: int, *, accum_freq: int = 1, benchmark=None,
-                  kinds: dict | None = None):  # fmt: skip
+                  profiles: dict | None = None):  # fmt: skip
     """Seconds per step of fastclip (``trainer`` on ``cycle``) and open_clip (``train_one_epoch`` with
     ``accum_freq``) on the same pre-made batches, in alternating rounds after a warm-up step each: no loader runs,
     so neither side's rounds share the machine with the other's work. With ``benchmark``, fastclip's rounds are
-    pytest-benchmark's. With ``kinds``, one more step of each profiled into kinds["fastclip"], kinds["open_clip"]."""
+    pytest-benchmark's. With ``profiles``, one more step of each profiled into profiles["fastclip"], ["open_clip"]."""
     theirs = OpenClipTrainer(itertools.cycle(fixed), accum_freq=accum_freq)
     theirs.epoch(1)
     trainer.train_step(cycle)
@@ -271,9 +276,9 @@ def _paired_fixed(trainer, cycle, fixed, steps: int, repeats: int, *, accum_freq
         ours, base = time_paired(ours_block, lambda: theirs.epoch(steps), repeats=repeats)
     else:
         ours, base = bench_paired(benchmark, ours_block, lambda: theirs.epoch(steps), repeats=repeats)
-    if kinds is not None:
-        _profile_into(kinds.setdefault("fastclip", {}), lambda: trainer.train_step(cycle), cuda=False)
-        _profile_into(kinds.setdefault("open_clip", {}), lambda: theirs.epoch(1), cuda=False)
+    if profiles is not None:
+        _profile_into(profiles.setdefault("fastclip", {}), lambda: trainer.train_step(cycle), cuda=False)
+        _profile_into(profiles.setdefault("open_clip", {}), lambda: theirs.epoch(1), cuda=False)
     return ours, base
 
 
@@ -416,7 +421,7 @@ def _gpu_results(ours: dict, theirs: dict, *, params, batch, ladder, per_sample,
     results.append(Result("train_step", "peak memory, data excluded", params, "bytes", ours["peak_bytes"],
                           theirs.get("peak_bytes") if same else None, note=memory_note))  # fmt: skip
     their_step = theirs["per_sample_s"] * batch if same and "per_sample_s" in theirs else None
-    results.append(_kinds_result(params, ours["kinds"], theirs.get("kinds", {}) if same else {},
+    results.append(_kinds_result(params, ours["profile"], theirs.get("profile", {}) if same else {},
                                  (ours["fixed_s"], their_step)))  # fmt: skip
     return results
 
@@ -430,7 +435,7 @@ def _fastclip_measured(trainer_at, batch: int, steps: int, repeats: int, benchma
     _release_cuda()
     before = _memory_mark()
     trainer = trainer_at(batch)  # after ``before``: the engine's weights and optimizer state count, as open_clip's do
-    out: dict = {"kinds": {}}
+    out: dict = {"profile": {}}
     try:
         fixed = _fixed_batches(2, trainer.image.size, trainer.tokenizer, batch=batch, device="cuda")
         cycle = (Batch(images=img, texts=txt) for _ in range(10**6) for img, txt in fixed)
@@ -441,7 +446,7 @@ def _fastclip_measured(trainer_at, batch: int, steps: int, repeats: int, benchma
             out["loaded_s"] = _fastclip_run(trainer, iter(trainer.train_loader), steps, repeats=repeats)
         except Exception as e:  # the data path is another subsystem: its failure must not cost the step's figures
             out["loaded_error"] = f"{type(e).__name__}: {e}"[:300]
-        _profile_into(out["kinds"], lambda: trainer.train_step(cycle), cuda=True)
+        _profile_into(out["profile"], lambda: trainer.train_step(cycle), cuda=True)
     finally:
         trainer.close()
     return out
@@ -452,18 +457,18 @@ def _open_clip_measured(model_name: str, size: int, tokenizer, batch: int, ladde
     seconds per sample, peak memory added and one profiled step's time by kind (``batch`` None: none fits)."""
     _release_cuda()
 
-    def at(b: int, steps: int, repeats: int, kinds: dict | None = None) -> float:
+    def at(b: int, steps: int, repeats: int, profile: dict | None = None) -> float:
         batches = itertools.cycle(_fixed_batches(2, size, tokenizer, batch=b, device="cuda"))
         return _open_clip_run(batches, steps, repeats=repeats, model_name=model_name, batch=b, device="cuda",
-                              kinds=kinds)  # fmt: skip
+                              profile=profile)  # fmt: skip
 
     chosen = batch
     if not _fits(lambda: at(batch, 1, 1)):
         chosen = _largest(tuple(b for b in ladder if b < batch), lambda b: _fits(lambda: at(b, 1, 1)))
-    out: dict = {"batch": chosen, "kinds": {}}
+    out: dict = {"batch": chosen, "profile": {}}
     if chosen is not None:
         before = _memory_mark()
-        out["per_sample_s"] = at(chosen, steps, repeats, out["kinds"]) / chosen
+        out["per_sample_s"] = at(chosen, steps, repeats, out["profile"]) / chosen
         out["peak_bytes"] = torch.cuda.max_memory_allocated() - before
     return out
 

@@ -24,7 +24,7 @@ import torch
 
 from fastclip.console import say
 from fastclip.mfu import peak_memory_gb
-from fastclip.profiling import breakdown_line, time_by_kind
+from fastclip.profiling import breakdown_line, profile_step
 
 if TYPE_CHECKING:
     from fastclip.trainer import Trainer
@@ -136,9 +136,11 @@ def run(trainer: Trainer, steps: int, warmup: int) -> dict:
             "data excluded": _measure(trainer, itertools.cycle(fixed), steps, warmup),
             "data included": _measure(trainer, loaded, steps, warmup),
         },
-        # where a step's time goes (fastclip/profiling.py): one more step on the fixed batches, every rank
-        "step_breakdown_ms": time_by_kind(lambda: trainer.train_step(iter(fixed)), cuda=device.type == "cuda"),
     }  # fmt: skip
+    # where a step's time goes (fastclip/profiling.py): one more step on the fixed batches, every rank
+    profiled = profile_step(lambda: trainer.train_step(iter(fixed)), cuda=device.type == "cuda")
+    report["step_breakdown_ms"] = profiled.kinds
+    report["step_top_ops"] = [dict(zip(("name", "kind", "calls", "ms"), op)) for op in profiled.top]
     if trainer.world.is_main:
         say(table(report))
         path = Path(cfg.log.dir) / "benchmark.json"

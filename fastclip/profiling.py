@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -33,9 +34,18 @@ def op_kind(name: str) -> str:
     return next((kind for kind, marks in OP_KINDS if any(m in lower for m in marks)), "other")
 
 
-def time_by_kind(fn: Callable[[], Any], *, cuda: bool = False) -> dict[str, float]:
-    """Milliseconds of one call of ``fn`` by :data:`OP_KINDS`, largest first (the profiler's own overhead is in
-    none of them). ``cuda``: the kernels' device time, else each op's self time on the host."""
+@dataclass(frozen=True)
+class StepProfile:
+    """One profiled call: milliseconds by :data:`OP_KINDS`, largest first, and the ops (kernels on a GPU) that took
+    the most, each ``(name, kind, calls, ms)``: a kind says where a gap is, the ops say which kernel makes it."""
+
+    kinds: dict[str, float]
+    top: list[tuple[str, str, int, float]]
+
+
+def profile_step(fn: Callable[[], Any], *, cuda: bool = False, top: int = 15) -> StepProfile:
+    """One call of ``fn`` profiled (the profiler's own overhead is in none of the figures). ``cuda``: the kernels'
+    device time, else each op's self time on the host."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -50,15 +60,18 @@ def time_by_kind(fn: Callable[[], Any], *, cuda: bool = False) -> dict[str, floa
         if cuda:
             torch.cuda.synchronize()
     kinds: dict[str, float] = {}
+    ops = []
     for event in prof.key_averages():
         # on a GPU, record_function ranges (torch.optim's "Optimizer.step#AdamW.step", say) come back as device
         # events too, spanning the kernels they hold: counted, they would count those kernels twice
         if cuda and (event.device_type != DeviceType.CUDA or event.is_user_annotation):
             continue
-        us = event.self_device_time_total if cuda else event.self_cpu_time_total
+        ms = (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e3
         kind = op_kind(event.key)
-        kinds[kind] = kinds.get(kind, 0.0) + us / 1e3
-    return {k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+        ops.append((event.key[:160], kind, int(event.count), round(ms, 3)))
+    ops.sort(key=lambda op: -op[3])
+    return StepProfile({k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}, ops[:top])
 
 
 def breakdown_line(kinds: dict[str, float], step_s: float | None = None) -> str:

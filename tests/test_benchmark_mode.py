@@ -23,6 +23,9 @@ def check_report(out, proc, *, ranks: int, steps: int, mfu: bool = False) -> dic
         assert (m["mfu"] is not None) == mfu and m["peak_memory_gb"] is None  # a CPU: a peak only if given
     kinds = report["step_breakdown_ms"]  # one more step profiled: the tiny model's matmuls and attention show
     assert kinds["matmul"] > 0 and kinds["attention"] > 0 and report["device"] == "cpu"
+    top = report["step_top_ops"]  # and the ops that took the most, largest first, each of its kind
+    assert len(top) == 15 and [op["ms"] for op in top] == sorted((op["ms"] for op in top), reverse=True)
+    assert any(op["name"] == "aten::addmm" and op["kind"] == "matmul" and op["calls"] > 1 for op in top), top
     assert "one step more, data excluded, by op time on the host: " in proc.stdout
     assert not (out / "checkpoints").exists()  # nothing saved
     assert not (out / "metrics.jsonl").read_text()  # no log lines, no eval: the measured steps are the table's
