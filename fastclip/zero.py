@@ -20,6 +20,12 @@ ZeRO-0 under bf16 (DeepSpeed's unfused optimizer takes the grad norm with ``.ite
 ZeRO-3 (its step decides on the host whether the norm is valid) keep their syncs; ZeRO-1 and 2 have none.
 ``zero_optimization.overlap_comm`` stays off (DeepSpeed's default for ZeRO-1/2): on CUDA its reduction path
 calls ``synchronize()`` before reusing a gradient bucket.
+
+Not a sync, but the host's time: ZeRO-1/2's grad norm converts each gradient of the partition to fp64 and takes
+its norm one at a time, two kernels and an allocation per parameter tensor (~600 launches for ViT-B/32), 8% of a
+step's host time on a ViT-B/32-shaped model whose arithmetic is negligible (benchmarks/bench_train_step.py's host
+time case). :func:`sync_free_clipping` gives it one ``_foreach_norm`` (the per-tensor norms accumulate in fp32,
+as torch's ``clip_grad_norm_`` and open_clip's do; their squares are summed in fp64).
 """
 
 from __future__ import annotations
@@ -54,14 +60,42 @@ def _mask_nan_or_inf(input: torch.Tensor, device=None, val: float = -1.0) -> Non
     input.masked_fill_(input.isnan() | input.isinf(), -1.0)
 
 
+def _grad_norm_direct(self, gradients, params, norm_type=2):
+    """DeepSpeedZeroOptimizer.get_grad_norm_direct's L2 norm of a partition's gradients, summed over the
+    data-parallel group, with one ``_foreach_norm`` instead of a conversion and a norm per tensor. DeepSpeed's own
+    runs where it does more than data parallelism (model or pipeline parallel parameters, another norm)."""
+    from deepspeed.comm import pg_utils
+    from deepspeed.runtime.constants import PIPE_REPLICATED
+
+    if (
+        float(norm_type) != 2.0
+        or pg_utils.is_parallel(self.model_parallel_group)
+        or any(hasattr(p, PIPE_REPLICATED) and p.ds_pipe_replicated for p in params)
+    ):
+        return self._deepspeed_grad_norm_direct(gradients, params, norm_type)
+    import deepspeed.comm as dist
+
+    grads = [g.detach() for g in gradients if not getattr(g, "_zero_padding", False)]
+    if grads:
+        total = torch.stack(torch._foreach_norm(grads, 2)).double().square().sum().float()
+    else:
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.dp_process_group)
+    total = total.sqrt()
+    _mask_nan_or_inf(total)
+    return total
+
+
 def sync_free_clipping(optimizer) -> bool:
-    """Give a ZeRO-1/2 optimizer the sync-free grad norm and clipping above; True if it applied (False for other
-    stages). The norm's mask is a global of DeepSpeed's ZeRO-1/2 module: replaced there, for every instance."""
+    """Give a ZeRO-1/2 optimizer the sync-free, foreach grad norm and clipping above; True if it applied (False for
+    other stages). The norm's mask is a global of DeepSpeed's ZeRO-1/2 module: replaced there, for every instance."""
     from deepspeed.runtime.zero import stage_1_and_2
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     if not isinstance(optimizer, DeepSpeedZeroOptimizer):
         return False
     optimizer.unscale_and_clip_grads = types.MethodType(_unscale_and_clip_grads, optimizer)
+    optimizer._deepspeed_grad_norm_direct = optimizer.get_grad_norm_direct
+    optimizer.get_grad_norm_direct = types.MethodType(_grad_norm_direct, optimizer)
     stage_1_and_2.mask_nan_or_inf_with_val_inplace = _mask_nan_or_inf
     return True

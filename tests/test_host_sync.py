@@ -108,6 +108,33 @@ def test_sync_free_clipping_matches_deepspeed(norm):
         torch.testing.assert_close(ours, ref, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("poison", [None, float("nan"), float("inf")])
+def test_foreach_grad_norm_matches_deepspeeds(single_rank, poison):
+    """fastclip's one-kernel grad norm gives DeepSpeed's fp64 per-tensor one (relative 1e-6), -1 for an invalid
+    norm as DeepSpeed marks it, without a host sync."""
+    import deepspeed.comm as dist
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from fastclip.zero import _grad_norm_direct
+
+    dist.init_distributed(dist_backend="gloo")  # deepspeed.comm over the process group the fixture made
+    opt = SimpleNamespace(model_parallel_group=None, model_parallel_rank=0, dp_process_group=None, device="cpu",
+                          _model_parallel_all_reduce=lambda tensor, op: None)  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(n, generator=g) * scale for n, scale in ((4096, 1e-3), (512, 10.0), (1, 3.0), (0, 1.0))]
+    if poison is not None:
+        grads[1][7] = poison
+    params = [torch.nn.Parameter(torch.empty_like(t)) for t in grads]
+    with HostSyncAudit() as audit:
+        ours = _grad_norm_direct(opt, grads, params)
+    assert audit.total == 0, audit.report()
+    theirs = DeepSpeedZeroOptimizer.get_grad_norm_direct(opt, grads, params)
+    assert ours.dtype == torch.float32 and ours.shape == theirs.shape
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-6, atol=0)
+    if poison is not None:
+        assert ours.item() == -1.0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("log_every", [1, 100])  # caught at a log step, or at the checkpoint step before it
 def test_divergence_stops_the_run_and_keeps_the_last_checkpoint(world_dir, tmp_path, log_every):
