@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import gc
 import itertools
+from pathlib import Path
 
 import pytest
 import torch
@@ -219,6 +220,38 @@ def test_train_step_cpu(benchmark, record, quick, single_rank):
     benchmark.extra_info.update(params=params)
 
 
+NARROW_B32 = Path(__file__).parent / "model_configs" / "ViT-B-32-narrow.json"
+
+
+def test_host_time_cpu(benchmark, record, quick, single_rank):
+    """The host's share of a step: ViT-B/32's structure (12 + 12 blocks: its parameter tensors, its ops, its
+    optimizer bookkeeping) at width 64, 64 px and batch 4, where the arithmetic is negligible and a step's time is
+    what Python, the dispatcher and the optimizer's loops cost the host. On a GPU that is the floor under a step:
+    at small per-GPU batches the card waits on it. fastclip's whole step (DeepSpeed's engine and ZeRO-2 hooks,
+    device meters) against open_clip's train_one_epoch, same batches, alternating rounds."""
+    from fastclip.data.batch import Batch
+
+    steps, repeats, batch = (5, 3, 4) if quick else (20, 7, 4)
+    extra = ("--model.name", str(NARROW_B32), "--data.batch_size", str(batch))
+    trainer = _fastclip_trainer(single_rank, _shards("quick" if quick else "full"), steps * (repeats + 2), extra)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a GPU's host runs a step: one thread launching; no intra-op pool in the figure
+    try:
+        fixed = _fixed_batches(2, trainer.image.size, trainer.tokenizer, batch=batch)
+        cycle = (Batch(images=img, texts=txt) for _ in range(10**6) for img, txt in fixed)
+        paired = _paired_fixed(trainer, cycle, fixed, steps, repeats, benchmark=benchmark,
+                               model_name=str(NARROW_B32), batch=batch)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+        trainer.close()
+    ours, theirs = (t.median_s / steps for t in paired)
+    params = {"model": "ViT-B-32 structure, width 64", "image_px": trainer.image.size, "batch": batch, "ranks": 1,
+              "precision": "bf16", "device": "cpu", "threads": 1}  # fmt: skip
+    note = "open_clip: train_one_epoch, autocast bf16; the floor of a GPU step at small batches"
+    record(Result("train_step", "host time a step (arithmetic negligible)", params, "seconds", ours, theirs, note=note))
+    benchmark.extra_info.update(params=params)
+
+
 def test_compile_cpu(benchmark, record, quick, single_rank):
     """Eager vs train.compile model vs train.compile step, and open_clip's train_one_epoch eager vs --torchcompile,
     on the same pre-made batches (data excluded), with inductor, the default backend. Full mode only: a quick run
@@ -257,12 +290,13 @@ def test_compile_cpu(benchmark, record, quick, single_rank):
 
 
 def _paired_fixed(trainer, cycle, fixed, steps: int, repeats: int, *, accum_freq: int = 1, benchmark=None,
-                  profiles: dict | None = None):  # fmt: skip
+                  profiles: dict | None = None, model_name: str = "fastclip-tiny", batch: int = BATCH):  # fmt: skip
     """Seconds per step of fastclip (``trainer`` on ``cycle``) and open_clip (``train_one_epoch`` with
-    ``accum_freq``) on the same pre-made batches, in alternating rounds after a warm-up step each: no loader runs,
-    so neither side's rounds share the machine with the other's work. With ``benchmark``, fastclip's rounds are
-    pytest-benchmark's. With ``profiles``, one more step of each profiled into profiles["fastclip"], ["open_clip"]."""
-    theirs = OpenClipTrainer(itertools.cycle(fixed), accum_freq=accum_freq)
+    ``accum_freq``, ``model_name`` at ``batch``, as the trainer's) on the same pre-made batches, in alternating rounds
+    after a warm-up step each: no loader runs, so neither side's rounds share the machine with the other's work.
+    With ``benchmark``, fastclip's rounds are pytest-benchmark's. With ``profiles``, one more step of each profiled
+    into profiles["fastclip"], ["open_clip"]."""
+    theirs = OpenClipTrainer(itertools.cycle(fixed), accum_freq=accum_freq, model_name=model_name, batch=batch)
     theirs.epoch(1)
     trainer.train_step(cycle)
     trainer.meters.collect()
