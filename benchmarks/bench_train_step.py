@@ -290,13 +290,13 @@ def test_compile_cpu(benchmark, record, quick, single_rank):
 
 
 def _paired_fixed(trainer, cycle, fixed, steps: int, repeats: int, *, accum_freq: int = 1, benchmark=None,
-                  profiles: dict | None = None, model_name: str = "fastclip-tiny", batch: int = BATCH):  # fmt: skip
+                  profiles: dict | None = None, **open_clip):  # fmt: skip
     """Seconds per step of fastclip (``trainer`` on ``cycle``) and open_clip (``train_one_epoch`` with
-    ``accum_freq``, ``model_name`` at ``batch``, as the trainer's) on the same pre-made batches, in alternating rounds
-    after a warm-up step each: no loader runs, so neither side's rounds share the machine with the other's work.
-    With ``benchmark``, fastclip's rounds are pytest-benchmark's. With ``profiles``, one more step of each profiled
-    into profiles["fastclip"], ["open_clip"]."""
-    theirs = OpenClipTrainer(itertools.cycle(fixed), accum_freq=accum_freq, model_name=model_name, batch=batch)
+    ``accum_freq``; ``open_clip``: more of :class:`OpenClipTrainer`'s arguments) on the same pre-made batches, in
+    alternating rounds after a warm-up step each: no loader runs, so neither side's rounds share the machine with
+    the other's work. With ``benchmark``, fastclip's rounds are pytest-benchmark's. With ``profiles``, one more step
+    of each profiled into profiles["fastclip"], ["open_clip"]."""
+    theirs = OpenClipTrainer(itertools.cycle(fixed), accum_freq=accum_freq, **open_clip)
     theirs.epoch(1)
     trainer.train_step(cycle)
     trainer.meters.collect()
