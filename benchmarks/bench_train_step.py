@@ -143,10 +143,11 @@ def _fastclip_run(trainer, batches, steps: int, *, repeats: int, timer=time_fn) 
 
 
 def _profile_into(into: dict, fn, *, cuda: bool) -> None:
-    """One call of ``fn`` profiled (:func:`fastclip.profiling.profile_step`): ``into["kinds"]``, ms by kind of
-    work, and ``into["top"]``, the ops or kernels that took the most; ``into["error"]`` if the profiler failed."""
+    """``fn`` profiled (:func:`fastclip.profiling.profile_step`; a GPU step once, a CPU step, noisier, thrice):
+    ``into["kinds"]``, ms a call by kind of work, and ``into["top"]``, the ops or kernels that took the most;
+    ``into["error"]`` if the profiler failed."""
     try:
-        profiled = profile_step(fn, cuda=cuda)
+        profiled = profile_step(fn, cuda=cuda, repeat=1 if cuda else 3)
         into.update(kinds=profiled.kinds, top=[dict(zip(("name", "kind", "calls", "ms"), op)) for op in profiled.top])
     except Exception as e:  # a profiler that cannot start (CUPTI, say) must not cost the timed figures
         into["error"] = f"{type(e).__name__}: {e}"[:300]

@@ -117,7 +117,8 @@ def table(report: dict) -> str:
     kinds, cuda = report["step_breakdown_ms"], report["device"] == "cuda"
     step = report["phases"]["data excluded"]["step_time_median_s"] if cuda else None
     what = "kernel time" if cuda else "op time on the host"
-    lines.append(f"one step more, data excluded, by {what}: {breakdown_line(kinds, step)}")
+    profiled = "one more step" if cuda else "three more steps"
+    lines.append(f"{profiled}, data excluded, a step by {what}: {breakdown_line(kinds, step)}")
     return "\n".join(lines)
 
 
@@ -137,8 +138,10 @@ def run(trainer: Trainer, steps: int, warmup: int) -> dict:
             "data included": _measure(trainer, loaded, steps, warmup),
         },
     }  # fmt: skip
-    # where a step's time goes (fastclip/profiling.py): one more step on the fixed batches, every rank
-    profiled = profile_step(lambda: trainer.train_step(iter(fixed)), cuda=device.type == "cuda")
+    # where a step's time goes (fastclip/profiling.py): one more step on the fixed batches, every rank (on a CPU,
+    # whose one-step figures are noisy, three more)
+    cuda = device.type == "cuda"
+    profiled = profile_step(lambda: trainer.train_step(iter(fixed)), cuda=cuda, repeat=1 if cuda else 3)
     report["step_breakdown_ms"] = profiled.kinds
     report["step_top_ops"] = [dict(zip(("name", "kind", "calls", "ms"), op)) for op in profiled.top]
     if trainer.world.is_main:

@@ -43,9 +43,10 @@ class StepProfile:
     top: list[tuple[str, str, int, float]]
 
 
-def profile_step(fn: Callable[[], Any], *, cuda: bool = False, top: int = 15) -> StepProfile:
-    """One call of ``fn`` profiled (the profiler's own overhead is in none of the figures). ``cuda``: the kernels'
-    device time, else each op's self time on the host."""
+def profile_step(fn: Callable[[], Any], *, cuda: bool = False, top: int = 15, repeat: int = 1) -> StepProfile:
+    """``repeat`` calls of ``fn`` profiled, the figures per call (the profiler's own overhead is in none of them).
+    ``cuda``: the kernels' device time, else each op's self time on the host (where one call's figures are noisy:
+    repeat it)."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -56,7 +57,8 @@ def profile_step(fn: Callable[[], Any], *, cuda: bool = False, top: int = 15) ->
         os.environ.setdefault("TEARDOWN_CUPTI", "1")
         torch.cuda.synchronize()
     with profile(activities=activities) as prof:
-        fn()
+        for _ in range(repeat):
+            fn()
         if cuda:
             torch.cuda.synchronize()
     kinds: dict[str, float] = {}
@@ -66,10 +68,10 @@ def profile_step(fn: Callable[[], Any], *, cuda: bool = False, top: int = 15) ->
         # events too, spanning the kernels they hold: counted, they would count those kernels twice
         if cuda and (event.device_type != DeviceType.CUDA or event.is_user_annotation):
             continue
-        ms = (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e3
+        ms = (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e3 / repeat
         kind = op_kind(event.key)
         kinds[kind] = kinds.get(kind, 0.0) + ms
-        ops.append((event.key[:160], kind, int(event.count), round(ms, 3)))
+        ops.append((event.key[:160], kind, round(event.count / repeat), round(ms, 3)))
     ops.sort(key=lambda op: -op[3])
     return StepProfile({k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}, ops[:top])
 
