@@ -17,15 +17,18 @@ Found with :class:`fastclip.syncs.HostSyncAudit` on DeepSpeed 0.19 (tests/test_h
   with a Python float.
 
 ZeRO-0 under bf16 (DeepSpeed's unfused optimizer takes the grad norm with ``.item()`` per parameter) and
-ZeRO-3 (its step decides on the host whether the norm is valid) keep their syncs; ZeRO-1 and 2 have none.
+ZeRO-3 (its step decides on the host whether the norm is valid) keep their syncs; ZeRO-1 and 2 in bf16 have none.
+In fp32, ZeRO-1/2's step reads the norm's validity on the host (``is_invalid_grad_norm``) to skip a step with a
+non-finite gradient: one sync a step, kept (fp32 is not the fast path; bf16 skips nothing there either).
 ``zero_optimization.overlap_comm`` stays off (DeepSpeed's default for ZeRO-1/2): on CUDA its reduction path
 calls ``synchronize()`` before reusing a gradient bucket.
 
 Not a sync, but the host's time: ZeRO-1/2's grad norm converts each gradient of the partition to fp64 and takes
-its norm one at a time, two kernels and an allocation per parameter tensor (~600 launches for ViT-B/32), 8% of a
-step's host time on a ViT-B/32-shaped model whose arithmetic is negligible (benchmarks/bench_train_step.py's host
-time case). :func:`sync_free_clipping` gives it one ``_foreach_norm`` (the per-tensor norms accumulate in fp32,
-as torch's ``clip_grad_norm_`` and open_clip's do; their squares are summed in fp64).
+its norm one at a time, two kernels and an allocation per parameter tensor (~600 launches for ViT-B/32), 7 of 106
+ms of a step's host time on a ViT-B/32-shaped model at width 64 (cProfile; benchmarks/bench_train_step.py's host
+time case). :func:`sync_free_clipping` gives it one ``_foreach_norm`` whose per-tensor norms come out in fp32
+whatever the gradients' dtype (bf16 under bf16 training, where bf16 norms would be ~1e-3 off), their squares
+summed in fp64: DeepSpeed's value within 1e-5 (fp32 sums over a 6M-entry tensor).
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ def _grad_norm_direct(self, gradients, params, norm_type=2):
 
     grads = [g.detach() for g in gradients if not getattr(g, "_zero_padding", False)]
     if grads:
-        total = torch.stack(torch._foreach_norm(grads, 2)).double().square().sum().float()
+        total = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).double().square().sum().float()
     else:
         total = torch.zeros((), dtype=torch.float32, device=self.device)
     dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.dp_process_group)
@@ -95,7 +98,7 @@ def sync_free_clipping(optimizer) -> bool:
     if not isinstance(optimizer, DeepSpeedZeroOptimizer):
         return False
     optimizer.unscale_and_clip_grads = types.MethodType(_unscale_and_clip_grads, optimizer)
-    optimizer._deepspeed_grad_norm_direct = optimizer.get_grad_norm_direct
+    optimizer._deepspeed_grad_norm_direct = types.MethodType(DeepSpeedZeroOptimizer.get_grad_norm_direct, optimizer)
     optimizer.get_grad_norm_direct = types.MethodType(_grad_norm_direct, optimizer)
     stage_1_and_2.mask_nan_or_inf_with_val_inplace = _mask_nan_or_inf
     return True

@@ -62,6 +62,8 @@ def _config_with_timers(world_dir, tmp_path, extra):
         (["--train.zero_stage", "2", "--optim.skip_nonfinite", "true"], True),
         # DeepSpeed's throughput timer, which the derived config turns off, synchronizes twice a step
         (["--train.zero_stage", "2", "timers-on"], True),
+        # fp32: ZeRO-1/2 read the grad norm's validity on the host to skip a non-finite step (kept; fastclip/zero.py)
+        (["--train.zero_stage", "2", "--train.precision", "fp32"], True),
     ],
 )
 def test_zero_1_2_steps_have_no_host_syncs(single_rank, world_dir, tmp_path, extra, syncs_expected):
@@ -108,10 +110,11 @@ def test_sync_free_clipping_matches_deepspeed(norm):
         torch.testing.assert_close(ours, ref, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # the partition's gradients: fp32 or bf16
 @pytest.mark.parametrize("poison", [None, float("nan"), float("inf")])
-def test_foreach_grad_norm_matches_deepspeeds(single_rank, poison):
-    """fastclip's one-kernel grad norm gives DeepSpeed's fp64 per-tensor one (relative 1e-6), -1 for an invalid
-    norm as DeepSpeed marks it, without a host sync."""
+def test_foreach_grad_norm_matches_deepspeeds(single_rank, dtype, poison):
+    """fastclip's one-kernel grad norm gives DeepSpeed's fp64 per-tensor one (relative 1e-5) for fp32 and bf16
+    gradients, leaves out the partition's padding as DeepSpeed does, marks an invalid norm -1, syncs nothing."""
     import deepspeed.comm as dist
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
@@ -121,18 +124,41 @@ def test_foreach_grad_norm_matches_deepspeeds(single_rank, poison):
     opt = SimpleNamespace(model_parallel_group=None, model_parallel_rank=0, dp_process_group=None, device="cpu",
                           _model_parallel_all_reduce=lambda tensor, op: None)  # fmt: skip
     g = torch.Generator().manual_seed(0)
-    grads = [torch.randn(n, generator=g) * scale for n, scale in ((4096, 1e-3), (512, 10.0), (1, 3.0), (0, 1.0))]
+    grads = [(torch.randn(n, generator=g) * scale).to(dtype) for n, scale in ((4096, 1e-3), (512, 10.0), (1, 3.0))]
+    grads.append(torch.zeros(0, dtype=dtype))
     if poison is not None:
         grads[1][7] = poison
     params = [torch.nn.Parameter(torch.empty_like(t)) for t in grads]
+    padding = torch.full((64,), 1e3, dtype=dtype)
+    padding._zero_padding = True  # DeepSpeed's mark on a partition's alignment padding: not a gradient
     with HostSyncAudit() as audit:
-        ours = _grad_norm_direct(opt, grads, params)
+        ours = _grad_norm_direct(opt, [*grads, padding], params)
     assert audit.total == 0, audit.report()
-    theirs = DeepSpeedZeroOptimizer.get_grad_norm_direct(opt, grads, params)
+    theirs = DeepSpeedZeroOptimizer.get_grad_norm_direct(opt, [*grads, padding], params)
     assert ours.dtype == torch.float32 and ours.shape == theirs.shape
-    torch.testing.assert_close(ours, theirs.float(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=0)
     if poison is not None:
         assert ours.item() == -1.0
+
+
+def test_bf16_zero2_trainer_takes_the_foreach_grad_norm(single_rank, world_dir, tmp_path):
+    """The trainer's ZeRO-2 optimizer has fastclip's grad norm, and on a real backward's bf16 partition gradients it
+    gives DeepSpeed's own value."""
+    from fastclip.zero import _grad_norm_direct
+
+    trainer = _trainer(single_rank, world_dir, tmp_path, ["--train.zero_stage", "2"])
+    try:
+        opt = trainer.engine.optimizer
+        assert opt.get_grad_norm_direct.__func__ is _grad_norm_direct
+        loss, _ = trainer.forward_and_loss(next(iter(trainer.train_loader)))
+        trainer.backward(loss)  # at the accumulation boundary: the partition's gradients are averaged_gradients
+        grads, params = opt.averaged_gradients[0], opt.params_in_partition[0]
+        assert {g.dtype for g in grads} == {torch.bfloat16} and len(grads) > 10
+        ours, theirs = opt.get_grad_norm_direct(grads, params), opt._deepspeed_grad_norm_direct(grads, params)
+        assert ours > 0
+        torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=0)
+    finally:
+        trainer.close()
 
 
 @pytest.mark.slow
