@@ -13,13 +13,31 @@ import itertools
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from runs import small_run_args
 
 # the ops that run on tensor cores on a GPU (aten names; SDPA's CPU and CUDA variants share the prefix)
 MATMUL_OPS = ("mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward")
 ATTENTION_PREFIX = "_scaled_dot_product"
+
+
+def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def _flop_counter() -> FlopCounterMode:
+    """torch's FLOP counter, with the CPU attention kernel's formulas (it has the CUDA kernels' only): attention's
+    two matmuls a head, forward and backward, count on both sides."""
+    aten = torch.ops.aten
+    return FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+    })  # fmt: skip
 
 
 class OperandDtypes(TorchDispatchMode):
@@ -64,7 +82,7 @@ def _open_clip_flops(cfg, batch) -> tuple[int, int]:
     model = open_clip.create_model(resolve_model_name(cfg.model.name), output_dict=True,
                                    force_image_size=cfg.model.force_image_size)  # fmt: skip
     model.train()
-    with FlopCounterMode(display=False) as counter:
+    with _flop_counter() as counter:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(batch.images, batch.texts)
             loss = open_clip.ClipLoss()(out["image_features"], out["text_features"], out["logit_scale"].exp())
@@ -79,7 +97,7 @@ def test_bf16_step_does_open_clips_matmul_work_in_bf16(single_rank, world_dir, t
     try:
         assert trainer.precision == "bf16" and trainer.stage == 2
         dtypes = OperandDtypes()
-        with FlopCounterMode(display=False) as counter, dtypes:
+        with _flop_counter() as counter, dtypes:
             step()
         ours = counter.get_total_flops()  # the fused loss's logits are inside its own op, not counted here
     finally:
@@ -88,5 +106,7 @@ def test_bf16_step_does_open_clips_matmul_work_in_bf16(single_rank, world_dir, t
     assert any(name.startswith(ATTENTION_PREFIX) for name in dtypes.seen), dtypes.seen
     not_bf16 = {name: kinds for name, kinds in dtypes.seen.items() if kinds != {torch.bfloat16}}
     assert not not_bf16, f"matmul-class ops with operands not in bf16: {not_bf16}"
+    attention = sum(n for op, n in counter.get_flop_counts()["Global"].items() if "attention" in str(op))
+    assert attention > 0, counter.get_flop_counts()["Global"]  # the towers' attention is in the count
     theirs, logits = _open_clip_flops(trainer.cfg, batch)
     assert ours == theirs - logits, (ours, theirs, logits)
