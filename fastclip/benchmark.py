@@ -5,10 +5,10 @@
 - data included: the configured loader, as training reads it (what the run will do; the gap is the data path's).
 
 Rank 0 prints one table and writes ``log.dir/benchmark.json`` (card, world layout, versions, both phases), and
-where one more step's time goes by kind of work (fastclip/profiling.py: matmul, attention, copies, optimizer, ...;
-on a GPU the kernels' time and how long the card idled).
-Nothing is checkpointed, evaluated or exported. Step times come from one event per step on CUDA (no host sync
-between steps, so the launch queue runs as in training) or the host clock on a CPU.
+where one more step's time goes (three on a CPU, averaged) by kind of work (fastclip/profiling.py: matmul,
+attention, copies, optimizer, ...; on a GPU the kernels' time and how long the card idled) and by its 15 costliest
+ops or kernels. Nothing is checkpointed, evaluated or exported. Step times come from one event per step on CUDA
+(no host sync between steps, so the launch queue runs as in training) or the host clock on a CPU.
 """
 
 from __future__ import annotations
