@@ -190,7 +190,7 @@ class TrainConfig:
     epochs: int = 3  # passes over the train shards, used when train.steps is 0
     grad_accum: int = 1  # micro batches per optimizer step: the step's contrastive batch is K x batch x ranks
     accum_mode: str = "contrastive"  # with grad_accum > 1: 'contrastive' (one loss over the step) or 'independent'
-    zero_stage: int = 2  # DeepSpeed ZeRO stage, 0 to 3 (1 and 2 step without host syncs; 0 and 3 sync)
+    zero_stage: int = 2  # DeepSpeed ZeRO stage, 0 to 3 (1 and 2 in bf16 step without host syncs; 0 and 3 sync)
     precision: str = "bf16"  # 'bf16' or 'fp32'
     tf32: bool = True  # on CUDA: TF32 tensor cores for fp32 matmuls and convs, cuDNN autotuning
     seed: int = 0  # seeds model init and data order (offset by rank for the data)
