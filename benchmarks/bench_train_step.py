@@ -148,7 +148,7 @@ def _profile_into(into: dict, fn, *, cuda: bool) -> None:
     ``into["error"]`` if the profiler failed."""
     try:
         profiled = profile_step(fn, cuda=cuda, repeat=1 if cuda else 3)
-        into.update(kinds=profiled.kinds, top=[dict(zip(("name", "kind", "calls", "ms"), op)) for op in profiled.top])
+        into.update(kinds=profiled.kinds, top=profiled.top)
     except Exception as e:  # a profiler that cannot start (CUPTI, say) must not cost the timed figures
         into["error"] = f"{type(e).__name__}: {e}"[:300]
 

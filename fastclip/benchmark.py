@@ -143,7 +143,7 @@ def run(trainer: Trainer, steps: int, warmup: int) -> dict:
     cuda = device.type == "cuda"
     profiled = profile_step(lambda: trainer.train_step(iter(fixed)), cuda=cuda, repeat=1 if cuda else 3)
     report["step_breakdown_ms"] = profiled.kinds
-    report["step_top_ops"] = [dict(zip(("name", "kind", "calls", "ms"), op)) for op in profiled.top]
+    report["step_top_ops"] = profiled.top
     if trainer.world.is_main:
         say(table(report))
         path = Path(cfg.log.dir) / "benchmark.json"

@@ -37,10 +37,10 @@ def op_kind(name: str) -> str:
 @dataclass(frozen=True)
 class StepProfile:
     """One profiled call: milliseconds by :data:`OP_KINDS`, largest first, and the ops (kernels on a GPU) that took
-    the most, each ``(name, kind, calls, ms)``: a kind says where a gap is, the ops say which kernel makes it."""
+    the most, each ``{name, kind, calls, ms}``: a kind says where a gap is, the ops say which kernel makes it."""
 
     kinds: dict[str, float]
-    top: list[tuple[str, str, int, float]]
+    top: list[dict]
 
 
 def profile_step(fn: Callable[[], Any], *, cuda: bool = False, top: int = 15, repeat: int = 1) -> StepProfile:
@@ -71,8 +71,8 @@ def profile_step(fn: Callable[[], Any], *, cuda: bool = False, top: int = 15, re
         ms = (event.self_device_time_total if cuda else event.self_cpu_time_total) / 1e3 / repeat
         kind = op_kind(event.key)
         kinds[kind] = kinds.get(kind, 0.0) + ms
-        ops.append((event.key[:160], kind, round(event.count / repeat), round(ms, 3)))
-    ops.sort(key=lambda op: -op[3])
+        ops.append({"name": event.key[:160], "kind": kind, "calls": round(event.count / repeat), "ms": round(ms, 3)})
+    ops.sort(key=lambda op: -op["ms"])
     return StepProfile({k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}, ops[:top])
 
 

@@ -67,16 +67,17 @@ def _grad_norm_direct(self, gradients, params, norm_type=2):
     """DeepSpeedZeroOptimizer.get_grad_norm_direct's L2 norm of a partition's gradients, summed over the
     data-parallel group, with one ``_foreach_norm`` instead of a conversion and a norm per tensor. DeepSpeed's own
     runs where it does more than data parallelism (model or pipeline parallel parameters, another norm)."""
+    import deepspeed.comm as dist
     from deepspeed.comm import pg_utils
     from deepspeed.runtime.constants import PIPE_REPLICATED
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     if (
         float(norm_type) != 2.0
         or pg_utils.is_parallel(self.model_parallel_group)
         or any(hasattr(p, PIPE_REPLICATED) and p.ds_pipe_replicated for p in params)
     ):
-        return self._deepspeed_grad_norm_direct(gradients, params, norm_type)
-    import deepspeed.comm as dist
+        return DeepSpeedZeroOptimizer.get_grad_norm_direct(self, gradients, params, norm_type)
 
     grads = [g.detach() for g in gradients if not getattr(g, "_zero_padding", False)]
     if grads:
@@ -98,7 +99,6 @@ def sync_free_clipping(optimizer) -> bool:
     if not isinstance(optimizer, DeepSpeedZeroOptimizer):
         return False
     optimizer.unscale_and_clip_grads = types.MethodType(_unscale_and_clip_grads, optimizer)
-    optimizer._deepspeed_grad_norm_direct = types.MethodType(DeepSpeedZeroOptimizer.get_grad_norm_direct, optimizer)
     optimizer.get_grad_norm_direct = types.MethodType(_grad_norm_direct, optimizer)
     stage_1_and_2.mask_nan_or_inf_with_val_inplace = _mask_nan_or_inf
     return True

@@ -144,6 +144,8 @@ def test_foreach_grad_norm_matches_deepspeeds(single_rank, dtype, poison):
 def test_bf16_zero2_trainer_takes_the_foreach_grad_norm(single_rank, world_dir, tmp_path):
     """The trainer's ZeRO-2 optimizer has fastclip's grad norm, and on a real backward's bf16 partition gradients it
     gives DeepSpeed's own value."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
     from fastclip.zero import _grad_norm_direct
 
     trainer = _trainer(single_rank, world_dir, tmp_path, ["--train.zero_stage", "2"])
@@ -154,7 +156,10 @@ def test_bf16_zero2_trainer_takes_the_foreach_grad_norm(single_rank, world_dir, 
         trainer.backward(loss)  # at the accumulation boundary: the partition's gradients are averaged_gradients
         grads, params = opt.averaged_gradients[0], opt.params_in_partition[0]
         assert {g.dtype for g in grads} == {torch.bfloat16} and len(grads) > 10
-        ours, theirs = opt.get_grad_norm_direct(grads, params), opt._deepspeed_grad_norm_direct(grads, params)
+        ours, theirs = (
+            opt.get_grad_norm_direct(grads, params),
+            DeepSpeedZeroOptimizer.get_grad_norm_direct(opt, grads, params),
+        )
         assert ours > 0
         torch.testing.assert_close(ours, theirs.float(), rtol=1e-5, atol=0)
     finally:
