@@ -36,6 +36,7 @@ from fastclip.config import CheckpointConfig, differences
 from fastclip.console import log, say
 from fastclip.errors import ConfigError, TrainingDiverged
 from fastclip.eval import EarlyStopping
+from fastclip.model import regroup_flags, saved_layout
 
 LATEST = "latest"
 META = "fastclip.json"
@@ -291,11 +292,19 @@ class CheckpointManager:
         """The folder DeepSpeed loads: ``folder`` itself, or its universal conversion when this run's world size or
         ZeRO stage differs from the checkpoint's (fastclip/reshard.py)."""
         now = {**self.meta, "world_size": self.world_size, "zero_stage": stage}
-        if saved is None or not reshard.check_convertible(folder, saved, now):
+        if saved is None:
             return folder
-        say(f"checkpoint: {folder} was saved on {reshard.describe(saved)}; this run is {reshard.describe(now)}")
+        regroup = regroup_flags(saved_layout(saved, self.engine.module), self.engine.module, self.meta)
+        if not reshard.check_convertible(folder, saved, now, regroup=regroup):
+            return folder
+        if regroup is not None:
+            say(f"checkpoint: {folder}'s optimizer holds other parameter groups than this run's (it resumes alike "
+                f"with {regroup}): regrouped by parameter name")  # fmt: skip
+        else:
+            say(f"checkpoint: {folder} was saved on {reshard.describe(saved)}; this run is {reshard.describe(now)}")
+        kinds = [kind for kind, _ in self.meta["param_groups"]]
         target = reshard.universal_source(folder, self.root, rank=self.rank, store=self.store,
-                                          key=f"fastclip/universal/{folder.resolve()}")  # fmt: skip
+                                          key=f"fastclip/universal/{folder.resolve()}", kinds=kinds)  # fmt: skip
         self.engine._config.load_universal_checkpoint = True  # read at load time (DeepSpeed's engine and ZeRO)
         return target
 

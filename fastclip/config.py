@@ -64,7 +64,8 @@ class DataConfig:
     zeroshot_classnames: str | None = None  # JSON list of class names; index = the sample's .cls
     zeroshot_templates: str | None = None  # JSON list of prompt templates with one '{}'
     demo_dir: str = field(default_factory=_demo_dir)  # with no train_shards: the synthetic world, generated once here
-    num_threads: int = 2  # DALI CPU threads per rank (torch loader: DataLoader workers)
+    # 0: the cores this rank may use (its CPU affinity) / the node's ranks, 1 to 16 (data/loader.py's auto_threads)
+    num_threads: int = 0  # DALI threads (torch loader: DataLoader workers) per rank; 0: this rank's share of its cores
     shuffle_buffer: int = 1024  # samples in the shuffle buffer (per rank; per worker with the torch loader)
     loader: str = "auto"  # 'dali', 'torch' (DataLoader + torchvision) or 'auto' (DALI with a GPU, else torch)
     decode_device: str = "auto"  # 'auto' (GPU decode when CUDA exists), 'mixed' (nvJPEG) or 'cpu'
@@ -77,7 +78,7 @@ class DataConfig:
 
     def __post_init__(self):
         _require(self.batch_size > 0, "data.batch_size", f"must be a positive integer, got {self.batch_size}")
-        _require(self.num_threads > 0, "data.num_threads", f"must be positive, got {self.num_threads}")
+        _require(self.num_threads >= 0, "data.num_threads", f"must be >= 0 (0: automatic), got {self.num_threads}")
         _require(self.shuffle_buffer > 0, "data.shuffle_buffer", f"must be positive, got {self.shuffle_buffer}")
         _require(
             self.loader in ("auto", "dali", "torch"), "data.loader", f"must be auto, dali or torch, got {self.loader!r}"
@@ -130,10 +131,16 @@ class LossConfig:
         )
 
 
+DECAY_RULES = ("open_clip", "no_embeddings")  # optim.decay_rule (fastclip/model.py's param_group_names)
+
+
 @dataclass
 class OptimConfig:
     lr: float = 1e-3  # peak learning rate after warmup
-    weight_decay: float = 0.1  # AdamW decay; never applied to biases, norms, embeddings or the logit scale
+    weight_decay: float = 0.1  # AdamW decay, on the parameters optim.decay_rule names
+    # 'open_clip': open_clip_train's rule (no decay on 1-d tensors and names with bn, ln, bias or logit_scale);
+    # 'no_embeddings': that and the token and positional embeddings too (fastclip's rule before 2026-12)
+    decay_rule: str = "open_clip"  # which parameters weight_decay applies to: 'open_clip' or 'no_embeddings'
     betas: tuple[float, float] = (0.9, 0.98)  # AdamW betas (open_clip's ViT defaults)
     eps: float = 1e-6  # AdamW epsilon
     warmup_steps: int = 50  # linear warmup to lr, in optimizer steps
@@ -155,6 +162,8 @@ class OptimConfig:
     def __post_init__(self):
         _require(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
         _require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        rules = ", ".join(f"'{k}'" for k in DECAY_RULES)
+        _require(self.decay_rule in DECAY_RULES, "optim.decay_rule", f"must be {rules}; got {self.decay_rule!r}")
         _require(all(0 <= b < 1 for b in self.betas), "optim.betas", f"must be two numbers in [0, 1), got {self.betas}")
         _require(self.eps > 0, "optim.eps", f"must be positive (AdamW divides by sqrt(v) + eps), got {self.eps}")
         _require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
@@ -184,6 +193,14 @@ ACCUM_MODES = {
 }
 
 
+# train.precision
+PRECISIONS = {
+    "bf16": "bf16 weights and activations, fp32 masters in the optimizer (DeepSpeed's bf16)",
+    "amp_bf16": "fp32 weights under torch autocast to bf16: open_clip's amp_bf16 (DeepSpeed's torch_autocast)",
+    "fp32": "fp32 throughout (TF32 matmuls on CUDA unless train.tf32 false)",
+}
+
+
 @dataclass
 class TrainConfig:
     steps: int = 0  # optimizer steps to run; 0 means train.epochs passes over the train shards
@@ -191,7 +208,9 @@ class TrainConfig:
     grad_accum: int = 1  # micro batches per optimizer step: the step's contrastive batch is K x batch x ranks
     accum_mode: str = "contrastive"  # with grad_accum > 1: 'contrastive' (one loss over the step) or 'independent'
     zero_stage: int = 2  # DeepSpeed ZeRO stage, 0 to 3 (1 and 2 in bf16 step without host syncs; 0 and 3 sync)
-    precision: str = "bf16"  # 'bf16' or 'fp32'
+    precision: str = "bf16"  # one of PRECISIONS
+    # false: the layout before 2026-12, to resume its checkpoints at ZeRO-0/3 or to measure what alignment buys
+    align_params: bool = True  # every parameter 16-byte aligned in DeepSpeed's flat buffers (odd sizes: own groups)
     tf32: bool = True  # on CUDA: TF32 tensor cores for fp32 matmuls and convs, cuDNN autotuning
     seed: int = 0  # seeds model init and data order (offset by rank for the data)
     peak_tflops: float | None = None  # the card's dense bf16 TFLOP/s for the logs' mfu; none: known GPUs' datasheets
@@ -220,9 +239,8 @@ class TrainConfig:
         modes = "; ".join(f"'{k}' ({v})" for k, v in ACCUM_MODES.items())
         _require(self.accum_mode in ACCUM_MODES, "train.accum_mode", f"must be {modes}; got {self.accum_mode!r}")
         _require(self.zero_stage in (0, 1, 2, 3), "train.zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
-        _require(
-            self.precision in ("bf16", "fp32"), "train.precision", f"must be 'bf16' or 'fp32', got {self.precision!r}"
-        )
+        kinds = "; ".join(f"'{k}' ({v})" for k, v in PRECISIONS.items())
+        _require(self.precision in PRECISIONS, "train.precision", f"must be {kinds}; got {self.precision!r}")
 
 
 @dataclass

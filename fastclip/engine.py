@@ -18,6 +18,7 @@ from typing import Any
 
 from fastclip.config import Config, OptimConfig
 from fastclip.errors import ConfigError
+from fastclip.precision import deepspeed_sections
 
 
 def derived_config(cfg: Config, *, world_size: int, cuda: bool) -> dict[str, Any]:
@@ -33,7 +34,7 @@ def derived_config(cfg: Config, *, world_size: int, cuda: bool) -> dict[str, Any
         "timers": {"throughput": {"enabled": False}},
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": {"stage": cfg.train.zero_stage},
-        "bf16": {"enabled": cfg.train.precision == "bf16", "check_grad_overflow": cfg.optim.skip_nonfinite},
+        **deepspeed_sections(cfg.train.precision, check_overflow=cfg.optim.skip_nonfinite),
         "optimizer": {
             "type": "AdamW",
             "params": {
@@ -60,7 +61,8 @@ def _torch_adamw_kind(optim, cuda: bool) -> dict:
 
 
 ADAM = ("adam", "adamw")
-SECTIONS = ("zero_optimization", "bf16", "fp16", "optimizer", "scheduler", "timers")  # JSON objects in DeepSpeed
+# JSON objects in DeepSpeed's config
+SECTIONS = ("zero_optimization", "bf16", "fp16", "optimizer", "scheduler", "timers", "torch_autocast")
 
 
 def _merged(base: dict, over: dict) -> dict:
@@ -115,6 +117,7 @@ def _contradictions(given: dict, derived: dict, cfg: Config, world_size: int) ->
     found += _differ(given, derived, {
         "zero_optimization.stage": "train.zero_stage",
         "bf16.enabled": "train.precision",
+        "torch_autocast.enabled": "train.precision",
         "bf16.check_grad_overflow": "optim.skip_nonfinite",
         "gradient_clipping": "optim.grad_clip",
     })  # fmt: skip
@@ -199,8 +202,3 @@ def apply_adamw_settings(groups: list[dict], optim: OptimConfig) -> None:
     for group in groups:
         group["betas"], group["eps"] = tuple(optim.betas), optim.eps
         group["weight_decay"] = optim.weight_decay if group.get("name") == "decay" else 0.0  # see param_groups
-
-
-def precision_of(engine) -> str:
-    """'bf16' or 'fp32', as the engine runs (read back, not from the run config)."""
-    return "bf16" if engine.bfloat16_enabled() else "fp32"

@@ -94,9 +94,11 @@ def _whole(folder: Path, clip: torch.nn.Module | None) -> dict[str, torch.Tensor
     masters = (states.get("optimizer") or {}).get("fp32_groups")
     if not masters:
         return module  # fp32: the module's weights are the masters
-    from fastclip.model import param_group_names
+    from fastclip.checkpoint import read_meta
+    from fastclip.model import saved_layout
 
-    groups = param_group_names(clip if clip is not None else _model(_saved_run(folder)))
+    meta = read_meta(folder)
+    groups = [names for _, names in saved_layout(meta, clip if clip is not None else _model(_saved_run(folder)))]
     if [len(g) for g in groups] != [len(t) for t in masters]:
         raise ConfigError(f"{folder}: its bf16 optimizer's parameter groups do not match the model it names")
     for names, tensors in zip(groups, masters):

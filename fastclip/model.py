@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import pickle
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from fastclip.config import ModelConfig
+from fastclip.config import DECAY_RULES, ModelConfig
 from fastclip.console import say
 from fastclip.errors import ConfigError
 
@@ -181,24 +182,76 @@ def image_spec(clip: torch.nn.Module) -> ImageSpec:
     return ImageSpec(size=int(size), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
 
 
-def _no_decay(name: str, param: torch.nn.Parameter) -> bool:
-    # open_clip's rule: biases, norm gains (all 1-d), embeddings and the logit scale/bias are not decayed
-    return param.ndim < 2 or any(key in name for key in ("bn", "ln", "bias", "logit_scale", "embedding"))
+# What decays (optim.decay_rule). open_clip_train's rule: 1-d tensors and names with bn, ln, bias or logit_scale
+# are exempt, so its 2-d embeddings decay; 'no_embeddings' (fastclip's rule before 2026-12) also exempts those.
+_EXEMPT = {
+    "open_clip": ("bn", "ln", "bias", "logit_scale"),
+    "no_embeddings": ("bn", "ln", "bias", "logit_scale", "embedding"),
+}
+# DeepSpeed's ZeRO-1/2 make each parameter a view into its group's flat buffer, padded at the group's end only: a
+# tensor whose size is not a multiple of 8 elements (16 bytes of bf16, 32 of fp32) shifts every one after it off
+# the 16-byte boundary that cuBLASLt's bias epilogues and the vectorized LayerNorm kernels want (issue 28).
+ALIGN_ELEMENTS = 8
 
 
-def param_group_names(clip: torch.nn.Module) -> list[list[str]]:
-    """The parameter names of :func:`param_groups`' groups, in their order (which names an optimizer's tensors)."""
-    decay, no_decay = [], []
-    for name, param in clip.named_parameters():
-        if param.requires_grad:
-            (no_decay if _no_decay(name, param) else decay).append(name)
-    return [decay, no_decay]
+def _shape(param: torch.nn.Parameter) -> tuple[int, ...]:
+    return tuple(getattr(param, "ds_shape", param.shape))  # ZeRO-3's partitioned parameters hold their shape aside
 
 
-def param_groups(clip: torch.nn.Module, *, weight_decay: float) -> list[dict]:
+def _decays(name: str, param: torch.nn.Parameter, rule: str) -> bool:
+    return not (len(_shape(param)) < 2 or any(key in name for key in _EXEMPT[rule]))
+
+
+def param_group_names(
+    clip: torch.nn.Module, *, rule: str = "open_clip", align: bool = True
+) -> list[tuple[str, list[str]]]:
+    """The optimizer's parameter groups as (kind, names), kind 'decay' or 'no_decay', in the order the optimizer
+    holds them (which names its tensors: checkpoints record this layout).
+
+    ``align``: each group's tensors of a multiple of :data:`ALIGN_ELEMENTS` elements first, in model order, so every
+    one starts 16-byte aligned in DeepSpeed's flat buffer; each other tensor (the 1-element logit scale and bias)
+    in a group of its own, with the same settings as its kind's. Without it, the two groups in model order (the
+    layout before 2026-12, whose flat buffers start with the logit scale)."""
+    trainable = [(name, p) for name, p in clip.named_parameters() if p.requires_grad]
+    groups = []
+    for kind, decays in (("decay", True), ("no_decay", False)):
+        names = [name for name, p in trainable if _decays(name, p, rule) == decays]
+        if not align:
+            groups.append((kind, names))
+            continue
+        sizes = {name: math.prod(_shape(p)) for name, p in trainable}
+        even = [n for n in names if sizes[n] % ALIGN_ELEMENTS == 0]
+        groups += [(kind, even)] if even else []
+        groups += [(kind, [n]) for n in names if sizes[n] % ALIGN_ELEMENTS]
+    return groups
+
+
+def param_groups(
+    clip: torch.nn.Module, *, weight_decay: float, rule: str = "open_clip", align: bool = True
+) -> list[dict]:
+    """AdamW's parameter groups (:func:`param_group_names`), each named by its kind: engine.apply_adamw_settings
+    gives the 'decay' ones ``weight_decay`` and the others none."""
     params = dict(clip.named_parameters())
-    decay, no_decay = ([params[name] for name in names] for names in param_group_names(clip))
     return [
-        {"params": decay, "weight_decay": weight_decay, "name": "decay"},
-        {"params": no_decay, "weight_decay": 0.0, "name": "no_decay"},
+        {"params": [params[n] for n in names], "weight_decay": weight_decay if kind == "decay" else 0.0, "name": kind}
+        for kind, names in param_group_names(clip, rule=rule, align=align)
     ]
+
+
+def saved_layout(meta: dict | None, clip: torch.nn.Module) -> list[tuple[str, list[str]]]:
+    """The parameter groups a checkpoint's optimizer holds: its fastclip.json record, or for folders saved before
+    the record existed, the layout of that time (exempt embeddings, no alignment) computed on ``clip``."""
+    if meta is not None and "param_groups" in meta:
+        return [(kind, list(names)) for kind, names in meta["param_groups"]]
+    return param_group_names(clip, rule="no_embeddings", align=False)
+
+
+def regroup_flags(saved: list[tuple[str, list[str]]], clip: torch.nn.Module, meta: dict) -> str | None:
+    """None when ``saved`` (a checkpoint's groups) is this run's layout (``meta``'s record); else the flags that
+    build it, for a message (or a description, when no setting does)."""
+    if [list(names) for _, names in saved] == [list(names) for _, names in meta["param_groups"]]:
+        return None
+    for rule, align in itertools.product(DECAY_RULES, (True, False)):
+        if [list(n) for _, n in param_group_names(clip, rule=rule, align=align)] == [list(n) for _, n in saved]:
+            return f"--optim.decay_rule {rule} --train.align_params {str(align).lower()}"
+    return f"the parameter groups it was saved with ({', '.join(f'{k} x{len(n)}' for k, n in saved)})"

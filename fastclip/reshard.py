@@ -11,6 +11,11 @@ ends them if rank 0 dies meanwhile.
 What DeepSpeed 0.19 converts: ZeRO-1/2 checkpoints for ZeRO-1/2, ZeRO-3 ones for ZeRO-3. A ZeRO-0 checkpoint holds
 its optimizer whole (no partitions, fp32 or bf16) and loads on any world size as it is. Other changes are refused
 before anything loads, saying what to do.
+
+The same conversion resumes a ZeRO-1/2 checkpoint whose optimizer holds the parameters in other groups than this
+run's (fastclip/model.py's param_group_names: checkpoints from before the aligned layout, or another
+optim.decay_rule): the universal format keeps each parameter's state by name, and :func:`match_groups` gives its
+group list this run's length (DeepSpeed pairs saved and current groups by position and would skip the rest).
 """
 
 from __future__ import annotations
@@ -37,12 +42,19 @@ def describe(meta: dict) -> str:
     return f"{meta['world_size']} ranks, ZeRO-{meta['zero_stage']}, {meta['precision']}"
 
 
-def check_convertible(folder: Path, saved: dict, now: dict) -> bool:
+def check_convertible(folder: Path, saved: dict, now: dict, *, regroup: str | None = None) -> bool:
     """Whether ``folder`` (saved as ``saved``) needs the universal format to resume as ``now``; raises when it
-    cannot resume at all."""
+    cannot resume at all. ``regroup``: the flags that give the checkpoint's parameter groups, when they are not this
+    run's (None when they are)."""
+    if regroup is not None and {saved["zero_stage"], now["zero_stage"]} - {1, 2}:
+        raise ReshardError(
+            f"checkpoint.resume: {folder} holds its optimizer's state in other parameter groups than this run builds "
+            f"(written before fastclip aligned them, or with another optim.decay_rule); DeepSpeed regroups only "
+            f"ZeRO-1/2 checkpoints. Resume with {regroup}."
+        )
     same = (saved["world_size"], saved["zero_stage"]) == (now["world_size"], now["zero_stage"])
     if same:
-        return False
+        return regroup is not None
     hint = (f"export its weights (python -m fastclip.export {folder} --out FILE) and start from them with "
             "--model.pretrained")  # fmt: skip
     if 0 in (saved["zero_stage"], now["zero_stage"]):  # ZeRO-0's optimizer is whole: any world size, no conversion
@@ -64,13 +76,15 @@ def check_convertible(folder: Path, saved: dict, now: dict) -> bool:
     return True
 
 
-def universal_source(folder: Path, root: Path, *, rank: int, store, key: str) -> Path:
-    """The universal conversion of ``folder``, made by rank 0 (once) while the other ranks wait on ``store``."""
+def universal_source(folder: Path, root: Path, *, rank: int, store, key: str, kinds: list[str]) -> Path:
+    """The universal conversion of ``folder``, made by rank 0 (once) while the other ranks wait on ``store``;
+    ``kinds``: this run's parameter groups' names, in order (:func:`match_groups`)."""
     target = root / UNIVERSAL / folder.name
     if rank == 0:
         try:
             if not (target / ".complete").is_file():
                 to_universal(folder, target)
+            match_groups(target, kinds)
             store.set(key, "ok")
         except ReshardError as e:
             store.set(key, str(e))
@@ -119,3 +133,21 @@ def to_universal(folder: Path, target: Path) -> None:
     (tmp / ".complete").write_text("")
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
+
+
+def match_groups(target: Path, kinds: list[str]) -> None:
+    """Give the universal folder's optimizer groups (their settings: the per-parameter state lies in files by
+    name) this run's number and order, each taken from a saved group of its kind ('decay' or 'no_decay'). Run
+    again on every resume from ``target``: another run may have left another list there."""
+    import torch
+
+    path = target / "zero" / "optimizer_state.pt"
+    state = torch.load(path, weights_only=False)
+    saved = state["param_groups"]
+    if [g.get("name") for g in saved] == kinds:
+        return
+    by_kind = {g.get("name"): g for g in saved}
+    state["param_groups"] = [dict(by_kind.get(kind, saved[0])) for kind in kinds]
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)

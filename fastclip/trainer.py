@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
-from fastclip import console
+from fastclip import console, precision
 from fastclip.accumulation import ContrastiveAccumulation, is_out_of_memory
 from fastclip.checkpoint import CheckpointManager, TrainState, changed_settings
 from fastclip.compile import check as check_compile
@@ -30,17 +30,17 @@ from fastclip.compile import compile_fn
 from fastclip.config import Config
 from fastclip.console import say
 from fastclip.data.batch import Batch, BatchCount, DataPosition
-from fastclip.data.loader import build_loader
+from fastclip.data.loader import build_loader, with_threads
 from fastclip.data.shards import shard_list_digest
 from fastclip.data.tokenizer import build_tokenizer
-from fastclip.engine import apply_adamw_settings, build_engine, precision_of
+from fastclip.engine import apply_adamw_settings, build_engine
 from fastclip.errors import ConfigError, OutOfMemory
 from fastclip.eval import EarlyStopping, evaluate, read_zeroshot_list
 from fastclip.guard import NonFiniteGuard
 from fastclip.loss import LOGITS_BACKENDS, build_loss, loss_kind
 from fastclip.meters import Meters
 from fastclip.mfu import peak_flops, peak_memory_gb, train_flops_per_sample
-from fastclip.model import build_model, image_spec, loss_scalars, param_groups
+from fastclip.model import build_model, image_spec, loss_scalars, param_group_names, param_groups
 from fastclip.schedules import LrSchedule, cooldown_steps, restart_at, total_steps
 from fastclip.sinks import MetricSinks, progress_bar, train_line
 from fastclip.world import World
@@ -81,8 +81,11 @@ class Interval:
 
 class Trainer:
     def __init__(self, cfg: Config, world: World):
-        self.cfg, self.world = cfg, world
         console.setup(world.rank)
+        data, threads_line = with_threads(cfg.data, world.local_world_size)
+        self.cfg, self.world = dataclasses.replace(cfg, data=data), world
+        cfg = self.cfg
+        say(threads_line)
         seed_everything(cfg.train.seed)
         configure_matmuls(world.device, tf32=cfg.train.tf32)
         self.loss_kind = loss_kind(cfg.loss, cfg.model.name)  # 'clip' or 'siglip'
@@ -99,8 +102,8 @@ class Trainer:
         contrastive = cfg.train.grad_accum > 1 and cfg.train.accum_mode == "contrastive"
         self.contrastive_batch = self.global_batch if contrastive else cfg.data.batch_size * world.world_size
         self.engine, self.scheduler = self._build_engine()
-        self.stage, self.precision = self.engine.zero_optimization_stage(), precision_of(self.engine)
-        self.dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        self.stage, self.precision = self.engine.zero_optimization_stage(), precision.of_engine(self.engine)
+        self.dtype = precision.input_dtype(self.precision)
         self.loss_fn = build_loss(cfg.loss, rank=world.rank, world_size=world.world_size, kind=self.loss_kind)
         self.compiled_forward, self.compiled_step = self._compile(contrastive)
         self.accumulation = None
@@ -143,7 +146,9 @@ class Trainer:
         shapes = {n: list(getattr(p, "ds_shape", p.shape)) for n, p in self.engine.module.named_parameters()}
         return {"world_size": self.world.world_size, "zero_stage": self.stage, "precision": self.precision,
                 "model": self.cfg.model.name, "force_image_size": self.cfg.model.force_image_size,
-                "loss_kind": self.loss_kind, "params": shapes}  # fmt: skip
+                "loss_kind": self.loss_kind, "params": shapes,
+                "param_groups": param_group_names(self.clip, rule=self.cfg.optim.decay_rule,
+                                                  align=self.cfg.train.align_params)}  # fmt: skip
 
     def _zeroshot_lists(self) -> tuple[list[str] | None, list[str] | None]:
         data = self.cfg.data
@@ -178,7 +183,8 @@ class Trainer:
         )  # fmt: skip
         engine, scheduler, ds_config = build_engine(
             self.clip, cfg=self.cfg, world_size=self.world.world_size, cuda=self.world.device.type == "cuda",
-            params=param_groups(self.clip, weight_decay=optim.weight_decay),
+            params=param_groups(self.clip, weight_decay=optim.weight_decay, rule=optim.decay_rule,
+                                align=self.cfg.train.align_params),
             lr_scheduler=lambda opt: LambdaLR(opt, schedule),
         )  # fmt: skip
         self.ds_config, self.own_schedule = ds_config, "scheduler" not in ds_config
@@ -212,13 +218,20 @@ class Trainer:
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         images = batch.images.to(self.dtype)
         if self.compiled_forward is not None:
-            return self.compiled_forward(images, batch.texts)
+            with self.autocast():  # the compiled module's forward is not DeepSpeed's, which would enter it
+                return self.compiled_forward(images, batch.texts)
         return self.engine(images, batch.texts)
 
     def forward_and_loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.compiled_step is not None:
-            return self.compiled_step(batch.images.to(self.dtype), batch.texts)
-        return self.compute_loss(self.forward(batch))
+            with self.autocast():
+                return self.compiled_step(batch.images.to(self.dtype), batch.texts)
+        with self.autocast():  # the loss too, as open_clip computes it (DeepSpeed's autocast ends with the forward)
+            return self.compute_loss(self.forward(batch))
+
+    def autocast(self):
+        """amp_bf16's autocast around what DeepSpeed's forward does not cover (fastclip/precision.py)."""
+        return precision.autocast(self.precision, self.world.device)
 
     def _module_and_loss(
         self, images: torch.Tensor, texts: torch.Tensor
@@ -473,7 +486,7 @@ class Trainer:
         if self.val_loader is None:
             return {}
         start = time.perf_counter()
-        with self._full_params():
+        with self._full_params(), self.autocast():
             metrics = evaluate(
                 self.engine.module, self.val_loader, tokenizer=self.tokenizer, classnames=self.classnames,
                 templates=self.templates, device=self.world.device, dtype=self.dtype, loss_kind=self.loss_kind,

@@ -57,6 +57,14 @@ class World:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def local_world_size(self) -> int:
+        """The ranks on this rank's node (by the join records; 1 before the world is known)."""
+        if not self.members:
+            return 1
+        node = self.members[self.rank]["node"] if self.rank < len(self.members) else None
+        return max(1, sum(1 for m in self.members if m["node"] == node))
+
     def describe(self, rank: int) -> str:
         """'rank 3 (node 1, host gpu-07, local rank 1)', from its join record."""
         m = self.members[rank] if rank < len(self.members) else {}

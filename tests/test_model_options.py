@@ -60,7 +60,7 @@ def test_locked_towers_get_no_updates_and_no_optimizer_state(single_rank, world_
     trainer = Trainer(parse_args(small_run_args(world_dir, tmp_path, steps=4) + extra), single_rank)
     try:
         before = {n: p.detach().clone() for n, p in trainer.clip.named_parameters()}
-        trainable = {n for names in param_group_names(trainer.clip) for n in names}
+        trainable = {n for _, names in param_group_names(trainer.clip) for n in names}
         loaded = iter(trainer.train_loader)
         batches = itertools.cycle([next(loaded), next(loaded)])
         for _ in range(2):

@@ -7,7 +7,9 @@ shards (fastclip/data/shards.py: which files, which samples) into the same :clas
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -68,7 +70,9 @@ class LoaderOptions:
     @classmethod
     def of(cls, data: DataConfig) -> LoaderOptions:
         return cls(
-            batch_size=data.batch_size, workers=data.num_threads, shuffle_buffer=data.shuffle_buffer,
+            # a loader built outside a run (tools, tests) resolves 0 as a rank alone on its node would
+            batch_size=data.batch_size, workers=data.num_threads or auto_threads(1)[0],
+            shuffle_buffer=data.shuffle_buffer,
             decode_device=data.decode_device, crop_scale=data.crop_scale, max_bad_fraction=data.max_bad_fraction,
             train_num_samples=data.train_num_samples, resampled=data.resampled, index_dir=data.index_dir,
             check_shards=data.check_shards,
@@ -92,6 +96,26 @@ def derive_seed(seed: int, stream: str, *ids: int) -> int:
     A stream always passes the same number of ids, so ids ending in 0 cannot collide with shorter ones."""
     entropy = [seed % 2**64, STREAMS.index(stream), *ids]
     return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+
+MAX_AUTO_THREADS = 16  # past this a rank's decode rarely gains, and a node's other work needs cores too
+
+
+def auto_threads(local_ranks: int) -> tuple[int, str]:
+    """``data.num_threads`` 0 resolved: the cores this process may run on (its CPU affinity: a scheduler's cgroup
+    or taskset, not the machine's count) shared among this node's ranks, 1 to 16; and why, for the log."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    threads = max(1, min(MAX_AUTO_THREADS, cores // max(local_ranks, 1)))
+    return threads, f"{cores} cores this rank may use / {local_ranks} rank(s) on this node, at most {MAX_AUTO_THREADS}"
+
+
+def with_threads(data: DataConfig, local_ranks: int) -> tuple[DataConfig, str]:
+    """``data`` with ``num_threads`` resolved (:func:`auto_threads`), and a line saying what was chosen and why."""
+    kind = "DALI threads" if loader_kind(data) == "dali" else "DataLoader workers"
+    if data.num_threads:
+        return data, f"data: {data.num_threads} {kind} per rank (data.num_threads)"
+    threads, why = auto_threads(local_ranks)
+    return dataclasses.replace(data, num_threads=threads), f"data: {threads} {kind} per rank ({why})"
 
 
 def dali_available() -> bool:

@@ -1,0 +1,47 @@
+"""``train.precision``: what each setting means for DeepSpeed's config, the inputs' dtype and the autocast context.
+
+- ``bf16``: DeepSpeed's bf16 mode: bf16 weights (views into ZeRO's flat buffers) and activations, fp32 masters in
+  the optimizer.
+- ``amp_bf16``: open_clip's default (``--precision amp_bf16``): fp32 weights, each op under torch autocast in bf16
+  (fresh bf16 copies of the weights per forward, as open_clip's step makes them), through DeepSpeed's own
+  ``torch_autocast`` mode, which wraps the engine's forward. Gradients are reduced in fp32 as open_clip's DDP does:
+  ``lower_precision_safe_modules`` is empty, so DeepSpeed keeps no bf16 gradient copies for the reduce (its
+  default would round the Linear and Conv gradients to bf16 before the reduce, even on one rank). What calls the
+  module around DeepSpeed's forward (the compiled paths, eval) enters :func:`autocast` itself.
+- ``fp32``: fp32 throughout (TF32 matmuls on CUDA unless ``train.tf32 false``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+def deepspeed_sections(precision: str, *, check_overflow: bool) -> dict:
+    """The DeepSpeed config sections of ``precision``: "bf16" always (its overflow check is fastclip's
+    optim.skip_nonfinite), "torch_autocast" for amp_bf16; DeepSpeed refuses bf16 and torch_autocast together."""
+    sections = {"bf16": {"enabled": precision == "bf16", "check_grad_overflow": check_overflow}}
+    if precision == "amp_bf16":
+        sections["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    return sections
+
+
+def of_engine(engine) -> str:
+    """'bf16', 'amp_bf16' or 'fp32', as the engine runs (read back, not from the run config)."""
+    if engine.bfloat16_enabled():
+        return "bf16"
+    return "amp_bf16" if engine.torch_autocast_enabled() else "fp32"
+
+
+def input_dtype(precision: str) -> torch.dtype:
+    """The dtype images are fed in: bf16 under amp_bf16 too (its first op, the patch conv, autocasts them to bf16
+    anyway; bf16 halves the held micro batches of contrastive accumulation)."""
+    return torch.float32 if precision == "fp32" else torch.bfloat16
+
+
+def autocast(precision: str, device: torch.device):
+    """torch autocast to bf16 for amp_bf16 (what DeepSpeed's forward enters), nothing for the others."""
+    if precision != "amp_bf16":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
