@@ -8,7 +8,9 @@ Rank 0 prints one table and writes ``log.dir/benchmark.json`` (card, world layou
 where one more step's time goes (three on a CPU, averaged) by kind of work (fastclip/profiling.py: matmul,
 attention, copies, optimizer, ...; on a GPU the kernels' time and how long the card idled) and by its 15 costliest
 ops or kernels. Nothing is checkpointed, evaluated or exported. Step times come from one event per step on CUDA
-(no host sync between steps, so the launch queue runs as in training) or the host clock on a CPU.
+(no host sync between steps, so the launch queue runs as in training) or the host clock on a CPU. Several settings
+of the run tried in one invocation (``--train.benchmark_try``) are fastclip/benchmark_sweep.py's, with these
+measurements.
 """
 
 from __future__ import annotations
@@ -17,17 +19,16 @@ import itertools
 import json
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from fastclip.console import say
+from fastclip.data.batch import Batch
 from fastclip.mfu import peak_memory_gb
 from fastclip.profiling import breakdown_line, profile_step
-
-if TYPE_CHECKING:
-    from fastclip.trainer import Trainer
+from fastclip.trainer import Trainer
 
 
 class _Clock:
@@ -52,7 +53,8 @@ class _Clock:
         return [b - a for a, b in itertools.pairwise(self.marks)]
 
 
-def _measure(trainer: Trainer, batches, steps: int, warmup: int) -> dict:
+def measure(trainer: Trainer, batches: Iterator[Batch], steps: int, warmup: int) -> dict:
+    """``warmup`` unmeasured steps, then ``steps`` timed ones, from ``batches``; the figures of the timed ones."""
     for _ in range(warmup):
         trainer.train_step(batches)
     device = trainer.world.device
@@ -81,7 +83,7 @@ def _measure(trainer: Trainer, batches, steps: int, warmup: int) -> dict:
     }
 
 
-def _versions() -> dict:
+def versions() -> dict:
     import deepspeed
     import open_clip
     import triton
@@ -90,7 +92,7 @@ def _versions() -> dict:
             "open_clip": open_clip.__version__}  # fmt: skip
 
 
-def _card(device: torch.device) -> str:
+def card(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     import os
@@ -122,20 +124,28 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def run(trainer: Trainer, steps: int, warmup: int) -> dict:
-    """Both phases on every rank (the steps are collective); rank 0 reports. Returns the report."""
+def batches(trainer: Trainer) -> tuple[list[Batch], Iterator[Batch]]:
+    """(one step's batches to repeat, data excluded; the loader's stream, data included), in training mode."""
     trainer.engine.train()
     loaded = iter(trainer.train_loader)
     fixed = [trainer.fetch(loaded) for _ in range(trainer.cfg.train.grad_accum)]  # the loader puts them on the device
+    return fixed, loaded
+
+
+def run(trainer: Trainer) -> dict:
+    """Both phases of ``train.benchmark`` steps on every rank (the steps are collective); rank 0 reports. Returns
+    the report."""
+    fixed, loaded = batches(trainer)
     cfg, device = trainer.cfg, trainer.world.device
+    steps, warmup = cfg.train.benchmark, cfg.train.benchmark_warmup
     report = {
-        "model": cfg.model.name, "card": _card(device), "device": device.type, "world": trainer.world.layout(),
+        "model": cfg.model.name, "card": card(device), "device": device.type, "world": trainer.world.layout(),
         "world_size": trainer.world.world_size, "global_batch": trainer.global_batch, "steps": steps,
         "warmup": warmup, "precision": trainer.precision, "zero_stage": trainer.stage,
-        "flops_per_sample": trainer.flops_per_sample, "peak_flops": trainer.peak_flops, "versions": _versions(),
+        "flops_per_sample": trainer.flops_per_sample, "peak_flops": trainer.peak_flops, "versions": versions(),
         "phases": {
-            "data excluded": _measure(trainer, itertools.cycle(fixed), steps, warmup),
-            "data included": _measure(trainer, loaded, steps, warmup),
+            "data excluded": measure(trainer, itertools.cycle(fixed), steps, warmup),
+            "data included": measure(trainer, loaded, steps, warmup),
         },
     }  # fmt: skip
     # where a step's time goes (fastclip/profiling.py): one more step on the fixed batches, every rank (on a CPU,

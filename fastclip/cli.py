@@ -80,8 +80,9 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def _split(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
-    """(the --config file, [(key, value)] of every other option, in order)."""
+def split_options(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]]:
+    """(the --config file, [(key, value)] of every other option, in order, values as typed; the launcher's
+    --local_rank and --deepspeed left out)."""
     config_file, options = None, []
     i = 0
     while i < len(argv):
@@ -137,14 +138,19 @@ def load_yaml(config_file: str) -> dict[str, Any]:
 def parse_args(argv: list[str]) -> Config:
     """The run config from the command line (see the module doc). ``--local_rank`` / ``--local-rank`` (added by
     the deepspeed launcher) and ``--deepspeed`` are accepted and ignored."""
-    config_file, options = _split(argv)
+    config_file, options = split_options(argv)
     tree = load_yaml(config_file) if config_file is not None else {}
     for key, value in options:
-        if key in ("deepspeed_config", "deepspeed-config"):
-            tree["deepspeed_config"] = value
-            continue
-        section, dot, name = key.partition(".")
-        if not dot:
-            raise _unknown("option", f"--{key}", ["--config", "--deepspeed_config", "--section.field"])
-        _apply(tree, section, name, _parse_value(value))
+        apply_option(tree, key, value)
     return build_config(tree)
+
+
+def apply_option(tree: dict[str, Any], key: str, value: str) -> None:
+    """``--key value`` as typed, over a config tree (what :func:`fastclip.config.build_config` reads)."""
+    if key in ("deepspeed_config", "deepspeed-config"):
+        tree["deepspeed_config"] = value
+        return
+    section, dot, name = key.partition(".")
+    if not dot:
+        raise _unknown("option", f"--{key}", ["--config", "--deepspeed_config", "--section.field"])
+    _apply(tree, section, name, _parse_value(value))

@@ -218,6 +218,9 @@ class TrainConfig:
     compile_backend: str = "inductor"  # torch.compile's backend ('aot_eager' traces without generating code)
     benchmark: int = 0  # > 0: measure this many steps of this run, data excluded and included; no checkpoint or eval
     benchmark_warmup: int = 3  # with benchmark: unmeasured steps before each phase (compilation, allocator, loaders)
+    # e.g. "train.zero_stage=1,2 train.precision=bf16,amp_bf16": every combination of the run's own config,
+    # measured in alternating rounds, one table (fastclip/benchmark_sweep.py)
+    benchmark_try: str | None = None  # with benchmark: settings to try, 'section.field=a,b' items
 
     def __post_init__(self):
         peak = self.peak_tflops

@@ -29,12 +29,16 @@ def _fail(message: str, code: int = 2, *, any_rank: bool = False, speaker: bool 
 def _config(argv: list[str]):
     """The run config, checked against the files it names (every rank, before any process group or model)."""
     from fastclip import console
+    from fastclip.benchmark_try import settings
     from fastclip.data.synthetic import use_demo_world
 
     console.setup(int(os.environ.get("RANK", "0")))  # the checks' own lines (a damaged shard set aside) too
     try:
         cfg = parse_args(argv)
-        check_inputs(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        check_inputs(cfg, world_size=world_size)
+        for setting in settings(cfg):  # --train.benchmark_try: each setting's config against its files too
+            check_inputs(setting.cfg, world_size=world_size)
         return use_demo_world(cfg)
     except HelpRequested:
         if os.environ.get("RANK", "0") == "0":
@@ -69,8 +73,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from fastclip.world import apply_launch_environment
 
     apply_launch_environment()  # srun without a launcher: SLURM's variables as torch's, before any rank is read
-    cfg = _config(sys.argv[1:] if argv is None else argv)
+    args = sys.argv[1:] if argv is None else argv
+    cfg = _config(args)
 
+    from fastclip import benchmark, benchmark_sweep
     from fastclip.checkpoint import CheckpointError, read_latest
     from fastclip.data.skips import DataBroken
     from fastclip.errors import OutOfMemory, TrainingDiverged
@@ -90,8 +96,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     watchdog = Watchdog(world, cfg.dist, step=lambda: trainer.step if trainer else 0, latest=latest).start()
     try:
-        trainer = Trainer(cfg, world)
-        metrics = trainer.benchmark() if cfg.train.benchmark else trainer.train()
+        if cfg.train.benchmark_try:  # several settings, each its own trainer (fastclip/benchmark_sweep.py)
+            metrics = benchmark_sweep.run(cfg, world, argv=args)
+        else:
+            trainer = Trainer(cfg, world)
+            metrics = benchmark.run(trainer) if cfg.train.benchmark else trainer.train()
         watchdog.finish()
         finished = True
         return metrics

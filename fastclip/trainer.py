@@ -387,12 +387,6 @@ class Trainer:
                 bar.close()
         return metrics
 
-    def benchmark(self) -> dict:
-        """``train.benchmark`` steps of this run, data excluded and included (fastclip/benchmark.py)."""
-        from fastclip import benchmark
-
-        return benchmark.run(self, self.cfg.train.benchmark, self.cfg.train.benchmark_warmup)
-
     def _stop_early(self) -> None:
         stop = self.state.early_stopping
         record = {"step": self.step, "early_stop": True, f"val/best_{self.loss_kind}_loss": stop.best}

@@ -1,12 +1,24 @@
 """``--train.benchmark N``: the user's own configuration measured, data excluded and included; one table, a JSON
 file, nothing checkpointed or evaluated. One rank against the trainer's own rate for the same configuration is in
-tests/test_train.py (beside the training run it compares with); two ranks here."""
+tests/test_train.py (beside the training run it compares with); two ranks here. With ``--train.benchmark_try``,
+several settings of it in alternating rounds (fastclip/benchmark_sweep.py): one rank and two here, and the try
+string's parsing and errors on their own."""
 
 from __future__ import annotations
 
 import json
+import shlex
+import sys
 
-from runs import ROOT, deepspeed_cmd, run_cli, small_run_args  # noqa: F401 (ROOT: the checkout the runs use)
+import pytest
+
+from fastclip.benchmark_sweep import ROUNDS
+from fastclip.benchmark_try import command_line, settings
+from fastclip.cli import parse_args
+from fastclip.errors import ConfigError
+from fastclip.world import free_port
+
+from runs import ROOT, deepspeed_cmd, run_cli, small_run_args
 
 
 def check_report(out, proc, *, ranks: int, steps: int, mfu: bool = False) -> dict:
@@ -32,10 +44,11 @@ def check_report(out, proc, *, ranks: int, steps: int, mfu: bool = False) -> dic
     return report
 
 
+@pytest.mark.slow
 def test_benchmark_mode_on_two_ranks(world_dir, tmp_path):
     out = tmp_path / "bench2"
     args = small_run_args(world_dir, out, steps=8) + ["--train.benchmark", "4", "--train.benchmark_warmup", "1"]
-    proc = run_cli([*deepspeed_cmd(2, 29660), *args], cwd=ROOT, timeout=400)
+    proc = run_cli([*deepspeed_cmd(2, free_port()), *args], cwd=ROOT, timeout=400)
     report = check_report(out, proc, ranks=2, steps=4)
     assert report["world"].startswith("2 ranks")
 
@@ -65,3 +78,131 @@ def test_op_kinds_name_what_the_profiler_reports():
     assert {name: op_kind(name) for name in names} == names
     line = breakdown_line({"matmul": 30.0, "attention": 10.0}, step_s=0.05)
     assert line == "matmul 30.0 ms (75%), attention 10.0 ms (25%), the card idle 10.0 ms of 50.0"
+
+
+def test_try_string_gives_every_combination_over_the_run_config():
+    text = "train.zero_stage=1,2 train.precision=bf16,fp32 optim.betas=[0.9,0.98]"
+    run = ["--data.batch_size", "24", "--train.zero_stage", "2", "--train.benchmark", "4"]
+    cfg = parse_args([*run, "--train.benchmark_try", text])
+    tried = settings(cfg)
+    assert [s.label for s in tried] == [
+        "train.zero_stage=1 train.precision=bf16 optim.betas=[0.9,0.98]",
+        "train.zero_stage=1 train.precision=fp32 optim.betas=[0.9,0.98]",
+        "train.zero_stage=2 train.precision=bf16 optim.betas=[0.9,0.98]",
+        "train.zero_stage=2 train.precision=fp32 optim.betas=[0.9,0.98]",
+    ]
+    assert [(s.cfg.train.zero_stage, s.cfg.train.precision) for s in tried] == [
+        (1, "bf16"), (1, "fp32"), (2, "bf16"), (2, "fp32")
+    ]  # fmt: skip
+    assert all(s.cfg.optim.betas == (0.9, 0.98) and s.cfg.data.batch_size == 24 for s in tried)  # the run's own
+    assert settings(parse_args(["--train.benchmark", "4"])) == []  # no try string: the one setting of today
+
+
+@pytest.mark.parametrize(
+    "tried, message",
+    [
+        ("train.zero_stag=1,2", "the setting 'train.zero_stag=1' is refused: unknown config field 'train.zero_stag'"),
+        ("train.zero_stage=1,5", "the setting 'train.zero_stage=5' is refused: train.zero_stage: must be 0, 1, 2 or 3"),
+        ("train.zero_stage=3 train.compile=none,step", "'train.zero_stage=3 train.compile=step' is refused"),
+        ("train.precision=bf16,fp8", "'train.precision=fp8' is refused: train.precision: must be"),
+        ("train.zero_stage", "item 'train.zero_stage': write it as section.field=value,value,..."),
+        ("train.zero_stage=1,,2", "item 'train.zero_stage=1,,2': write it as"),
+        ("train.zero_stage=1,1", "a value is repeated"),
+        ("train.zero_stage=1 train.zero_stage=2", "train.zero_stage is tried twice"),
+        ("dist.timeout_s=60,120", "dist.timeout_s cannot be tried (the world is joined once per invocation)"),
+        ("train.benchmark_warmup=1,2", "train.benchmark_warmup cannot be tried"),
+        ("train.tf32=true,false", "train.tf32 cannot be tried (matmul precision is process-wide"),
+        (" ", "train.benchmark_try: no settings given"),
+    ],
+)
+def test_try_string_errors_name_the_item_or_setting(tried, message):
+    with pytest.raises(ConfigError) as e:
+        settings(parse_args(["--train.benchmark", "4", "--train.benchmark_try", tried]))
+    assert message in str(e.value)
+    with pytest.raises(ConfigError, match="train.benchmark_try: needs --train.benchmark N"):
+        settings(parse_args(["--train.benchmark_try", "train.zero_stage=1,2"]))
+
+
+def test_command_line_trains_with_the_setting(tmp_path):
+    """The command drops the benchmark options (a --config file's too), replaces the run's value of a tried field,
+    and keeps every other argument as typed."""
+    config = tmp_path / "run.yaml"
+    config.write_text("train:\n  benchmark: 4\n  zero_stage: 2\n")
+    tried = "--train.benchmark_try=train.zero_stage=1,2 train.precision=bf16,fp32"  # the launcher's --key=value
+    argv = ["--local_rank=1", "--config", str(config), "--train.zero_stage", "2", "--log.dir", "runs/a b", tried,
+            "--train.benchmark_warmup", "2"]  # fmt: skip
+    fastest = settings(parse_args(argv))[1]
+    line = command_line(argv, fastest, nodes=2, per_node=4)
+    assert line.startswith("deepspeed --num_nodes 2 --num_gpus 4 fastclip/train.py --config ")
+    args = shlex.split(line)[line.split().index("fastclip/train.py") + 1 :]
+    assert args.count("--train.zero_stage") == 1 and not any(a.startswith("--local") for a in args)
+    cfg = parse_args(args)
+    assert (cfg.train.zero_stage, cfg.train.precision, cfg.log.dir) == (1, "fp32", "runs/a b")
+    assert cfg.train.benchmark == 0 and cfg.train.benchmark_try is None and cfg.train.benchmark_warmup == 3
+
+
+def check_sweep(out, proc, *, ranks: int, labels: list[str], args: list[str]) -> dict:
+    """A sweep's table (a row per setting, one marked fastest, the command under it) and benchmark.json."""
+    assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-2000:]
+    report = json.loads((out / "benchmark.json").read_text())
+    assert report["world_size"] == ranks and report["rounds"] == ROUNDS and report["steps"] == 4
+    assert [s["setting"] for s in report["settings"]] == labels
+    for s in report["settings"]:
+        assert s["global_batch"] == 16 * ranks
+        for phase in ("data excluded", "data included"):
+            m = s["phases"][phase]
+            assert len(m["rounds_samples_per_second_per_gpu"]) == ROUNDS and m["rounds_spread"] >= 0
+            assert min(m["rounds_samples_per_second_per_gpu"]) <= m["samples_per_second_per_gpu"]
+            assert m["peak_memory_gb"] is None and m["step_time_median_s"] > 0  # a CPU: no peak memory
+    rates = {s["setting"]: s["phases"]["data included"]["samples_per_second_per_gpu"] for s in report["settings"]}
+    assert report["fastest"] == max(rates, key=rates.get)
+    lines = proc.stdout.splitlines()
+    rows = [line for line in lines if line[2:].split("  ")[0] in labels]
+    assert len(rows) == len(labels) and [r[0] for r in rows].count("*") == 1
+    assert rows[[r[0] for r in rows].index("*")][2:].startswith(report["fastest"] + " ")
+    command = lines[lines.index(next(line for line in lines if line.startswith("* the fastest"))) + 1].strip()
+    assert command == report["command"] and command.startswith(f"deepspeed --num_gpus {ranks} fastclip/train.py ")
+    again = parse_args(shlex.split(command)[4:])  # the reproducing run: the user's own, with the fastest's values
+    fastest = next(s for s in report["settings"] if s["setting"] == report["fastest"])
+    assert again.train.benchmark == 0 and again.train.benchmark_try is None
+    assert {key: str(getattr(again.train, key.split(".")[1])) for key in fastest["overrides"]} == fastest["overrides"]
+    mine = parse_args(args)
+    assert (again.data, again.model, again.log) == (mine.data, mine.model, mine.log)
+    assert not (out / "checkpoints").exists()
+    return report
+
+
+def _sweep_args(world_dir, out, tried: str) -> list[str]:
+    return small_run_args(world_dir, out, steps=8) + [
+        "--train.benchmark", "4", "--train.benchmark_warmup", "1", "--train.benchmark_try", tried
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_sweep_on_one_rank(world_dir, tmp_path):
+    out = tmp_path / "sweep1"
+    args = _sweep_args(world_dir, out, "train.zero_stage=1,2 train.precision=bf16,fp32")
+    proc = run_cli([sys.executable, str(ROOT / "fastclip" / "train.py"), *args], cwd=ROOT, timeout=400)
+    labels = [f"train.zero_stage={z} train.precision={p}" for z in (1, 2) for p in ("bf16", "fp32")]
+    report = check_sweep(out, proc, ranks=1, labels=labels, args=args)
+    engines = [(s["zero_stage"], s["precision"]) for s in report["settings"]]  # read back from each one's engine
+    assert engines == [(1, "bf16"), (1, "fp32"), (2, "bf16"), (2, "fp32")]
+
+
+@pytest.mark.slow
+def test_sweep_on_two_ranks(world_dir, tmp_path):
+    out = tmp_path / "sweep2"
+    args = _sweep_args(world_dir, out, "train.zero_stage=1,2")
+    proc = run_cli([*deepspeed_cmd(2, free_port()), *args], cwd=ROOT, timeout=400)
+    report = check_sweep(out, proc, ranks=2, labels=["train.zero_stage=1", "train.zero_stage=2"], args=args)
+    assert [s["zero_stage"] for s in report["settings"]] == [1, 2] and report["world"].startswith("2 ranks")
+
+
+def test_sweep_refuses_a_setting_before_any_model(world_dir, tmp_path):
+    args = _sweep_args(world_dir, tmp_path / "refused", "train.zero_stage=2,3 train.compile=step")
+    proc = run_cli([sys.executable, str(ROOT / "fastclip" / "train.py"), *args], cwd=ROOT, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "the setting 'train.zero_stage=3 train.compile=step' is refused: train.compile step needs ZeRO-1" in (
+        proc.stderr
+    )
+    assert "DataLoader workers" not in proc.stdout + proc.stderr  # no trainer was built
