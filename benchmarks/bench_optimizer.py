@@ -2,8 +2,9 @@
 FusedAdam (``optim.fused_adam``) against torch's foreach AdamW, the optimizer open_clip's training uses
 (``torch.optim.AdamW`` with its defaults), on the same parameters in the same run.
 
-The parameters are a real architecture's, laid out as the engine hands them to the optimizer: ZeRO-1/2 give it two
-flat fp32 partitions (decay and no decay, fastclip's parameter groups; one rank holds them whole), ZeRO-0 one fp32
+The parameters are a real architecture's, laid out as the engine hands them to the optimizer: ZeRO-1/2 give it one
+flat fp32 partition per parameter group (fastclip's: decay, no decay, the logit scale alone; one rank holds them
+whole), ZeRO-0 one fp32
 tensor per parameter. Gradients are random; the step is timed alone (median after warm-up), which is what the
 choice changes in a training step. GPU: ViT-B/32 (151M parameters). CPU: fastclip-tiny, both layouts.
 """
@@ -18,8 +19,9 @@ from fastclip.config import ModelConfig
 from harness import Result, time_fn
 
 
-def _groups(arch: str) -> tuple[list[list[torch.Size]], list[torch.Size]]:
-    """(parameter shapes by fastclip's groups [decay, no decay], all shapes) of ``arch``, built on the meta device."""
+def _groups(arch: str) -> tuple[list[tuple[float, list[torch.Size]]], list[torch.Size]]:
+    """([(weight decay, parameter shapes)] by fastclip's groups, all shapes) of ``arch``, built on the meta
+    device."""
     import open_clip
 
     from fastclip.model import _quiet_random_init, param_group_names, resolve_model_name
@@ -27,7 +29,8 @@ def _groups(arch: str) -> tuple[list[list[torch.Size]], list[torch.Size]]:
     with torch.device("meta"), _quiet_random_init():
         clip = open_clip.create_model(resolve_model_name(arch), device="meta")
     shapes = dict((n, p.shape) for n, p in clip.named_parameters())
-    return [[shapes[n] for n in names] for names in param_group_names(clip)], list(shapes.values())
+    groups = [(0.1 if kind == "decay" else 0.0, [shapes[n] for n in names]) for kind, names in param_group_names(clip)]
+    return groups, list(shapes.values())
 
 
 def _params(layout: str, arch: str, device: str) -> list[dict]:
@@ -35,7 +38,7 @@ def _params(layout: str, arch: str, device: str) -> list[dict]:
     groups, _ = _groups(arch)
     g = torch.Generator(device="cpu").manual_seed(0)
     out = []
-    for shapes, decay in zip(groups, (0.1, 0.0)):
+    for decay, shapes in groups:
         sizes = [s.numel() for s in shapes] if layout == "per-tensor" else [sum(s.numel() for s in shapes)]
         params = []
         for size in sizes:

@@ -80,9 +80,10 @@ class OpenClipTrainer:
         self.model = open_clip.create_model(name, output_dict=True, force_image_size=image_px).to(device)
         if compile_backend:  # open_clip's --torchcompile: torch.compile(model), here with the given backend
             self.model = torch.compile(self.model, backend=compile_backend)
-        self.optimizer = torch.optim.AdamW(
-            param_groups(self.model, weight_decay=0.1), lr=1e-3, betas=(0.9, 0.98), eps=1e-6
-        )
+        # open_clip_train.main's two groups (tests/test_param_layout.py holds fastclip's 'open_clip' rule to its
+        # lambda); per-tensor AdamW has no flat buffer to align
+        groups = param_groups(self.model, weight_decay=0.1, rule="open_clip", align=False)
+        self.optimizer = torch.optim.AdamW(groups, lr=1e-3, betas=(0.9, 0.98), eps=1e-6)
         self.scheduler = cosine_lr(self.optimizer, 1e-3, 10, 10_000)
         self.loss = open_clip.ClipLoss()
         self.batches, self.batch, self.accum_freq, self.device, self.epochs = batches, batch, accum_freq, device, 0
