@@ -29,9 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from bench_train_step import _fastclip_trainer, _fits, _fixed_batches, _open_clip_run, _paired_fixed  # noqa: E402
-
 from bench_data import _shards  # noqa: E402
+from bench_train_step import _fastclip_trainer, _fits, _fixed_batches, _open_clip_run, _paired_fixed  # noqa: E402
 from harness import Result, bench_time  # noqa: E402
 
 MICRO, K = 64, 4

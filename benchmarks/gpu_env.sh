@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Sourced by benchmarks/gpu_suite.sh and benchmarks/gpu_dali.sh, from the checkout's root, with $py set: what a
+# Sourced by benchmarks/gpu_suite.sh, gpu_parity.sh and gpu_dali.sh, from the checkout's root, with $py set: what a
 # bare GPU machine needs before fastclip runs there from this checkout.
 
 gpu_env() {  # the process limits, PYTHONPATH and the kernels link
@@ -19,4 +19,41 @@ gpu_wheels() {  # gpu_wheels NAME: $FASTCLIP_WHEELS installed (open_clip, DeepSp
     if [ -d "$site" ]; then
         export PYTHONPATH="$PYTHONPATH:$site"
     fi
+}
+
+# the caller sets $started, $budget and $deadline (seconds) and status=0; a stage that fails or is skipped sets status=1
+stage() {  # stage NAME LIMIT ESTIMATE CMD...: run CMD under min(LIMIT, time left), SIGINT first
+    local name=$1 limit=$2 estimate=$3 t0 left
+    shift 3
+    t0=$(date +%s)
+    left=$((deadline - t0))
+    [ "$left" -lt "$limit" ] && limit=$left
+    if [ "$limit" -lt 10 ]; then
+        echo "== $name: skipped, $left s left of the suite's $budget"
+        status=1
+        return
+    fi
+    echo "== $name (limit ${limit} s, estimate ${estimate} s; $((t0 - started)) s into the suite)"
+    timeout -s INT -k 15 "$limit" "$@" || { echo "== $name: exit $?"; status=1; }
+    echo "== $name: $(($(date +%s) - t0)) s"
+}
+
+gpu_versions() {  # gpu_versions FILE: the card, driver and the versions that run there, as JSON
+    "$py" - "$1" <<'PY'
+import json, sys, datetime, subprocess
+import torch, triton
+info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.cuda.is_available()}
+if torch.cuda.is_available():
+    info["gpu"] = torch.cuda.get_device_name(0)
+    info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                    capture_output=True, text=True).stdout.strip()
+for name in ("open_clip", "deepspeed", "nvidia.dali"):
+    try:
+        info[name] = __import__(name, fromlist=["_"]).__version__
+    except ImportError as e:
+        info[name] = f"missing ({e})"
+json.dump(info, open(sys.argv[1], "w"), indent=1)
+print("gpu_suite:", info)
+PY
 }

@@ -35,22 +35,6 @@ quick=()
 [ "$mode" = "--dry" ] && quick=(--quick)
 status=0
 
-stage() {  # stage NAME LIMIT ESTIMATE CMD...: run CMD under min(LIMIT, time left), SIGINT first
-    local name=$1 limit=$2 estimate=$3 t0 left
-    shift 3
-    t0=$(date +%s)
-    left=$((deadline - t0))
-    [ "$left" -lt "$limit" ] && limit=$left
-    if [ "$limit" -lt 10 ]; then
-        echo "== $name: skipped, $left s left of the suite's $budget"
-        status=1
-        return
-    fi
-    echo "== $name (limit ${limit} s, estimate ${estimate} s; $((t0 - started)) s into the suite)"
-    timeout -s INT -k 15 "$limit" "$@" || { echo "== $name: exit $?"; status=1; }
-    echo "== $name: $(($(date +%s) - t0)) s"
-}
-
 if ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     if [ "$mode" != "--dry" ]; then
         echo "gpu_suite: no CUDA device here; pass --dry to check the script on a CPU"
@@ -62,23 +46,7 @@ fi
 stage "precheck" 90 60 "$py" benchmarks/gpu_precheck.py "$out" --tiles "${quick[@]}"
 
 gpu_wheels gpu_suite || exit 2
-"$py" - "$out/versions.json" <<'PY'
-import json, sys, datetime, subprocess
-import torch, triton
-info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.cuda.is_available()}
-if torch.cuda.is_available():
-    info["gpu"] = torch.cuda.get_device_name(0)
-    info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                    capture_output=True, text=True).stdout.strip()
-for name in ("open_clip", "deepspeed", "nvidia.dali"):
-    try:
-        info[name] = __import__(name, fromlist=["_"]).__version__
-    except ImportError as e:
-        info[name] = f"missing ({e})"
-json.dump(info, open(sys.argv[1], "w"), indent=1)
-print("gpu_suite:", info)
-PY
+gpu_versions "$out/versions.json"
 
 bench() {  # bench NAME LIMIT ESTIMATE PYTEST-ARGS...: one benchmark stage, figures into gpu_bench.json
     local name=$1 limit=$2 estimate=$3

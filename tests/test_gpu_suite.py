@@ -27,6 +27,25 @@ def test_dry_run_runs_every_stage(tmp_path):
     assert "no CUDA device" in (tmp_path / "precheck.jsonl").read_text()
 
 
+PARITY_STAGES = ["alignment kernels", "step parity ViT-B/32 large batch", "step parity ViT-B/32 batch 256",
+                 "compile step ViT-B/32 large batch"]  # fmt: skip
+
+
+def test_parity_call_dry_run_runs_every_stage(tmp_path):
+    """benchmarks/gpu_parity.sh, the prepared GPU call of step parity: every stage names a test that exists (pytest
+    would exit 4 on a wrong id, and the call with it) and the files it promises are written."""
+    env = {**os.environ, "PYTHON": sys.executable}
+    env.pop("FASTCLIP_WHEELS", None)
+    out = subprocess.run(["bash", "benchmarks/gpu_parity.sh", str(tmp_path), "--dry"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    for stage in PARITY_STAGES:
+        assert f"== {stage} (limit" in log and f"== {stage}: " in log, (stage, log[-4000:])
+    assert log.count("1 skipped") == len(PARITY_STAGES)  # each a GPU test, skipped here
+    assert {"suite.log", "versions.json"} <= set(os.listdir(tmp_path))
+
+
 def _probe_wheel(into: Path) -> None:
     """A minimal installable wheel, one module, standing in for DALI's (the real ones are 250 MB)."""
     dist = "fastclip_dali_probe-0.1.dist-info"
