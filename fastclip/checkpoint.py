@@ -289,8 +289,8 @@ class CheckpointManager:
         say(f"checkpoint: {self.root / LATEST} names {folder.name} now, the step this run goes on from")
 
     def _source(self, folder: Path, saved: dict | None, stage: int) -> Path:
-        """The folder DeepSpeed loads: ``folder`` itself, or its universal conversion when this run's world size or
-        ZeRO stage differs from the checkpoint's (fastclip/reshard.py)."""
+        """The folder DeepSpeed loads: ``folder`` itself, or its universal conversion when this run's world size,
+        ZeRO stage or optimizer parameter groups differ from the checkpoint's (fastclip/reshard.py)."""
         now = {**self.meta, "world_size": self.world_size, "zero_stage": stage}
         if saved is None:
             return folder
@@ -300,7 +300,7 @@ class CheckpointManager:
         if regroup is not None:
             say(f"checkpoint: {folder}'s optimizer holds other parameter groups than this run's (it resumes alike "
                 f"with {regroup}): regrouped by parameter name")  # fmt: skip
-        else:
+        if (saved.get("world_size"), saved.get("zero_stage")) != (now["world_size"], now["zero_stage"]):
             say(f"checkpoint: {folder} was saved on {reshard.describe(saved)}; this run is {reshard.describe(now)}")
         kinds = [kind for kind, _ in self.meta["param_groups"]]
         target = reshard.universal_source(folder, self.root, rank=self.rank, store=self.store,

@@ -210,7 +210,7 @@ class TrainConfig:
     zero_stage: int = 2  # DeepSpeed ZeRO stage, 0 to 3 (1 and 2 in bf16 step without host syncs; 0 and 3 sync)
     precision: str = "bf16"  # one of PRECISIONS
     # false: the layout before 2026-12, to resume its checkpoints at ZeRO-0/3 or to measure what alignment buys
-    align_params: bool = True  # every parameter 16-byte aligned in DeepSpeed's flat buffers (odd sizes: own groups)
+    align_params: bool = True  # every parameter 16-byte aligned in DeepSpeed's flat buffers (odd sizes last)
     tf32: bool = True  # on CUDA: TF32 tensor cores for fp32 matmuls and convs, cuDNN autotuning
     seed: int = 0  # seeds model init and data order (offset by rank for the data)
     peak_tflops: float | None = None  # the card's dense bf16 TFLOP/s for the logs' mfu; none: known GPUs' datasheets

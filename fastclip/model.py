@@ -205,24 +205,24 @@ def _decays(name: str, param: torch.nn.Parameter, rule: str) -> bool:
 def param_group_names(
     clip: torch.nn.Module, *, rule: str = "open_clip", align: bool = True
 ) -> list[tuple[str, list[str]]]:
-    """The optimizer's parameter groups as (kind, names), kind 'decay' or 'no_decay', in the order the optimizer
+    """The optimizer's two parameter groups as (kind, names), kind 'decay' or 'no_decay', in the order the optimizer
     holds them (which names its tensors: checkpoints record this layout).
 
-    ``align``: each group's tensors of a multiple of :data:`ALIGN_ELEMENTS` elements first, in model order, so every
-    one starts 16-byte aligned in DeepSpeed's flat buffer; each other tensor (the 1-element logit scale and bias)
-    in a group of its own, with the same settings as its kind's. Without it, the two groups in model order (the
-    layout before 2026-12, whose flat buffers start with the logit scale)."""
+    ``align``: each group's tensors of a multiple of :data:`ALIGN_ELEMENTS` elements first, in model order, so each
+    starts 16-byte aligned in DeepSpeed's flat buffer, then the others (the 1-element logit scale, aligned too, and
+    SigLIP's logit bias, 2 bytes after it: a scalar the loss reads once, where alignment buys nothing). Groups of
+    their own would align that one as well, but DeepSpeed's universal-checkpoint load indexes the step of each
+    group's first parameter in a rank's partition, and a 1-element group's partition on ranks >= 1 is all padding:
+    every resume across world sizes onto 2 or more ranks would fail. Without ``align``, model order (the layout
+    before 2026-12, whose no-decay buffer starts with the logit scale)."""
     trainable = [(name, p) for name, p in clip.named_parameters() if p.requires_grad]
+    sizes = {name: math.prod(_shape(p)) for name, p in trainable}
     groups = []
     for kind, decays in (("decay", True), ("no_decay", False)):
         names = [name for name, p in trainable if _decays(name, p, rule) == decays]
-        if not align:
-            groups.append((kind, names))
-            continue
-        sizes = {name: math.prod(_shape(p)) for name, p in trainable}
-        even = [n for n in names if sizes[n] % ALIGN_ELEMENTS == 0]
-        groups += [(kind, even)] if even else []
-        groups += [(kind, [n]) for n in names if sizes[n] % ALIGN_ELEMENTS]
+        if align:
+            names = sorted(names, key=lambda n: sizes[n] % ALIGN_ELEMENTS != 0)  # stable: model order within each
+        groups.append((kind, names))
     return groups
 
 

@@ -111,7 +111,7 @@ def test_resume_follows_this_runs_schedule_and_adamw_settings(single_rank, world
     schedule = LrSchedule(kind="cosine", warmup=2, total=12)
     assert lrs == pytest.approx([5e-4 * schedule(k) for k in (4, 5, 6)])
     assert min(lrs) > 1e-4  # the old run's schedule would give lr 0 here
-    assert [g["weight_decay"] for g in groups] == [0.2, 0.0, 0.0] and {g["eps"] for g in groups} == {1e-7}
+    assert [g["weight_decay"] for g in groups] == [0.2, 0.0] and {g["eps"] for g in groups} == {1e-7}
     out = capsys.readouterr().out
     assert "changed since the checkpoint: " in out
     assert "optim.lr 0.001 -> 0.0005" in out and "train.steps 4 -> 12" in out and "optim.weight_decay 0.1 -> 0.2" in out
