@@ -109,7 +109,7 @@ class Trainer:
         self.accumulation = None
         if contrastive:
             self.accumulation = ContrastiveAccumulation(
-                self.forward, self.loss_fn, device=world.device, model=self.engine.module,
+                self.forward, self._autocast_loss, device=world.device, model=self.engine.module,
                 keep_last_graph=cfg.loss.backend not in LOGITS_BACKENDS,  # those would hold the logits meanwhile
             )  # fmt: skip
         scalars = ["logit_scale", "logit_bias"] if self.loss_kind == "siglip" else ["logit_scale"]
@@ -232,6 +232,12 @@ class Trainer:
     def autocast(self):
         """amp_bf16's autocast around what DeepSpeed's forward does not cover (fastclip/precision.py)."""
         return precision.autocast(self.precision, self.world.device)
+
+    def _autocast_loss(self, *args: torch.Tensor) -> torch.Tensor:
+        """The loss of contrastive accumulation's cached features, under amp_bf16's autocast as open_clip's
+        ``accum_freq`` computes it (and as :meth:`forward_and_loss` does)."""
+        with self.autocast():
+            return self.loss_fn(*args)
 
     def _module_and_loss(
         self, images: torch.Tensor, texts: torch.Tensor

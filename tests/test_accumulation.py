@@ -34,7 +34,8 @@ CASES = {
     # in bf16 is DeepSpeed's BF16_Optimizer; loss.backend torch replays every micro batch (it keeps no graph); SigLIP
     # caches the logit bias's gradient beside the scale's
     # (ZeRO-1 and ZeRO-3 on one rank: the 2- and 4-rank runs have them, where they partition something)
-    1: "0/true/true,2/true/true,2/true/true/fp32/torch,0/true/true/bf16,2/true/true/bf16,2/true/true/fp32/auto/siglip",
+    1: "0/true/true,2/true/true,2/true/true/fp32/torch,0/true/true/bf16,2/true/true/bf16,2/true/true/amp_bf16,"
+    "2/true/true/fp32/auto/siglip",
     2: "0/true/true,1/true/true,2/true/true,3/true/true,2/false/true,2/true/false,"
     "2/false/false,3/false/true/fp32/torch,2/true/true/bf16,2/true/true/fp32/auto/siglip",
     4: "0/true/true,1/true/true,2/true/true,3/true/true,2/true/true/bf16",  # K=1 only: the world-size comparison
