@@ -64,7 +64,7 @@ class DataConfig:
     zeroshot_classnames: str | None = None  # JSON list of class names; index = the sample's .cls
     zeroshot_templates: str | None = None  # JSON list of prompt templates with one '{}'
     demo_dir: str = field(default_factory=_demo_dir)  # with no train_shards: the synthetic world, generated once here
-    # 0: the cores this rank may use (its CPU affinity) / the node's ranks, 1 to 16 (data/loader.py's auto_threads)
+    # 0: the cores this rank may use (its CPU affinity) / the node's ranks sharing them, 1 to 16 (data/loader.py)
     num_threads: int = 0  # DALI threads (torch loader: DataLoader workers) per rank; 0: this rank's share of its cores
     shuffle_buffer: int = 1024  # samples in the shuffle buffer (per rank; per worker with the torch loader)
     loader: str = "auto"  # 'dali', 'torch' (DataLoader + torchvision) or 'auto' (DALI with a GPU, else torch)

@@ -82,7 +82,7 @@ class Interval:
 class Trainer:
     def __init__(self, cfg: Config, world: World):
         console.setup(world.rank)
-        data, threads_line = with_threads(cfg.data, world.local_world_size)
+        data, threads_line = with_threads(cfg.data, world.cpu_sharers)
         self.cfg, self.world = dataclasses.replace(cfg, data=data), world
         cfg = self.cfg
         say(threads_line)

@@ -65,6 +65,15 @@ class World:
         node = self.members[self.rank]["node"] if self.rank < len(self.members) else None
         return max(1, sum(1 for m in self.members if m["node"] == node))
 
+    @property
+    def cpu_sharers(self) -> int:
+        """The ranks of this rank's node that may run on exactly its CPUs (itself included): all of them unless the
+        launcher bound each rank to cores of its own (srun --cpu-bind, deepspeed --bind_cores_to_rank)."""
+        if not self.members or self.rank >= len(self.members):
+            return 1
+        me = self.members[self.rank]
+        return max(1, sum(1 for m in self.members if m["node"] == me["node"] and m.get("cpus") == me.get("cpus")))
+
     def describe(self, rank: int) -> str:
         """'rank 3 (node 1, host gpu-07, local rank 1)', from its join record."""
         m = self.members[rank] if rank < len(self.members) else {}
@@ -185,6 +194,11 @@ def _node() -> str:
     return next((os.environ[v] for v in NODE_VARS if v in os.environ), socket.gethostname())
 
 
+def cpu_set() -> list[int]:
+    """The CPUs this process may run on: its affinity (a scheduler's cgroup, taskset, a launcher's binding)."""
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
 def _versions() -> dict[str, str]:
     import deepspeed
 
@@ -235,7 +249,7 @@ def _store_key(name: str) -> str:
     return f"fastclip/{restart}/{os.environ.get('WORLD_SIZE', '1')}/{name}"
 
 
-LAYOUT_KEYS = ("rank", "host", "node", "local_rank", "device")
+LAYOUT_KEYS = ("rank", "host", "node", "local_rank", "device", "cpus")
 
 
 def _join(store, me: dict, world_size: int, join: float, launcher: str) -> list[dict]:
@@ -350,7 +364,7 @@ def join_world(
 
         digest = hashlib.sha1(Path(deepspeed_file).read_bytes()).hexdigest()
     me = {"rank": rank, "host": socket.gethostname(), "node": _node(), "local_rank": local_rank, "device": str(device),
-          "config": config or {}, "versions": _versions(), "deepspeed_file": digest}  # fmt: skip
+          "cpus": cpu_set(), "config": config or {}, "versions": _versions(), "deepspeed_file": digest}  # fmt: skip
     members = _join(store, me, world_size, dist_cfg.join_timeout_s, launcher)
     kwargs = {"device_id": device} if cuda else {}
     dist.init_process_group(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import subprocess
 import sys
@@ -187,7 +188,35 @@ def test_a_partial_deepspeed_config_trains_with_fastclips_other_settings(single_
         assert trainer.ds_config["optimizer"]["type"] == "AdamW"
     finally:
         trainer.close()
-    assert f"deepspeed: {ds} merged over the derived config" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"deepspeed: {ds} merged over the derived config" in out
+    # data.num_threads 0, the default: resolved from this rank's CPUs (the single-rank world shares them with none)
+    cores = len(os.sched_getaffinity(0))
+    workers = min(cores, 16)
+    assert f"data: {workers} DataLoader workers per rank ({cores} cores this rank may use / 1 rank(s) sharing" in out
+    assert trainer.cfg.data.num_threads == workers == trainer.train_loader.workers
+
+
+def test_automatic_data_threads_share_a_nodes_cores(monkeypatch):
+    """data.num_threads 0: a rank's CPUs divided among the ranks of its node that may run on the same ones; a
+    launcher that binds each rank to its own cores leaves each all of them; 1 to 16."""
+    from fastclip.config import DataConfig
+    from fastclip.data import loader
+    from fastclip.world import World
+
+    def world(rank: int, cpus: list[list[int]], nodes: list[str]) -> World:
+        members = tuple({"node": n, "cpus": c} for n, c in zip(nodes, cpus))
+        return World(rank, len(members), 0, torch.device("cpu"), members=members)
+
+    shared = world(1, [list(range(96))] * 8 + [list(range(96))] * 8, ["a"] * 8 + ["b"] * 8)
+    bound = world(3, [list(range(12 * r, 12 * r + 12)) for r in range(8)], ["a"] * 8)
+    assert (shared.cpu_sharers, shared.local_world_size, bound.cpu_sharers) == (8, 8, 1)
+    assert World(0, 1, 0, torch.device("cpu")).cpu_sharers == 1  # before the world is known
+    for cores, sharers, threads in ((96, 8, 12), (12, 1, 12), (128, 1, 16), (2, 4, 1), (97, 8, 12)):
+        monkeypatch.setattr(loader, "cpu_set", lambda cores=cores: list(range(cores)))
+        assert loader.auto_threads(sharers)[0] == threads, (cores, sharers)
+    data = DataConfig(num_threads=3)
+    assert loader.with_threads(data, 8) == (data, "data: 3 DataLoader workers per rank (data.num_threads)")
 
 
 # --- start-up on many shards (issue 11): counts from the index tool's files or data.train_num_samples -------------

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -22,6 +21,7 @@ from fastclip.data.batch import Batch
 from fastclip.data.shards import Shards, resolve_shards
 from fastclip.errors import ConfigError
 from fastclip.model import ImageSpec
+from fastclip.world import cpu_set
 
 
 class Loader(Protocol):
@@ -101,20 +101,21 @@ def derive_seed(seed: int, stream: str, *ids: int) -> int:
 MAX_AUTO_THREADS = 16  # past this a rank's decode rarely gains, and a node's other work needs cores too
 
 
-def auto_threads(local_ranks: int) -> tuple[int, str]:
-    """``data.num_threads`` 0 resolved: the cores this process may run on (its CPU affinity: a scheduler's cgroup
-    or taskset, not the machine's count) shared among this node's ranks, 1 to 16; and why, for the log."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    threads = max(1, min(MAX_AUTO_THREADS, cores // max(local_ranks, 1)))
-    return threads, f"{cores} cores this rank may use / {local_ranks} rank(s) on this node, at most {MAX_AUTO_THREADS}"
+def auto_threads(sharers: int) -> tuple[int, str]:
+    """``data.num_threads`` 0 resolved: the cores this process may run on (its CPU affinity: a scheduler's cgroup,
+    taskset or a launcher's binding, not the machine's count) divided among the ``sharers``, the ranks of this node
+    that may run on the same cores (:attr:`fastclip.world.World.cpu_sharers`), 1 to 16; and why, for the log."""
+    cores = len(cpu_set())
+    threads = max(1, min(MAX_AUTO_THREADS, cores // max(sharers, 1)))
+    return threads, f"{cores} cores this rank may use / {sharers} rank(s) sharing them, at most {MAX_AUTO_THREADS}"
 
 
-def with_threads(data: DataConfig, local_ranks: int) -> tuple[DataConfig, str]:
+def with_threads(data: DataConfig, sharers: int) -> tuple[DataConfig, str]:
     """``data`` with ``num_threads`` resolved (:func:`auto_threads`), and a line saying what was chosen and why."""
     kind = "DALI threads" if loader_kind(data) == "dali" else "DataLoader workers"
     if data.num_threads:
         return data, f"data: {data.num_threads} {kind} per rank (data.num_threads)"
-    threads, why = auto_threads(local_ranks)
+    threads, why = auto_threads(sharers)
     return dataclasses.replace(data, num_threads=threads), f"data: {threads} {kind} per rank ({why})"
 
 
