@@ -18,8 +18,9 @@ Found with :class:`fastclip.syncs.HostSyncAudit` on DeepSpeed 0.19 (tests/test_h
 
 ZeRO-0 under bf16 (DeepSpeed's unfused optimizer takes the grad norm with ``.item()`` per parameter) and
 ZeRO-3 (its step decides on the host whether the norm is valid) keep their syncs; ZeRO-1 and 2 in bf16 have none.
-In fp32, ZeRO-1/2's step reads the norm's validity on the host (``is_invalid_grad_norm``) to skip a step with a
-non-finite gradient: one sync a step, kept (fp32 is not the fast path; bf16 skips nothing there either).
+In fp32 and amp_bf16 (fp32 partitions both), ZeRO-1/2's step reads the norm's validity on the host
+(``is_invalid_grad_norm``) to skip a step with a non-finite gradient: one sync a step, kept (DeepSpeed's behaviour
+for fp32 weights; bf16 skips nothing there and has none).
 ``zero_optimization.overlap_comm`` stays off (DeepSpeed's default for ZeRO-1/2): on CUDA its reduction path
 calls ``synchronize()`` before reusing a gradient bucket.
 

@@ -64,6 +64,7 @@ def _config_with_timers(world_dir, tmp_path, extra):
         (["--train.zero_stage", "2", "timers-on"], True),
         # fp32: ZeRO-1/2 read the grad norm's validity on the host to skip a non-finite step (kept; fastclip/zero.py)
         (["--train.zero_stage", "2", "--train.precision", "fp32"], True),
+        (["--train.zero_stage", "2", "--train.precision", "amp_bf16"], True),  # fp32 partitions too
     ],
 )
 def test_zero_1_2_steps_have_no_host_syncs(single_rank, world_dir, tmp_path, extra, syncs_expected):
