@@ -15,6 +15,7 @@ measurements.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import statistics
@@ -124,29 +125,40 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def batches(trainer: Trainer) -> tuple[list[Batch], Iterator[Batch]]:
-    """(one step's batches to repeat, data excluded; the loader's stream, data included), in training mode."""
+def batches(trainer: Trainer) -> list[Batch]:
+    """One step's batches to repeat (data excluded), in training mode, from a stream closed after them."""
     trainer.engine.train()
-    loaded = iter(trainer.train_loader)
-    fixed = [trainer.fetch(loaded) for _ in range(trainer.cfg.train.grad_accum)]  # the loader puts them on the device
-    return fixed, loaded
+    with fresh_stream(trainer) as stream:  # the loader puts the batches on the device
+        return [trainer.fetch(stream) for _ in range(trainer.cfg.train.grad_accum)]
+
+
+@contextlib.contextmanager
+def fresh_stream(trainer: Trainer) -> Iterator[Iterator[Batch]]:
+    """The loader's stream, opened now and closed after: a stream left open fills its queues while other work runs
+    (a torch loader's workers, prefetch_factor batches each; DALI's prefetcher), and a data-included phase that
+    began on that backlog would time batches decoded in the background, not what the data path keeps up with."""
+    stream = iter(trainer.train_loader)
+    try:
+        yield stream
+    finally:
+        getattr(stream, "close", lambda: None)()  # a generator's close stops its DataLoader's workers
 
 
 def run(trainer: Trainer) -> dict:
     """Both phases of ``train.benchmark`` steps on every rank (the steps are collective); rank 0 reports. Returns
     the report."""
-    fixed, loaded = batches(trainer)
+    fixed = batches(trainer)
     cfg, device = trainer.cfg, trainer.world.device
     steps, warmup = cfg.train.benchmark, cfg.train.benchmark_warmup
+    excluded = measure(trainer, itertools.cycle(fixed), steps, warmup)
+    with fresh_stream(trainer) as stream:
+        included = measure(trainer, stream, steps, warmup)
     report = {
         "model": cfg.model.name, "card": card(device), "device": device.type, "world": trainer.world.layout(),
         "world_size": trainer.world.world_size, "global_batch": trainer.global_batch, "steps": steps,
         "warmup": warmup, "precision": trainer.precision, "zero_stage": trainer.stage,
         "flops_per_sample": trainer.flops_per_sample, "peak_flops": trainer.peak_flops, "versions": versions(),
-        "phases": {
-            "data excluded": measure(trainer, itertools.cycle(fixed), steps, warmup),
-            "data included": measure(trainer, loaded, steps, warmup),
-        },
+        "phases": {"data excluded": excluded, "data included": included},
     }  # fmt: skip
     # where a step's time goes (fastclip/profiling.py): one more step on the fixed batches, every rank (on a CPU,
     # whose one-step figures are noisy, three more)

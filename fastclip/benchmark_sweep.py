@@ -10,23 +10,28 @@ The rounds alternate: each measures every setting once (warm-up, then N steps da
 loader), every other round in reverse order, so the machine's drift (clocks, heat, a neighbour's load) hits every
 setting alike. A setting's figures are its medians over rounds, with the spread of its rate between rounds. Every
 rank runs the settings in the same order (the steps are collective). Rank 0 prints one table, marks the fastest
-(data included samples/s/GPU) and prints the command that trains with it; ``log.dir/benchmark.json`` has it all.
+(data included samples/s/GPU) and prints the command that trains with it; ``log.dir/benchmark.json`` has it all,
+each setting's config ``log.dir/sweep/NN/config.json``.
+
+One thing DeepSpeed keeps process-wide: once an amp_bf16 setting is built (its ``TORCH_AUTOCAST_INITIALIZED``), a
+later setting's gradient reduce follows per-parameter communication dtypes. That changes nothing unless a
+``--deepspeed_config`` file sets ``communication_data_type``; with one that does, compare those settings in two runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import statistics
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from fastclip.accumulation import is_out_of_memory
-from fastclip.benchmark import batches, card, measure, versions
+from fastclip.benchmark import batches, card, fresh_stream, measure, versions
 from fastclip.benchmark_try import Setting, command_line, settings
 from fastclip.config import Config
 from fastclip.console import say
@@ -46,7 +51,6 @@ class _Tried:
     setting: Setting
     trainer: Trainer
     fixed: list[Batch]
-    loaded: Iterator[Batch]
     resident: int  # bytes it holds between steps on CUDA (weights, optimizer state, batches); 0 on a CPU
     rounds: list[dict] = field(default_factory=list)  # per round: {phase: fastclip.benchmark.measure's figures}
 
@@ -55,27 +59,34 @@ def _allocated(device: torch.device) -> int:
     return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0  # the allocator's count: no sync
 
 
-def _build(setting: Setting, world: World) -> _Tried:
+def _own_log(cfg: Config, index: int) -> Config:
+    """A setting's config logging into a folder of its own (its config.json beside the sweep's benchmark.json), with
+    no wandb or TensorBoard run: one process would open one per setting, and a benchmark logs no metrics there."""
+    log = dataclasses.replace(cfg.log, dir=str(Path(cfg.log.dir) / "sweep" / f"{index:02d}"), wandb=False,
+                              tensorboard=False)  # fmt: skip
+    return dataclasses.replace(cfg, log=log)
+
+
+def _build(setting: Setting, index: int, world: World) -> _Tried:
     before = _allocated(world.device)
-    trainer = Trainer(setting.cfg, world)
+    trainer = Trainer(_own_log(setting.cfg, index), world)
     try:
-        fixed, loaded = batches(trainer)
+        fixed = batches(trainer)
         # one step now: the optimizer's state (and a compiled step's graph) comes with the first, and belongs to
         # what this setting holds between steps
         trainer.train_step(iter(fixed))
     except BaseException:
         trainer.close()
         raise
-    return _Tried(setting, trainer, fixed, loaded, _allocated(world.device) - before)
+    return _Tried(setting, trainer, fixed, _allocated(world.device) - before)
 
 
 def _measure_round(tried: _Tried, *, others: int) -> None:
     """Both phases of one round; ``others``: the bytes the other settings' trainers hold meanwhile."""
     cfg, trainer = tried.setting.cfg.train, tried.trainer
-    phases = {
-        "data excluded": measure(trainer, itertools.cycle(tried.fixed), cfg.benchmark, cfg.benchmark_warmup),
-        "data included": measure(trainer, tried.loaded, cfg.benchmark, cfg.benchmark_warmup),
-    }
+    phases = {"data excluded": measure(trainer, itertools.cycle(tried.fixed), cfg.benchmark, cfg.benchmark_warmup)}
+    with fresh_stream(trainer) as stream:  # opened per round: an idle setting's stream would decode ahead
+        phases["data included"] = measure(trainer, stream, cfg.benchmark, cfg.benchmark_warmup)
     for m in phases.values():
         if m["peak_memory_gb"] is not None:
             m["peak_memory_gb"] -= others / 1e9  # the device's peak holds the other trainers too: not this setting's
@@ -101,9 +112,9 @@ def _measured(tried_settings: list[Setting], world: World) -> list[_Tried]:
     """Every setting built, then measured in alternating rounds; their trainers closed."""
     tried: list[_Tried] = []
     try:
-        for setting in tried_settings:
+        for index, setting in enumerate(tried_settings):
             with _memory_said(sum(t.resident for t in tried)):
-                tried.append(_build(setting, world))
+                tried.append(_build(setting, index, world))
         total = sum(t.resident for t in tried)
         for r in range(ROUNDS):
             # every other round reversed: a drift over the round then favours neither the first nor the last

@@ -107,7 +107,8 @@ def command_line(argv: list[str], setting: Setting, *, nodes: int, per_node: int
         args += ["--train.benchmark", "0"]
     if again.train.benchmark_try is not None:
         args += ["--train.benchmark_try", "null"]
-    launcher = f"deepspeed {f'--num_nodes {nodes} ' if nodes > 1 else ''}--num_gpus {per_node}"
+    # several nodes: DeepSpeed's launcher needs the hostfile the run was started with, which no rank knows
+    launcher = f"deepspeed {f'--hostfile HOSTFILE --num_nodes {nodes} ' if nodes > 1 else ''}--num_gpus {per_node}"
     return f"{launcher} fastclip/train.py {shlex.join(args)}"
 
 

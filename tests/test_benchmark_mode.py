@@ -133,7 +133,7 @@ def test_command_line_trains_with_the_setting(tmp_path):
             "--train.benchmark_warmup", "2"]  # fmt: skip
     fastest = settings(parse_args(argv))[1]
     line = command_line(argv, fastest, nodes=2, per_node=4)
-    assert line.startswith("deepspeed --num_nodes 2 --num_gpus 4 fastclip/train.py --config ")
+    assert line.startswith("deepspeed --hostfile HOSTFILE --num_nodes 2 --num_gpus 4 fastclip/train.py --config ")
     args = shlex.split(line)[line.split().index("fastclip/train.py") + 1 :]
     assert args.count("--train.zero_stage") == 1 and not any(a.startswith("--local") for a in args)
     cfg = parse_args(args)
@@ -169,6 +169,9 @@ def check_sweep(out, proc, *, ranks: int, labels: list[str], args: list[str]) ->
     mine = parse_args(args)
     assert (again.data, again.model, again.log) == (mine.data, mine.model, mine.log)
     assert not (out / "checkpoints").exists()
+    configs = [json.loads((out / "sweep" / f"{i:02d}" / "config.json").read_text()) for i in range(len(labels))]
+    for config, s in zip(configs, report["settings"]):  # each setting's own config, beside the sweep's report
+        assert {key: str(config[key.split(".")[0]][key.split(".")[1]]) for key in s["overrides"]} == s["overrides"]
     return report
 
 
