@@ -20,6 +20,8 @@ say little.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import statistics
 from collections.abc import Callable
@@ -29,6 +31,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fastclip.benchmark import fresh_stream
 from fastclip.profiling import profile_step
 
 from bench_data import ROOT, _shards
@@ -39,6 +42,7 @@ from bench_train_step import (
     _fastclip_trainer,
     _fixed_batches,
     _kinds_result,
+    _out_of_memory,
     _profile_into,
     _release_cuda,
 )
@@ -99,17 +103,20 @@ def _alignment_kernels(record, device: str, quick: bool) -> None:
     cuda, shape = device == "cuda", MLP_SHAPES[device]
     aligned, offset = _layer_steps(shape, device, 0), _layer_steps(shape, device, 1)  # 1 bf16 element: 2 bytes
     repeats = 3 if quick else 20
+    note = "fwd+bwd; fastclip: 16-byte aligned bias/weight, baseline: 2 bytes off (the layout before)"
+    results = {}
     for name in aligned:
         for fn in (aligned[name], offset[name]):
             time_fn(fn, repeats=1, warmup=3, cuda=cuda)  # cuBLASLt's heuristics and the allocator settle
         ours, base = time_paired(aligned[name], offset[name], repeats=repeats, cuda=cuda)
-        kernels = {side: profile_step(fn, cuda=cuda, top=8).top for side, fn in
-                   (("aligned", aligned[name]), ("2 bytes off", offset[name]))}  # fmt: skip
         params = {"op": name, "tokens": shape[0], "dtype": "bf16", "device": device}
-        note = "fwd+bwd; fastclip: 16-byte aligned bias/weight, baseline: 2 bytes off (the layout before)"
-        record(Result("step_parity", f"{name}, aligned vs 2 bytes off", params, "seconds", ours.median_s,
-                      base.median_s, extra={"kernels": kernels, "spread": [ours.spread, base.spread]},
-                      note=note))  # fmt: skip
+        results[name] = Result("step_parity", f"{name}, aligned vs 2 bytes off", params, "seconds", ours.median_s,
+                               base.median_s, extra={"spread": [ours.spread, base.spread]}, note=note)  # fmt: skip
+        record(results[name])
+    for name, result in results.items():  # profiled after every timing: a profiler session may slow what follows
+        result.extra["kernels"] = {side: profile_step(fn, cuda=cuda, top=8).top for side, fn in
+                                   (("aligned", aligned[name]), ("2 bytes off", offset[name]))}  # fmt: skip
+        record(result)
 
 
 @pytest.mark.gpu
@@ -133,6 +140,7 @@ class _Side:
     trainer: object = None  # fastclip's Trainer; None for open_clip
     seconds: list[float] = field(default_factory=list)  # per step, a figure per round
     transient: list[int] = field(default_factory=list)  # peak bytes above what was allocated before its block
+    failed: str | None = None  # why it stopped being measured (an out-of-memory beside the other sides)
 
 
 def _allocated(cuda: bool) -> int:
@@ -170,13 +178,31 @@ def _open_clip_side(*, model_name, size, tokenizer, batch, steps, device) -> _Si
     return _Side(OPEN_CLIP, lambda: runner.epoch(steps), lambda: runner.epoch(1), _allocated(cuda) - before)
 
 
+@contextlib.contextmanager
+def _memory_noted(resident: int, into: list[str]):
+    """An out-of-memory in what follows appended to ``into`` (with the bytes the other sides held), not raised: the
+    other sides' figures are worth more than the case's end."""
+    try:
+        yield
+    except RuntimeError as e:
+        if not _out_of_memory(e):
+            raise
+        into.append(f"out of memory beside {resident / 2**30:.1f} GiB of the other sides: {str(e)[:160]}")
+        _release_cuda()
+
+
 def _round(sides: list[_Side], steps: int, cuda: bool) -> None:
-    for side in sides:
+    for side in (s for s in sides if s.failed is None):
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        before = _allocated(cuda)
-        side.seconds.append(time_fn(side.block, repeats=1, warmup=0, cuda=cuda).median_s / steps)
+        before, failed = _allocated(cuda), []
+        with _memory_noted(sum(s.resident for s in sides) - side.resident, failed):
+            seconds = time_fn(side.block, repeats=1, warmup=0, cuda=cuda).median_s / steps
+        if failed:
+            side.failed = failed[0]
+            continue
+        side.seconds.append(seconds)
         side.transient.append(torch.cuda.max_memory_allocated() - before if cuda else 0)
 
 
@@ -193,23 +219,28 @@ class _Case:
 def _record_rates(record, case: _Case, sides: list[_Side], profiles: dict) -> None:
     """Each fastclip side's samples/s/GPU against open_clip's (medians over the rounds so far), its MFU and peak
     memory, and, once profiled, where its step's time goes beside open_clip's."""
-    theirs = next(s for s in sides if s.trainer is None)
-    base_s = statistics.median(theirs.seconds)
+    theirs = next((s for s in sides if s.trainer is None and s.seconds), None)
+    base_s = statistics.median(theirs.seconds) if theirs else None
     for side in sides:
-        if side.trainer is None:
+        params = {**case.params, "setting": side.label}
+        if side.trainer is None or not side.seconds:
+            if side.failed:  # measured in no round: the reason is the figure
+                record(Result("step_parity", "samples/s/GPU, data excluded", params, "samples_per_second", None,
+                              None, note=side.failed))  # fmt: skip
             continue
         ours_s = statistics.median(side.seconds)
-        params = {**case.params, "setting": side.label}
         mfu = case.batch / ours_s * case.flops_per_sample / case.peak if case.peak else None
         extra = {
-            "mfu": mfu, "rounds_s": side.seconds, "open_clip_rounds_s": theirs.seconds,
+            "mfu": mfu, "rounds_s": side.seconds, "open_clip_rounds_s": theirs.seconds if theirs else None,
             "peak_memory_bytes": side.resident + max(side.transient),
-            "open_clip_peak_memory_bytes": theirs.resident + max(theirs.transient),
+            "open_clip_peak_memory_bytes": theirs.resident + max(theirs.transient) if theirs else None,
         }  # fmt: skip
         note = f"{len(side.seconds)} rounds, alternating; " + (f"MFU {mfu:.0%}" if mfu else "no MFU on a CPU")
+        note += "".join(f"; {s.label}: {s.failed}" for s in (side, theirs) if s is not None and s.failed)
         record(Result("step_parity", "samples/s/GPU, data excluded", params, "samples_per_second",
-                      case.batch / ours_s, case.batch / base_s, extra=extra, note=note))  # fmt: skip
-        if side.label in profiles:
+                      case.batch / ours_s, case.batch / base_s if base_s else None, extra=extra,
+                      note=note))  # fmt: skip
+        if side.label in profiles and theirs is not None:
             record(_kinds_result(params, profiles[side.label], profiles[OPEN_CLIP], (ours_s, base_s)))
 
 
@@ -228,7 +259,8 @@ def _data_included(record, case: _Case, side: _Side, steps: int) -> None:
     trainer = side.trainer
     excluded = case.batch / statistics.median(side.seconds)
     try:
-        included = case.batch / _fastclip_run(trainer, iter(trainer.train_loader), steps, repeats=2)
+        with fresh_stream(trainer) as stream:
+            included = case.batch / _fastclip_run(trainer, stream, steps, repeats=2)
     except Exception as e:  # the data path is another subsystem: its failure is a figure's note, not the case's end
         included, note = None, f"the loader failed: {type(e).__name__}: {e}"[:300]
     else:
@@ -249,23 +281,38 @@ def _parity(record, world, *, device: str, model_name: str, batch: int, settings
               "--data.num_threads", "0")  # fmt: skip
     sides: list[_Side] = []
     try:
-        for label, options in settings.items():
-            sides.append(_fastclip_side(label, options, world=world, root=root, common=common, batch=batch,
-                                        steps=steps, device=device))  # fmt: skip
-        first = sides[0].trainer
-        sides.append(_open_clip_side(model_name=model_name, size=first.image.size, tokenizer=first.tokenizer,
-                                     batch=batch, steps=steps, device=device))  # fmt: skip
+        builds = {label: functools.partial(_fastclip_side, label, options, world=world, root=root, common=common,
+                                           batch=batch, steps=steps, device=device)
+                  for label, options in settings.items()}  # fmt: skip
+        builds[OPEN_CLIP] = lambda: _open_clip_side(
+            model_name=model_name,
+            size=first.image.size,
+            tokenizer=first.tokenizer,
+            batch=batch,
+            steps=steps,
+            device=device,
+        )
+        for label, build in builds.items():
+            first = next((s.trainer for s in sides if s.trainer is not None), None)  # its image size and tokenizer
+            if label == OPEN_CLIP and first is None:
+                pytest.fail(f"no fastclip side could be built: {[s.failed for s in sides]}")
+            failed: list[str] = []
+            with _memory_noted(sum(s.resident for s in sides), failed):
+                sides.append(build())
+            if failed:
+                sides.append(_Side(label, None, None, 0, failed=failed[0]))
         case = _Case({"model": model_name, "image_px": first.image.size, "batch": batch, "ranks": 1,
                       "device": device}, batch, flops_per_sample, peak)  # fmt: skip
         for r in range(rounds):
             _round(sides if r % 2 == 0 else sides[::-1], steps, cuda)
             _record_rates(record, case, sides, {})
         profiles: dict = {}
-        for side in sides:  # after every timed round: a profiler session may slow what follows it
+        for side in (s for s in sides if s.failed is None):  # after every timed round: a profiler may slow what follows
             _profile_into(profiles.setdefault(side.label, {}), side.step, cuda=cuda)
         _record_rates(record, case, sides, profiles)
-        if data:
-            _data_included(record, case, next(s for s in sides if s.label == DEFAULT), steps)
+        default = next((s for s in sides if s.label == DEFAULT and s.failed is None), None)
+        if data and default is not None:
+            _data_included(record, case, default, steps)
     finally:
         for side in sides:
             if side.trainer is not None:
