@@ -33,7 +33,11 @@ def derived_config(cfg: Config, *, world_size: int, cuda: bool) -> dict[str, Any
         # DeepSpeed's throughput timer synchronizes the device at every forward and step (fastclip/zero.py)
         "timers": {"throughput": {"enabled": False}},
         "gradient_clipping": cfg.optim.grad_clip,
-        "zero_optimization": {"stage": cfg.train.zero_stage},
+        # memory_efficient_linear (ZeRO-3) would replace torch.nn.functional.linear for the whole process, for good
+        # ("This will persist unless manually reset"): every model built after it in the process (open_clip's in a
+        # benchmark, another setting of a sweep) would run its Linears through DeepSpeed's autograd Function. torch's
+        # own linear keeps the same tensors for the backward: ZeRO-3 releases and re-gathers the weight it saved.
+        "zero_optimization": {"stage": cfg.train.zero_stage, "memory_efficient_linear": False},
         **deepspeed_sections(cfg.train.precision, check_overflow=cfg.optim.skip_nonfinite),
         "optimizer": {
             "type": "AdamW",
