@@ -168,7 +168,8 @@ def test_a_deepspeed_config_file_is_merged_over_the_derived_one(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 10**8}, "prescale_gradients": False}))
     ds = deepspeed_config(parse_args(["--deepspeed_config", str(path)]), world_size=2, cuda=False)
-    assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 10**8} and ds["prescale_gradients"] is False
+    assert ds["zero_optimization"] == {"stage": 2, "memory_efficient_linear": False, "reduce_bucket_size": 10**8}
+    assert ds["prescale_gradients"] is False
     assert ds["timers"]["throughput"]["enabled"] is False and ds["bf16"]["check_grad_overflow"] is False  # kept
     path.write_text(json.dumps({"optimizer": {"type": "Lamb", "params": {"lr": 1e-3}}, "bfloat16": {"enabled": True}}))
     ds = deepspeed_config(parse_args(["--deepspeed_config", str(path)]), world_size=2, cuda=False)
