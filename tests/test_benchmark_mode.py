@@ -184,12 +184,11 @@ def _sweep_args(world_dir, out, tried: str) -> list[str]:
 @pytest.mark.slow
 def test_sweep_on_one_rank(world_dir, tmp_path):
     out = tmp_path / "sweep1"
-    args = _sweep_args(world_dir, out, "train.zero_stage=1,2 train.precision=bf16,fp32")
+    args = _sweep_args(world_dir, out, "train.precision=bf16,amp_bf16")  # every combination: the try-string tests
     proc = run_cli([sys.executable, str(ROOT / "fastclip" / "train.py"), *args], cwd=ROOT, timeout=400)
-    labels = [f"train.zero_stage={z} train.precision={p}" for z in (1, 2) for p in ("bf16", "fp32")]
+    labels = ["train.precision=bf16", "train.precision=amp_bf16"]
     report = check_sweep(out, proc, ranks=1, labels=labels, args=args)
-    engines = [(s["zero_stage"], s["precision"]) for s in report["settings"]]  # read back from each one's engine
-    assert engines == [(1, "bf16"), (1, "fp32"), (2, "bf16"), (2, "fp32")]
+    assert [s["precision"] for s in report["settings"]] == ["bf16", "amp_bf16"]  # read back from each one's engine
 
 
 @pytest.mark.slow
