@@ -299,7 +299,8 @@ class CheckpointManager:
             return folder
         if regroup is not None:
             say(f"checkpoint: {folder}'s optimizer holds other parameter groups than this run's (it resumes alike "
-                f"with {regroup}): regrouped by parameter name")  # fmt: skip
+                f"with {regroup}): regrouped by parameter name; from here on, weight decay follows this run's "
+                "optim.decay_rule")  # fmt: skip
         if (saved.get("world_size"), saved.get("zero_stage")) != (now["world_size"], now["zero_stage"]):
             say(f"checkpoint: {folder} was saved on {reshard.describe(saved)}; this run is {reshard.describe(now)}")
         kinds = [kind for kind, _ in self.meta["param_groups"]]
