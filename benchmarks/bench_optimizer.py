@@ -3,9 +3,8 @@ FusedAdam (``optim.fused_adam``) against torch's foreach AdamW, the optimizer op
 (``torch.optim.AdamW`` with its defaults), on the same parameters in the same run.
 
 The parameters are a real architecture's, laid out as the engine hands them to the optimizer: ZeRO-1/2 give it one
-flat fp32 partition per parameter group (fastclip's: decay, no decay, the logit scale alone; one rank holds them
-whole), ZeRO-0 one fp32
-tensor per parameter. Gradients are random; the step is timed alone (median after warm-up), which is what the
+flat fp32 partition per parameter group (fastclip's two, decay and no decay; one rank holds them whole), ZeRO-0 one
+fp32 tensor per parameter. Gradients are random; the step is timed alone (median after warm-up), which is what the
 choice changes in a training step. GPU: ViT-B/32 (151M parameters). CPU: fastclip-tiny, both layouts.
 """
 
