@@ -82,10 +82,8 @@ class Interval:
 class Trainer:
     def __init__(self, cfg: Config, world: World):
         console.setup(world.rank)
-        data, threads_line = with_threads(cfg.data, world.cpu_sharers)
-        self.cfg, self.world = dataclasses.replace(cfg, data=data), world
-        cfg = self.cfg
-        say(threads_line)
+        cfg = self.cfg = dataclasses.replace(cfg, data=with_threads(cfg.data, world.cpu_sharers))
+        self.world = world
         seed_everything(cfg.train.seed)
         configure_matmuls(world.device, tf32=cfg.train.tf32)
         self.loss_kind = loss_kind(cfg.loss, cfg.model.name)  # 'clip' or 'siglip'

@@ -197,7 +197,7 @@ def test_a_partial_deepspeed_config_trains_with_fastclips_other_settings(single_
     assert trainer.cfg.data.num_threads == workers == trainer.train_loader.workers
 
 
-def test_automatic_data_threads_share_a_nodes_cores(monkeypatch):
+def test_automatic_data_threads_share_a_nodes_cores(monkeypatch, capsys):
     """data.num_threads 0: a rank's CPUs divided among the ranks of its node that may run on the same ones; a
     launcher that binds each rank to its own cores leaves each all of them; 1 to 16."""
     from fastclip.config import DataConfig
@@ -216,7 +216,8 @@ def test_automatic_data_threads_share_a_nodes_cores(monkeypatch):
         monkeypatch.setattr(loader, "cpu_set", lambda cores=cores: list(range(cores)))
         assert loader.auto_threads(sharers)[0] == threads, (cores, sharers)
     data = DataConfig(num_threads=3)
-    assert loader.with_threads(data, 8) == (data, "data: 3 DataLoader workers per rank (data.num_threads)")
+    assert loader.with_threads(data, 8) == data
+    assert "data: 3 DataLoader workers per rank (data.num_threads)" in capsys.readouterr().out
 
 
 # --- start-up on many shards (issue 11): counts from the index tool's files or data.train_num_samples -------------

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from fastclip.config import DataConfig
+from fastclip.console import say
 from fastclip.data.batch import Batch
 from fastclip.data.shards import Shards, resolve_shards
 from fastclip.errors import ConfigError
@@ -110,13 +111,15 @@ def auto_threads(sharers: int) -> tuple[int, str]:
     return threads, f"{cores} cores this rank may use / {sharers} rank(s) sharing them, at most {MAX_AUTO_THREADS}"
 
 
-def with_threads(data: DataConfig, sharers: int) -> tuple[DataConfig, str]:
-    """``data`` with ``num_threads`` resolved (:func:`auto_threads`), and a line saying what was chosen and why."""
+def with_threads(data: DataConfig, sharers: int) -> DataConfig:
+    """``data`` with ``num_threads`` resolved (:func:`auto_threads`), saying what was chosen and why."""
     kind = "DALI threads" if loader_kind(data) == "dali" else "DataLoader workers"
     if data.num_threads:
-        return data, f"data: {data.num_threads} {kind} per rank (data.num_threads)"
+        say(f"data: {data.num_threads} {kind} per rank (data.num_threads)")
+        return data
     threads, why = auto_threads(sharers)
-    return dataclasses.replace(data, num_threads=threads), f"data: {threads} {kind} per rank ({why})"
+    say(f"data: {threads} {kind} per rank ({why})")
+    return dataclasses.replace(data, num_threads=threads)
 
 
 def dali_available() -> bool:
