@@ -208,7 +208,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro batches per optimizer step: the step's contrastive batch is K x batch x ranks
     accum_mode: str = "contrastive"  # with grad_accum > 1: 'contrastive' (one loss over the step) or 'independent'
     zero_stage: int = 2  # DeepSpeed ZeRO stage, 0 to 3 (1 and 2 in bf16 step without host syncs; 0 and 3 sync)
-    precision: str = "bf16"  # one of PRECISIONS
+    precision: str = "bf16"  # 'bf16', 'amp_bf16' (open_clip's: fp32 weights under autocast) or 'fp32' (PRECISIONS)
     # false: the layout before 2026-12, to resume its checkpoints at ZeRO-0/3 or to measure what alignment buys
     align_params: bool = True  # every parameter 16-byte aligned in DeepSpeed's flat buffers (odd sizes last)
     tf32: bool = True  # on CUDA: TF32 tensor cores for fp32 matmuls and convs, cuDNN autotuning
