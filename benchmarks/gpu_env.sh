@@ -21,7 +21,25 @@ gpu_wheels() {  # gpu_wheels NAME: $FASTCLIP_WHEELS installed (open_clip, DeepSp
     fi
 }
 
-# the caller sets $started, $budget and $deadline (seconds) and status=0; a stage that fails or is skipped sets status=1
+gpu_begin() {  # gpu_begin NAME OUTDIR MODE BUDGET: the log, the clock, the mode; exits 2 without CUDA unless --dry
+    local name=$1
+    out=$2 mode=$3 budget=$4 status=0 quick=()
+    mkdir -p "$out"
+    exec > >(tee "$out/suite.log") 2>&1
+    started=$(date +%s)
+    deadline=$((started + budget))
+    [ "$mode" = "--dry" ] && quick=(--quick)
+    gpu_env
+    if ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+        if [ "$mode" != "--dry" ]; then
+            echo "$name: no CUDA device here; pass --dry to check the script on a CPU"
+            exit 2
+        fi
+        echo "$name: dry run, CUDA parts skip themselves"
+    fi
+}
+
+# after gpu_begin ($started, $budget, $deadline); a stage that fails or is skipped sets status=1
 stage() {  # stage NAME LIMIT ESTIMATE CMD...: run CMD under min(LIMIT, time left), SIGINT first
     local name=$1 limit=$2 estimate=$3 t0 left
     shift 3

@@ -15,29 +15,12 @@
 # benchmarks/gpu_dali.sh's. Writes into OUTDIR: versions.json, gpu_bench.json (fastclip vs open_clip, ratios),
 # suite.log.
 set -uo pipefail
-out=${1:?usage: benchmarks/gpu_parity.sh OUTDIR [--dry]}
-mode=${2:-}
+[ $# -ge 1 ] || { echo "usage: benchmarks/gpu_parity.sh OUTDIR [--dry]"; exit 2; }
 cd "$(dirname "$0")/.." || exit 2
-mkdir -p "$out"
-exec > >(tee "$out/suite.log") 2>&1
-started=$(date +%s)
-budget=${GPU_PARITY_SECONDS:-420}
-deadline=$((started + budget))
 py=${PYTHON:-python3}
 # shellcheck source=benchmarks/gpu_env.sh
 . benchmarks/gpu_env.sh
-gpu_env
-quick=()
-[ "$mode" = "--dry" ] && quick=(--quick)
-status=0
-
-if ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    if [ "$mode" != "--dry" ]; then
-        echo "gpu_parity: no CUDA device here; pass --dry to check the script on a CPU"
-        exit 2
-    fi
-    echo "gpu_parity: dry run, CUDA parts skip themselves"
-fi
+gpu_begin gpu_parity "$1" "${2:-}" "${GPU_PARITY_SECONDS:-420}"
 gpu_wheels gpu_parity || exit 2
 gpu_versions "$out/versions.json"
 

@@ -19,29 +19,12 @@
 # Writes into OUTDIR (8 files at most): precheck.jsonl, precheck.json, versions.json, gpu_tests.xml,
 # gpu_bench.json (fastclip vs open_clip, ratios), pytest_benchmark.json, suite.log.
 set -uo pipefail
-out=${1:?usage: benchmarks/gpu_suite.sh OUTDIR [--dry]}
-mode=${2:-}
+[ $# -ge 1 ] || { echo "usage: benchmarks/gpu_suite.sh OUTDIR [--dry]"; exit 2; }
 cd "$(dirname "$0")/.." || exit 2
-mkdir -p "$out"
-exec > >(tee "$out/suite.log") 2>&1
-started=$(date +%s)
-budget=${GPU_SUITE_SECONDS:-460}  # a shorter budget runs the stages in order until it is spent
-deadline=$((started + budget))
 py=${PYTHON:-python3}
 # shellcheck source=benchmarks/gpu_env.sh
 . benchmarks/gpu_env.sh
-gpu_env
-quick=()
-[ "$mode" = "--dry" ] && quick=(--quick)
-status=0
-
-if ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    if [ "$mode" != "--dry" ]; then
-        echo "gpu_suite: no CUDA device here; pass --dry to check the script on a CPU"
-        exit 2
-    fi
-    echo "gpu_suite: dry run, CUDA parts skip themselves"
-fi
+gpu_begin gpu_suite "$1" "${2:-}" "${GPU_SUITE_SECONDS:-460}"  # a shorter budget runs the stages in order until it is spent
 
 stage "precheck" 90 60 "$py" benchmarks/gpu_precheck.py "$out" --tiles "${quick[@]}"
 

@@ -167,9 +167,14 @@ def run(trainer: Trainer) -> dict:
     report["step_breakdown_ms"] = profiled.kinds
     report["step_top_ops"] = profiled.top
     if trainer.world.is_main:
-        say(table(report))
-        path = Path(cfg.log.dir) / "benchmark.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=1))
-        say(f"benchmark: written to {path}")
+        publish(report, table(report), cfg.log.dir)
     return report
+
+
+def publish(report: dict, text: str, log_dir: str) -> None:
+    """Rank 0's table (``text``) on the console and ``report`` in ``log_dir/benchmark.json``."""
+    say(text)
+    path = Path(log_dir) / "benchmark.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1))
+    say(f"benchmark: written to {path}")

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +30,9 @@ from pathlib import Path
 import torch
 
 from fastclip.accumulation import is_out_of_memory
-from fastclip.benchmark import batches, card, fresh_stream, measure, versions
+from fastclip.benchmark import batches, card, fresh_stream, measure, publish, versions
 from fastclip.benchmark_try import Setting, command_line, settings
 from fastclip.config import Config
-from fastclip.console import say
 from fastclip.data.batch import Batch
 from fastclip.errors import OutOfMemory
 from fastclip.trainer import Trainer
@@ -191,9 +189,5 @@ def run(cfg: Config, world: World, *, argv: list[str]) -> dict:
         "fastest": fastest["setting"], "command": command,
     }  # fmt: skip
     if world.is_main:
-        say(table(report))
-        path = Path(cfg.log.dir) / "benchmark.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=1))
-        say(f"benchmark: written to {path}")
+        publish(report, table(report), cfg.log.dir)
     return report

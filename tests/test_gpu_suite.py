@@ -14,15 +14,21 @@ STAGES = ["precheck", "GPU tests", "loss vs open_clip", "AdamW step", "train ste
           "train step ViT-B/16", "ZeRO stages", "contrastive batch 65,536", "compile ViT-B/32"]  # fmt: skip
 
 
-def test_dry_run_runs_every_stage(tmp_path):
+def _dry_run(script: str, out, stages: list[str]) -> str:
+    """``script`` with --dry on this CPU: exit 0, each stage started and ended; its log."""
     env = {**os.environ, "PYTHON": sys.executable}
     env.pop("FASTCLIP_WHEELS", None)
-    out = subprocess.run(["bash", "benchmarks/gpu_suite.sh", str(tmp_path), "--dry"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
-    log = out.stdout + out.stderr
-    assert out.returncode == 0, log[-4000:]
-    for stage in STAGES:
+    proc = subprocess.run(["bash", script, str(out), "--dry"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    for stage in stages:
         assert f"== {stage} (limit" in log and f"== {stage}: " in log, (stage, log[-4000:])
+    return log
+
+
+def test_dry_run_runs_every_stage(tmp_path):
+    _dry_run("benchmarks/gpu_suite.sh", tmp_path, STAGES)
     assert {"suite.log", "versions.json", "precheck.jsonl", "gpu_tests.xml"} <= set(os.listdir(tmp_path))
     assert "no CUDA device" in (tmp_path / "precheck.jsonl").read_text()
 
@@ -34,14 +40,7 @@ PARITY_STAGES = ["alignment kernels", "step parity ViT-B/32 large batch", "step 
 def test_parity_call_dry_run_runs_every_stage(tmp_path):
     """benchmarks/gpu_parity.sh, the prepared GPU call of step parity: every stage names a test that exists (pytest
     would exit 4 on a wrong id, and the call with it) and the files it promises are written."""
-    env = {**os.environ, "PYTHON": sys.executable}
-    env.pop("FASTCLIP_WHEELS", None)
-    out = subprocess.run(["bash", "benchmarks/gpu_parity.sh", str(tmp_path), "--dry"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
-    log = out.stdout + out.stderr
-    assert out.returncode == 0, log[-4000:]
-    for stage in PARITY_STAGES:
-        assert f"== {stage} (limit" in log and f"== {stage}: " in log, (stage, log[-4000:])
+    log = _dry_run("benchmarks/gpu_parity.sh", tmp_path, PARITY_STAGES)
     assert log.count("1 skipped") == len(PARITY_STAGES)  # each a GPU test, skipped here
     assert {"suite.log", "versions.json"} <= set(os.listdir(tmp_path))
 
