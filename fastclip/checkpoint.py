@@ -303,9 +303,8 @@ class CheckpointManager:
                 "optim.decay_rule")  # fmt: skip
         if (saved.get("world_size"), saved.get("zero_stage")) != (now["world_size"], now["zero_stage"]):
             say(f"checkpoint: {folder} was saved on {reshard.describe(saved)}; this run is {reshard.describe(now)}")
-        kinds = [kind for kind, _ in self.meta["param_groups"]]
         target = reshard.universal_source(folder, self.root, rank=self.rank, store=self.store,
-                                          key=f"fastclip/universal/{folder.resolve()}", kinds=kinds)  # fmt: skip
+                                          key=f"fastclip/universal/{folder.resolve()}")  # fmt: skip
         self.engine._config.load_universal_checkpoint = True  # read at load time (DeepSpeed's engine and ZeRO)
         return target
 

@@ -14,8 +14,8 @@ before anything loads, saying what to do.
 
 The same conversion resumes a ZeRO-1/2 checkpoint whose optimizer holds the parameters in other groups than this
 run's (fastclip/model.py's param_group_names: checkpoints from before the aligned layout, or another
-optim.decay_rule): the universal format keeps each parameter's state by name, and :func:`match_groups` gives its
-group list this run's length (DeepSpeed pairs saved and current groups by position and would skip the rest).
+optim.decay_rule): the universal format keeps each parameter's state by name, and both layouts have the same two
+groups, decay and no decay, which DeepSpeed pairs by position.
 """
 
 from __future__ import annotations
@@ -76,15 +76,13 @@ def check_convertible(folder: Path, saved: dict, now: dict, *, regroup: str | No
     return True
 
 
-def universal_source(folder: Path, root: Path, *, rank: int, store, key: str, kinds: list[str]) -> Path:
-    """The universal conversion of ``folder``, made by rank 0 (once) while the other ranks wait on ``store``;
-    ``kinds``: this run's parameter groups' names, in order (:func:`match_groups`)."""
+def universal_source(folder: Path, root: Path, *, rank: int, store, key: str) -> Path:
+    """The universal conversion of ``folder``, made by rank 0 (once) while the other ranks wait on ``store``."""
     target = root / UNIVERSAL / folder.name
     if rank == 0:
         try:
             if not (target / ".complete").is_file():
                 to_universal(folder, target)
-            match_groups(target, kinds)
             store.set(key, "ok")
         except ReshardError as e:
             store.set(key, str(e))
@@ -133,21 +131,3 @@ def to_universal(folder: Path, target: Path) -> None:
     (tmp / ".complete").write_text("")
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
-
-
-def match_groups(target: Path, kinds: list[str]) -> None:
-    """Give the universal folder's optimizer groups (their settings: the per-parameter state lies in files by
-    name) this run's number and order, each taken from a saved group of its kind ('decay' or 'no_decay'). Run
-    again on every resume from ``target``: another run may have left another list there."""
-    import torch
-
-    path = target / "zero" / "optimizer_state.pt"
-    state = torch.load(path, weights_only=False)
-    saved = state["param_groups"]
-    if [g.get("name") for g in saved] == kinds:
-        return
-    by_kind = {g.get("name"): g for g in saved}
-    state["param_groups"] = [dict(by_kind.get(kind, saved[0])) for kind in kinds]
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
