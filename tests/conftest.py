@@ -28,3 +28,23 @@ def console():
 
     console.setup(0)
     return console
+
+
+@pytest.fixture
+def warnings_log(tmp_path):
+    """The run's warnings as written by every process, loader workers included, read back as one text.
+
+    pytest's capfd is not enough for lines from forked worker processes: once in a whole-suite run their lines
+    overwrote each other in its capture file (a log that began mid-word). Each line here is one append to a file
+    opened with O_APPEND, which no other process's write can overwrite."""
+    import logging
+
+    path = tmp_path / "warnings.log"
+    handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    handler.setLevel(logging.WARNING)
+    logging.getLogger("fastclip").addHandler(handler)
+    try:
+        yield lambda: path.read_text(encoding="utf-8") if path.exists() else ""
+    finally:
+        logging.getLogger("fastclip").removeHandler(handler)
+        handler.close()

@@ -115,7 +115,7 @@ def _bad_header_copy(src, dst, member=30):
 
 @pytest.mark.parametrize("kind", LOADERS)
 @pytest.mark.parametrize("damage", [_truncated_copy, _bad_header_copy])
-def test_damaged_shard_is_named_and_set_aside(world_dir, tmp_path, capfd, kind, damage):
+def test_damaged_shard_is_named_and_set_aside(world_dir, tmp_path, warnings_log, kind, damage):
     shards = tmp_path / "shards"
     shards.mkdir()
     for src in sorted((world_dir / "train").glob("*.tar")):
@@ -132,7 +132,7 @@ def test_damaged_shard_is_named_and_set_aside(world_dir, tmp_path, capfd, kind, 
         next(iter(loader))
     finally:
         loader.close()
-    log = capfd.readouterr().err
+    log = warnings_log()
     assert f"skipped shard {bad}: " in log and "1 of 5 shards skipped as damaged" in log
 
 
@@ -153,7 +153,7 @@ def test_every_part_of_a_shard_list_must_match(world_dir, tmp_path):
 
 
 @pytest.mark.parametrize("kind", LOADERS)
-def test_png_and_webp_samples_are_read_and_other_formats_are_named(tmp_path, capfd, kind):
+def test_png_and_webp_samples_are_read_and_other_formats_are_named(tmp_path, warnings_log, kind):
     formats = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF"}
     samples, expected = [], []
     for i in range(24):
@@ -171,7 +171,7 @@ def test_png_and_webp_samples_are_read_and_other_formats_are_named(tmp_path, cap
         loader.close()
     assert Counter(t for b in batches for t in _texts(b)) == Counter(_ids(expected))
     assert all(torch.isfinite(b.images).all() and b.images.shape[1:] == (3, 32, 32) for b in batches)
-    log = capfd.readouterr().err
+    log = warnings_log()
     assert "samples" in log and "have their image in a format fastclip does not decode (e.g. 00003.gif" in log
 
 
@@ -200,7 +200,7 @@ def _corrupt(jpeg: bytes) -> bytes:
 
 
 @pytest.mark.parametrize("kind", LOADERS)
-def test_skip_messages_name_rank_shard_key_and_a_per_rank_total(tmp_path, capfd, kind):
+def test_skip_messages_name_rank_shard_key_and_a_per_rank_total(tmp_path, warnings_log, kind):
     samples = []
     for i in range(40):
         jpeg = _image("JPEG", i)
@@ -217,7 +217,7 @@ def test_skip_messages_name_rank_shard_key_and_a_per_rank_total(tmp_path, capfd,
         assert loader.skipped >= 2
     finally:
         loader.close()
-    log = capfd.readouterr().err
+    log = warnings_log()
     for key in ("00022", "00023"):
         assert f"skipped sample {key} in shard {shard}: its image does not decode (a JPEG cut short" in log
     assert "1 skipped so far on rank 1" in log and "2 skipped so far on rank 1" in log
@@ -344,7 +344,7 @@ def test_folders_and_dot_slash_in_member_names_keep_their_samples(tmp_path, kind
 
 
 @pytest.mark.parametrize("kind", LOADERS)
-def test_a_bad_label_is_unlabelled_and_named_not_an_undecodable_image(tmp_path, capfd, monkeypatch, kind):
+def test_a_bad_label_is_unlabelled_and_named_not_an_undecodable_image(tmp_path, warnings_log, monkeypatch, kind):
     from fastclip.data import shards
 
     monkeypatch.setattr(shards, "_bad_labels_said", False)  # said once per process: the other loader's test said it
@@ -359,7 +359,7 @@ def test_a_bad_label_is_unlabelled_and_named_not_an_undecodable_image(tmp_path, 
     finally:
         loader.close()
     assert sorted(labels.tolist()) == [-1] + [2] * 7
-    err = capfd.readouterr().err
+    err = warnings_log()
     assert "00003" in err and "is not an integer class index" in err and "does not decode" not in err
 
 
