@@ -335,7 +335,7 @@ class CheckpointManager:
         return client
 
     def _restore_position(self, folder: Path, loader) -> None:
-        path, why = self._position_path(folder), None
+        path, why, differs = self._position_path(folder), None, None
         if not path.is_file():
             why = f"{path.name} is not in {folder}"
         else:
@@ -345,14 +345,14 @@ class CheckpointManager:
                 why = f"{', '.join(changed)} changed since the checkpoint"
             else:
                 try:
-                    loader.restore(saved)
+                    differs = loader.restore(saved)  # None where the stream goes on exactly
                 except ValueError as e:  # saved by the other loader
                     why = str(e)
-        say(
-            "data: the train stream goes on from the checkpoint's position"
-            if why is None
-            else f"data: the train stream starts afresh ({why})"
-        )
+        if why is not None:
+            say(f"data: the train stream starts afresh ({why})")
+        else:
+            how = f", inexactly: {differs}" if differs else ""
+            say(f"data: the train stream goes on from the checkpoint's position{how}")
 
     # ---------------------------------------------------------------------------------------------- export
 

@@ -224,6 +224,36 @@ def test_skip_messages_name_rank_shard_key_and_a_per_rank_total(tmp_path, warnin
 
 
 @pytest.mark.parametrize("kind", LOADERS)
+def test_a_restored_position_goes_on_exactly_after_skipped_images(tmp_path, kind, warnings_log):
+    # undecodable images before and around every checkpoint tried: in each torch worker's share, in DALI's batches
+    bad = {1, 2, 5, 9, 14, 22, 23, 30, 31, 38, 45, 51}
+    samples = []
+    for i in range(60):
+        jpeg = _image("JPEG", i)
+        samples.append((f"{i:05d}", {"jpg": _corrupt(jpeg) if i in bad else jpeg, "txt": f"caption {i}".encode()}))
+    shard = _write_shard(tmp_path / "bad-000.tar", samples)
+    data = _data("--data.train_shards", str(shard), "--data.batch_size", "4", "--data.num_threads", "2",
+                 "--data.loader", kind)  # fmt: skip
+    loader = _loader(data, train=True, kind=kind)
+    try:
+        batches = iter(loader)
+        run = [next(batches) for _ in range(24)]  # two epochs and more: the skips of both passed
+    finally:
+        loader.close()
+    assert loader.skipped >= 2 * len(bad)
+    for k in (2, 5, 9, 14):
+        again = _loader(data, train=True, kind=kind)
+        try:
+            assert again.restore(run[k].position.state()) is None  # exact: nothing to say in the log
+            batches = iter(again)
+            resumed = [_texts(next(batches)) for _ in range(6)]
+        finally:
+            again.close()
+        assert resumed == [_texts(b) for b in run[k + 1 : k + 7]], f"after batch {k}"
+    assert "skipped sample 00001" in warnings_log()
+
+
+@pytest.mark.parametrize("kind", LOADERS)
 def test_a_tar_not_grouped_by_sample_is_named_not_read_as_empty(tmp_path, kind):
     files = [(f"{i:05d}", {"jpg": _image("JPEG", i)}) for i in range(8)]  # as `tar cf x.tar *.jpg *.txt` writes
     files += [(f"{i:05d}", {"txt": f"caption {i}".encode()}) for i in range(8)]

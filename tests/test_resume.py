@@ -216,3 +216,65 @@ def test_shards_added_since_the_checkpoint_start_the_stream_afresh(single_rank, 
     again = Trainer(parse_args(args + ["--checkpoint.resume", "latest"]), single_rank)
     again.close()
     assert "starts afresh (shard_list changed since the checkpoint)" in capsys.readouterr().out
+
+
+def _damaged_world(world_dir, root, every: int):
+    """A copy of the world's train shards with every ``every``-th JPEG damaged (its markers kept, its data not)."""
+    import io
+    import tarfile
+
+    root.mkdir()
+    for src in sorted((world_dir / "train").glob("*.tar")):
+        with tarfile.open(src) as tin, tarfile.open(root / src.name, "w") as tout:
+            for member in tin:
+                data = tin.extractfile(member).read()
+                if member.name.endswith(".jpg") and int(member.name[-12:-4]) % every == 3:
+                    data = data[:200] + b"not a jpeg any more" * 20 + data[-2:]
+                    member.size = len(data)
+                tout.addfile(member, io.BytesIO(data))
+    return root / "*.tar"
+
+
+def _losses(trainer, steps: int, *, save_at: int | None = None) -> list[float]:
+    losses: list[float] = []
+    compute = trainer.compute_loss
+
+    def recorded(out):
+        loss, scalars = compute(out)
+        losses.append(loss.item())
+        return loss, scalars
+
+    trainer.compute_loss = recorded
+    batches = iter(trainer.train_loader)
+    for _ in range(steps):
+        trainer.train_step(batches)
+        if trainer.step == save_at:
+            trainer.save()
+    return losses
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_resume_after_skipped_images_gives_every_later_loss_of_the_uninterrupted_run(
+    single_rank, world_dir, tmp_path, capsys, loader
+):
+    from fastclip.trainer import Trainer
+
+    shards = _damaged_world(world_dir, tmp_path / "damaged", every=29)  # 18 of 512 images
+    args = small_run_args(world_dir, tmp_path / "run", steps=14, batch=16)
+    args += ["--data.train_shards", str(shards), "--data.loader", loader, "--train.precision", "fp32"]
+    args += ["--data.crop_scale", "[1.0, 1.0]", "--log.every", "1000", "--data.num_threads", "2"]  # crops: whole
+    first = Trainer(parse_args(args), single_rank)
+    try:
+        uninterrupted = _losses(first, 14, save_at=8)
+        assert first.train_loader.skipped >= 3  # before the checkpoint, in each torch worker
+    finally:
+        first.close()
+    again = Trainer(parse_args(args + ["--checkpoint.resume", "latest"]), single_rank)
+    try:
+        assert again.step == 8
+        resumed = _losses(again, 6)
+    finally:
+        again.close()
+    assert resumed == uninterrupted[8:]
+    out = capsys.readouterr().out
+    assert "goes on from the checkpoint's position" in out and "inexactly" not in out

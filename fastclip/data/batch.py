@@ -25,9 +25,8 @@ def check_stream(state: dict[str, Any], loader: str) -> None:
 class DataPosition:
     """Where a rank's DALI train stream stands after a batch: the reader's checkpoint before the read that held
     the batch's last sample, and how many samples of that read the batch consumed. Restoring it replays the
-    same samples in the same order (random crops are drawn afresh). Near a skipped corrupt image the loader
-    decodes the batch around it a little out of read order, so a checkpoint taken there may replay or miss up
-    to one batch of samples."""
+    same samples in the same order (random crops are drawn afresh), also after skipped images: batches leave
+    the loader in read order (fastclip/data/dali.py ``_recall``)."""
 
     reader: bytes  # DALI's pipeline checkpoint
     consumed: int
@@ -39,15 +38,17 @@ class DataPosition:
 
 @dataclass(frozen=True)
 class BatchCount:
-    """Where a rank's torch-loader train stream stands: batches taken from its DataLoader. Its workers' streams
-    are deterministic, so restoring replays them and drops what was consumed, reading the skipped samples'
-    bytes but not decoding them."""
+    """Where a rank's torch-loader train stream stands: batches taken from its DataLoader, and the samples each
+    worker's stream had read (undecodable ones included, which no batch shows). The streams are deterministic, so
+    restoring replays each one and drops what it had read, reading those samples' bytes but not decoding them."""
 
     batches: int
     workers: int  # the replay is exact only with as many DataLoader workers
+    reads: tuple[int, ...] = ()
 
     def state(self) -> dict[str, Any]:
-        return {"loader": "torch", "streams": STREAMS_VERSION, "batches": self.batches, "workers": self.workers}
+        counts = {"batches": self.batches, "workers": self.workers, "reads": list(self.reads)}
+        return {"loader": "torch", "streams": STREAMS_VERSION, **counts}
 
 
 @dataclass

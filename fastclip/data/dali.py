@@ -157,7 +157,7 @@ class DaliLoader:
 
     def restore(self, state: dict[str, Any]) -> None:
         """Go on from a train batch's position (``DataPosition.state()``): the reader from its checkpoint, the
-        samples it had consumed of that read dropped."""
+        samples it had consumed of that read dropped. Exact, so nothing to say (None)."""
         check_stream(state, "dali")
         self._close_prefetcher()
         self.reader = self.make_reader(base64.b64decode(state["reader"]))
@@ -227,6 +227,18 @@ class DaliLoader:
             self.decoders[slot].schedule_run()
             flow.in_flight.append((slot, batch))
 
+    def _recall(self, flow: _Flow) -> _Encoded:
+        """The samples of the batches in flight behind a failed one, back to be scheduled after its good samples,
+        their decode dropped (a rare cost): batches leave in read order, so each one's last sample is an exact
+        position, every sample before it trained on or skipped."""
+        recalled = _Encoded.empty()
+        while flow.in_flight:
+            slot, batch = flow.in_flight.popleft()
+            images = self._take(slot)
+            flow.free.append(slot)
+            recalled = recalled + (self._skip(batch, images, slot) if isinstance(images, RuntimeError) else batch)
+        return recalled
+
     def _hand_over(self, flow: _Flow) -> Batch | None:
         """The oldest scheduled batch, decoded and tokenized; None when its decode failed (its good samples go
         back to be scheduled again, ahead of the rest)."""
@@ -242,7 +254,7 @@ class DaliLoader:
                     f"{self.MAX_ALL_BAD} batches in a row held no image that decodes ({self.skipped} skipped on "
                     f"rank {self.skips.rank}): the data is broken, not a sample. Check the shards' image files."
                 )
-            flow.carry = good + flow.carry
+            flow.carry = good + self._recall(flow) + flow.carry
             return None
         flow.all_bad = 0
         labels = torch.tensor(batch.labels, dtype=torch.long) if batch.labels is not None else None

@@ -46,8 +46,9 @@ class Loader(Protocol):
 
     def __iter__(self) -> Iterator[Batch]: ...
 
-    def restore(self, state: dict[str, Any]) -> None:
-        """Go on from a training batch's ``position.state()``; ValueError when another loader saved it."""
+    def restore(self, state: dict[str, Any]) -> str | None:
+        """Go on from a training batch's ``position.state()``; ValueError when another loader saved it. Returns
+        how the stream will differ from an uninterrupted one, None when it goes on exactly."""
 
     def close(self) -> None:
         """Stop the loader's threads and processes."""

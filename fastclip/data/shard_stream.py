@@ -130,11 +130,15 @@ class ShardStream(IterableDataset):
         self.seed, self.shuffle_buffer, self.transform, self.skips = seed, shuffle_buffer, transform, skips
         self.bad, self.resampled = bad, resampled
         self.counted = all(s.samples is not None for s in shards)
-        self.resume_batches, self.batch_size = 0, 1  # set by TorchLoader.restore before the workers start
+        # set by TorchLoader.restore before the workers start: the batches taken, and each stream's samples read
+        self.resume_batches, self.batch_size, self.resume_reads = 0, 1, None
 
     def _consumed(self, worker: int, workers: int) -> int:
-        """Samples this worker had delivered before the restored position: the DataLoader takes batches from
-        its workers in turn, starting with worker 0."""
+        """Samples stream ``worker`` had read before the restored position, skipped ones included. Positions saved
+        before the count was kept say only the batches taken, from the workers in turn from worker 0: batches
+        times their size, which falls short by the samples skipped before the position."""
+        if self.resume_reads is not None:
+            return self.resume_reads[worker]
         return len(range(worker, self.resume_batches, workers)) * self.batch_size
 
     def share(self, epoch: int, slot: int, slots: int) -> list[tuple[Shard, int, int | None]]:
@@ -182,12 +186,14 @@ class ShardStream(IterableDataset):
         slots, slot = self.world_size * workers, self.rank * workers + worker
         rng = random.Random(derive_seed(self.seed, "buffer shuffle", self.rank, worker))
         epoch, consumed = 0, self._consumed(worker, workers)
+        read = consumed  # this stream's samples read since its start, each item carries it: the exact position
         while True:
             samples = self._drawn(worker) if self.resampled else self._ordered(epoch, slot, slots)
             for sample in self._shuffled(samples, rng):
                 if consumed:  # replaying up to a restored position: the same order, nothing decoded
                     consumed -= 1
                     continue
+                read += 1
                 try:  # a corrupt image is dropped before batching, so every batch stays full
                     item = self.transform(sample)
                 except Undecodable as e:
@@ -195,7 +201,7 @@ class ShardStream(IterableDataset):
                     self.skips.skip(key=sample["__key__"], shard=sample["__shard__"], data=raw, error=str(e))
                     continue
                 self.skips.kept()
-                yield item
+                yield *item, read
             if not self.train:
                 return
             epoch += 1

@@ -109,10 +109,11 @@ class PackedImages(NamedTuple):
 
 
 def _collate(items):
-    images, tokens, labels, sources = zip(*items)
+    images, tokens, labels, sources, reads = zip(*items)
     gpu = images[0].dtype == torch.uint8  # to decode (or crop) on the GPU
     packed = PackedImages.pack(list(images)) if gpu else torch.stack(images)
-    return packed, torch.stack(tokens), torch.tensor(labels, dtype=torch.long), list(sources)
+    # a batch is one worker's consecutive items: its last says how far that worker's stream has read
+    return packed, torch.stack(tokens), torch.tensor(labels, dtype=torch.long), list(sources), reads[-1]
 
 
 class _Refill:
@@ -179,6 +180,7 @@ class TorchLoader:
         else:  # its workers' slots: the same in every epoch
             mine = [bounds(total, slot, slots) for slot in range(rank * self.workers, (rank + 1) * self.workers)]
             self.local_samples = sum(hi - lo for lo, hi in mine)
+        self._reads = [0] * self.workers  # samples each worker's stream has read: the position of a train batch
         self.loader = DataLoader(
             stream, batch_size=options.batch_size, num_workers=self.workers, collate_fn=_collate,
             pin_memory=device.type == "cuda", drop_last=train, persistent_workers=train, prefetch_factor=4,
@@ -198,15 +200,30 @@ class TorchLoader:
     def skipped(self) -> int:
         return self._skips.count
 
-    def restore(self, state: dict) -> None:
-        """Go on from a train batch's position (``BatchCount.state()``); before the first iteration only. A
-        corrupt image among the replayed samples, or samples held back to refill a batch after one, shift the
-        stream by those few samples."""
+    def restore(self, state: dict) -> str | None:
+        """Go on from a train batch's position (``BatchCount.state()``); before the first iteration only. Returns
+        how the stream may differ from an uninterrupted one, or None where it goes on exactly (up to the random
+        crops, drawn afresh)."""
         check_stream(state, "torch")
         if state.get("workers") != self.workers:
             raise ValueError(f"the position was saved with {state.get('workers')} loader workers, now {self.workers}")
         self.stream.resume_batches, self.stream.batch_size = int(state["batches"]), self.batch_size
         self._batches_taken = int(state["batches"])
+        # a worker's read count is that of its streams in turn: the stream a worker runs rotates with the restore
+        reads = state.get("reads")
+        self._reads = list(reads) if reads else [0] * self.workers
+        self.stream.resume_reads = list(reads) if reads else None
+        if not reads:
+            return (
+                "the position was saved by a fastclip that counted batches only: the stream is shifted by as many "
+                "samples as were skipped as undecodable before the checkpoint"
+            )
+        if self.gpu_decode:
+            return (
+                "JPEGs decoded on the GPU: samples held back to refill a batch after a skipped image at the "
+                "checkpoint are not replayed (at most one batch's worth)"
+            )
+        return None
 
     def _decode_on_gpu(self, images: list[torch.Tensor], sources: list[str]) -> tuple[torch.Tensor, list[int] | None]:
         """JPEG bytes: one nvJPEG batch decode; other formats arrive decoded. Then crop/resize/normalize on the GPU.
@@ -245,8 +262,9 @@ class TorchLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         refill = _Refill(self.batch_size) if self.train else None
-        for images, texts, labels, sources in self._from_workers():
+        for images, texts, labels, sources, reads in self._from_workers():
             self._batches_taken += 1
+            self._reads[(self._batches_taken - 1) % self.workers] = reads  # workers hand over batches in turn
             if isinstance(images, PackedImages):
                 images, keep = self._decode_on_gpu(images.unpack(), sources)
                 if keep is not None:
@@ -260,7 +278,7 @@ class TorchLoader:
                     images=batch_images.to(self.device, non_blocking=non_blocking),
                     texts=batch_texts.to(self.device, non_blocking=non_blocking),
                     labels=None if self.train else batch_labels,  # -1 where a sample has no KEY.cls
-                    position=BatchCount(self._batches_taken, self.workers) if self.train else None,
+                    position=BatchCount(self._batches_taken, self.workers, tuple(self._reads)) if self.train else None,
                 )
 
     def close(self) -> None:
