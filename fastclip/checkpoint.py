@@ -34,9 +34,11 @@ import torch.distributed as dist
 from fastclip import reshard
 from fastclip.config import CheckpointConfig, differences
 from fastclip.console import log, say
+from fastclip.distributed import any_rank
 from fastclip.errors import ConfigError, TrainingDiverged
 from fastclip.eval import EarlyStopping
 from fastclip.model import regroup_flags, saved_layout
+from fastclip.run_folders import bytes_per_save, free_bytes, human, is_out_of_space, short_of_room
 
 LATEST = "latest"
 META = "fastclip.json"
@@ -167,6 +169,26 @@ def check_same_model(folder: Path, saved: dict[str, Any], current: dict[str, Any
     )
 
 
+def _write_export(folders: list[Path], state: dict[str, torch.Tensor], *, step: int, model: str) -> Path:
+    """open_clip.pt in the first of ``folders`` that takes it; a write that fails is said, and the next tried."""
+    from fastclip.export import write_open_clip
+
+    failures = []
+    for folder in folders:
+        try:
+            return write_open_clip(folder / "open_clip.pt", state, step=step, model=model)
+        except (OSError, RuntimeError) as e:
+            if not isinstance(e, OSError) and not is_out_of_space(e):
+                raise
+            (folder / ".open_clip.pt.tmp").unlink(missing_ok=True)
+            failures.append(f"{folder}: {' '.join(str(e).split())[:160]}")
+            log.warning("open_clip.pt: could not write it to %s (%s)", folder, failures[-1])
+    raise CheckpointError(
+        f"open_clip.pt of step {step} could not be written anywhere ({'; '.join(failures)}); free space and rerun "
+        "the export from the newest checkpoint: python -m fastclip.export"
+    )
+
+
 def _unpartitioned_masters(optimizer) -> dict[int, torch.Tensor]:
     """bf16 ZeRO-0's fp32 masters by parameter (DeepSpeed's unfused optimizer keeps them beside its bf16 groups,
     where ``safe_get_full_fp32_param`` does not look); {} for other optimizers."""
@@ -204,20 +226,37 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------------------------------------ save
 
-    def save(self, state: TrainState, *, position, config: dict[str, Any]) -> Path:
-        """Write ``step_XXXXXXXX``: each rank's data position, then DeepSpeed's files; then move ``latest``."""
+    @property
+    def params(self) -> int:
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())  # ZeRO-3: whole
+
+    def check_room(self, *, export: bool) -> None:
+        """Before the first step: room for one checkpoint (and the open_clip export), or refuse to train."""
+        need = bytes_per_save(self.params, self.latest) + (4 * self.params if export else 0)
+        if short := short_of_room(self.root, need, "a checkpoint" + (" and open_clip.pt" if export else "")):
+            raise CheckpointError(
+                f"checkpoint.dir: {short}: the run would train and then fail to save. Free space there, or point "
+                "--checkpoint.dir at a folder with room."
+            )
+
+    def save(self, state: TrainState, *, position, config: dict[str, Any], final: bool = False) -> Path | None:
+        """Write ``step_XXXXXXXX``: each rank's data position, then DeepSpeed's files; then move ``latest``. With no
+        room on some rank, nothing is written: a warning, or at the end of the run a :class:`CheckpointError`."""
         tag = f"step_{state.step:08d}"
+        if not self._room_for(state.step, final=final):
+            return None
         if self.rank == 0:  # a folder of this tag from an abandoned run (resumed from an older step) goes first
             for stale in (self.root / tag, self.root / reshard.UNIVERSAL / tag):
                 if stale.is_dir():
                     _delete(stale)
         if dist.is_initialized():
             dist.barrier()
-        self._save_position(self.root / tag, position)
-        if self.rank == 0:
-            write_meta(self.root / tag, {**self.meta, "step": state.step})
-        client = {**state.state_dict(), "config": config}
-        self.engine.save_checkpoint(str(self.root), tag=tag, client_state=client, save_latest=False)
+        try:
+            self._write(self.root / tag, state, position=position, config=config)
+        except (OSError, RuntimeError) as e:
+            if not isinstance(e, OSError) and not is_out_of_space(e):
+                raise
+            raise self._failed(self.root / tag, state.step, e) from None
         if dist.is_initialized():
             dist.barrier()  # every rank has written and closed its files: only now may 'latest' name them
         if self.rank == 0:
@@ -226,6 +265,40 @@ class CheckpointManager:
         self.newest = self.root / tag
         self.prune()
         return self.root / tag
+
+    def _write(self, folder: Path, state: TrainState, *, position, config: dict[str, Any]) -> None:
+        self._save_position(folder, position)
+        if self.rank == 0:
+            write_meta(folder, {**self.meta, "step": state.step})
+        client = {**state.state_dict(), "config": config}
+        self.engine.save_checkpoint(str(self.root), tag=folder.name, client_state=client, save_latest=False)
+
+    def _room_for(self, step: int, *, final: bool) -> bool:
+        """Whether every rank has room for this save (the ranks agree: a checkpoint is whole or not written)."""
+        short = short_of_room(self.root, bytes_per_save(self.params, self.newest or self.latest), f"step {step}")
+        if not any_rank(torch.tensor(short is not None, device=self.engine.device)):
+            return True
+        said = f"checkpoint: step {step} not saved: {short or 'another rank has no room for it'}; {self._latest_said()}"
+        if final:
+            raise CheckpointError(f"{said}. Free space, then --checkpoint.resume latest")
+        log.warning("%s. Training goes on; the next save tries again.", said)
+        return False
+
+    def _latest_said(self) -> str:
+        tag = read_latest(self.root)
+        return f"latest still names {tag}" if tag else "there is no checkpoint of this run yet"
+
+    def _failed(self, folder: Path, step: int, error: BaseException) -> CheckpointError:
+        """A save that failed part-way (a full disk, an I/O error): its folder removed, said in one line."""
+        said = " ".join(str(error).split())[:200]
+        need = human(bytes_per_save(self.params, self.latest))
+        if folder.exists():
+            _delete(folder)
+        return CheckpointError(
+            f"checkpoint: saving step {step} to {folder} failed ({type(error).__name__}: {said}); it needs about "
+            f"{need}, {human(free_bytes(self.root))} free there now. The partial folder was removed and "
+            f"{self._latest_said()}: free space (or keep fewer, --checkpoint.keep), then --checkpoint.resume latest."
+        )
 
     def prune(self) -> None:
         """Delete all but the newest ``checkpoint.keep`` step folders, never the one ``latest`` names."""
@@ -356,10 +429,10 @@ class CheckpointManager:
 
     # ---------------------------------------------------------------------------------------------- export
 
-    def export_open_clip(self, *, step: int, model_name: str) -> Path | None:
+    def export_open_clip(self, *, step: int, model_name: str, fallback: Path | None = None) -> Path | None:
         """fp32 weights as ``{'state_dict': ...}``, which ``open_clip.create_model(pretrained=path)`` loads;
-        refused (:class:`TrainingDiverged`) when a weight is not finite."""
-        from fastclip.export import write_open_clip
+        refused (:class:`TrainingDiverged`) when a weight is not finite. Where checkpoint.dir cannot take them (a
+        full disk), into ``fallback`` (log.dir): the end of a run keeps its weights if any folder has room."""
 
         state = self._full_state()
         bad = next((name for name, value in state.items() if not torch.isfinite(value).all()), None)
@@ -372,7 +445,7 @@ class CheckpointManager:
             )
         if self.rank != 0:
             return None
-        path = write_open_clip(self.root / "open_clip.pt", state, step=step, model=model_name)
+        path = _write_export([self.root, *([fallback] if fallback else [])], state, step=step, model=model_name)
         say(f"open_clip weights: {path}")
         return path
 

@@ -1,8 +1,9 @@
 """What every rank checks before any process group, model or pipeline exists: the files a run names.
 
 Each check lives with the code that owns the file (shards: fastclip/data/shards.py, a pretrained checkpoint:
-fastclip/model.py, the DeepSpeed JSON: fastclip/engine.py, zero-shot lists: fastclip/eval.py); this module only
-asks them all, so that a mistake costs seconds rather than a model build.
+fastclip/model.py, the DeepSpeed JSON: fastclip/engine.py, zero-shot lists: fastclip/eval.py, the folders it
+writes: fastclip/run_folders.py); this module only asks them all, so that a mistake costs seconds rather than a
+model build.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ def check_inputs(cfg: Config, *, world_size: int = 1) -> None:
     from fastclip.engine import deepspeed_config
     from fastclip.eval import read_zeroshot_list
     from fastclip.model import check_pretrained_file
+    from fastclip.run_folders import check_writable, written_folders
 
     # the torch loader counts samples by walking tar headers where no index file counts them: walk them here,
     # before any model (it reuses the walk); DALI counts them itself
@@ -33,3 +35,5 @@ def check_inputs(cfg: Config, *, world_size: int = 1) -> None:
     if cfg.eval.early_stop_patience and not (cfg.data.val_shards or cfg.data.demo):
         raise ConfigError("eval.early_stop_patience: needs a validation set; set data.val_shards")
     deepspeed_config(cfg, world_size=world_size, cuda=False)  # a --deepspeed_config that disagrees fails here
+    for field, folder in written_folders(cfg).items():  # a read-only mount found now, not at the first save
+        check_writable(folder, field)

@@ -31,8 +31,11 @@ def _config(argv: list[str]):
     from fastclip import console
     from fastclip.benchmark_try import settings
     from fastclip.data.synthetic import use_demo_world
+    from fastclip.world import slurm_alone
 
     console.setup(int(os.environ.get("RANK", "0")))  # the checks' own lines (a damaged shard set aside) too
+    if alone := slurm_alone(dict(os.environ)):
+        console.say(alone)
     try:
         cfg = parse_args(argv)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = sys.argv[1:] if argv is None else argv
     cfg = _config(args)
 
-    from fastclip import benchmark, benchmark_sweep
+    from fastclip import benchmark, benchmark_sweep, run_folders
     from fastclip.checkpoint import CheckpointError, read_latest
     from fastclip.data.skips import DataBroken
     from fastclip.errors import OutOfMemory, TrainingDiverged
@@ -88,6 +91,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         world = join_world(_identity(cfg), cfg.dist, deepspeed_file=cfg.deepspeed_config)
     except RendezvousError as e:  # ranks missing or disagreeing, MASTER_PORT taken: before any model
         _fail(str(e), speaker=e.speaker)
+    try:
+        lock = run_folders.hold(cfg, world)  # another run writing the same folders: refused before any model
+    except ConfigError as e:
+        _fail(str(e))
     trainer, finished = None, False
 
     def latest():  # kept in memory: read from the filesystem only before the trainer exists
@@ -121,6 +128,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             trainer.close()
         if finished or world.world_size == 1:  # after a peer's loss the group cannot be torn down cleanly
             close_distributed()
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":

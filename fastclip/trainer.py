@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -360,6 +361,7 @@ class Trainer:
 
     def train(self) -> dict[str, float]:
         """Train to ``total_steps`` (or an early stop), then evaluate, save and export; the last eval's metrics."""
+        self.checkpoints.check_room(export=self.cfg.checkpoint.export_open_clip)  # not after hours of training
         self.engine.train()
         batches = iter(self.train_loader)
         self._announce()
@@ -383,9 +385,10 @@ class Trainer:
                 if self.should_checkpoint():
                     self.save()
             metrics = self.evaluate() if metrics is None else metrics
-            self.save()
-            if self.cfg.checkpoint.export_open_clip:
-                self.checkpoints.export_open_clip(step=self.step, model_name=self.cfg.model.name)
+            if self.cfg.checkpoint.export_open_clip:  # first: a last save that fails (a full disk) keeps the weights
+                name, fallback = self.cfg.model.name, Path(self.cfg.log.dir)
+                self.checkpoints.export_open_clip(step=self.step, model_name=name, fallback=fallback)
+            self.save(final=True)
         finally:
             if bar is not None:
                 bar.close()
@@ -498,12 +501,12 @@ class Trainer:
         self.engine.train()
         return metrics
 
-    def save(self) -> None:
+    def save(self, *, final: bool = False) -> None:
         """A checkpoint of this step, unless the steps since the last log (or, when steps are skipped, the weights)
         are not finite."""
         pending = torch.stack([self.meters["loss"].total, self.meters["grad_norm"].total])
         self.guard.check_before_save(self.step, pending, self.engine.module)
-        self.checkpoints.save(self.state, position=self.data_position, config=self.cfg.to_dict())
+        self.checkpoints.save(self.state, position=self.data_position, config=self.cfg.to_dict(), final=final)
 
     def resume(self, where: str) -> None:
         folder = self.checkpoints.locate(where)

@@ -155,6 +155,17 @@ def slurm_environment(env: dict[str, str]) -> dict[str, str]:
     }
 
 
+def slurm_alone(env: dict[str, str]) -> str | None:
+    """Why a process that SLURM numbered as a task other than 0 runs as a one-rank job (None when it does not)."""
+    if "RANK" in env or env.get("SLURM_PROCID", "0") == "0" or "SLURM_STEP_NUM_TASKS" in env:
+        return None
+    return (
+        f"SLURM_PROCID={env['SLURM_PROCID']} but no srun step variables (SLURM_STEP_NUM_TASKS): this process is not "
+        "a task of an srun step (a batch script's own shell), so it trains alone as a one-rank run. To train "
+        "together, start one task per rank with srun."
+    )
+
+
 _launcher: str | None = None
 
 
