@@ -99,9 +99,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     def latest():  # kept in memory: read from the filesystem only before the trainer exists
         known = trainer.checkpoints.newest if trainer else None
-        return known or os.path.join(cfg.checkpoint.dir, read_latest(cfg.checkpoint.dir) or "latest")
+        tag = None if known else read_latest(cfg.checkpoint.dir)
+        return known or (os.path.join(cfg.checkpoint.dir, tag) if tag else None)
 
-    watchdog = Watchdog(world, cfg.dist, step=lambda: trainer.step if trainer else 0, latest=latest).start()
+    watchdog = Watchdog(world, cfg.dist, step=lambda: trainer.step if trainer else None, latest=latest).start()
     try:
         if cfg.train.benchmark_try:  # several settings, each its own trainer (fastclip/benchmark_sweep.py)
             metrics = benchmark_sweep.run(cfg, world, argv=args)

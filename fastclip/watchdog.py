@@ -12,7 +12,11 @@ untouched (``latest`` moves only after every rank has saved): ``--checkpoint.res
 Bounds: a rank's own error reaches the others within ``dist.heartbeat_s``; a silent death within
 ``dist.lost_after_s + dist.heartbeat_s``; a rank alive but stuck (a hung device) within ``dist.timeout_s``, the
 collective timeout. The beats come from a thread: a main thread busy in a long eval, checkpoint or data wait
-keeps beating.
+keeps beating. Until a rank has built its trainer its beats say 'start-up', and its silence is allowed
+``dist.join_timeout_s`` instead: on a loaded node or a slow shared filesystem a healthy rank's start-up (imports,
+model and pipeline builds, DeepSpeed's op builds) can starve its process of the CPU for a minute, and a healthy run
+killed is a run lost. (No start-up call holds the GIL for long: at most 0.4 s in a ViT-B/32 start-up with either
+loader, measured with a 50 ms ticking thread.)
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ EXIT_CODE = 1
 
 
 class Watchdog:
-    def __init__(self, world: World, cfg: DistConfig, *, step: Callable[[], int], latest: Callable[[], object]):
+    def __init__(
+        self, world: World, cfg: DistConfig, *, step: Callable[[], int | None], latest: Callable[[], object]
+    ):  # step: None during start-up; latest: the newest checkpoint, None when there is none
         self.world, self.cfg, self.step, self.latest = world, cfg, step, latest
         self.others = [r for r in range(world.world_size) if r != world.rank]
         self._stop = threading.Event()
@@ -84,7 +90,7 @@ class Watchdog:
         while not self._stop.wait(self.cfg.heartbeat_s if beats else 0):
             beats += 1
             try:
-                self._store.set(_store_key(f"beat/{self.world.rank}"), f"{beats} {self.step()}")
+                self._store.set(_store_key(f"beat/{self.world.rank}"), f"{beats} {self._step()}")
                 if self._store.check([_store_key("failed")]):
                     self._end(self._store.get(_store_key("failed")).decode(), post=False)
                 values = self._beats() if watching else {}
@@ -96,10 +102,19 @@ class Watchdog:
             for r, value in values.items():
                 if value != seen[r]:
                     seen[r], since[r] = value, now
-            lost = [r for r in self.others if now - since[r] > self.cfg.lost_after_s] if watching else []
+            lost = [r for r in self.others if now - since[r] > self._allowed(seen[r])] if watching else []
             lost = [r for r in lost if not self._store.check([_store_key(f"done/{r}")])]  # ended its run normally
             if lost and not self._stop.is_set():
                 self._end(self._lost(lost, seen, now - min(since[r] for r in lost)), post=True)
+
+    def _step(self) -> str:
+        step = self.step()
+        return "start-up" if step is None else str(step)
+
+    def _allowed(self, beat: bytes | None) -> float:
+        """Seconds of silence after which a rank is lost: longer while it has not said it finished start-up."""
+        starting = beat is None or beat.endswith(b"start-up")
+        return max(self.cfg.lost_after_s, self.cfg.join_timeout_s) if starting else self.cfg.lost_after_s
 
     def _beats(self) -> dict[int, bytes]:
         """The others' newest beats ('count step'), for the ranks that have beaten yet."""
@@ -113,8 +128,10 @@ class Watchdog:
         for r in lost:
             step = seen[r].decode().split()[1] if seen[r] else "start-up"
             named.append(f"{self.world.describe(r)} at step {step}")
+        bound = "dist.join_timeout_s" if any(self._allowed(seen[r]) > self.cfg.lost_after_s for r in lost) else (
+            "dist.lost_after_s")  # fmt: skip
         return (
-            f"{'; '.join(named)}: no heartbeat for {silent:.0f} s (dist.lost_after_s={self.cfg.lost_after_s:g}): "
+            f"{'; '.join(named)}: no heartbeat for {silent:.0f} s ({bound}={getattr(self.cfg, bound[5:]):g}): "
             "killed, out of memory, or its node lost"
         )
 
@@ -131,15 +148,18 @@ class Watchdog:
         self._verdict.set()
         if post:
             self.post_failure(why)
-        latest = self.latest()  # from memory: a lost node's network filesystem may hang any read
-        print(
-            f"fastclip (rank {self.world.rank}): stopping at step {self.step()}: {why}. The newest checkpoint "
-            f"({latest}) is whole: continue with --checkpoint.resume latest.",
-            file=sys.stderr,
-            flush=True,
-        )
+        print(self.verdict_line(why), file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(EXIT_CODE)
+
+    def verdict_line(self, why: str) -> str:
+        latest = self.latest()  # from memory: a lost node's network filesystem may hang any read
+        then = (
+            f"The newest checkpoint ({latest}) is whole: continue with --checkpoint.resume latest."
+            if latest
+            else "No checkpoint was written yet: start the run again."
+        )
+        return f"fastclip (rank {self.world.rank}): stopping at step {self._step()}: {why}. {then}"
 
     # ------------------------------------------------------------------------------------ the main thread
 
@@ -155,7 +175,7 @@ class Watchdog:
     def fail(self, why: str) -> None:
         """This rank stops on its own error: post it as the run's cause, and give the others a beat to read it
         before this process exits (its launcher then ends the node's other ranks, rank 0 with the store perhaps)."""
-        self.post_failure(f"{self.world.describe(self.world.rank)} stopped at step {self.step()}: {why}")
+        self.post_failure(f"{self.world.describe(self.world.rank)} stopped at step {self._step()}: {why}")
         self._stop.set()
         if self._store is not None:  # a launcher kills a failed rank's node mates, rank 0 and its store among them
             time.sleep(min(self.cfg.heartbeat_s * 1.5, 10))
