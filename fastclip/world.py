@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from fastclip.config import DistConfig, differences
+from fastclip.console import say
 from fastclip.errors import ConfigError
 
 # the node index each launcher gives its ranks: torchrun, deepspeed's launch.py, SLURM
@@ -383,7 +384,17 @@ def join_world(
         world_size=world_size, timeout=timedelta(seconds=dist_cfg.timeout_s), **kwargs,
     )  # fmt: skip
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=dist_cfg.timeout_s))
+    if launcher == "torchrun" and len({m["node"] for m in members}) > 1:
+        say(TORCHRUN_WAITS)
     return World(rank, world_size, local_rank, device, members=tuple(members), store=store)
+
+
+# torchrun's own rendezvous runs before any rank starts: a node whose torchrun never came is waited for there (its
+# default: 600 s, then a 40-line DistStoreError), where fastclip's dist.join_timeout_s cannot reach
+TORCHRUN_WAITS = (
+    "torchrun: a node that never starts is waited for by torchrun itself, before fastclip runs; bound that wait with "
+    "torchrun --rdzv-conf timeout=SECONDS (or join_timeout=SECONDS with --rdzv-backend c10d)"
+)
 
 
 def close_distributed() -> None:

@@ -84,7 +84,8 @@ def node_launch(
                "--master_addr", "127.0.0.1", "--master_port", str(port), str(script)]  # fmt: skip
     else:
         cmd = [str(bin_dir / "torchrun"), "--nnodes", str(nodes), "--nproc-per-node", str(per_node), "--node-rank",
-               str(node), "--master-addr", "127.0.0.1", "--master-port", str(port), str(script)]  # fmt: skip
+               str(node), "--master-addr", "127.0.0.1", "--master-port", str(port), "--rdzv-conf", "timeout=120",
+               str(script)]  # fmt: skip
     path = tmp / f"{kind}-node{node}-{port}.log"
     with open(path, "w") as log:
         proc = subprocess.Popen(cmd + args, cwd=ROOT, env=clean_env(env), stdout=log, stderr=subprocess.STDOUT)

@@ -17,6 +17,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from fastclip.world import TORCHRUN_WAITS
+
 from runs import ROOT, clean_env, deepspeed_cmd, node_launch, run_cli, small_run_args, wait_all
 
 pytestmark = pytest.mark.slow
@@ -216,6 +218,7 @@ def test_two_nodes_by_torchrun_train_evaluate_checkpoint_and_resume(world_dir, t
     outputs = wait_all(procs)
     _check(outputs, procs)
     assert LAYOUT in outputs[0] and "contrastive batch 64: accumulation 'contrastive'" in outputs[0]
+    assert TORCHRUN_WAITS in outputs[0]  # how to bound torchrun's own wait for a node that never starts
     records = _records(out)
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]
     assert [r["step"] for r in records if "val/zeroshot_top1" in r] == [3]
