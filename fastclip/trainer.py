@@ -177,7 +177,8 @@ class Trainer:
         self.schedule = schedule = LrSchedule(
             kind=optim.schedule, warmup=optim.warmup_steps, total=self.total_steps, min_ratio=optim.min_lr_ratio,
             cycle=optim.restart_steps, mult=optim.restart_mult, decay=optim.restart_decay,
-            cooldown=cooldown_steps(optim, total=self.total_steps, steps_per_epoch=self.steps_per_epoch),
+            cooldown=cooldown_steps(optim, self.cfg.train, total=self.total_steps,
+                                    steps_per_epoch=self.steps_per_epoch),
             end_ratio=optim.cooldown_end_lr / optim.lr, power=optim.cooldown_power,
         )  # fmt: skip
         engine, scheduler, ds_config = build_engine(
