@@ -42,15 +42,18 @@ def check_inputs(cfg: Config, *, world_size: int = 1) -> None:
     deepspeed_config(cfg, world_size=world_size, cuda=False)  # a --deepspeed_config that disagrees fails here
     for field, folder in written_folders(cfg).items():  # a read-only mount found now, not at the first save
         check_writable(folder, field)
-    check_run_length(cfg, samples_per_epoch=_epoch_samples(cfg, train, kind), world_size=world_size)
+    samples, counted_from = _epoch_samples(cfg, train, kind)
+    check_run_length(cfg, samples_per_epoch=samples, world_size=world_size, counted_from=counted_from)
 
 
-def _epoch_samples(cfg: Config, train, kind: str) -> int | None:
-    """An epoch's samples as the train loader will count them (``train``: its resolved shards), where that is known
-    before it is built: data.train_num_samples, the torch loader's counts, DALI's where every shard has an index
-    file (DALI reads their counts; without them it walks the tar headers itself, after the model is built)."""
+def _epoch_samples(cfg: Config, train, kind: str) -> tuple[int | None, str]:
+    """An epoch's samples as the train loader will count them (``train``: its resolved shards) and where from, where
+    that is known before it is built: data.train_num_samples, the torch loader's counts, DALI's where every shard has
+    an index file (DALI reads their counts; without them it walks the tar headers itself, after the model is built)."""
+    from fastclip.schedules import epoch_source
+
     if cfg.data.train_num_samples:
-        return cfg.data.train_num_samples
-    if train is None or (kind == "dali" and None in train.index):
-        return None
-    return train.total
+        return cfg.data.train_num_samples, "data.train_num_samples"
+    if train is None or train.total is None or (kind == "dali" and None in train.index):
+        return None, ""
+    return train.total, epoch_source(train.counted_from)

@@ -109,29 +109,50 @@ def cooldown_steps(optim, train, *, total: int, steps_per_epoch: int) -> int:
 
 
 def total_steps(
-    samples_per_epoch: int, *, batch_size: int, grad_accum: int, world_size: int, steps: int, epochs: int
-) -> tuple[int, int]:
-    """(optimizer steps to run, optimizer steps per epoch): ``steps``, or ``epochs`` passes over the samples."""
+    samples_per_epoch: int, *, batch_size: int, grad_accum: int, world_size: int, steps: int, epochs: int,
+    counted_from: str = "data.train_shards",
+) -> tuple[int, int]:  # fmt: skip
+    """(optimizer steps to run, optimizer steps per epoch): ``steps``, or ``epochs`` passes over the samples. An epoch
+    that holds no step is a ConfigError; ``counted_from`` says where its count came from."""
     global_batch = batch_size * grad_accum * world_size
     per_epoch = samples_per_epoch // global_batch
     if per_epoch == 0:
-        raise ConfigError(
-            f"data.train_shards hold {samples_per_epoch} samples, fewer than one global batch of {global_batch} "
-            f"(data.batch_size={batch_size} x train.grad_accum={grad_accum} x {world_size} ranks). "
-            "Lower data.batch_size or add shards."
-        )
+        raise ConfigError(_no_step(samples_per_epoch, batch_size=batch_size, grad_accum=grad_accum,
+                                   world_size=world_size, counted_from=counted_from))  # fmt: skip
     return steps or epochs * per_epoch, per_epoch
 
 
-def check_run_length(cfg, *, samples_per_epoch: int | None, world_size: int) -> None:
+def _no_step(samples: int, *, batch_size: int, grad_accum: int, world_size: int, counted_from: str) -> str:
+    """Why an epoch holds no optimizer step, led by the field to change, with the largest value that fits."""
+    most = samples // world_size  # the samples a rank's share of an epoch holds
+    if grad_accum > 1 and batch_size <= most:  # a micro batch fits: too many of them to a step
+        lead, fix = f"train.grad_accum={grad_accum}", f"set it to {most // batch_size} at most, or add samples"
+    elif grad_accum <= most:
+        lead, fix = f"data.batch_size={batch_size}", f"lower it to {most // grad_accum} at most, or add samples"
+    else:
+        lead = f"data.batch_size={batch_size} and train.grad_accum={grad_accum}"
+        fix = f"make their product {most} at most, or add samples" if most else f"add samples: {world_size} ranks"
+    return (f"{lead}: an epoch holds {samples:,} samples ({counted_from}), fewer than one optimizer step's "
+            f"{batch_size * grad_accum * world_size:,} (data.batch_size={batch_size} x train.grad_accum={grad_accum} "
+            f"x {world_size} ranks), and every epoch must hold a step; {fix}")  # fmt: skip
+
+
+def epoch_source(epoch_from: str) -> str:
+    """Where an epoch's count came from, for a message: a loader's ``epoch_from`` ('their tar headers (4 shards)')
+    with the field it counts."""
+    return epoch_from if epoch_from.startswith("data.") else f"data.train_shards, counted from {epoch_from}"
+
+
+def check_run_length(cfg, *, samples_per_epoch: int | None, world_size: int, counted_from: str) -> None:
     """What must fit in the run, checked before any model is built: a step in an epoch (:func:`total_steps`) and
     const_cooldown's cooldown after the warmup. ``samples_per_epoch`` None (only the loader counts them): a cooldown
-    in steps against ``train.steps`` alone; the trainer checks the rest once its loader has counted."""
+    in steps against ``train.steps`` alone; the trainer checks the rest once its loader has counted. ``counted_from``:
+    the count's source, as :func:`epoch_source` says it."""
     train, optim = cfg.train, cfg.optim
     if samples_per_epoch is not None:
         total, per_epoch = total_steps(
             samples_per_epoch, batch_size=cfg.data.batch_size, grad_accum=train.grad_accum, world_size=world_size,
-            steps=train.steps, epochs=train.epochs,
+            steps=train.steps, epochs=train.epochs, counted_from=counted_from,
         )  # fmt: skip
         cooldown_steps(optim, train, total=total, steps_per_epoch=per_epoch)
     elif train.steps and optim.cooldown_steps:

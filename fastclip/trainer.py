@@ -42,7 +42,7 @@ from fastclip.loss import LOGITS_BACKENDS, build_loss, loss_kind
 from fastclip.meters import Meters
 from fastclip.mfu import peak_flops, peak_memory_gb, train_flops_per_sample
 from fastclip.model import build_model, image_spec, loss_scalars, param_group_names, param_groups
-from fastclip.schedules import LrSchedule, cooldown_steps, restart_at, total_steps
+from fastclip.schedules import LrSchedule, cooldown_steps, epoch_source, restart_at, total_steps
 from fastclip.sinks import MetricSinks, progress_bar, train_line
 from fastclip.world import World
 
@@ -96,6 +96,7 @@ class Trainer:
         self.total_steps, self.steps_per_epoch = total_steps(
             self.train_loader.samples_per_epoch, batch_size=cfg.data.batch_size, grad_accum=cfg.train.grad_accum,
             world_size=world.world_size, steps=cfg.train.steps, epochs=cfg.train.epochs,
+            counted_from=epoch_source(self.train_loader.epoch_from),
         )  # fmt: skip
         self.global_batch = cfg.data.batch_size * cfg.train.grad_accum * world.world_size
         contrastive = cfg.train.grad_accum > 1 and cfg.train.accum_mode == "contrastive"
