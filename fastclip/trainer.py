@@ -388,8 +388,9 @@ class Trainer:
                     self.save()
             metrics = self.evaluate() if metrics is None else metrics
             if self.cfg.checkpoint.export_open_clip:  # first: a last save that fails (a full disk) keeps the weights
-                name, fallback = self.cfg.model.name, Path(self.cfg.log.dir)
-                self.checkpoints.export_open_clip(step=self.step, model_name=name, fallback=fallback)
+                model, fallback = self.cfg.model, Path(self.cfg.log.dir)
+                self.checkpoints.export_open_clip(step=self.step, model_name=model.name, fallback=fallback,
+                                                  force_image_size=model.force_image_size)  # fmt: skip
             self.save(final=True)
         finally:
             if bar is not None:
