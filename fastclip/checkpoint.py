@@ -429,10 +429,14 @@ class CheckpointManager:
 
     # ---------------------------------------------------------------------------------------------- export
 
-    def export_open_clip(self, *, step: int, model_name: str, fallback: Path | None = None) -> Path | None:
-        """fp32 weights as ``{'state_dict': ...}``, which ``open_clip.create_model(pretrained=path)`` loads;
-        refused (:class:`TrainingDiverged`) when a weight is not finite. Where checkpoint.dir cannot take them (a
-        full disk), into ``fallback`` (log.dir): the end of a run keeps its weights if any folder has room."""
+    def export_open_clip(
+        self, *, step: int, model_name: str, fallback: Path | None = None, force_image_size: int | None = None
+    ) -> Path | None:
+        """fp32 weights as ``{'state_dict': ...}``, which ``open_clip.create_model(pretrained=path)`` loads (the log
+        line gives the exact call); refused (:class:`TrainingDiverged`) when a weight is not finite. Where
+        checkpoint.dir cannot take them (a full disk), into ``fallback`` (log.dir): the end of a run keeps its weights
+        if any folder has room."""
+        from fastclip.export import how_to_load
 
         state = self._full_state()
         bad = next((name for name, value in state.items() if not torch.isfinite(value).all()), None)
@@ -446,7 +450,7 @@ class CheckpointManager:
         if self.rank != 0:
             return None
         path = _write_export([self.root, *([fallback] if fallback else [])], state, step=step, model=model_name)
-        say(f"open_clip weights: {path}")
+        say(how_to_load(path, state, model=model_name, force_image_size=force_image_size))
         return path
 
     def _full_state(self) -> dict[str, torch.Tensor]:

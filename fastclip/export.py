@@ -5,9 +5,9 @@ names). The weights are the fp32 masters, gathered from every rank's ZeRO partit
 ZeRO-1/2/3 and bf16 ZeRO-0) or read whole (fp32 ZeRO-0), without a process group or a GPU: a checkpoint of 64 ranks
 exports on a laptop. The file is what the trainer writes at the end of a run (``open_clip.pt``): ``{'state_dict':
 ...}``, which ``open_clip.create_model(NAME, pretrained=FILE)`` loads (a run of an architecture without a logit bias
-trained with ``loss.kind siglip`` has one: add ``init_logit_bias=-10``, which the file overrides). Before it is
-written the weights are loaded strictly into the architecture the checkpoint names, so a file that would not load is
-never written.
+trained with ``loss.kind siglip`` has one: add ``init_logit_bias=-10``, which the file overrides); the command prints
+the exact call (:func:`how_to_load`). Before it is written the weights are loaded strictly into the architecture the
+checkpoint names, so a file that would not load is never written.
 """
 
 from __future__ import annotations
@@ -32,6 +32,29 @@ def write_open_clip(path: Path, state: dict[str, torch.Tensor], *, step: int, mo
     torch.save({"state_dict": open_clip_state_dict(state), "step": step, "model": model}, tmp)
     tmp.replace(path)
     return path
+
+
+def how_to_load(path: Path, state: dict[str, torch.Tensor], *, model: str, force_image_size: int | None) -> str:
+    """The line that announces an export: where it is and the open_clip statements that load it as trained.
+    open_clip builds the architecture before it reads the file, so what the file cannot tell it goes in the call: a
+    logit bias trained on an architecture without one (loss.kind siglip) needs ``init_logit_bias``, without which
+    open_clip stops with "AttributeError: 'NoneType' object has no attribute 'ndim'"; a forced image size; the
+    model-config JSON of an architecture open_clip does not ship."""
+    import open_clip
+
+    from fastclip.model import SIGLIP_INIT, config_to_register, resolve_model_name
+
+    name, extra, why = resolve_model_name(model), "", ""
+    if force_image_size:
+        extra += f", force_image_size={force_image_size}"
+    if "logit_bias" in state and (open_clip.get_model_config(name) or {}).get("init_logit_bias") is None:
+        extra += f", init_logit_bias={SIGLIP_INIT['init_logit_bias']:g}"
+        why = (f" (init_logit_bias: {name} has no logit bias of its own and this run trained one, loss.kind siglip; "
+               "the file's value replaces the -10, and without it open_clip stops with AttributeError: 'NoneType' "
+               "object has no attribute 'ndim')")  # fmt: skip
+    calls = [f"open_clip.add_model_config({str(config)!r})"] if (config := config_to_register(model)) else []
+    calls.append(f"open_clip.create_model_and_transforms({name!r}, pretrained={str(path.resolve())!r}{extra})")
+    return f"open_clip weights: {path}; load them with: {'; '.join(calls)}{why}"
 
 
 def step_folder(where: str | Path) -> Path:
@@ -125,7 +148,8 @@ def _check_loads(state: dict[str, torch.Tensor], clip: torch.nn.Module, name: st
         raise ConfigError(f"the weights do not load into {name}, the model the checkpoint names: {said}") from e
 
 
-def export(where: str | Path, out: str | Path) -> Path:
+def export(where: str | Path, out: str | Path) -> str:
+    """Write ``where``'s weights to ``out``; the line that says where and how open_clip loads them."""
     folder = step_folder(where)
     run = _saved_run(folder)
     clip = _model(run) if run.get("model") else None
@@ -137,7 +161,10 @@ def export(where: str | Path, out: str | Path) -> Path:
         raise ConfigError(f"{folder}: {bad} holds inf/NaN; export an earlier step folder")
     if clip is not None:
         _check_loads(state, clip, run["model"])
-    return write_open_clip(Path(out), state, step=int(run.get("step") or 0), model=run.get("model") or "")
+    path = write_open_clip(Path(out), state, step=int(run.get("step") or 0), model=run.get("model") or "")
+    if not run.get("model"):  # a folder too old to name its model: no call to give
+        return f"open_clip weights: {path}"
+    return how_to_load(path, state, model=run["model"], force_image_size=run.get("force_image_size"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,11 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="the open_clip file to write (e.g. open_clip.pt)")
     args = parser.parse_args(argv)
     try:
-        path = export(args.checkpoint, args.out)
+        print(export(args.checkpoint, args.out))
     except ConfigError as e:
         print(f"fastclip.export: {e}", file=sys.stderr)
         return 2
-    print(f"open_clip weights: {path}")
     return 0
 
 

@@ -69,6 +69,15 @@ def resolve_model_name(name: str) -> str:
     return name
 
 
+def config_to_register(name: str) -> Path | None:
+    """The model-config JSON open_clip must be given (``open_clip.add_model_config``) before it knows ``name``: the
+    JSON itself, or the one fastclip ships; None for open_clip's own architectures."""
+    if name.endswith(".json"):
+        return Path(name).resolve()
+    shipped = _BUILTIN_CONFIGS / f"{name}.json"
+    return shipped if shipped.is_file() else None
+
+
 @contextlib.contextmanager
 def _quiet_random_init():
     """Hide open_clip's "Model initialized randomly" warning, untrue once the pretrained file is loaded after it."""

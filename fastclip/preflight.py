@@ -1,4 +1,5 @@
-"""What every rank checks before any process group, model or pipeline exists: the files a run names.
+"""What every rank checks before any process group, model or pipeline exists: the files a run names, and what
+must fit in the run's length where the shards' counts give it.
 
 Each check lives with the code that owns the file (shards: fastclip/data/shards.py, a pretrained checkpoint:
 fastclip/model.py, the DeepSpeed JSON: fastclip/engine.py, zero-shot lists: fastclip/eval.py, the folders it
@@ -13,20 +14,24 @@ from fastclip.errors import ConfigError
 
 
 def check_inputs(cfg: Config, *, world_size: int = 1) -> None:
-    """Raise :class:`ConfigError` for the first file of ``cfg`` that is missing or unreadable."""
+    """Raise :class:`ConfigError` for the first file of ``cfg`` that is missing or unreadable, or for a run too short
+    for what it must hold (fastclip/schedules.py's check_run_length)."""
     from fastclip.data.loader import LoaderOptions, loader_kind
     from fastclip.engine import deepspeed_config
     from fastclip.eval import read_zeroshot_list
     from fastclip.model import check_pretrained_file
     from fastclip.run_folders import check_writable, written_folders
+    from fastclip.schedules import check_run_length
 
     # the torch loader counts samples by walking tar headers where no index file counts them: walk them here,
-    # before any model (it reuses the walk); DALI counts them itself
-    walk = loader_kind(cfg.data) == "torch"
+    # before any model (it reuses the walk), so that the run's length is known; DALI counts them itself
+    kind = loader_kind(cfg.data)
     options = LoaderOptions.of(cfg.data)
+    train = None
     for name in ("train_shards", "val_shards"):
         if spec := getattr(cfg.data, name):
-            options.resolve(spec, field=f"data.{name}", train=name == "train_shards", count=walk)
+            shards = options.resolve(spec, field=f"data.{name}", train=name == "train_shards", count=kind == "torch")
+            train = shards if name == "train_shards" else train
     for name in ("zeroshot_classnames", "zeroshot_templates"):
         if path := getattr(cfg.data, name):
             read_zeroshot_list(path, field=f"data.{name}")
@@ -37,3 +42,18 @@ def check_inputs(cfg: Config, *, world_size: int = 1) -> None:
     deepspeed_config(cfg, world_size=world_size, cuda=False)  # a --deepspeed_config that disagrees fails here
     for field, folder in written_folders(cfg).items():  # a read-only mount found now, not at the first save
         check_writable(folder, field)
+    samples, counted_from = _epoch_samples(cfg, train, kind)
+    check_run_length(cfg, samples_per_epoch=samples, world_size=world_size, counted_from=counted_from)
+
+
+def _epoch_samples(cfg: Config, train, kind: str) -> tuple[int | None, str]:
+    """An epoch's samples as the train loader will count them (``train``: its resolved shards) and where from, where
+    that is known before it is built: data.train_num_samples, the torch loader's counts, DALI's where every shard has
+    an index file (DALI reads their counts; without them it walks the tar headers itself, after the model is built)."""
+    from fastclip.schedules import epoch_source
+
+    if cfg.data.train_num_samples:
+        return cfg.data.train_num_samples, "data.train_num_samples"
+    if train is None or train.total is None or (kind == "dali" and None in train.index):
+        return None, ""
+    return train.total, epoch_source(train.counted_from)

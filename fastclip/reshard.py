@@ -4,7 +4,8 @@ DeepSpeed's ZeRO checkpoints hold one optimizer partition per rank, so they load
 wrote them. Its universal format (``deepspeed.checkpoint.ds_to_universal``) stores each parameter's fp32 master
 and Adam moments whole; any world size loads it. Rank 0 converts a step folder once, into
 ``checkpoint.dir/universal/step_XXXXXXXX`` (a temporary folder renamed, marked ``.complete``), in a subprocess
-with a worker per CPU (a large checkpoint is thousands of files), while the other ranks wait for its verdict on
+with a worker per CPU (a large checkpoint is thousands of files; the subprocess and its workers end with rank 0,
+however it ends: :func:`run_tied`), while the other ranks wait for its verdict on
 the rendezvous store rather than in a collective whose timeout the conversion could outlast; the watchdog still
 ends them if rank 0 dies meanwhile.
 
@@ -20,8 +21,11 @@ groups, decay and no decay, which DeepSpeed pairs by position.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -121,7 +125,7 @@ def to_universal(folder: Path, target: Path) -> None:
         str(max(1, workers // 4)),
         "--inject_missing_state",
     ]  # folders saved before fastclip gave the module its universal_checkpoint_info
-    proc = subprocess.run(cmd, capture_output=True, text=True)  # fmt: skip
+    proc = run_tied(cmd)
     if proc.returncode != 0:
         said = (proc.stderr.strip() or proc.stdout.strip()).splitlines()[-1:] or ["no output"]
         raise ReshardError(
@@ -131,3 +135,45 @@ def to_universal(folder: Path, target: Path) -> None:
     (tmp / ".complete").write_text("")
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
+
+
+def run_tied(cmd: list[str]) -> subprocess.CompletedProcess:
+    """``cmd`` run to its end, its output captured, without outliving this process. A supervisor (:func:`_supervise`)
+    starts it in a process group of their own, which goes whole, ``cmd``'s workers included: when this
+    process dies, even by SIGKILL (the supervisor's parent-death signal, Linux), or stops waiting (an exception,
+    Ctrl-C). A conversion left running would go on writing into checkpoint.dir beside the next run's."""
+    package_root = str(Path(__file__).resolve().parents[1])  # this fastclip, whatever the child's path would find
+    code = f"import sys; sys.path.insert(0, {package_root!r}); from fastclip.reshard import _supervise; _supervise()"
+    supervised = [sys.executable, "-c", code, str(os.getpid()), *cmd]
+    proc = subprocess.Popen(supervised, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        out, err = proc.communicate()
+    except BaseException:
+        _end_group(proc.pid)  # before the wait: unreaped, the supervisor's pid (the group's id) cannot be reused
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def _end_group(group: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(group, signal.SIGKILL)
+
+
+def _die_with(parent: int) -> None:
+    """Have the kernel send this process SIGTERM when ``parent`` dies (prctl's PR_SET_PDEATHSIG; Linux only), and
+    end this process group on SIGTERM."""
+    signal.signal(signal.SIGTERM, lambda *_: _end_group(0))
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the signal was asked for
+        _end_group(0)
+
+
+def _supervise() -> None:
+    """The supervisor of :func:`run_tied` (argv: the parent's pid, then the command): the command in this process
+    group (its stdout and stderr are the parent's pipes), ended with it when the parent dies; exits as it did."""
+    _die_with(int(sys.argv[1]))
+    sys.exit(subprocess.Popen(sys.argv[2:]).wait())

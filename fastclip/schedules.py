@@ -75,34 +75,85 @@ def restart_at(scheduler, schedule: LrSchedule, *, base_lr: float, step: int) ->
     scheduler._last_lr = [lr] * len(groups)
 
 
-def cooldown_steps(optim, *, total: int, steps_per_epoch: int) -> int:
+def run_length(train, *, total: int, steps_per_epoch: int) -> str:
+    """How the run's ``total`` steps came about, in the fields a user sets: 'train.steps=10' or
+    'train.epochs=3 of 5 steps'."""
+    return f"train.steps={train.steps}" if train.steps else f"train.epochs={train.epochs} of {steps_per_epoch} steps"
+
+
+def cooldown_steps(optim, train, *, total: int, steps_per_epoch: int) -> int:
     """const_cooldown's length in optimizer steps (``optim.cooldown_steps``, else ``cooldown_epochs`` epochs); 0 for
-    the other schedules. A cooldown that does not fit after the warmup is a ConfigError naming both."""
+    the other schedules. A cooldown that does not fit after the warmup is a ConfigError naming the fields."""
     if optim.schedule != "const_cooldown":
         return 0
     steps = optim.cooldown_steps or round(optim.cooldown_epochs * steps_per_epoch)
     room = total - optim.warmup_steps
-    if not 0 < steps <= room:
-        given = (
-            f"optim.cooldown_steps={optim.cooldown_steps}"
-            if optim.cooldown_steps
-            else f"optim.cooldown_epochs={optim.cooldown_epochs} ({steps} steps at {steps_per_epoch} an epoch)"
-        )
-        raise ConfigError(f"{given}: the cooldown must be 1 to {room} steps (the run's {total} steps less "
-                          f"optim.warmup_steps={optim.warmup_steps}); shorten it or lengthen the run")  # fmt: skip
-    return steps
+    if 0 < steps <= room:
+        return steps
+    given = (
+        f"optim.cooldown_steps={optim.cooldown_steps}"
+        if optim.cooldown_steps
+        else f"optim.cooldown_epochs={optim.cooldown_epochs} ({steps} steps at {steps_per_epoch} an epoch)"
+    )
+    if steps < 1:
+        raise ConfigError(f"{given}: const_cooldown's cooldown must be 1 step at least; lengthen it")
+    run = f"the run's {total} steps ({run_length(train, total=total, steps_per_epoch=steps_per_epoch)})"
+    if room > 0:
+        fix = f"make the cooldown {room} steps at most, or lengthen the run"
+    elif total > steps:  # warmup alone fills the run: a bound of "1 to -40 steps" said nothing
+        fix = f"lower optim.warmup_steps to {total - steps} at most, or lengthen the run"
+    else:
+        fix = "lengthen the run, or shorten the cooldown and optim.warmup_steps"
+    raise ConfigError(f"{given}: the cooldown and optim.warmup_steps={optim.warmup_steps} must fit in {run} "
+                      f"together, and their {steps + optim.warmup_steps} steps do not; {fix}")  # fmt: skip
 
 
 def total_steps(
-    samples_per_epoch: int, *, batch_size: int, grad_accum: int, world_size: int, steps: int, epochs: int
-) -> tuple[int, int]:
-    """(optimizer steps to run, optimizer steps per epoch): ``steps``, or ``epochs`` passes over the samples."""
+    samples_per_epoch: int, *, batch_size: int, grad_accum: int, world_size: int, steps: int, epochs: int,
+    counted_from: str = "data.train_shards",
+) -> tuple[int, int]:  # fmt: skip
+    """(optimizer steps to run, optimizer steps per epoch): ``steps``, or ``epochs`` passes over the samples. An epoch
+    that holds no step is a ConfigError; ``counted_from`` says where its count came from."""
     global_batch = batch_size * grad_accum * world_size
     per_epoch = samples_per_epoch // global_batch
     if per_epoch == 0:
-        raise ConfigError(
-            f"data.train_shards hold {samples_per_epoch} samples, fewer than one global batch of {global_batch} "
-            f"(data.batch_size={batch_size} x train.grad_accum={grad_accum} x {world_size} ranks). "
-            "Lower data.batch_size or add shards."
-        )
+        raise ConfigError(_no_step(samples_per_epoch, batch_size=batch_size, grad_accum=grad_accum,
+                                   world_size=world_size, counted_from=counted_from))  # fmt: skip
     return steps or epochs * per_epoch, per_epoch
+
+
+def _no_step(samples: int, *, batch_size: int, grad_accum: int, world_size: int, counted_from: str) -> str:
+    """Why an epoch holds no optimizer step, led by the field to change, with the largest value that fits."""
+    most = samples // world_size  # the samples a rank's share of an epoch holds
+    if grad_accum > 1 and batch_size <= most:  # a micro batch fits: too many of them to a step
+        lead, fix = f"train.grad_accum={grad_accum}", f"set it to {most // batch_size} at most, or add samples"
+    elif grad_accum <= most:
+        lead, fix = f"data.batch_size={batch_size}", f"lower it to {most // grad_accum} at most, or add samples"
+    else:
+        lead = f"data.batch_size={batch_size} and train.grad_accum={grad_accum}"
+        fix = f"make their product {most} at most, or add samples" if most else f"add samples: {world_size} ranks"
+    return (f"{lead}: an epoch holds {samples:,} samples ({counted_from}), fewer than one optimizer step's "
+            f"{batch_size * grad_accum * world_size:,} (data.batch_size={batch_size} x train.grad_accum={grad_accum} "
+            f"x {world_size} ranks), and every epoch must hold a step; {fix}")  # fmt: skip
+
+
+def epoch_source(epoch_from: str) -> str:
+    """Where an epoch's count came from, for a message: a loader's ``epoch_from`` ('their tar headers (4 shards)')
+    with the field it counts."""
+    return epoch_from if epoch_from.startswith("data.") else f"data.train_shards, counted from {epoch_from}"
+
+
+def check_run_length(cfg, *, samples_per_epoch: int | None, world_size: int, counted_from: str) -> None:
+    """What must fit in the run, checked before any model is built: a step in an epoch (:func:`total_steps`) and
+    const_cooldown's cooldown after the warmup. ``samples_per_epoch`` None (only the loader counts them): a cooldown
+    in steps against ``train.steps`` alone; the trainer checks the rest once its loader has counted. ``counted_from``:
+    the count's source, as :func:`epoch_source` says it."""
+    train, optim = cfg.train, cfg.optim
+    if samples_per_epoch is not None:
+        total, per_epoch = total_steps(
+            samples_per_epoch, batch_size=cfg.data.batch_size, grad_accum=train.grad_accum, world_size=world_size,
+            steps=train.steps, epochs=train.epochs, counted_from=counted_from,
+        )  # fmt: skip
+        cooldown_steps(optim, train, total=total, steps_per_epoch=per_epoch)
+    elif train.steps and optim.cooldown_steps:
+        cooldown_steps(optim, train, total=train.steps, steps_per_epoch=0)

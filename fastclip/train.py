@@ -27,7 +27,8 @@ def _fail(message: str, code: int = 2, *, any_rank: bool = False, speaker: bool 
 
 
 def _config(argv: list[str]):
-    """The run config, checked against the files it names (every rank, before any process group or model)."""
+    """The run config, checked against the files it names (every rank, before any process group or model); the demo
+    world's first, so that its counts give the run's length there too."""
     from fastclip import console
     from fastclip.benchmark_try import settings
     from fastclip.data.synthetic import use_demo_world
@@ -37,12 +38,12 @@ def _config(argv: list[str]):
     if alone := slurm_alone(dict(os.environ)):
         console.say(alone)
     try:
-        cfg = parse_args(argv)
+        cfg = use_demo_world(parse_args(argv))
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         check_inputs(cfg, world_size=world_size)
         for setting in settings(cfg):  # --train.benchmark_try: each setting's config against its files too
             check_inputs(setting.cfg, world_size=world_size)
-        return use_demo_world(cfg)
+        return cfg
     except HelpRequested:
         if os.environ.get("RANK", "0") == "0":
             print(usage())

@@ -42,7 +42,7 @@ from fastclip.loss import LOGITS_BACKENDS, build_loss, loss_kind
 from fastclip.meters import Meters
 from fastclip.mfu import peak_flops, peak_memory_gb, train_flops_per_sample
 from fastclip.model import build_model, image_spec, loss_scalars, param_group_names, param_groups
-from fastclip.schedules import LrSchedule, cooldown_steps, restart_at, total_steps
+from fastclip.schedules import LrSchedule, cooldown_steps, epoch_source, restart_at, total_steps
 from fastclip.sinks import MetricSinks, progress_bar, train_line
 from fastclip.world import World
 
@@ -96,6 +96,7 @@ class Trainer:
         self.total_steps, self.steps_per_epoch = total_steps(
             self.train_loader.samples_per_epoch, batch_size=cfg.data.batch_size, grad_accum=cfg.train.grad_accum,
             world_size=world.world_size, steps=cfg.train.steps, epochs=cfg.train.epochs,
+            counted_from=epoch_source(self.train_loader.epoch_from),
         )  # fmt: skip
         self.global_batch = cfg.data.batch_size * cfg.train.grad_accum * world.world_size
         contrastive = cfg.train.grad_accum > 1 and cfg.train.accum_mode == "contrastive"
@@ -177,7 +178,8 @@ class Trainer:
         self.schedule = schedule = LrSchedule(
             kind=optim.schedule, warmup=optim.warmup_steps, total=self.total_steps, min_ratio=optim.min_lr_ratio,
             cycle=optim.restart_steps, mult=optim.restart_mult, decay=optim.restart_decay,
-            cooldown=cooldown_steps(optim, total=self.total_steps, steps_per_epoch=self.steps_per_epoch),
+            cooldown=cooldown_steps(optim, self.cfg.train, total=self.total_steps,
+                                    steps_per_epoch=self.steps_per_epoch),
             end_ratio=optim.cooldown_end_lr / optim.lr, power=optim.cooldown_power,
         )  # fmt: skip
         engine, scheduler, ds_config = build_engine(
@@ -386,8 +388,9 @@ class Trainer:
                     self.save()
             metrics = self.evaluate() if metrics is None else metrics
             if self.cfg.checkpoint.export_open_clip:  # first: a last save that fails (a full disk) keeps the weights
-                name, fallback = self.cfg.model.name, Path(self.cfg.log.dir)
-                self.checkpoints.export_open_clip(step=self.step, model_name=name, fallback=fallback)
+                model, fallback = self.cfg.model, Path(self.cfg.log.dir)
+                self.checkpoints.export_open_clip(step=self.step, model_name=model.name, fallback=fallback,
+                                                  force_image_size=model.force_image_size)  # fmt: skip
             self.save(final=True)
         finally:
             if bar is not None:

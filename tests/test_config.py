@@ -1,5 +1,6 @@
 import json
 import re
+import sys
 import tarfile
 
 import pytest
@@ -10,6 +11,8 @@ from fastclip.engine import deepspeed_config
 from fastclip.errors import ConfigError
 from fastclip.preflight import check_inputs
 from fastclip.schedules import total_steps
+
+from runs import ROOT, run_cli, small_run_args
 
 
 def test_defaults_are_the_demo():
@@ -223,10 +226,27 @@ def test_a_deepspeed_config_that_contradicts_the_run_config_names_both(tmp_path,
 
 
 def test_too_few_samples_for_one_batch():
-    with pytest.raises(ConfigError, match="fewer than one global batch"):
+    with pytest.raises(ConfigError, match=r"^data\.batch_size=64: an epoch holds 100 samples \(data\.train_shards\), "
+                       r"fewer than one optimizer step's 128 .*; lower it to 50 at most"):  # fmt: skip
         total_steps(100, batch_size=64, grad_accum=1, world_size=2, steps=0, epochs=3)
+    # too many micro batches: the bound is the micro batches an epoch holds
+    with pytest.raises(ConfigError, match=r"^train\.grad_accum=1000000: .*; set it to 32 at most"):
+        total_steps(512, batch_size=16, grad_accum=1_000_000, world_size=1, steps=5, epochs=3)
+    with pytest.raises(ConfigError, match=r"make their product 5 at most"):
+        total_steps(10, batch_size=8, grad_accum=8, world_size=2, steps=0, epochs=3)
     assert total_steps(1280, batch_size=64, grad_accum=1, world_size=2, steps=0, epochs=2) == (20, 10)
     assert total_steps(1280, batch_size=64, grad_accum=1, world_size=2, steps=7, epochs=2) == (7, 10)
+
+
+def test_grad_accum_past_an_epoch_is_refused_before_any_model(world_dir, tmp_path):
+    """--train.grad_accum 1000000 was refused only once the model was built; the start-up check knows the shards'
+    count (512 samples, 16 a micro batch) and says the bound."""
+    args = small_run_args(world_dir, tmp_path, steps=5) + ["--data.loader", "torch", "--train.grad_accum", "1000000"]
+    proc = run_cli([sys.executable, "-m", "fastclip.train", *args], cwd=ROOT, timeout=300)
+    assert proc.returncode == 2 and "params" not in proc.stdout and "Traceback" not in proc.stderr, proc.stderr
+    said = proc.stderr.strip().splitlines()[-1]
+    assert said.startswith("fastclip: train.grad_accum=1000000: an epoch holds 512 samples (data.train_shards, ")
+    assert "set it to 32 at most" in said
 
 
 def test_shipped_configs_parse():

@@ -87,7 +87,7 @@ def test_csv_tab_separated_with_bad_rows(tmp_path, monkeypatch):
         convert.IMAGE_NOT_FOUND: 1, convert.OTHER_FORMAT: 1, convert.EMPTY_CAPTION: 1, convert.DAMAGED_IMAGE: 1,
         convert.NOT_AN_IMAGE: 1, convert.NO_IMAGE_PATH: 1,
     }  # fmt: skip
-    report = json.loads((tmp_path / "out" / convert.REPORT).read_text())
+    report = json.loads(convert.report_path(tmp_path / "out", "shard").read_text())
     assert [(s["row"], s["reason"]) for s in report["skipped"]] == [
         (3, convert.IMAGE_NOT_FOUND), (6, convert.OTHER_FORMAT), (7, convert.EMPTY_CAPTION),
         (8, convert.DAMAGED_IMAGE), (9, convert.NOT_AN_IMAGE), (10, convert.NO_IMAGE_PATH),
@@ -186,7 +186,7 @@ def test_folder_nested_upper_case_missing_caption_and_encodings(tmp_path):
     assert [g["txt"].decode() for _, g in got] == ["caf\ufffd owl", "a dog", "a cat"]
     assert "row" not in meta(got[0])
     assert result.replaced == ["a/owl.jpeg"] and "not valid UTF-8" in result.summary()
-    report = json.loads((tmp_path / "out" / convert.REPORT).read_text())
+    report = json.loads(convert.report_path(tmp_path / "out", "shard").read_text())
     assert [(s["path"], s["reason"]) for s in report["skipped"]] == [
         ("a/blank.jpg", convert.EMPTY_CAPTION), ("a/nocap.jpg", convert.NO_CAPTION_FILE)]  # fmt: skip
     assert report["captions_not_utf8"] == ["a/owl.jpeg"]
@@ -246,6 +246,19 @@ def test_refuses_to_overwrite_and_replaces_only_its_shards(tmp_path):
     assert (out / "notes.txt").read_text() == "mine" and (out / "other-000000.tar").read_bytes() == b"not ours"
 
 
+def test_sets_of_other_prefixes_in_one_folder_keep_their_reports(tmp_path):
+    """--prefix b into a folder holding set a wrote over a's convert_report.json."""
+    out = tmp_path / "out"
+    (folder_of(tmp_path, 3, "a") / "00.txt").unlink()  # a's first image has no caption: a's report lists it
+    a = convert_folder(tmp_path / "a", out, prefix="a", index=False)
+    b = convert_folder(folder_of(tmp_path, 2, "b"), out, prefix="b", index=False)
+    assert (a.report, b.report) == (out / "a.convert_report.json", out / "b.convert_report.json")
+    reports = {name: json.loads((out / f"{name}.convert_report.json").read_text()) for name in "ab"}
+    assert reports["a"]["shards"] == {"a-000000.tar": 2} and reports["b"]["shards"] == {"b-000000.tar": 2}
+    assert [(s["path"], s["reason"]) for s in reports["a"]["skipped"]] == [("00.jpg", convert.NO_CAPTION_FILE)]
+    assert reports["b"]["skipped"] == [] and str(a.report) in a.summary()
+
+
 def test_overwrite_that_writes_nothing_keeps_the_old_shards(tmp_path):
     out = tmp_path / "out"
     convert_folder(folder_of(tmp_path, 3), out, index=False)
@@ -254,7 +267,7 @@ def test_overwrite_that_writes_nothing_keeps_the_old_shards(tmp_path):
     with pytest.raises(ConfigError, match=r"none of its 2 rows makes a sample \(2 image not found\)"):
         convert_csv(csv, out, overwrite=True, index=False)
     assert (out / "shard-000000.tar").read_bytes() == old
-    assert len(json.loads((out / convert.REPORT).read_text())["skipped"]) == 2
+    assert len(json.loads(convert.report_path(out, "shard").read_text())["skipped"]) == 2
 
 
 def test_overwrite_without_index_refused_where_sizes_json_counts_the_old_shards(tmp_path):
@@ -314,7 +327,7 @@ def test_cli(tmp_path, monkeypatch, capsys):
     write_csv(tmp_path / "bad.csv", [("gone.jpg", "x")])
     assert convert.run(parse(["--csv", "bad.csv", "--out", "out2", "--no-index"])) == 1
     err = capsys.readouterr().err
-    assert "none of its 1 rows makes a sample" in err and "convert_report.json" in err
+    assert "none of its 1 rows makes a sample" in err and "shard.convert_report.json" in err
     assert convert.run(parse(["--csv", "t.csv", "--out", "out", "--no-index"])) == 1  # refuses to overwrite
     assert "--overwrite" in capsys.readouterr().err
     assert convert.run(parse(["--folder", ".", "--root", "x", "--out", "o", "--no-index"])) == 1

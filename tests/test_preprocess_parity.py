@@ -285,6 +285,17 @@ def test_train_crops_follow_open_clips_sampler(crop_distances, loader):
                 )
 
 
+@pytest.mark.parametrize("loader", ["torch", pytest.param("dali", marks=needs_dali)])
+def test_a_fixed_crop_scale_gives_open_clips_windows(loader):
+    """data.crop_scale [1, 1], which the config and the torch loader take: DALI's uniform refuses the empty range
+    ('Invalid range [1, 1)'), so the DALI loader stopped at its first batch. Every draw is then the whole image's
+    area, so every window is the one torchvision picks: the whole image, or its centre clipped to 3/4-4/3."""
+    for shape in CROP_SHAPES:
+        drawn = _loader_windows(loader, shape, (1.0, 1.0), 8, seed=1)
+        reference = _reference_windows(shape, (1.0, 1.0), 8, seed=0)
+        assert np.abs(drawn - reference).max() < 1, f"{loader} at {shape}: {drawn[0]} against {reference[0]}"
+
+
 @pytest.mark.parametrize("loader", ["torch", "dali"])
 def test_exif_orientation_is_ignored_as_open_clip_does(photos, loader):
     """A phone photo's EXIF orientation tag: PIL as open_clip opens it, and torchvision, leave the pixels as stored;

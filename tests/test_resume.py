@@ -278,3 +278,73 @@ def test_resume_after_skipped_images_gives_every_later_loss_of_the_uninterrupted
     assert resumed == uninterrupted[8:]
     out = capsys.readouterr().out
     assert "goes on from the checkpoint's position" in out and "inexactly" not in out
+
+
+# A stand-in for DeepSpeed's ds_to_universal, found first on PYTHONPATH: like the real one it runs a pool of worker
+# processes; it writes the pids of its parent, itself and its worker, then works for a minute
+_SLOW_CONVERTER = """
+import os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+
+if __name__ == "__main__":
+    with ProcessPoolExecutor(max_workers=1) as pool:
+        pids = [os.getppid(), os.getpid(), pool.submit(os.getpid).result()]
+        with open(os.environ["CONVERTER_PIDS"] + ".tmp", "w") as f:
+            f.write(" ".join(map(str, pids)))
+        os.rename(os.environ["CONVERTER_PIDS"] + ".tmp", os.environ["CONVERTER_PIDS"])
+        pool.submit(time.sleep, 60)
+        time.sleep(60)
+"""
+_CONVERT = "import sys; from pathlib import Path; from fastclip.reshard import to_universal; " \
+    "to_universal(Path(sys.argv[1]), Path(sys.argv[2]))"  # fmt: skip
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (a container's pid 1 may never reap the orphans it inherits)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM", "SIGINT"])
+def test_the_universal_conversion_ends_with_the_process_that_started_it(tmp_path, sig):
+    """A rank killed while DeepSpeed converts a checkpoint to its universal format left the converter and its
+    workers running, orphans writing into checkpoint.dir."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from runs import ROOT, clean_env
+
+    package = tmp_path / "fake" / "deepspeed" / "checkpoint"
+    package.mkdir(parents=True)
+    for init in (package.parent / "__init__.py", package / "__init__.py"):
+        init.write_text("")
+    (package / "ds_to_universal.py").write_text(_SLOW_CONVERTER)
+    pids_file = tmp_path / "pids"
+    env = clean_env({"PYTHONPATH": os.pathsep.join([str(tmp_path / "fake"), str(ROOT)]),
+                     "CONVERTER_PIDS": str(pids_file)})  # fmt: skip
+    rank = subprocess.Popen([sys.executable, "-c", _CONVERT, str(tmp_path / "step"), str(tmp_path / "universal")],
+                            cwd=ROOT, env=env, stderr=subprocess.DEVNULL)  # fmt: skip
+    pids = []
+    try:
+        deadline = time.monotonic() + 10
+        while not pids_file.exists() and time.monotonic() < deadline and rank.poll() is None:
+            time.sleep(0.05)
+        assert pids_file.exists(), "the stand-in converter did not start"
+        pids = [int(p) for p in pids_file.read_text().split()]
+        rank.send_signal(getattr(signal, sig))
+        rank.wait(timeout=10)
+        deadline = time.monotonic() + 5
+        while any(map(_alive, pids)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [p for p in pids if _alive(p)], f"still running after the rank's {sig}: {pids}"
+    finally:
+        rank.kill()
+        for pid in pids:
+            if pid != rank.pid and _alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -41,19 +41,58 @@ def test_const_cooldown_matches_open_clip(power, end):
 
 
 def test_const_cooldown_length_from_steps_or_epochs_and_its_errors():
-    from fastclip.config import OptimConfig
+    from fastclip.config import OptimConfig, TrainConfig
     from fastclip.schedules import cooldown_steps
 
-    optim = OptimConfig(schedule="const_cooldown", warmup_steps=10, cooldown_epochs=1.5)
-    assert cooldown_steps(optim, total=100, steps_per_epoch=20) == 30
-    assert cooldown_steps(OptimConfig(schedule="const_cooldown", cooldown_steps=7), total=100, steps_per_epoch=20) == 7
-    assert cooldown_steps(OptimConfig(), total=100, steps_per_epoch=20) == 0  # cosine: none
-    with pytest.raises(ConfigError, match=r"optim.cooldown_epochs=1.5 \(30 steps at 20 an epoch\).*1 to 10 steps"):
-        cooldown_steps(optim, total=20, steps_per_epoch=20)
+    optim, train = OptimConfig(schedule="const_cooldown", warmup_steps=10, cooldown_epochs=1.5), TrainConfig()
+    assert cooldown_steps(optim, train, total=100, steps_per_epoch=20) == 30
+    steps = OptimConfig(schedule="const_cooldown", cooldown_steps=7)
+    assert cooldown_steps(steps, train, total=100, steps_per_epoch=20) == 7
+    assert cooldown_steps(OptimConfig(), train, total=100, steps_per_epoch=20) == 0  # cosine: none
+    with pytest.raises(ConfigError, match=r"optim.cooldown_epochs=1.5 \(30 steps at 20 an epoch\).*"
+                       r"train.epochs=3 of 20 steps.*make the cooldown 10 steps at most"):  # fmt: skip
+        cooldown_steps(optim, train, total=20, steps_per_epoch=20)
     with pytest.raises(ConfigError, match="needs a cooldown"):
         OptimConfig(schedule="const_cooldown")
     with pytest.raises(ConfigError, match="optim.cooldown_end_lr"):
         OptimConfig(schedule="const_cooldown", cooldown_steps=5, lr=1e-3, cooldown_end_lr=2e-3)
+
+
+def _cooldown_args(world_dir, tmp_path, *, steps: int, warmup: int, cooldown: int) -> list[str]:
+    return small_run_args(world_dir, tmp_path, steps=steps) + [
+        "--optim.warmup_steps", str(warmup), "--optim.schedule", "const_cooldown", "--optim.cooldown_steps",
+        str(cooldown), "--data.loader", "torch",
+    ]  # fmt: skip
+
+
+def test_a_cooldown_longer_than_the_run_is_refused_before_any_model(world_dir, tmp_path):
+    """A cooldown the run cannot hold was refused only once the model was built, as "must be 1 to -40 steps": now
+    before it, in a line naming the fields, their values and what to change."""
+    args = _cooldown_args(world_dir, tmp_path, steps=10, warmup=50, cooldown=100)
+    proc = run_cli([sys.executable, "-m", "fastclip.train", *args], cwd=ROOT, timeout=300)
+    assert proc.returncode == 2 and "params" not in proc.stdout and "Traceback" not in proc.stderr, proc.stderr
+    said = proc.stderr.strip().splitlines()[-1]
+    for field in ("optim.cooldown_steps=100", "optim.warmup_steps=50", "the run's 10 steps (train.steps=10)"):
+        assert field in said
+    assert "-40" not in said and "lengthen the run" in said
+
+
+@pytest.mark.parametrize(
+    "extra, said",
+    [
+        # warmup alone fills the run: the warmup to lower, and by how much
+        (["--train.steps", "10", "--optim.warmup_steps", "12"], "lower optim.warmup_steps to 5 at most"),
+        # the run's length from the shards' count: 512 samples a epoch at 16 a step, 2 epochs
+        (["--train.steps", "0", "--train.epochs", "2", "--optim.cooldown_steps", "70"],
+         "the run's 64 steps (train.epochs=2 of 32 steps)"),
+    ],
+)  # fmt: skip
+def test_cooldown_checks_against_the_run_length_in_preflight(world_dir, tmp_path, extra, said):
+    cfg = parse_args(_cooldown_args(world_dir, tmp_path, steps=10, warmup=2, cooldown=5) + extra)
+    with pytest.raises(ConfigError) as caught:
+        check_inputs(cfg)
+    assert said in str(caught.value)
+    check_inputs(parse_args(_cooldown_args(world_dir, tmp_path, steps=10, warmup=5, cooldown=5)))  # fits exactly
 
 
 def test_cosine_floor_and_restarts():

@@ -7,12 +7,12 @@ the image's bytes as they are, named by their content), ``KEY.txt`` (the caption
 that keys sort and are unique across the shards. Then the shards are indexed (DALI's ``.idx`` beside each,
 ``sizes.json``), unless ``--no-index``.
 
-A row that cannot become a sample is skipped, counted and listed in ``DIR/convert_report.json`` (its row number,
-the first row after the header being 1, or its path in the folder; the reason; the detail), never fatal: an
-image missing, unreadable, not an image, cut short (the cheap checks the index tool makes, so what is written is
-what gets indexed), or in a format the loaders do not decode (GIF, BMP, TIFF: re-encoded to PNG with
-``--reencode``); a caption empty or missing; a folder image without its ``.txt``. Only when no row at all makes
-a sample is it an error.
+A row that cannot become a sample is skipped, counted and listed in ``DIR/PREFIX.convert_report.json`` (one per
+``--prefix``: sets converted into one folder keep their own; in it, its row number, the first row after the header
+being 1, or its path in the folder; the reason; the detail), never fatal: an image missing, unreadable, not an
+image, cut short (the cheap checks the index tool makes, so what is written is what gets indexed), or in a format
+the loaders do not decode (GIF, BMP, TIFF: re-encoded to PNG with ``--reencode``); a caption empty or missing; a
+folder image without its ``.txt``. Only when no row at all makes a sample is it an error.
 
 The CSV is read as open_clip's CsvDataset reads it (pandas ``read_csv`` with ``sep``, image paths relative to
 the current directory unless ``--root``), except that every field is read as text, exactly as written: open_clip's
@@ -43,7 +43,7 @@ from fastclip.data.index import TAIL, ShardIndex, image_damage, image_format, in
 from fastclip.data.shards import IMAGE_EXTS, OTHER_IMAGE_EXTS
 from fastclip.errors import ConfigError
 
-REPORT = "convert_report.json"
+REPORT = "convert_report.json"  # DIR/PREFIX.convert_report.json: report_path
 KEY_DIGITS = 9  # keys sort as text while they stay under a billion samples
 SHARD_DIGITS = 6
 DEFAULT_WORKERS = 8  # threads reading image files: I/O, so more than the cores
@@ -523,7 +523,7 @@ def _write(
         raise
     unit = "rows" if "csv" in source else "images"
     result = ConvertResult(out_dir, writer.shards, writer.samples, len(rows), unit, skipped, replaced, reencoded,
-                           out_dir / REPORT)  # fmt: skip
+                           report_path(out_dir, prefix))  # fmt: skip
     _write_report(result, source)
     if not result.written:
         reasons = ", ".join(f"{n} {reason}" for reason, n in result.skipped_by_reason().most_common())
@@ -536,6 +536,12 @@ def _write(
     if index:
         result.indexed = _index(result.shards, workers=workers)
     return result
+
+
+def report_path(out_dir: Path, prefix: str) -> Path:
+    """The report of the set written with ``prefix``: named by it, as another prefix's set in the same folder has
+    its own (one file for all was overwritten by the last conversion)."""
+    return out_dir / f"{prefix}.{REPORT}"
 
 
 def _write_report(result: ConvertResult, source: dict) -> None:
@@ -634,7 +640,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--folder", metavar="DIR", help="a folder of images, each with a caption file of the same "
                         "name beside it (cat.jpg + cat.txt), searched recursively")  # fmt: skip
     parser.add_argument("--out", required=True, metavar="DIR", help="the folder to write the shards and "
-                        f"{REPORT} to (created if missing)")  # fmt: skip
+                        f"PREFIX.{REPORT} to (created if missing)")  # fmt: skip
     parser.add_argument("--csv-separator", type=_separator, default="\t", metavar="SEP",
                         help="the CSV's field separator, as open_clip's --csv-separator (default: tab)")  # fmt: skip
     parser.add_argument("--csv-img-key", default="filepath", metavar="COLUMN",

@@ -64,6 +64,16 @@ def _resize_center_crop(img, spec: ImageSpec):
     )  # fmt: skip
 
 
+def _area_fractions(crop_scale, attempts: int):
+    """``attempts`` area fractions uniform in ``crop_scale``. DALI's uniform refuses an empty range ('Invalid range
+    [1, 1)') where torch's ``uniform_(lo, lo)`` gives ``lo``, so a fixed scale such as [1, 1] (the torch loader takes
+    it) is that constant: the same draws as torchvision's."""
+    lo, hi = crop_scale
+    if lo == hi:
+        return types.Constant(np.full(attempts, lo, dtype=np.float32))
+    return fn.random.uniform(range=[lo, hi], shape=[attempts])
+
+
 def _random_resized_crop(encoded, *, device: str, crop_scale, ratio=(3 / 4, 4 / 3), attempts: int = 10):
     """open_clip's ``RandomResizedCrop`` window (torchvision's sampler), decoded: up to ``attempts`` draws of an area
     fraction uniform in ``crop_scale`` and a log-uniform aspect ratio, the first that fits placed uniformly at
@@ -75,7 +85,7 @@ def _random_resized_crop(encoded, *, device: str, crop_scale, ratio=(3 / 4, 4 / 
     at once and the first that fits is picked arithmetically."""
     shape = fn.peek_image_shape(encoded, dtype=types.FLOAT, adjust_orientation=False)  # H, W, C as stored
     h_img, w_img = shape[0], shape[1]
-    target = h_img * w_img * fn.random.uniform(range=list(crop_scale), shape=[attempts])
+    target = h_img * w_img * _area_fractions(crop_scale, attempts)
     aspect = dmath.exp(fn.random.uniform(range=[math.log(ratio[0]), math.log(ratio[1])], shape=[attempts]))
     w, h = dmath.floor(dmath.sqrt(target * aspect) + 0.5), dmath.floor(dmath.sqrt(target / aspect) + 0.5)
     fits = fn.cast((w > 0) & (w <= w_img) & (h > 0) & (h <= h_img), dtype=types.FLOAT)
