@@ -31,14 +31,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fastclip import reshard
+from fastclip import reshard, run_folders
 from fastclip.config import CheckpointConfig, differences
 from fastclip.console import log, say
 from fastclip.distributed import any_rank
 from fastclip.errors import ConfigError, TrainingDiverged
 from fastclip.eval import EarlyStopping
 from fastclip.model import regroup_flags, saved_layout
-from fastclip.run_folders import bytes_per_save, free_bytes, human, is_out_of_space, short_of_room
+from fastclip.run_folders import human
 
 LATEST = "latest"
 META = "fastclip.json"
@@ -178,7 +178,7 @@ def _write_export(folders: list[Path], state: dict[str, torch.Tensor], *, step: 
         try:
             return write_open_clip(folder / "open_clip.pt", state, step=step, model=model)
         except (OSError, RuntimeError) as e:
-            if not isinstance(e, OSError) and not is_out_of_space(e):
+            if not run_folders.write_failed(e):
                 raise
             (folder / ".open_clip.pt.tmp").unlink(missing_ok=True)
             failures.append(f"{folder}: {' '.join(str(e).split())[:160]}")
@@ -209,6 +209,8 @@ class CheckpointManager:
         self.cfg, self.engine, self.rank, self.world_size = cfg, engine, rank, world_size
         self.store = store  # the rendezvous store: rank 0's verdict on a universal conversion reaches the others
         self.newest: Path | None = None  # the checkpoint this run saved or resumed last (the watchdog names it)
+        self.exported: Path | None = None  # where rank 0 wrote open_clip.pt
+        self._save_bytes, self._measured = 0, False  # see save_bytes
         self.root = Path(cfg.dir)
         self.data_identity = data_identity  # what a saved data position is only valid for
         self.meta = meta  # what this run's checkpoints are (fastclip.json): model, shapes, world size, stage
@@ -230,13 +232,23 @@ class CheckpointManager:
     def params(self) -> int:
         return sum(getattr(p, "ds_numel", p.numel()) for p in self.engine.module.parameters())  # ZeRO-3: whole
 
+    def save_bytes(self) -> int:
+        """About what one checkpoint takes: measured once from a whole one (the resumed or this run's first),
+        estimated before that; not walked at every save (thousands of files on a shared filesystem)."""
+        if not self._measured:
+            folder = self.newest or self.latest
+            self._measured = folder is not None and folder.is_dir()
+            self._save_bytes = run_folders.bytes_per_save(self.params, folder if self._measured else None)
+        return self._save_bytes
+
     def check_room(self, *, export: bool) -> None:
-        """Before the first step: room for one checkpoint (and the open_clip export), or refuse to train."""
-        need = bytes_per_save(self.params, self.latest) + (4 * self.params if export else 0)
-        if short := short_of_room(self.root, need, "a checkpoint" + (" and open_clip.pt" if export else "")):
+        """Before the first step: room on every rank for one checkpoint (and the open_clip export), or refuse."""
+        need = self.save_bytes() + (4 * self.params if export else 0)
+        short = run_folders.short_of_room(self.root, need, "a checkpoint" + (" and open_clip.pt" if export else ""))
+        if any_rank(torch.tensor(short is not None, device=self.engine.device)):
             raise CheckpointError(
-                f"checkpoint.dir: {short}: the run would train and then fail to save. Free space there, or point "
-                "--checkpoint.dir at a folder with room."
+                f"checkpoint.dir: {short or 'another rank has no room for a checkpoint'}: the run would train and "
+                "then fail to save. Free space there, or point --checkpoint.dir at a folder with room."
             )
 
     def save(self, state: TrainState, *, position, config: dict[str, Any], final: bool = False) -> Path | None:
@@ -254,7 +266,7 @@ class CheckpointManager:
         try:
             self._write(self.root / tag, state, position=position, config=config)
         except (OSError, RuntimeError) as e:
-            if not isinstance(e, OSError) and not is_out_of_space(e):
+            if not run_folders.write_failed(e):
                 raise
             raise self._failed(self.root / tag, state.step, e) from None
         if dist.is_initialized():
@@ -275,13 +287,15 @@ class CheckpointManager:
 
     def _room_for(self, step: int, *, final: bool) -> bool:
         """Whether every rank has room for this save (the ranks agree: a checkpoint is whole or not written)."""
-        short = short_of_room(self.root, bytes_per_save(self.params, self.newest or self.latest), f"step {step}")
+        short = run_folders.short_of_room(self.root, self.save_bytes(), f"step {step}")
         if not any_rank(torch.tensor(short is not None, device=self.engine.device)):
             return True
         said = f"checkpoint: step {step} not saved: {short or 'another rank has no room for it'}; {self._latest_said()}"
         if final:
-            raise CheckpointError(f"{said}. Free space, then --checkpoint.resume latest")
-        log.warning("%s. Training goes on; the next save tries again.", said)
+            kept = f"; the final weights are in {self.exported}" if self.exported else ""
+            raise CheckpointError(f"{said}{kept}. Free space, then --checkpoint.resume latest")
+        log.warning("%s. Training goes on; the next save tries again (free space, or keep fewer: --checkpoint.keep).",
+                    said)  # fmt: skip
         return False
 
     def _latest_said(self) -> str:
@@ -289,14 +303,17 @@ class CheckpointManager:
         return f"latest still names {tag}" if tag else "there is no checkpoint of this run yet"
 
     def _failed(self, folder: Path, step: int, error: BaseException) -> CheckpointError:
-        """A save that failed part-way (a full disk, an I/O error): its folder removed, said in one line."""
+        """A save that failed part-way (a full disk, an I/O error), said in one line; its folder removed where this
+        rank is its only writer (other ranks may still be writing theirs into it: it is left, and named)."""
         said = " ".join(str(error).split())[:200]
-        need = human(bytes_per_save(self.params, self.latest))
-        if folder.exists():
+        if self.world_size == 1 and folder.exists():
             _delete(folder)
+            left = "The partial folder was removed"
+        else:
+            left = f"The partial folder, which latest does not name, can be deleted ({folder})"
         return CheckpointError(
             f"checkpoint: saving step {step} to {folder} failed ({type(error).__name__}: {said}); it needs about "
-            f"{need}, {human(free_bytes(self.root))} free there now. The partial folder was removed and "
+            f"{human(self.save_bytes())}, {human(run_folders.free_bytes(self.root))} free there now. {left}; "
             f"{self._latest_said()}: free space (or keep fewer, --checkpoint.keep), then --checkpoint.resume latest."
         )
 
@@ -450,6 +467,7 @@ class CheckpointManager:
         if self.rank != 0:
             return None
         path = _write_export([self.root, *([fallback] if fallback else [])], state, step=step, model=model_name)
+        self.exported = path
         say(how_to_load(path, state, model=model_name, force_image_size=force_image_size))
         return path
 

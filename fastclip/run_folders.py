@@ -10,6 +10,7 @@ start) names the holder to a second run, and is cleared at a clean exit, so a le
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -72,12 +73,25 @@ def is_out_of_space(error: BaseException) -> bool:
 
 class RunLock:
     """One run's hold on its folders (see the module doc). ``acquire`` raises :class:`ConfigError` naming the run
-    that holds one; ``said`` lists the stale holders it took over from."""
+    that holds one; ``notes`` says what the log should (a dead run's lock taken over, a folder it cannot lock)."""
 
     def __init__(self, folders: dict[str, str | Path]):
         self.folders = {field: Path(f) for field, f in folders.items()}
         self.files: list = []
-        self.taken_over: list[str] = []
+        self.notes: list[str] = []
+        # loader workers forked later would inherit the descriptors, and with them the lock after this process dies
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        """In a forked child: point its copies of the lock descriptors at /dev/null (an flock belongs to the open
+        file, which parent and child share: unlocking here would unlock the parent, closing would leave the file
+        object to fail at its finalization)."""
+        for f in self.files:
+            with contextlib.suppress(OSError):
+                null = os.open(os.devnull, os.O_RDONLY)
+                os.dup2(null, f.fileno())
+                os.close(null)
+        self.files = []
 
     def acquire(self) -> RunLock:
         me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -102,15 +116,17 @@ class RunLock:
             f.seek(0)
             holder = _holder(f.read())
             f.close()
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise ConfigError(f"{field}: cannot lock {folder / LOCK} ({e.strerror})") from None
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):  # a filesystem without flock
+                self.notes.append(f"{folder} is not locked ({e.strerror}): its filesystem has no flock, so a second "
+                                  "run on it would not be noticed")  # fmt: skip
+                return
             raise ConfigError(
                 f"{field}: {folder} is in use by another run ({holder}): two runs writing one folder overwrite each "
                 f"other's checkpoints and logs. Wait for it to end, stop it, or give this run another --{field}."
             ) from None
         f.seek(0)
         if stale := f.read().strip():
-            self.taken_over.append(f"{folder} (held by {_holder(stale)}, which ended without releasing it)")
+            self.notes.append(f"took over {folder} (held by {_holder(stale)}, which ended without releasing it)")
         f.seek(0)
         f.truncate()
         f.write(json.dumps(me))
@@ -138,31 +154,35 @@ def _holder(text: str) -> str:
 
 
 def written_folders(cfg) -> dict[str, str]:
-    """The folders ``cfg``'s run writes, by field: a benchmark writes its report to log.dir, and saves nothing."""
-    benchmark = bool(cfg.train.benchmark or cfg.train.benchmark_try)
-    return {"log.dir": cfg.log.dir, **({} if benchmark else {"checkpoint.dir": cfg.checkpoint.dir})}
+    """The folders ``cfg``'s run writes, by field: a benchmark writes its report to log.dir, and nothing to
+    checkpoint.dir unless it resumes (which may convert a checkpoint there, or move ``latest``)."""
+    saves = not (cfg.train.benchmark or cfg.train.benchmark_try) or cfg.checkpoint.resume
+    return {"log.dir": cfg.log.dir, **({"checkpoint.dir": cfg.checkpoint.dir} if saves else {})}
+
+
+def write_failed(error: BaseException) -> bool:
+    """Whether ``error``, raised while writing a file, is the write failing (an OSError, or torch's file writer's
+    own errors: a file it cannot open, a short write) rather than a bug to raise as it is."""
+    return isinstance(error, OSError) or is_out_of_space(error) or "inline_container.cc" in str(error)
 
 
 def hold(cfg, world) -> RunLock | None:
-    """Global rank 0 locks the run's folders; every rank hears its verdict from the rendezvous store, so that all
-    stop alike (before any model) when another run holds them."""
+    """Global rank 0 locks the run's folders; every rank hears its verdict, so that all stop alike (before any
+    model) when another run holds them."""
     from fastclip.console import say
-    from fastclip.world import _store_key
+    from fastclip.world import agree
 
     lock, refused = None, ""
     if world.is_main:
         try:
             lock = RunLock(written_folders(cfg)).acquire()
-            for folder in lock.taken_over:
-                say(f"run lock: took over {folder}")
+            for said in lock.notes:
+                say(f"run lock: {said}")
         except ConfigError as e:
             refused = str(e)
-    if world.world_size > 1 and world.store is not None:
-        key = _store_key("folders held")
-        if world.is_main:
-            world.store.set(key, refused)
-        refused = world.store.get(key).decode()
-    if refused:
+        except OSError as e:  # the lock file itself (another user's, a folder in its place)
+            refused = f"cannot lock the run's folders ({e}): give this run folders of its own"
+    if refused := agree(world, "run folders held", refused):
         raise ConfigError(refused)
     return lock
 

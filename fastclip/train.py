@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+from types import SimpleNamespace
 
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     sys.path.pop(0)  # run as a script: fastclip/ itself must not shadow top-level modules
@@ -73,6 +74,38 @@ def _identity(cfg) -> dict:
     return {**cfg.to_dict(), "train shards found": f"{count} files, sha1 {digest}"}
 
 
+def _join(cfg):
+    """The world, and rank 0's hold on the run's folders: each refused in one line before any model."""
+    from fastclip import run_folders
+    from fastclip.world import RendezvousError, join_world
+
+    try:
+        world = join_world(_identity(cfg), cfg.dist, deepspeed_file=cfg.deepspeed_config)
+    except RendezvousError as e:  # ranks missing or disagreeing, MASTER_PORT taken
+        _fail(str(e), speaker=e.speaker)
+    try:
+        return world, run_folders.hold(cfg, world)  # another run writing the same folders
+    except ConfigError as e:
+        _fail(str(e))
+
+
+def _watch(cfg, world, run: SimpleNamespace):
+    """This rank's watchdog; ``run.trainer`` is None while the rank starts up (a sweep's trainers are its own: it
+    has started once it runs)."""
+    from fastclip.checkpoint import read_latest
+    from fastclip.watchdog import Watchdog
+
+    def latest():  # kept in memory: read from the filesystem only before the trainer exists
+        known = run.trainer.checkpoints.newest if run.trainer else None
+        tag = None if known else read_latest(cfg.checkpoint.dir)
+        return known or (os.path.join(cfg.checkpoint.dir, tag) if tag else None)
+
+    def step():
+        return run.trainer.step if run.trainer else (0 if cfg.train.benchmark_try else None)
+
+    return Watchdog(world, cfg.dist, step=step, latest=latest).start()
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     from fastclip.world import apply_launch_environment
 
@@ -80,38 +113,24 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = sys.argv[1:] if argv is None else argv
     cfg = _config(args)
 
-    from fastclip import benchmark, benchmark_sweep, run_folders
-    from fastclip.checkpoint import CheckpointError, read_latest
+    from fastclip import benchmark, benchmark_sweep
+    from fastclip.checkpoint import CheckpointError
     from fastclip.data.skips import DataBroken
     from fastclip.errors import OutOfMemory, TrainingDiverged
     from fastclip.trainer import Trainer
-    from fastclip.watchdog import Watchdog
-    from fastclip.world import RendezvousError, close_distributed, join_world
+    from fastclip.world import close_distributed
 
-    try:
-        world = join_world(_identity(cfg), cfg.dist, deepspeed_file=cfg.deepspeed_config)
-    except RendezvousError as e:  # ranks missing or disagreeing, MASTER_PORT taken: before any model
-        _fail(str(e), speaker=e.speaker)
-    try:
-        lock = run_folders.hold(cfg, world)  # another run writing the same folders: refused before any model
-    except ConfigError as e:
-        _fail(str(e))
-    trainer, finished = None, False
-
-    def latest():  # kept in memory: read from the filesystem only before the trainer exists
-        known = trainer.checkpoints.newest if trainer else None
-        tag = None if known else read_latest(cfg.checkpoint.dir)
-        return known or (os.path.join(cfg.checkpoint.dir, tag) if tag else None)
-
-    watchdog = Watchdog(world, cfg.dist, step=lambda: trainer.step if trainer else None, latest=latest).start()
+    world, lock = _join(cfg)
+    run = SimpleNamespace(trainer=None, finished=False)
+    watchdog = _watch(cfg, world, run)
     try:
         if cfg.train.benchmark_try:  # several settings, each its own trainer (fastclip/benchmark_sweep.py)
             metrics = benchmark_sweep.run(cfg, world, argv=args)
         else:
-            trainer = Trainer(cfg, world)
-            metrics = benchmark.run(trainer) if cfg.train.benchmark else trainer.train()
+            run.trainer = Trainer(cfg, world)
+            metrics = benchmark.run(run.trainer) if cfg.train.benchmark else run.trainer.train()
         watchdog.finish()
-        finished = True
+        run.finished = True
         return metrics
     except (CheckpointError, DataBroken, OutOfMemory) as e:  # one rank's files, data or memory: named
         watchdog.fail(str(e))
@@ -126,9 +145,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raise
     finally:
         watchdog.stop()
-        if trainer is not None:
-            trainer.close()
-        if finished or world.world_size == 1:  # after a peer's loss the group cannot be torn down cleanly
+        if run.trainer is not None:
+            run.trainer.close()
+        if run.finished or world.world_size == 1:  # after a peer's loss the group cannot be torn down cleanly
             close_distributed()
         if lock is not None:
             lock.release()

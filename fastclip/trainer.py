@@ -387,10 +387,6 @@ class Trainer:
                 if self.should_checkpoint():
                     self.save()
             metrics = self.evaluate() if metrics is None else metrics
-            if self.cfg.checkpoint.export_open_clip:  # first: a last save that fails (a full disk) keeps the weights
-                model, fallback = self.cfg.model, Path(self.cfg.log.dir)
-                self.checkpoints.export_open_clip(step=self.step, model_name=model.name, fallback=fallback,
-                                                  force_image_size=model.force_image_size)  # fmt: skip
             self.save(final=True)
         finally:
             if bar is not None:
@@ -506,9 +502,13 @@ class Trainer:
 
     def save(self, *, final: bool = False) -> None:
         """A checkpoint of this step, unless the steps since the last log (or, when steps are skipped, the weights)
-        are not finite."""
+        are not finite. At the end, open_clip.pt first: a last save that fails (a full disk) leaves the weights."""
         pending = torch.stack([self.meters["loss"].total, self.meters["grad_norm"].total])
         self.guard.check_before_save(self.step, pending, self.engine.module)
+        if final and self.cfg.checkpoint.export_open_clip:
+            model, fallback = self.cfg.model, Path(self.cfg.log.dir)
+            self.checkpoints.export_open_clip(step=self.step, model_name=model.name, fallback=fallback,
+                                              force_image_size=model.force_image_size)  # fmt: skip
         self.checkpoints.save(self.state, position=self.data_position, config=self.cfg.to_dict(), final=final)
 
     def resume(self, where: str) -> None:

@@ -350,6 +350,24 @@ def _store_barrier(store, name: str, world_size: int, seconds: float) -> None:
         pass  # rank 0 has left with the store: everyone had arrived
 
 
+def agree(world: World, name: str, said: str) -> str:
+    """Rank 0's ``said`` (a refusal, or '' for none) on every rank, through the rendezvous store: so that all ranks
+    stop alike, before any collective, on what rank 0 alone can judge. Rank 0 waits until each rank has read it
+    (it hosts the store); a rank that finds the store gone reports that instead of a traceback."""
+    if world.world_size == 1 or world.store is None:
+        return said
+    key = _store_key(name)
+    try:
+        if world.is_main:
+            world.store.set(key, said)
+        else:
+            said = world.store.get(key).decode()
+    except (RuntimeError, OSError) as e:
+        return f"rank 0's verdict on {name} never came: its process or node is gone ({' '.join(str(e).split())[:120]})"
+    _store_barrier(world.store, f"{name} read", world.world_size, 30)
+    return said
+
+
 def join_world(
     config: dict | None = None, dist_cfg: DistConfig | None = None, *, deepspeed_file: str | None = None
 ) -> World:

@@ -7,6 +7,7 @@ import resource
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,12 +73,12 @@ def test_a_second_run_on_held_folders_is_refused_naming_the_first_and_a_dead_one
         holder.wait()
     lock = RunLock({"log.dir": tmp_path / "logs", "checkpoint.dir": tmp_path / "ckpt"}).acquire()
     try:
-        assert lock.taken_over == [f"{tmp_path / 'logs'} (held by host {lock_host()}, pid {holder.pid}, started "
-                                   f"{lock.taken_over[0].split('started ')[1]}"]  # fmt: skip
+        assert lock.notes == [f"took over {tmp_path / 'logs'} (held by host {lock_host()}, pid {holder.pid}, started "
+                              f"{lock.notes[0].split('started ')[1]}"]  # fmt: skip
     finally:
         lock.release()
     again = RunLock({"log.dir": tmp_path / "logs"}).acquire()  # released cleanly: nothing to take over
-    assert again.taken_over == []
+    assert again.notes == []
     again.release()
 
 
@@ -140,7 +141,6 @@ def test_a_save_without_room_is_skipped_mid_run_and_refused_at_the_end_with_the_
     trainer = _trainer(single_rank, world_dir, tmp_path, "--checkpoint.every", "2")
     root = tmp_path / "run" / "checkpoints"
     room = {"free": 10**12}
-    monkeypatch.setattr(run_folders, "free_bytes", lambda path: room["free"])
     save = trainer.checkpoints.save
 
     def full_after_step_2(state, **kwargs):
@@ -152,7 +152,8 @@ def test_a_save_without_room_is_skipped_mid_run_and_refused_at_the_end_with_the_
     monkeypatch.setattr(run_folders, "free_bytes", lambda path: room["free"])
     try:
         with pytest.raises(CheckpointError, match=r"checkpoint: step 6 not saved: step 6 needs about .* which has "
-                           r"1.0 KB free; latest still names step_00000002. Free space"):  # fmt: skip
+                           r"1.0 KB free; latest still names step_00000002; the final weights are in "
+                           r".*open_clip.pt. Free space"):  # fmt: skip
             trainer.train()
     finally:
         trainer.close()
@@ -188,7 +189,20 @@ def test_a_save_that_fails_part_way_removes_its_folder_and_says_what_latest_name
         trainer.close()
     message = str(failed.value)
     assert message.startswith(f"checkpoint: saving step 6 to {root / 'step_00000006'} failed (")
-    assert "The partial folder was removed and latest still names step_00000003" in message
+    assert "The partial folder was removed; latest still names step_00000003" in message
     assert "\n" not in message
     assert not (root / "step_00000006").exists() and read_latest(root) == "step_00000003"
     assert torch.load(root / "open_clip.pt", weights_only=True)["step"] == 6
+
+
+def test_the_export_goes_to_the_next_folder_when_one_will_not_take_it(tmp_path, caplog):
+    from fastclip.checkpoint import _write_export
+
+    state = {"logit_scale": torch.ones(1), "visual.proj": torch.randn(4, 2)}
+    path = _write_export([Path(UNWRITABLE), tmp_path], state, step=9, model="fastclip-tiny")
+    assert path == tmp_path / "open_clip.pt" and torch.load(path, weights_only=True)["step"] == 9
+    assert f"open_clip.pt: could not write it to {UNWRITABLE}" in caplog.text
+    with pytest.raises(
+        CheckpointError, match=rf"open_clip.pt of step 9 could not be written anywhere \({UNWRITABLE}: "
+    ):
+        _write_export([Path(UNWRITABLE)], state, step=9, model="fastclip-tiny")

@@ -45,9 +45,10 @@ class BatchCount:
     batches: int
     workers: int  # the replay is exact only with as many DataLoader workers
     reads: tuple[int, ...] = ()
+    held: int = 0  # samples kept back to refill the next batch (after the GPU decode skipped one): not replayed
 
     def state(self) -> dict[str, Any]:
-        counts = {"batches": self.batches, "workers": self.workers, "reads": list(self.reads)}
+        counts = {"batches": self.batches, "workers": self.workers, "reads": list(self.reads), "held": self.held}
         return {"loader": "torch", "streams": STREAMS_VERSION, **counts}
 
 

@@ -209,19 +209,18 @@ class TorchLoader:
             raise ValueError(f"the position was saved with {state.get('workers')} loader workers, now {self.workers}")
         self.stream.resume_batches, self.stream.batch_size = int(state["batches"]), self.batch_size
         self._batches_taken = int(state["batches"])
-        # a worker's read count is that of its streams in turn: the stream a worker runs rotates with the restore
         reads = state.get("reads")
-        self._reads = list(reads) if reads else [0] * self.workers
         self.stream.resume_reads = list(reads) if reads else None
+        self._reads = [self.stream._consumed(s, self.workers) for s in range(self.workers)]
         if not reads:
             return (
                 "the position was saved by a fastclip that counted batches only: the stream is shifted by as many "
                 "samples as were skipped as undecodable before the checkpoint"
             )
-        if self.gpu_decode:
+        if state.get("held"):
             return (
-                "JPEGs decoded on the GPU: samples held back to refill a batch after a skipped image at the "
-                "checkpoint are not replayed (at most one batch's worth)"
+                f"{state['held']} samples held back to refill a batch after an image the GPU decode skipped are not "
+                "replayed"
             )
         return None
 
@@ -278,8 +277,13 @@ class TorchLoader:
                     images=batch_images.to(self.device, non_blocking=non_blocking),
                     texts=batch_texts.to(self.device, non_blocking=non_blocking),
                     labels=None if self.train else batch_labels,  # -1 where a sample has no KEY.cls
-                    position=BatchCount(self._batches_taken, self.workers, tuple(self._reads)) if self.train else None,
+                    position=self._position(refill) if self.train else None,
                 )
+
+    def _position(self, refill: _Refill) -> BatchCount:
+        """Where the stream stands after the batch being handed over: ``refill`` still holds its leftovers."""
+        held = max(sum(len(p[0]) for p in refill.parts) - self.batch_size, 0)
+        return BatchCount(self._batches_taken, self.workers, tuple(self._reads), held)
 
     def close(self) -> None:
         self.loader = None
