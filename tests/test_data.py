@@ -303,8 +303,9 @@ def test_gpu_decode_batches_travel_as_one_tensor_of_bytes():
     jpegs = [torch.randint(0, 256, (int(n),), dtype=torch.uint8, generator=g) for n in (300, 17, 4096, 5)]
     png = torch.randint(0, 256, (3, 8, 6), dtype=torch.uint8, generator=g)  # decoded in the worker
     images = [jpegs[0], jpegs[1], png, jpegs[2], jpegs[3]]
-    items = [(im, torch.zeros(77, dtype=torch.long), 1, f"s:{i}") for i, im in enumerate(images)]
-    packed, texts, labels, sources = _collate(items)
+    items = [(im, torch.zeros(77, dtype=torch.long), 1, f"s:{i}", 10 + i) for i, im in enumerate(images)]
+    packed, texts, labels, sources, read = _collate(items)
+    assert read == 10 + len(images) - 1  # the worker's count after the batch's last sample
     assert isinstance(packed, PackedImages) and packed.data.numel() == sum(j.numel() for j in jpegs)
     tensors = [t for t in pickle.loads(pickle.dumps(packed)) if isinstance(t, torch.Tensor)]
     assert len(tensors) == 2 and list(packed.decoded) == [2]
