@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fastclip.cli import parse_args
+from fastclip.world import free_port
 
 from runs import ROOT, deepspeed_cmd, run_cli, small_run_args
 
@@ -47,7 +48,7 @@ def _run(world_dir, tmp_path_factory, ranks: int) -> dict:
     """The worker's results on ``ranks`` ranks (launched once per test session)."""
     if ranks not in _results:
         tmp = tmp_path_factory.mktemp(f"accum{ranks}")
-        cmd = deepspeed_cmd(ranks, 29640 + ranks)
+        cmd = deepspeed_cmd(ranks, free_port())  # a fixed port collides with another run's
         cmd[-1] = str(ROOT / "tests" / "accum_worker.py")
         args = ["--out", str(tmp / "result.pt"), "--world", str(world_dir), "--log", str(tmp / "log"),
                 "--cases", CASES[ranks]] + (["--ways", "one"] if ranks == 4 else [])  # fmt: skip

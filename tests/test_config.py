@@ -252,7 +252,9 @@ def test_grad_accum_past_an_epoch_is_refused_before_any_model(world_dir, tmp_pat
 def test_shipped_configs_parse():
     from pathlib import Path
 
-    for path in sorted((Path(__file__).parents[1] / "configs").glob("*.yaml")):
+    paths = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    assert [p.name for p in paths] == ["demo.yaml", "vit-b-16.yaml", "vit-b-32.yaml", "vit-h-14.yaml", "vit-l-14.yaml"]
+    for path in paths:
         parse_args(["--config", str(path)])
 
 

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fastclip.world import TORCHRUN_WAITS
+from fastclip.world import TORCHRUN_WAITS, free_port
 
 from runs import ROOT, clean_env, deepspeed_cmd, node_launch, run_cli, small_run_args, wait_all
 
@@ -68,7 +68,7 @@ def killed_and_resumed(world_dir, tmp_path_factory):
         "--train.zero_stage", "3", "--train.precision", "fp32", "--checkpoint.every", "2",
         "--dist.heartbeat_s", str(HEARTBEAT), "--dist.lost_after_s", str(LOST_AFTER),
     ]  # fmt: skip
-    procs = _two_nodes("deepspeed", 29711, args, tmp)
+    procs = _two_nodes("deepspeed", free_port(), args, tmp)
     latest, deadline = out / "checkpoints" / "latest", time.time() + 300
     while time.time() < deadline and not (latest.exists() and latest.read_text().strip() >= "step_00000002"):
         assert all(p.poll() is None for p in procs), wait_all(procs)
@@ -83,7 +83,7 @@ def killed_and_resumed(world_dir, tmp_path_factory):
     resume = small_run_args(world_dir, out, steps=saved + 2, batch=8) + [
         "--train.zero_stage", "3", "--train.precision", "fp32", "--checkpoint.resume", "latest",
     ]  # fmt: skip
-    again = _two_nodes("deepspeed", 29712, resume, tmp)
+    again = _two_nodes("deepspeed", free_port(), resume, tmp)
     resumed = wait_all(again)
     _check(resumed, again)
     return SimpleNamespace(out=out, killed=killed, procs=procs, gone=gone, saved=saved, resumed=resumed)
@@ -167,7 +167,7 @@ def test_four_rank_checkpoint_resumes_on_two_ranks_and_on_one(killed_and_resumed
         "--train.precision", "fp32", "--checkpoint.resume", "latest", "--eval.zeroshot", "false",
         "--checkpoint.export_open_clip", "false",
     ]  # fmt: skip
-    cmd = deepspeed_cmd(2, 29713)
+    cmd = deepspeed_cmd(2, free_port())
     cmd[-1] = str(ROOT / "tests" / "resume_worker.py")
     proc = run_cli(cmd + ["--out", str(tmp_path / "two.pt"), *args, "--train.zero_stage", "3"], cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -214,7 +214,7 @@ def test_two_nodes_by_torchrun_train_evaluate_checkpoint_and_resume(world_dir, t
     out = tmp_path / "run"
     args = small_run_args(world_dir, out, steps=3, batch=8) + ["--train.grad_accum", "2", "--checkpoint.every", "2",
                                                                  "--optim.lr", "2e-3"]  # fmt: skip
-    procs = _two_nodes("torchrun", 29721, args, tmp_path)
+    procs = _two_nodes("torchrun", free_port(), args, tmp_path)
     outputs = wait_all(procs)
     _check(outputs, procs)
     assert LAYOUT in outputs[0] and "contrastive batch 64: accumulation 'contrastive'" in outputs[0]
@@ -225,7 +225,7 @@ def test_two_nodes_by_torchrun_train_evaluate_checkpoint_and_resume(world_dir, t
     assert all(r["samples_seen"] == r["step"] * 64 and KEYS <= set(r) for r in records if "loss" in r)
     more = small_run_args(world_dir, out, steps=4, batch=8) + ["--train.grad_accum", "2", "--checkpoint.resume",
                                                                "latest", "--eval.zeroshot", "false"]  # fmt: skip
-    again = _two_nodes("torchrun", 29722, more, tmp_path)
+    again = _two_nodes("torchrun", free_port(), more, tmp_path)
     resumed = wait_all(again)
     _check(resumed, again)
     assert "resumed from" in resumed[0] and "at step 3" in resumed[0]
@@ -256,7 +256,7 @@ def test_ranks_of_two_nodes_read_disjoint_samples_covering_the_epoch(tmp_path):
     from test_data_integrity import _captioned_shards, _ids
 
     spec, captions = _captioned_shards(tmp_path / "shards", [13, 17, 11, 19, 7, 23, 17])
-    procs = _two_nodes("torchrun", 29723, ["--out", str(tmp_path), "--shards", spec], tmp_path,
+    procs = _two_nodes("torchrun", free_port(), ["--out", str(tmp_path), "--shards", spec], tmp_path,
                        script=ROOT / "tests" / "data_worker.py", env={"PYTHONPATH": str(ROOT / "tests")})  # fmt: skip
     _check(wait_all(procs), procs)
     seen = [torch.load(tmp_path / f"rank{r}.pt") for r in range(4)]
@@ -332,10 +332,11 @@ def test_ranks_that_disagree_on_the_config_stop_before_any_model(world_dir, tmp_
 def test_a_node_that_never_starts_is_named_after_the_join_timeout(world_dir, tmp_path):
     args = small_run_args(world_dir, tmp_path / "run", steps=2) + ["--dist.join_timeout_s", "5"]
     start = time.monotonic()
-    [node0] = [node_launch("deepspeed", 0, nodes=2, per_node=2, port=29741, args=args, tmp=tmp_path)]
+    port = free_port()
+    [node0] = [node_launch("deepspeed", 0, nodes=2, per_node=2, port=port, args=args, tmp=tmp_path)]
     [out] = wait_all([node0], timeout=120)
     assert node0.returncode != 0 and time.monotonic() - start < 90
-    assert "ranks 2-3 of 4 did not join the rendezvous at 127.0.0.1:29741 within dist.join_timeout_s=5 s" in out
+    assert f"ranks 2-3 of 4 did not join the rendezvous at 127.0.0.1:{port} within dist.join_timeout_s=5 s" in out
     assert "(ranks 0-1 did)" in out and "params" not in out
 
 
