@@ -15,6 +15,10 @@ every parameter's shape. A resume reads it before DeepSpeed does: a checkpoint o
 the parameters that differ, and one saved on another number of ranks or ZeRO stage is converted once to
 DeepSpeed's universal format (``checkpoint.dir/universal/step_XXXXXXXX``, DeepSpeed's ds_to_universal) and
 loaded from there. ``python -m fastclip.export`` (fastclip/export.py) reads the same folders without a run.
+
+Over 300 lines because save and resume are one protocol across ranks (barriers, ``latest``, the room each save
+needs and what a failed one leaves); the file formats live below it (fastclip/open_clip_file.py, the run folders in
+fastclip/run_folders.py, the universal conversion in fastclip/reshard.py).
 """
 
 from __future__ import annotations
@@ -35,17 +39,14 @@ from fastclip import reshard, run_folders
 from fastclip.config import CheckpointConfig, differences
 from fastclip.console import log, say
 from fastclip.distributed import any_rank
-from fastclip.errors import ConfigError, TrainingDiverged
+from fastclip.errors import CheckpointError, ConfigError, TrainingDiverged
 from fastclip.eval import EarlyStopping
 from fastclip.model import regroup_flags, saved_layout
+from fastclip.open_clip_file import how_to_load, write_export
 from fastclip.run_folders import human
 
 LATEST = "latest"
 META = "fastclip.json"
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint that cannot be resumed; raised on the rank that meets it (each rank loads its own files)."""
 
 
 @dataclass
@@ -166,26 +167,6 @@ def check_same_model(folder: Path, saved: dict[str, Any], current: dict[str, Any
         f"checkpoint.resume: {folder} holds another model ({saved.get('model')!r}, {len(old)} tensors) than this run "
         f"builds ({current['model']!r}, {len(new)} tensors): {len(diffs)} differ, first {'; '.join(diffs[:4])}. "
         f"Resume with the checkpoint's --model.name (and --model.force_image_size), or use another --checkpoint.dir."
-    )
-
-
-def _write_export(folders: list[Path], state: dict[str, torch.Tensor], *, step: int, model: str) -> Path:
-    """open_clip.pt in the first of ``folders`` that takes it; a write that fails is said, and the next tried."""
-    from fastclip.export import write_open_clip
-
-    failures = []
-    for folder in folders:
-        try:
-            return write_open_clip(folder / "open_clip.pt", state, step=step, model=model)
-        except (OSError, RuntimeError) as e:
-            if not run_folders.write_failed(e):
-                raise
-            (folder / ".open_clip.pt.tmp").unlink(missing_ok=True)
-            failures.append(f"{folder}: {' '.join(str(e).split())[:160]}")
-            log.warning("open_clip.pt: could not write it to %s (%s)", folder, failures[-1])
-    raise CheckpointError(
-        f"open_clip.pt of step {step} could not be written anywhere ({'; '.join(failures)}); free space and rerun "
-        "the export from the newest checkpoint: python -m fastclip.export"
     )
 
 
@@ -453,7 +434,6 @@ class CheckpointManager:
         line gives the exact call); refused (:class:`TrainingDiverged`) when a weight is not finite. Where
         checkpoint.dir cannot take them (a full disk), into ``fallback`` (log.dir): the end of a run keeps its weights
         if any folder has room."""
-        from fastclip.export import how_to_load
 
         state = self._full_state()
         bad = next((name for name, value in state.items() if not torch.isfinite(value).all()), None)
@@ -466,7 +446,7 @@ class CheckpointManager:
             )
         if self.rank != 0:
             return None
-        path = _write_export([self.root, *([fallback] if fallback else [])], state, step=step, model=model_name)
+        path = write_export([self.root, *([fallback] if fallback else [])], state, step=step, model=model_name)
         self.exported = path
         say(how_to_load(path, state, model=model_name, force_image_size=force_image_size))
         return path

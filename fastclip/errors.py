@@ -13,3 +13,8 @@ class TrainingDiverged(RuntimeError):
 
 class OutOfMemory(RuntimeError):
     """A training step did not fit in memory; the message names the batch that did not and what to lower."""
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be resumed or written; raised on the rank that meets it (each rank has its own
+    files)."""

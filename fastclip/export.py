@@ -22,39 +22,7 @@ from typing import Any
 import torch
 
 from fastclip.errors import ConfigError
-
-
-def write_open_clip(path: Path, state: dict[str, torch.Tensor], *, step: int, model: str) -> Path:
-    """``state`` (fp32) as open_clip's checkpoint format, written atomically."""
-    from fastclip.model import open_clip_state_dict
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"state_dict": open_clip_state_dict(state), "step": step, "model": model}, tmp)
-    tmp.replace(path)
-    return path
-
-
-def how_to_load(path: Path, state: dict[str, torch.Tensor], *, model: str, force_image_size: int | None) -> str:
-    """The line that announces an export: where it is and the open_clip statements that load it as trained.
-    open_clip builds the architecture before it reads the file, so what the file cannot tell it goes in the call: a
-    logit bias trained on an architecture without one (loss.kind siglip) needs ``init_logit_bias``, without which
-    open_clip stops with "AttributeError: 'NoneType' object has no attribute 'ndim'"; a forced image size; the
-    model-config JSON of an architecture open_clip does not ship."""
-    import open_clip
-
-    from fastclip.model import SIGLIP_INIT, config_to_register, resolve_model_name
-
-    name, extra, why = resolve_model_name(model), "", ""
-    if force_image_size:
-        extra += f", force_image_size={force_image_size}"
-    if "logit_bias" in state and (open_clip.get_model_config(name) or {}).get("init_logit_bias") is None:
-        extra += f", init_logit_bias={SIGLIP_INIT['init_logit_bias']:g}"
-        why = (f" (init_logit_bias: {name} has no logit bias of its own and this run trained one, loss.kind siglip; "
-               "the file's value replaces the -10, and without it open_clip stops with AttributeError: 'NoneType' "
-               "object has no attribute 'ndim')")  # fmt: skip
-    calls = [f"open_clip.add_model_config({str(config)!r})"] if (config := config_to_register(model)) else []
-    calls.append(f"open_clip.create_model_and_transforms({name!r}, pretrained={str(path.resolve())!r}{extra})")
-    return f"open_clip weights: {path}; load them with: {'; '.join(calls)}{why}"
+from fastclip.open_clip_file import how_to_load, write_open_clip
 
 
 def step_folder(where: str | Path) -> Path:

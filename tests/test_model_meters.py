@@ -64,7 +64,7 @@ def test_the_export_line_gives_the_open_clip_call_that_loads_it(tmp_path, siglip
 
     import open_clip
 
-    from fastclip.export import how_to_load, write_open_clip
+    from fastclip.open_clip_file import how_to_load, write_open_clip
 
     clip = build_model(ModelConfig(force_image_size=40), siglip=siglip)
     with torch.no_grad():

@@ -196,13 +196,13 @@ def test_a_save_that_fails_part_way_removes_its_folder_and_says_what_latest_name
 
 
 def test_the_export_goes_to_the_next_folder_when_one_will_not_take_it(tmp_path, caplog):
-    from fastclip.checkpoint import _write_export
+    from fastclip.open_clip_file import write_export
 
     state = {"logit_scale": torch.ones(1), "visual.proj": torch.randn(4, 2)}
-    path = _write_export([Path(UNWRITABLE), tmp_path], state, step=9, model="fastclip-tiny")
+    path = write_export([Path(UNWRITABLE), tmp_path], state, step=9, model="fastclip-tiny")
     assert path == tmp_path / "open_clip.pt" and torch.load(path, weights_only=True)["step"] == 9
     assert f"open_clip.pt: could not write it to {UNWRITABLE}" in caplog.text
     with pytest.raises(
         CheckpointError, match=rf"open_clip.pt of step 9 could not be written anywhere \({UNWRITABLE}: "
     ):
-        _write_export([Path(UNWRITABLE)], state, step=9, model="fastclip-tiny")
+        write_export([Path(UNWRITABLE)], state, step=9, model="fastclip-tiny")
