@@ -15,6 +15,7 @@ same store, and DeepSpeed adopts it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -402,10 +403,26 @@ def join_world(
         world_size=world_size, timeout=timedelta(seconds=dist_cfg.timeout_s), **kwargs,
     )  # fmt: skip
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=dist_cfg.timeout_s))
+    if not cuda:
+        _unname_shm_buffer(rank)
     if launcher == "torchrun" and len({m["node"] for m in members}) > 1:
         say(TORCHRUN_WAITS)
     return World(rank, world_size, local_rank, device, members=tuple(members), store=store)
 
+
+def _unname_shm_buffer(rank: int) -> None:
+    """Remove this rank's name for DeepSpeed's CPU all-reduce buffer (its shm op: one 66 MiB file per rank in
+    /dev/shm, named by MASTER_ADDR and MASTER_PORT), which DeepSpeed never unlinks. Memory-backed, these files
+    outlive the run: every run on a new port left 66 MiB a rank, until a test suite's free ports filled a 24 GiB
+    machine and the kernel killed it. Each rank maps every peer's file before ``init_distributed`` returns, so
+    after one barrier the names can go; the mappings stay for as long as the processes live."""
+    dist.barrier()
+    name = f"{SHM_BUFFER_PREFIX}_{os.getuid()}_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_{rank}"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(Path("/dev/shm") / name)  # absent where the op is not built or not all ranks are local
+
+
+SHM_BUFFER_PREFIX = "deepspeed_allreduce_buffer"  # deepspeed/ops/csrc/cpu/comm/shm.cpp's SHM_BUFFER_NAME
 
 # torchrun's own rendezvous runs before any rank starts: a node whose torchrun never came is waited for there (its
 # default: 600 s, then a 40-line DistStoreError), where fastclip's dist.join_timeout_s cannot reach

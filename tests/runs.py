@@ -30,6 +30,14 @@ def clean_env(extra: dict | None = None) -> dict:
     return env
 
 
+def shm_buffers(port: int | str = "*") -> list[str]:
+    """The /dev/shm files DeepSpeed's CPU all-reduce made for runs on ``port`` that are still there (66 MiB a rank,
+    in memory: left by each run on a new port, they once filled this machine's memory and CI's run was killed)."""
+    from fastclip.world import SHM_BUFFER_PREFIX
+
+    return sorted(p.name for p in Path("/dev/shm").glob(f"{SHM_BUFFER_PREFIX}_{os.getuid()}_*_{port}_*"))
+
+
 def deepspeed_cmd(num_ranks: int, port: int) -> list[str]:
     launcher = Path(sys.executable).parent / "deepspeed"
     return [

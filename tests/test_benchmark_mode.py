@@ -18,7 +18,7 @@ from fastclip.cli import parse_args
 from fastclip.errors import ConfigError
 from fastclip.world import free_port
 
-from runs import ROOT, deepspeed_cmd, run_cli, small_run_args
+from runs import ROOT, deepspeed_cmd, run_cli, shm_buffers, small_run_args
 
 
 def check_report(out, proc, *, ranks: int, steps: int, mfu: bool = False) -> dict:
@@ -48,9 +48,11 @@ def check_report(out, proc, *, ranks: int, steps: int, mfu: bool = False) -> dic
 def test_benchmark_mode_on_two_ranks(world_dir, tmp_path):
     out = tmp_path / "bench2"
     args = small_run_args(world_dir, out, steps=8) + ["--train.benchmark", "4", "--train.benchmark_warmup", "1"]
-    proc = run_cli([*deepspeed_cmd(2, free_port()), *args], cwd=ROOT, timeout=400)
+    port = free_port()
+    proc = run_cli([*deepspeed_cmd(2, port), *args], cwd=ROOT, timeout=400)
     report = check_report(out, proc, ranks=2, steps=4)
     assert report["world"].startswith("2 ranks")
+    assert not shm_buffers(port), "DeepSpeed's shared-memory files outlived the run"
 
 
 def test_op_kinds_name_what_the_profiler_reports():
