@@ -131,7 +131,7 @@ def _throughput(batches, n_batches: int, blocks: int = 3, timer=time_fn) -> floa
 
 def _fastclip_batches(root: Path, size: int, loader: str = "dali"):
     from fastclip.cli import parse_args
-    from fastclip.data.loader import build_loader
+    from fastclip.data.build import build_loader
     from fastclip.data.tokenizer import build_tokenizer
     from fastclip.model import ImageSpec
 
@@ -202,7 +202,7 @@ def test_data_gpu(benchmark, record, quick, kind):
     """fastclip's GPU decode against open_clip's loader: the torch loader with nvJPEG batch decode, and DALI's mixed
     decoder where DALI is installed (the GPU image lacks it: benchmarks/gpu_dali.sh brings it)."""
     from fastclip.cli import parse_args
-    from fastclip.data.loader import build_loader, dali_available
+    from fastclip.data.build import build_loader, dali_available
     from fastclip.data.tokenizer import build_tokenizer
     from fastclip.model import ImageSpec
 

@@ -93,11 +93,11 @@ def _fastclip_first_batch(spec: str, *, loader: str, index_dir: str | None) -> N
     batch, shut it down. The header-walk cache of this process is emptied first: it would spare a repeat the
     counting that a fresh run pays."""
     from fastclip.cli import parse_args
-    from fastclip.data import shards
-    from fastclip.data.loader import build_loader
+    from fastclip.data import tar_layout
+    from fastclip.data.build import build_loader
     from fastclip.model import ImageSpec
 
-    shards._walk_cached.cache_clear()
+    tar_layout._walk_cached.cache_clear()
     argv = ["--data.train_shards", spec, "--data.batch_size", str(BATCH), "--data.num_threads", str(WORKERS),
             "--data.shuffle_buffer", str(SHUFFLE), "--data.loader", loader]  # fmt: skip
     if index_dir:

@@ -23,23 +23,6 @@ from collections.abc import Callable
 
 import torch
 
-from fastclip.errors import ConfigError
-
-MODES = {
-    "none": "eager",
-    "model": "torch.compile of the CLIP towers",
-    "step": "forward, logit scale and loss compiled as one graph (towers and loss apart with contrastive accumulation)",
-}
-
-
-def check(mode: str, *, stage: int) -> None:
-    if mode != "none" and stage not in (1, 2):
-        raise ConfigError(
-            f"train.compile {mode} needs ZeRO-1 or 2 (train.zero_stage is {stage}): ZeRO-3's parameter gathering "
-            "happens in forward hooks a compiled graph would capture, and ZeRO-0's bf16 optimizer synchronizes "
-            "every step anyway. Use train.zero_stage 1 or 2, or train.compile none."
-        )
-
 
 def compile_fn(fn: Callable, *, backend: str, fullgraph: bool = False) -> Callable:
     return torch.compile(fn, backend=backend, fullgraph=fullgraph, dynamic=False)

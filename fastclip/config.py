@@ -108,6 +108,18 @@ class DataConfig:
         return not self.train_shards
 
 
+# every backend loss.backend (and ClipLoss(backend=...)) accepts; the config validates against this registry
+BACKENDS = {
+    "auto": "the fused op: the C++ kernel on CPU tensors, the Triton kernel on CUDA tensors",
+    "cpp": "the fused C++ kernel (CPU tensors)",
+    "triton": "the fused Triton kernel (CUDA tensors; CPU tensors under TRITON_INTERPRET=1)",
+    "torch": "plain logits in torch: the N x N matrix exists (the reference)",
+    "open_clip": "open_clip's own ClipLoss (for A/B runs; build_loss only)",
+}
+LOGITS_BACKENDS = ("torch", "open_clip")  # the backends whose loss holds the N x N logits
+DIST_IMPLS = ("gather", "reduce", "shift", "bidir")  # open_clip's names; 'reduce' runs as 'gather' (same values)
+
+
 @dataclass
 class LossConfig:
     local_loss: bool = True  # each rank computes its rows against all columns (open_clip's --local-loss)
@@ -117,8 +129,6 @@ class LossConfig:
     siglip_dist_impl: str = "gather"  # how texts reach the other ranks: 'gather', 'shift', 'bidir' (or 'reduce')
 
     def __post_init__(self):
-        from fastclip.loss import BACKENDS, DIST_IMPLS
-
         choices = ", ".join(BACKENDS)
         _require(self.backend in BACKENDS, "loss.backend", f"must be one of {choices}; got {self.backend!r}")
         kinds = ("auto", "clip", "siglip")
@@ -193,6 +203,23 @@ ACCUM_MODES = {
 }
 
 
+# train.compile
+COMPILE_MODES = {
+    "none": "eager",
+    "model": "torch.compile of the CLIP towers",
+    "step": "forward, logit scale and loss compiled as one graph (towers and loss apart with contrastive accumulation)",
+}
+
+
+def check_compile(mode: str, *, stage: int) -> None:
+    if mode != "none" and stage not in (1, 2):
+        raise ConfigError(
+            f"train.compile {mode} needs ZeRO-1 or 2 (train.zero_stage is {stage}): ZeRO-3's parameter gathering "
+            "happens in forward hooks a compiled graph would capture, and ZeRO-0's bf16 optimizer synchronizes "
+            "every step anyway. Use train.zero_stage 1 or 2, or train.compile none."
+        )
+
+
 # train.precision
 PRECISIONS = {
     "bf16": "bf16 weights and activations, fp32 masters in the optimizer (DeepSpeed's bf16)",
@@ -225,14 +252,9 @@ class TrainConfig:
     def __post_init__(self):
         peak = self.peak_tflops
         _require(peak is None or peak > 0, "train.peak_tflops", f"must be positive, got {peak}")
-        from fastclip.compile import MODES
-
-        modes = "; ".join(f"'{k}' ({v})" for k, v in MODES.items())
-        _require(self.compile in MODES, "train.compile", f"must be {modes}; got {self.compile!r}")
-        if self.compile != "none":
-            from fastclip.compile import check
-
-            check(self.compile, stage=self.zero_stage)  # before any model is built
+        modes = "; ".join(f"'{k}' ({v})" for k, v in COMPILE_MODES.items())
+        _require(self.compile in COMPILE_MODES, "train.compile", f"must be {modes}; got {self.compile!r}")
+        check_compile(self.compile, stage=self.zero_stage)  # before any model is built
         _require(self.benchmark >= 0, "train.benchmark", f"must be >= 0 steps (0: train), got {self.benchmark}")
         _require(self.benchmark != 1, "train.benchmark", "needs at least 2 measured steps for a spread")
         _require(self.benchmark_warmup >= 1, "train.benchmark_warmup", f"must be >= 1, got {self.benchmark_warmup}")

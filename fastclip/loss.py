@@ -19,27 +19,12 @@ around a ring of neighbour exchanges ('shift'; 'bidir' both ways, half the hops)
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from fastclip.config import BACKENDS, DIST_IMPLS, LossConfig
 from fastclip.distributed import all_gather_no_grad, all_gather_with_grad, exchange_with_grad
-from fastclip.errors import ConfigError
-
-if TYPE_CHECKING:
-    from fastclip.config import LossConfig
-
-# every backend loss.backend (and ClipLoss(backend=...)) accepts; the config validates against this registry
-BACKENDS = {
-    "auto": "the fused op: the C++ kernel on CPU tensors, the Triton kernel on CUDA tensors",
-    "cpp": "the fused C++ kernel (CPU tensors)",
-    "triton": "the fused Triton kernel (CUDA tensors; CPU tensors under TRITON_INTERPRET=1)",
-    "torch": "plain logits in torch: the N x N matrix exists (the reference)",
-    "open_clip": "open_clip's own ClipLoss (for A/B runs; build_loss only)",
-}
-LOGITS_BACKENDS = ("torch", "open_clip")  # the backends whose loss holds the N x N logits
 
 
 def _check_world(name: str, world_size: int) -> None:
@@ -210,9 +195,6 @@ def sigmoid_loss_local(
     return -F.logsigmoid(labels * logits).sum()
 
 
-DIST_IMPLS = ("gather", "reduce", "shift", "bidir")  # open_clip's names; 'reduce' runs as 'gather' (same values)
-
-
 class SigLipLoss(torch.nn.Module):
     """Same constructor and ``forward`` as ``open_clip.loss.SigLipLoss``, plus ``backend`` (see the module doc).
 
@@ -286,7 +268,7 @@ class SigLipLoss(torch.nn.Module):
 
 
 def build_loss(loss: LossConfig, *, rank: int, world_size: int, kind: str = "clip") -> torch.nn.Module:
-    """The run's loss (``kind`` as resolved by :func:`loss_kind`): fastclip's ClipLoss or SigLipLoss on
+    """The run's loss (``kind`` as resolved by :func:`fastclip.model.loss_kind`): fastclip's ClipLoss or SigLipLoss on
     ``loss.backend``, or open_clip's own for comparisons."""
     if kind == "siglip":
         if loss.backend == "open_clip":
@@ -300,26 +282,3 @@ def build_loss(loss: LossConfig, *, rank: int, world_size: int, kind: str = "cli
 
         return OpenClipLoss(**kwargs)
     return ClipLoss(**kwargs, backend=loss.backend)
-
-
-def architecture_has_bias(model_name: str) -> bool:
-    """Whether open_clip builds ``model_name`` with a logit bias (its SigLIP architectures: init_logit_bias)."""
-    import open_clip
-
-    from fastclip.model import resolve_model_name
-
-    cfg = open_clip.get_model_config(resolve_model_name(model_name)) or {}
-    return cfg.get("init_logit_bias") is not None
-
-
-def loss_kind(loss: LossConfig, model_name: str) -> str:
-    """'clip' or 'siglip': loss.kind, with 'auto' following the architecture (a logit bias means SigLIP)."""
-    has_bias = architecture_has_bias(model_name)
-    if loss.kind == "auto":
-        return "siglip" if has_bias else "clip"
-    if loss.kind == "clip" and has_bias:
-        raise ConfigError(
-            f"loss.kind clip: model.name {model_name!r} is a SigLIP architecture (it has a logit bias, which the "
-            "softmax loss does not train); use loss.kind siglip (or auto), or a CLIP architecture"
-        )
-    return loss.kind

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from fastclip.config import DECAY_RULES, ModelConfig
+from fastclip.config import DECAY_RULES, LossConfig, ModelConfig
 from fastclip.console import say
 from fastclip.errors import ConfigError
 
@@ -264,3 +264,24 @@ def regroup_flags(saved: list[tuple[str, list[str]]], clip: torch.nn.Module, met
         if [list(n) for _, n in param_group_names(clip, rule=rule, align=align)] == [list(n) for _, n in saved]:
             return f"--optim.decay_rule {rule} --train.align_params {str(align).lower()}"
     return f"the parameter groups it was saved with ({', '.join(f'{k} x{len(n)}' for k, n in saved)})"
+
+
+def architecture_has_bias(model_name: str) -> bool:
+    """Whether open_clip builds ``model_name`` with a logit bias (its SigLIP architectures: init_logit_bias)."""
+    import open_clip
+
+    cfg = open_clip.get_model_config(resolve_model_name(model_name)) or {}
+    return cfg.get("init_logit_bias") is not None
+
+
+def loss_kind(loss: LossConfig, model_name: str) -> str:
+    """'clip' or 'siglip': loss.kind, with 'auto' following the architecture (a logit bias means SigLIP)."""
+    has_bias = architecture_has_bias(model_name)
+    if loss.kind == "auto":
+        return "siglip" if has_bias else "clip"
+    if loss.kind == "clip" and has_bias:
+        raise ConfigError(
+            f"loss.kind clip: model.name {model_name!r} is a SigLIP architecture (it has a logit bias, which the "
+            "softmax loss does not train); use loss.kind siglip (or auto), or a CLIP architecture"
+        )
+    return loss.kind

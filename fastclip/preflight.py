@@ -16,7 +16,8 @@ from fastclip.errors import ConfigError
 def check_inputs(cfg: Config, *, world_size: int = 1) -> None:
     """Raise :class:`ConfigError` for the first file of ``cfg`` that is missing or unreadable, or for a run too short
     for what it must hold (fastclip/schedules.py's check_run_length)."""
-    from fastclip.data.loader import LoaderOptions, loader_kind
+    from fastclip.data.build import loader_kind
+    from fastclip.data.loader import LoaderOptions
     from fastclip.engine import deepspeed_config
     from fastclip.eval import read_zeroshot_list
     from fastclip.model import check_pretrained_file

@@ -26,22 +26,21 @@ from torch.optim.lr_scheduler import LambdaLR
 from fastclip import console, precision
 from fastclip.accumulation import ContrastiveAccumulation, is_out_of_memory
 from fastclip.checkpoint import CheckpointManager, TrainState, changed_settings
-from fastclip.compile import check as check_compile
 from fastclip.compile import compile_fn
-from fastclip.config import Config
+from fastclip.config import LOGITS_BACKENDS, Config, check_compile
 from fastclip.console import say
 from fastclip.data.batch import Batch, BatchCount, DataPosition
-from fastclip.data.loader import build_loader, with_threads
+from fastclip.data.build import build_loaders, with_threads
 from fastclip.data.shards import shard_list_digest
 from fastclip.data.tokenizer import build_tokenizer
 from fastclip.engine import apply_adamw_settings, build_engine
 from fastclip.errors import ConfigError, OutOfMemory
 from fastclip.eval import EarlyStopping, evaluate, read_zeroshot_list
 from fastclip.guard import NonFiniteGuard
-from fastclip.loss import LOGITS_BACKENDS, build_loss, loss_kind
+from fastclip.loss import build_loss
 from fastclip.meters import Meters
 from fastclip.mfu import peak_flops, peak_memory_gb, train_flops_per_sample
-from fastclip.model import build_model, image_spec, loss_scalars, param_group_names, param_groups
+from fastclip.model import build_model, image_spec, loss_kind, loss_scalars, param_group_names, param_groups
 from fastclip.schedules import LrSchedule, cooldown_steps, epoch_source, restart_at, total_steps
 from fastclip.sinks import MetricSinks, progress_bar, train_line
 from fastclip.world import World
@@ -91,7 +90,10 @@ class Trainer:
         self.clip = build_model(cfg.model, siglip=self.loss_kind == "siglip")
         self.image = image_spec(self.clip)
         self.tokenizer = build_tokenizer(cfg.model.name)
-        self.train_loader, self.val_loader = self._build_loaders()
+        self.train_loader, self.val_loader = build_loaders(
+            cfg, rank=world.rank, world_size=world.world_size, device=world.device, image=self.image,
+            tokenizer=self.tokenizer,
+        )  # fmt: skip
         self.classnames, self.templates = self._zeroshot_lists()
         self.total_steps, self.steps_per_epoch = total_steps(
             self.train_loader.samples_per_epoch, batch_size=cfg.data.batch_size, grad_accum=cfg.train.grad_accum,
@@ -162,16 +164,6 @@ class Trainer:
     @property
     def step(self) -> int:
         return self.state.step
-
-    def _build_loaders(self):
-        cfg, world = self.cfg, self.world
-        common = dict(image=self.image, tokenizer=self.tokenizer, rank=world.rank, world_size=world.world_size)
-        # the run's seed on every rank: the loaders split each epoch among ranks and draw per-rank seeds themselves
-        train = build_loader(data=cfg.data, train=True, seed=cfg.train.seed, device=world.device, **common)
-        if not cfg.data.val_shards:
-            return train, None
-        eval_data = dataclasses.replace(cfg.data, batch_size=cfg.eval.batch_size or cfg.data.batch_size)
-        return train, build_loader(data=eval_data, train=False, seed=cfg.train.seed, device=world.device, **common)
 
     def _build_engine(self):
         optim = self.cfg.optim

@@ -5,13 +5,12 @@ WORLD_SIZE, reads one epoch's steps (batch 1); rank r saves its samples' token i
 """
 
 import sys
-from types import SimpleNamespace
 
 import torch
 from test_data_integrity import SPEC, TOKENIZER, _texts
 
 from fastclip.cli import parse_args
-from fastclip.trainer import Trainer
+from fastclip.data.build import build_loaders
 from fastclip.world import close_distributed, join_world
 
 
@@ -20,8 +19,9 @@ def main(argv):
     cfg = parse_args(["--data.train_shards", spec, "--data.val_shards", "null", "--data.batch_size", "1",
                       "--data.loader", "torch", "--data.shuffle_buffer", "16", "--data.num_threads", "1"])  # fmt: skip
     world = join_world()
-    shell = SimpleNamespace(cfg=cfg, world=world, image=SPEC, tokenizer=TOKENIZER)
-    loader, _ = Trainer._build_loaders(shell)
+    loader, _ = build_loaders(
+        cfg, rank=world.rank, world_size=world.world_size, device=world.device, image=SPEC, tokenizer=TOKENIZER
+    )
     try:
         batches = iter(loader)
         steps = loader.samples_per_epoch // world.world_size

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fastclip.data.loader import dali_available
+from fastclip.data.build import dali_available
 
 ROOT = Path(__file__).resolve().parents[1]
 # the GPU machines' image has no DALI unless benchmarks/gpu_dali.sh brought it; this machine and CI have it

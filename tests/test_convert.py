@@ -14,7 +14,7 @@ from PIL import Image
 
 from fastclip.data import convert
 from fastclip.data.convert import ConvertResult, convert_csv, convert_folder
-from fastclip.data.shards import member_groups, usable
+from fastclip.data.tar_layout import member_groups, usable
 from fastclip.errors import ConfigError
 
 

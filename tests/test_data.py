@@ -12,7 +12,7 @@ from PIL import Image
 
 from fastclip.cli import parse_args
 from fastclip.data.batch import STREAMS_VERSION
-from fastclip.data.loader import build_loader
+from fastclip.data.build import build_loader
 from fastclip.data.synthetic import COLOURS, SHAPES, class_names
 from fastclip.data.tokenizer import build_tokenizer
 from fastclip.model import ImageSpec

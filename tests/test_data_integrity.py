@@ -5,7 +5,6 @@ import io
 import os
 import tarfile
 from collections import Counter
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -13,14 +12,12 @@ import torch
 from PIL import Image
 
 from fastclip.cli import parse_args
-from fastclip.data.loader import build_loader
+from fastclip.data.build import build_loader, build_loaders
 from fastclip.data.skips import DataBroken
 from fastclip.data.tokenizer import build_tokenizer
 from fastclip.errors import ConfigError
 from fastclip.model import ImageSpec
 from fastclip.preflight import check_inputs
-from fastclip.trainer import Trainer
-from fastclip.world import World
 
 SPEC = ImageSpec(size=32, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
 LOADERS = ["dali", "torch"]
@@ -87,8 +84,9 @@ def test_each_epoch_every_sample_is_read_once_across_ranks(tmp_path, kind, world
     seen = []
     for rank in range(world_size):
         # the loaders as the trainer builds them on each rank
-        trainer = SimpleNamespace(cfg=cfg, world=World(rank, world_size, 0, torch.device("cpu")), image=SPEC)
-        loader, _ = Trainer._build_loaders(SimpleNamespace(**vars(trainer), tokenizer=TOKENIZER))
+        loader, _ = build_loaders(
+            cfg, rank=rank, world_size=world_size, device=torch.device("cpu"), image=SPEC, tokenizer=TOKENIZER
+        )
         try:
             batches = iter(loader)  # one batch of 1 per sample: this rank's share of epoch 0, then epoch 1 begins
             seen += [t for _ in range(loader.local_samples) for t in _texts(next(batches))]
@@ -402,9 +400,9 @@ def test_folders_and_dot_slash_in_member_names_keep_their_samples(tmp_path, kind
 
 @pytest.mark.parametrize("kind", LOADERS)
 def test_a_bad_label_is_unlabelled_and_named_not_an_undecodable_image(tmp_path, warnings_log, monkeypatch, kind):
-    from fastclip.data import shards
+    from fastclip.data import tar_layout
 
-    monkeypatch.setattr(shards, "_bad_labels_said", False)  # said once per process: the other loader's test said it
+    monkeypatch.setattr(tar_layout, "_bad_labels_said", False)  # said once per process: the other loader's test said it
     samples = [
         (f"{i:05d}", {"jpg": _image("JPEG", i), "txt": f"labelled {i}".encode(), "cls": b"seven" if i == 3 else b"2"})
         for i in range(8)

@@ -16,7 +16,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fastclip.data.loader import LoaderOptions, dali_available
+from fastclip.data.build import dali_available
+from fastclip.data.loader import LoaderOptions
 from fastclip.data.torch_loader import _decode, prepare
 from fastclip.model import ImageSpec
 

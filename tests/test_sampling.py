@@ -3,7 +3,6 @@ counting nothing; ``data.resampled`` drawing shards with replacement from the ru
 
 import random
 from collections import Counter
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,18 +10,19 @@ from test_data_integrity import LOADERS, SPEC, TOKENIZER, _captioned_shards, _id
 
 from fastclip.cli import parse_args
 from fastclip.data import shards
+from fastclip.data.build import build_loaders
 from fastclip.data.index import index_shards
 from fastclip.data.loader import derive_seed
 from fastclip.data.skips import DataBroken
 from fastclip.trainer import Trainer
-from fastclip.world import World
 
 
 def _loaders(cfg, world_size):
     """Each rank's train loader, as the trainer builds them."""
     for rank in range(world_size):
-        trainer = SimpleNamespace(cfg=cfg, world=World(rank, world_size, 0, torch.device("cpu")), image=SPEC)
-        loader, _ = Trainer._build_loaders(SimpleNamespace(**vars(trainer), tokenizer=TOKENIZER))
+        loader, _ = build_loaders(
+            cfg, rank=rank, world_size=world_size, device=torch.device("cpu"), image=SPEC, tokenizer=TOKENIZER
+        )
         yield rank, loader
 
 

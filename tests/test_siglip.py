@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from test_fused_loss import _assert_error_rule, _errors, interpreter
 from test_loss import _free_port
 
-from fastclip.loss import SigLipLoss, loss_kind, sigmoid_loss_local
+from fastclip.loss import SigLipLoss, sigmoid_loss_local
+from fastclip.model import loss_kind
 from fastclip.ops import sigmoid_loss_op, sigmoid_pair_loss
 
 

@@ -203,6 +203,7 @@ def test_automatic_data_threads_share_a_nodes_cores(monkeypatch, capsys):
     launcher that binds each rank to its own cores leaves each all of them; 1 to 16."""
     from fastclip.config import DataConfig
     from fastclip.data import loader
+    from fastclip.data.build import with_threads
     from fastclip.world import World
 
     def world(rank: int, cpus: list[list[int]], nodes: list[str]) -> World:
@@ -217,7 +218,7 @@ def test_automatic_data_threads_share_a_nodes_cores(monkeypatch, capsys):
         monkeypatch.setattr(loader, "cpu_set", lambda cores=cores: list(range(cores)))
         assert loader.auto_threads(sharers)[0] == threads, (cores, sharers)
     data = DataConfig(num_threads=3)
-    assert loader.with_threads(data, 8) == data
+    assert with_threads(data, 8) == data
     assert "data: 3 DataLoader workers per rank (data.num_threads)" in capsys.readouterr().out
 
 
@@ -319,7 +320,7 @@ def test_dali_start_up_on_10000_shards_opens_only_check_shards_tars(many_shards,
     import torch
 
     from fastclip.cli import parse_args
-    from fastclip.data.loader import build_loader
+    from fastclip.data.build import build_loader
     from fastclip.model import ImageSpec
     from fastclip.preflight import check_inputs
 

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastclip.data.index import TAIL, ShardIndex, image_damage, image_format, index_shards
-from fastclip.data.shards import IMAGE_EXTS, OTHER_IMAGE_EXTS
+from fastclip.data.tar_layout import IMAGE_EXTS, OTHER_IMAGE_EXTS
 from fastclip.errors import ConfigError
 
 REPORT = "convert_report.json"  # DIR/PREFIX.convert_report.json: report_path

@@ -29,12 +29,11 @@ from fastclip.data.dali_pipelines import (
     to_torch,
 )
 from fastclip.data.dali_pipelines import labels as labels_of
-from fastclip.data.loader import LoaderOptions, derive_seed
+from fastclip.data.loader import LoaderRequest, derive_seed
 from fastclip.data.prefetch import Prefetcher
 from fastclip.data.shards import SLOW_WALK, Shards, resolve_shards, say_once
 from fastclip.data.skips import DataBroken, Skips
 from fastclip.errors import ConfigError
-from fastclip.model import ImageSpec
 
 
 @dataclass
@@ -293,22 +292,12 @@ def _reader_stopped(error: RuntimeError) -> str:
     )
 
 
-def build_dali_loader(
-    *,
-    spec: str,
-    field: str,
-    options: LoaderOptions,
-    image: ImageSpec,
-    tokenizer: Callable[[list[str]], torch.Tensor],
-    train: bool,
-    rank: int,
-    world_size: int,
-    seed: int,
-    device: torch.device,
-) -> DaliLoader:
+def build_dali_loader(request: LoaderRequest) -> DaliLoader:
     """The DALI loader over ``spec``'s readable shards. DALI splits the samples among ranks by position whatever
     the shuffle, so each rank shuffles and crops with its own seed; resampled, each rank reads its own draw."""
-    shards = options.resolve(spec, field=field, train=train, count=False)  # DALI counts the samples itself
+    options, field, train, image, seed = request.options, request.field, request.train, request.image, request.seed
+    rank, world_size = request.rank, request.world_size
+    shards = request.shards(count=False)  # DALI counts the samples itself
 
     def build(shards: Shards) -> DaliLoader:
         paths, index = _reader_shards(shards, field=field, resampled=train and options.resampled, seed=seed, rank=rank)
@@ -323,7 +312,7 @@ def build_dali_loader(
                 options=options, image=image, train=train, seed=derive_seed(seed, "decoder crops", rank, i)
             ),
             make_checker=lambda: decode_pipeline(options=options, image=image, train=False, seed=0, batch_size=1),
-            tokenizer=tokenizer, train=train, rank=rank, world_size=world_size, device=device,
+            tokenizer=request.tokenizer, train=train, rank=rank, world_size=world_size, device=request.device,
         )  # fmt: skip
         loader.epoch_from = f"DALI's count, from {'the index files' if index else 'the tar headers'}"
         if train and options.train_num_samples:  # the epoch's length; the reader goes on through its own pass
@@ -335,8 +324,8 @@ def build_dali_loader(
     except RuntimeError as e:  # DALI's index inference stops on a tar damaged in the middle ("Invalid seek")
         # the start-up checks passed: open and walk every shard to find the damaged ones (else re-raise)
         checked = resolve_shards(
-            spec, field=field, max_bad_fraction=options.max_bad_fraction, index_dir=options.index_dir, check=None,
-            count=True,
+            request.spec, field=field, max_bad_fraction=options.max_bad_fraction, index_dir=options.index_dir,
+            check=None, count=True,
         )  # fmt: skip
         if len(checked.paths) < len(shards.paths):
             return build(checked)

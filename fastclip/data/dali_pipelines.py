@@ -17,7 +17,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import feed_ndarray
 
 from fastclip.data.loader import LoaderOptions
-from fastclip.data.shards import IMAGE_EXTS, parse_label
+from fastclip.data.tar_layout import IMAGE_EXTS, parse_label
 from fastclip.model import ImageSpec
 
 

@@ -29,7 +29,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fastclip.data.shards import (
+from fastclip.data.tar_layout import (
     IMAGE_EXTS,
     OTHER_IMAGE_EXTS,
     check_only_zeros_after,

@@ -1,14 +1,13 @@
-"""The data path's entry, and the contract both loaders keep.
+"""The contract both loaders keep: what a loader does (:class:`Loader`), what it is built from
+(:class:`LoaderRequest`), and the seeds of its random streams.
 
-A loader is built for one rank and one split (``train`` or val) by :func:`build_loader`: DALI where it is
+A loader is built for one rank and one split (``train`` or val) by fastclip/data/build.py: DALI where it is
 installed (fastclip/data/dali.py), else a torch DataLoader (fastclip/data/torch_loader.py). Both read the same
 shards (fastclip/data/shards.py: which files, which samples) into the same :class:`~fastclip.data.batch.Batch`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import importlib.util
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -17,10 +16,8 @@ import numpy as np
 import torch
 
 from fastclip.config import DataConfig
-from fastclip.console import say
 from fastclip.data.batch import Batch
 from fastclip.data.shards import Shards, resolve_shards
-from fastclip.errors import ConfigError
 from fastclip.model import ImageSpec
 from fastclip.world import cpu_set
 
@@ -88,6 +85,26 @@ class LoaderOptions:
         )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class LoaderRequest:
+    """One rank's loader for one split, as both loaders are built from it (fastclip/data/build.py makes it)."""
+
+    spec: str  # the shard spec
+    field: str  # its config field, for messages: 'data.train_shards' or 'data.val_shards'
+    options: LoaderOptions
+    image: ImageSpec
+    tokenizer: Callable[[list[str]], torch.Tensor]
+    train: bool
+    rank: int
+    world_size: int
+    seed: int  # the run's, the same on every rank: loaders derive their per-rank streams from it
+    device: torch.device
+
+    def shards(self, *, count: bool = True) -> Shards:
+        """The spec's shards as this loader reads them (:meth:`LoaderOptions.resolve`)."""
+        return self.options.resolve(self.spec, field=self.field, train=self.train, count=count)
+
+
 # the random streams of a run's data path; each draws its seed from the run's seed, its purpose and its ids
 STREAMS = ("shard order", "reader shuffle", "decoder crops", "buffer shuffle", "worker crops", "shard draws")
 
@@ -110,54 +127,3 @@ def auto_threads(sharers: int) -> tuple[int, str]:
     cores = len(cpu_set())
     threads = max(1, min(MAX_AUTO_THREADS, cores // max(sharers, 1)))
     return threads, f"{cores} cores this rank may use / {sharers} rank(s) sharing them, at most {MAX_AUTO_THREADS}"
-
-
-def with_threads(data: DataConfig, sharers: int) -> DataConfig:
-    """``data`` with ``num_threads`` resolved (:func:`auto_threads`), saying what was chosen and why."""
-    kind = "DALI threads" if loader_kind(data) == "dali" else "DataLoader workers"
-    if data.num_threads:
-        say(f"data: {data.num_threads} {kind} per rank (data.num_threads)")
-        return data
-    threads, why = auto_threads(sharers)
-    say(f"data: {threads} {kind} per rank ({why})")
-    return dataclasses.replace(data, num_threads=threads)
-
-
-def dali_available() -> bool:
-    return importlib.util.find_spec("nvidia.dali") is not None
-
-
-def loader_kind(data: DataConfig) -> str:
-    """'dali' or 'torch', as ``data.loader`` says; 'auto' is DALI where it is installed and there is a GPU to
-    decode on. On CPUs the torch loader is faster: DALI's CPU resize costs about 4 ms an image of a real photo's
-    size, torchvision's under 0.5 (benchmarks/bench_data.py, photos: 1.08x open_clip's loader against 1.82x)."""
-    if data.loader != "auto":
-        return data.loader
-    return "dali" if dali_available() and torch.cuda.is_available() else "torch"
-
-
-def build_loader(
-    *,
-    data: DataConfig,
-    image: ImageSpec,
-    tokenizer: Callable[[list[str]], torch.Tensor],
-    train: bool,
-    rank: int,
-    world_size: int,
-    seed: int,
-    device: torch.device,
-) -> Loader:
-    """A loader for this rank's part of the train (``train``) or val shards, as ``data.loader`` says. ``seed`` is
-    the run's, the same on every rank: loaders derive their per-rank streams from it."""
-    kind = loader_kind(data)
-    if kind == "dali":
-        if not dali_available():
-            raise ConfigError("data.loader: 'dali' needs nvidia-dali (pip install nvidia-dali-cuda120), or use 'torch'")
-        from fastclip.data.dali import build_dali_loader as build
-    else:
-        from fastclip.data.torch_loader import build_torch_loader as build
-    return build(
-        spec=data.train_shards if train else data.val_shards, field="data.train_shards" if train else "data.val_shards",
-        options=LoaderOptions.of(data), image=image, tokenizer=tokenizer, train=train, rank=rank,
-        world_size=world_size, seed=seed, device=device,
-    )  # fmt: skip

@@ -18,8 +18,8 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from fastclip.data.index import read_index
 from fastclip.data.loader import derive_seed
-from fastclip.data.shards import IMAGE_EXTS, member_groups, usable
 from fastclip.data.skips import DataBroken, Undecodable, log
+from fastclip.data.tar_layout import IMAGE_EXTS, member_groups, usable
 
 
 def _walked(path: str, start: int, stop: int | None) -> Iterator[dict]:

@@ -10,17 +10,18 @@ on the GPU (torchvision.io.decode_jpeg(device='cuda'), nvJPEG), then crops.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
 from torch.utils.data import DataLoader
 
 from fastclip.data.batch import Batch, BatchCount, check_stream
-from fastclip.data.loader import LoaderOptions, derive_seed
+from fastclip.data.loader import LoaderRequest, derive_seed
 from fastclip.data.shard_stream import BadShards, Shard, ShardStream, bounds
-from fastclip.data.shards import IMAGE_EXTS, Shards, parse_label
+from fastclip.data.shards import Shards
 from fastclip.data.skips import DataBroken, Skips, Undecodable
+from fastclip.data.tar_layout import IMAGE_EXTS, parse_label
 from fastclip.model import ImageSpec
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -139,19 +140,9 @@ class _Refill:
 class TorchLoader:
     """The DALI loader's contract on a torch DataLoader (see the module doc)."""
 
-    def __init__(
-        self,
-        *,
-        shards: Shards,
-        options: LoaderOptions,
-        image: ImageSpec,
-        tokenizer: Callable[[list[str]], torch.Tensor],
-        train: bool,
-        rank: int,
-        world_size: int,
-        seed: int,
-        device: torch.device,
-    ):
+    def __init__(self, shards: Shards, request: LoaderRequest):
+        options, train, rank, world_size = request.options, request.train, request.rank, request.world_size
+        image, device, tokenizer, seed = request.image, request.device, request.tokenizer, request.seed
         total = shards.total
         self.samples_per_epoch = options.train_num_samples if train and options.train_num_samples else total
         self.epoch_from = "data.train_num_samples" if self.samples_per_epoch != total else shards.counted_from
@@ -289,9 +280,8 @@ class TorchLoader:
         self.loader = None
 
 
-def build_torch_loader(*, spec: str, field: str, options: LoaderOptions, train: bool, **kwargs) -> TorchLoader:
+def build_torch_loader(request: LoaderRequest) -> TorchLoader:
     """The torch loader over ``spec``'s readable shards. It needs their counts only to evaluate and to size an
     epoch: from the index tool's files, else from walking their headers (which the start-up check did already;
     the walk is cached), or none for training with ``train_num_samples``."""
-    shards = options.resolve(spec, field=field, train=train)
-    return TorchLoader(shards=shards, options=options, train=train, **kwargs)
+    return TorchLoader(request.shards(), request)
