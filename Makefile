@@ -26,7 +26,7 @@ test: setup
 
 bench: setup  # the full CPU benchmark run (about 40 minutes); writes benchmarks/results/cpu-DATE.json
 	$(BIN)/python -m pytest -q -p no:cacheprovider benchmarks
-	$(BIN)/python benchmarks/report.py --update-readme
+	$(BIN)/python benchmarks/report.py --update-docs
 
 lint: setup  # what make test checks first; `$(BIN)/ruff format .` fixes the formatting
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastclip.mfu import mfu as model_flops_utilisation
 from fastclip.profiling import breakdown_line, profile_step
 
 from bench_data import _shards
@@ -496,7 +497,7 @@ def _gpu_results(ours: dict, theirs: dict, *, params, batch, ladder, per_sample,
             results.append(Result("train_step", f"samples/s/GPU, {case}", params, "samples_per_second", None, None,
                                   note=f"fastclip's loader failed: {ours.get('loaded_error')}"))  # fmt: skip
             continue
-        mfu = batch / seconds * per_sample / peak
+        mfu = model_flops_utilisation(batch / seconds, per_sample, peak)
         note = f"largest batch of {list(ladder)} that fits; MFU {mfu:.0%} of the bf16 matmul rate" + (
             base_note if case == "data excluded" else "; open_clip's loader not run on the GPU image"
         )
@@ -588,7 +589,7 @@ def test_compile_gpu(benchmark, record, quick, single_rank, model_name, ladder, 
                                                 timer=functools.partial(timer, cuda=True))  # fmt: skip
         finally:
             trainer.close()
-        mfu = rates[mode] * flops_per_sample / peak
+        mfu = model_flops_utilisation(rates[mode], flops_per_sample, peak)
         record(Result("train_step", f"samples/s/GPU, data excluded, compile {mode}", params, "samples_per_second",
                       rates[mode], None, extra={"fastclip_mfu": mfu, "eager": rates["none"]},
                       note=f"MFU {mfu:.0%}; open_clip not measured yet"))  # fmt: skip
@@ -599,7 +600,7 @@ def test_compile_gpu(benchmark, record, quick, single_rank, model_name, ladder, 
                                   device="cuda", compile_backend="inductor" if compiled else None)  # fmt: skip
         rates[f"open_clip {compiled}"] = batch / per_step
     for mode in ("none", "model", "step"):
-        mfu = rates[mode] * flops_per_sample / peak
+        mfu = model_flops_utilisation(rates[mode], flops_per_sample, peak)
         base = rates[f"open_clip {mode != 'none'}"]
         flag = " --torchcompile" if mode != "none" else ""
         record(Result("train_step", f"samples/s/GPU, data excluded, compile {mode}", params, "samples_per_second",

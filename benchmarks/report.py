@@ -1,7 +1,7 @@
-"""Markdown tables of the newest saved benchmark results (one CPU file, one GPU file), for the README.
+"""Markdown tables of the newest saved benchmark results (one CPU file, one GPU file), for docs/benchmarks.md.
 
-    python benchmarks/report.py                  # print the tables
-    python benchmarks/report.py --update-readme  # rewrite the README section between the bench markers
+    python benchmarks/report.py                # print the tables
+    python benchmarks/report.py --update-docs  # rewrite docs/benchmarks.md's section between the bench markers
 
 Generated from benchmarks/results/*.json only; nothing here is typed by hand.
 """
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-README = Path(__file__).parents[1] / "README.md"
+PAGE = Path(__file__).parents[1] / "docs" / "benchmarks.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
@@ -114,21 +114,21 @@ def report() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--update-readme", action="store_true", help=f"replace the README text between {START} and {END}"
+        "--update-docs", action="store_true", help=f"replace the text of {PAGE.name} between {START} and {END}"
     )
     args = parser.parse_args(argv)
     text = report()
-    if not args.update_readme:
+    if not args.update_docs:
         print(text)
         return 0
-    readme = README.read_text()
-    if START not in readme or END not in readme:
-        print(f"README.md has no {START} ... {END} section to update", file=sys.stderr)
+    page = PAGE.read_text()
+    if START not in page or END not in page:
+        print(f"{PAGE} has no {START} ... {END} section to update", file=sys.stderr)
         return 1
-    head, rest = readme.split(START, 1)
+    head, rest = page.split(START, 1)
     _, tail = rest.split(END, 1)
-    README.write_text(f"{head}{START}\n{text}\n{END}{tail}")
-    print(f"updated {README}")
+    PAGE.write_text(f"{head}{START}\n{text}\n{END}{tail}")
+    print(f"updated {PAGE}")
     return 0
 
 

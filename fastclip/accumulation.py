@@ -154,10 +154,3 @@ class ContrastiveAccumulation:
 def _dot(features: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     """sum(features * grad) in fp32: its gradient with respect to ``features`` is ``grad`` (in their dtype)."""
     return (features.float() * grad.float()).sum()
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """A CUDA allocation failure, or the CPU allocator's."""
-    return isinstance(error, torch.OutOfMemoryError) or (
-        isinstance(error, RuntimeError) and "can't allocate memory" in str(error)
-    )

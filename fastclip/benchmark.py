@@ -27,7 +27,7 @@ import torch
 
 from fastclip.console import say
 from fastclip.data.batch import Batch
-from fastclip.mfu import peak_memory_gb
+from fastclip.mfu import mfu, peak_memory_gb
 from fastclip.profiling import breakdown_line, profile_step
 from fastclip.trainer import Trainer
 
@@ -74,7 +74,7 @@ def measure(trainer: Trainer, batches: Iterator[Batch], steps: int, warmup: int)
     return {
         "samples_per_second_per_gpu": per_gpu,
         "samples_per_second": per_gpu * trainer.world.world_size,
-        "mfu": per_gpu * trainer.flops_per_sample / trainer.peak_flops if trainer.peak_flops else None,
+        "mfu": mfu(per_gpu, trainer.flops_per_sample, trainer.peak_flops),
         "peak_memory_gb": peak_memory_gb(device),
         "data_time_share": data_time / wall,
         "step_time_median_s": median,
@@ -110,11 +110,11 @@ def table(report: dict) -> str:
         f"{'':16}{'samples/s/GPU':>14}{'MFU':>8}{'peak mem':>10}{'data share':>12}{'step p50':>11}{'p10-p90':>18}",
     ]
     for name, m in report["phases"].items():
-        mfu = f"{100 * m['mfu']:.1f}%" if m["mfu"] is not None else "—"
+        util = f"{100 * m['mfu']:.1f}%" if m["mfu"] is not None else "—"
         mem = f"{m['peak_memory_gb']:.1f} GB" if m["peak_memory_gb"] is not None else "—"
         spread = f"{1e3 * m['step_time_p10_s']:.1f}-{1e3 * m['step_time_p90_s']:.1f} ms"
         lines.append(
-            f"{name:16}{m['samples_per_second_per_gpu']:>14,.1f}{mfu:>8}{mem:>10}{100 * m['data_time_share']:>11.1f}%"
+            f"{name:16}{m['samples_per_second_per_gpu']:>14,.1f}{util:>8}{mem:>10}{100 * m['data_time_share']:>11.1f}%"
             f"{1e3 * m['step_time_median_s']:>8.1f} ms{spread:>18}"
         )
     kinds, cuda = report["step_breakdown_ms"], report["device"] == "cuda"

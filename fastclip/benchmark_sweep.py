@@ -29,12 +29,12 @@ from pathlib import Path
 
 import torch
 
-from fastclip.accumulation import is_out_of_memory
 from fastclip.benchmark import batches, card, fresh_stream, measure, publish, versions
 from fastclip.benchmark_try import Setting, command_line, settings
 from fastclip.config import Config
 from fastclip.data.batch import Batch
 from fastclip.errors import OutOfMemory
+from fastclip.out_of_memory import is_out_of_memory
 from fastclip.trainer import Trainer
 from fastclip.world import World
 

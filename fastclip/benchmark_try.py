@@ -14,7 +14,8 @@ import shlex
 from dataclasses import dataclass
 
 from fastclip.cli import apply_option, parse_args, split_options
-from fastclip.config import Config, build_config
+from fastclip.config import Config
+from fastclip.config_tree import build_config
 from fastclip.errors import ConfigError
 
 # what one process cannot compare between settings (by key prefix), and why

@@ -16,7 +16,7 @@ the parameters that differ, and one saved on another number of ranks or ZeRO sta
 DeepSpeed's universal format (``checkpoint.dir/universal/step_XXXXXXXX``, DeepSpeed's ds_to_universal) and
 loaded from there. ``python -m fastclip.export`` (fastclip/export.py) reads the same folders without a run.
 
-Over 300 lines because save and resume are one protocol across ranks (barriers, ``latest``, the room each save
+Why one module: save and resume are one protocol across ranks (barriers, ``latest``, the room each save
 needs and what a failed one leaves); the file formats live below it (fastclip/open_clip_file.py, the run folders in
 fastclip/run_folders.py, the universal conversion in fastclip/reshard.py).
 """
@@ -36,12 +36,14 @@ import torch
 import torch.distributed as dist
 
 from fastclip import reshard, run_folders
-from fastclip.config import CheckpointConfig, differences
+from fastclip.config import CheckpointConfig, Config
+from fastclip.config_tree import differences
 from fastclip.console import log, say
+from fastclip.data.shards import shard_list_digest
 from fastclip.distributed import any_rank
 from fastclip.errors import CheckpointError, ConfigError, TrainingDiverged
 from fastclip.eval import EarlyStopping
-from fastclip.model import regroup_flags, saved_layout
+from fastclip.model import param_group_names, regroup_flags, saved_layout
 from fastclip.open_clip_file import how_to_load, write_export
 from fastclip.run_folders import human
 
@@ -109,6 +111,24 @@ def commit_latest(root: str | Path, tag: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, root / LATEST)
     _fsync(root)
+
+
+def data_identity(cfg: Config, world_size: int) -> dict:
+    """What a saved train-stream position is valid for: another value of any starts the stream afresh. The
+    shard list's hash, not only its spec: a glob matching shards added since would replay other samples."""
+    data = cfg.data
+    return {"world_size": world_size, "train_shards": data.train_shards, "batch_size": data.batch_size,
+            "resampled": data.resampled, "seed": cfg.train.seed, "train_num_samples": data.train_num_samples,
+            "shard_list": shard_list_digest(data.train_shards, field="data.train_shards")[1]}  # fmt: skip
+
+
+def run_meta(cfg: Config, *, clip, module, world_size: int, stage: int, precision: str, loss_kind: str) -> dict:
+    """What every checkpoint of this run records about itself (:data:`META`): a resume and the export read it."""
+    shapes = {n: list(getattr(p, "ds_shape", p.shape)) for n, p in module.named_parameters()}
+    return {"world_size": world_size, "zero_stage": stage, "precision": precision, "model": cfg.model.name,
+            "force_image_size": cfg.model.force_image_size, "loss_kind": loss_kind, "params": shapes,
+            "param_groups": param_group_names(clip, rule=cfg.optim.decay_rule,
+                                              align=cfg.train.align_params)}  # fmt: skip
 
 
 def changed_settings(saved: dict, current: dict) -> list[str]:

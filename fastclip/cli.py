@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from fastclip.config import Config, _unknown, build_config
+from fastclip.config import Config
+from fastclip.config_tree import build_config, unknown
 from fastclip.errors import ConfigError
 
 
@@ -152,5 +153,5 @@ def apply_option(tree: dict[str, Any], key: str, value: str) -> None:
         return
     section, dot, name = key.partition(".")
     if not dot:
-        raise _unknown("option", f"--{key}", ["--config", "--deepspeed_config", "--section.field"])
+        raise unknown("option", f"--{key}", ["--config", "--deepspeed_config", "--section.field"])
     _apply(tree, section, name, _parse_value(value))

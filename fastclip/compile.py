@@ -26,3 +26,18 @@ import torch
 
 def compile_fn(fn: Callable, *, backend: str, fullgraph: bool = False) -> Callable:
     return torch.compile(fn, backend=backend, fullgraph=fullgraph, dynamic=False)
+
+
+def compile_parts(
+    mode: str, backend: str, *, forward: Callable, loss_fn: Callable, step_fn: Callable, contrastive: bool
+) -> tuple[Callable | None, Callable | None, Callable]:
+    """(compiled towers or None, compiled forward + loss or None, the loss function) for ``train.compile``.
+    ``forward`` is the module's forward, not its call (see above); with contrastive accumulation in ``step`` mode
+    the loss over the cached features is compiled apart, so the loss function comes back compiled."""
+    if mode == "none":
+        return None, None, loss_fn
+    towers = compile_fn(forward, backend=backend) if mode == "model" or contrastive else None
+    if mode == "step" and contrastive:
+        loss_fn = compile_fn(loss_fn, backend=backend)
+    step = compile_fn(step_fn, backend=backend) if mode == "step" and not contrastive else None
+    return towers, step, loss_fn

@@ -50,3 +50,8 @@ def setup(rank: int) -> None:
 def say(message: str) -> None:
     """One line for the user (rank 0's console)."""
     log.info(message)
+
+
+def counted(n: int, noun: str) -> str:
+    """'1 shard', '3 shards': a count with its noun."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"

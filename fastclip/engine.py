@@ -11,12 +11,14 @@ or it is an error naming both values: the trainer, the non-finite guard and a re
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from pathlib import Path
 from typing import Any
 
 from fastclip.config import Config, OptimConfig
+from fastclip.console import say
 from fastclip.errors import ConfigError
 from fastclip.precision import deepspeed_sections
 
@@ -198,7 +200,28 @@ def build_engine(clip, *, cfg: Config, world_size: int, cuda: bool, params: list
         lr_scheduler=None if "scheduler" in ds_config else lr_scheduler,
     )
     sync_free_clipping(engine.optimizer)
+    if cfg.deepspeed_config:
+        say(f"deepspeed: {cfg.deepspeed_config} merged over the derived config: {ds_config}")
     return engine, scheduler, ds_config
+
+
+def full_params(engine, stage: int):
+    """Under ZeRO-3 the module's parameters are partitioned: gathered for whole-model work (evaluation)."""
+    if stage == 3:
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+def release(engine) -> None:
+    """ZeRO's gradient hooks live on autograd nodes, which Python's collector cannot see through: without their
+    removal the engine, its parameters and optimizer state outlive the trainer (a second trainer in the same
+    process, a sweep or a benchmark's batch probe, would run beside a dead one's memory)."""
+    try:
+        engine.destroy()  # it synchronizes the device
+    except Exception as e:  # a device that already failed (a sticky CUDA error): the error to see came first
+        say(f"fastclip: the DeepSpeed engine was not released cleanly ({type(e).__name__}: {e})")
 
 
 def apply_adamw_settings(groups: list[dict], optim: OptimConfig) -> None:

@@ -7,6 +7,11 @@ class ConfigError(ValueError):
     """A configuration or input problem the user must fix; the message names the field and the fix."""
 
 
+class DataError(ConfigError):
+    """The data itself, not the command, is what must change (a CSV with no usable row, a folder without
+    images): the shard tools exit 1 on it, 2 on a usage or configuration error."""
+
+
 class TrainingDiverged(RuntimeError):
     """The loss stopped being finite; raised at a logging or checkpoint step, before anything is saved."""
 

@@ -43,6 +43,20 @@ class EarlyStopping:
         self.evals_since_best += 1
         return self.evals_since_best >= self.patience
 
+    def stop_record(self, step: int, loss_kind: str) -> tuple[dict[str, Any], str]:
+        """The metrics record and the console line of an early stop at ``step``."""
+        record = {
+            "step": step,
+            "early_stop": True,
+            f"val/best_{loss_kind}_loss": self.best,
+            "val/best_step": self.best_step,
+        }
+        line = (
+            f"early stop at step {step}: val {loss_kind} loss has not improved on {self.best:.4f} (step "
+            f"{self.best_step}) by more than {self.min_delta} in {self.patience} evaluations"
+        )
+        return record, line
+
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best, "best_step": self.best_step, "evals_since_best": self.evals_since_best}
 
@@ -50,6 +64,16 @@ class EarlyStopping:
         """The count goes on across a resume; patience and min delta stay this run's."""
         self.best, self.best_step = state["best"], state["best_step"]
         self.evals_since_best = state["evals_since_best"]
+
+
+def zeroshot_lists(data, *, enabled: bool) -> tuple[list[str] | None, list[str] | None]:
+    """The class names and templates of ``data`` (a DataConfig) for zero-shot scoring, or (None, None)."""
+    if not (enabled and data.zeroshot_classnames and data.zeroshot_templates):
+        return None, None
+    return (
+        read_zeroshot_list(data.zeroshot_classnames, field="data.zeroshot_classnames"),
+        read_zeroshot_list(data.zeroshot_templates, field="data.zeroshot_templates"),
+    )
 
 
 def read_zeroshot_list(path: str, *, field: str) -> list[str]:

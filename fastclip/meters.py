@@ -7,6 +7,10 @@ all-reduces it once across ranks, copies it to the host once (the sync point) an
 
 from __future__ import annotations
 
+import dataclasses
+import time
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
@@ -53,3 +57,20 @@ class Meters:
         for m in self.meters.values():
             m.reset()
         return {name: (total / count if count else float("nan")) for name, (total, count) in zip(self.meters, values)}
+
+
+def due(step: int, every: int) -> bool:
+    """A cadence of ``every`` steps (0: never)."""
+    return every > 0 and step % every == 0
+
+
+@dataclass
+class Interval:
+    """The steps since the last log line: how many, since when, and the host time spent waiting for data."""
+
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+    steps: int = 0
+    data_time: float = 0.0
+
+    def add(self, data_time: float) -> None:
+        self.steps, self.data_time = self.steps + 1, self.data_time + data_time

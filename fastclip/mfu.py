@@ -71,6 +71,11 @@ def peak_flops(device: torch.device, override_tflops: float | None) -> float | N
     return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
 
 
+def mfu(samples_per_second_per_gpu: float, flops_per_sample: float, peak: float | None) -> float | None:
+    """Model FLOPs utilisation: the model FLOP/s one GPU sustains over its peak; None where the peak is unknown."""
+    return samples_per_second_per_gpu * flops_per_sample / peak if peak else None
+
+
 def peak_memory_gb(device: torch.device) -> float | None:
     """The device's most allocated memory since the last call (GB), then the count restarts; None on a CPU. Both
     read the caching allocator's host-side counters: no device sync."""

@@ -59,6 +59,16 @@ class LrSchedule:
         return peak * (self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+def build_schedule(optim, train, *, total: int, steps_per_epoch: int) -> LrSchedule:
+    """The run's learning-rate multipliers from ``optim`` (and ``train``, for a cooldown given in epochs)."""
+    return LrSchedule(
+        kind=optim.schedule, warmup=optim.warmup_steps, total=total, min_ratio=optim.min_lr_ratio,
+        cycle=optim.restart_steps, mult=optim.restart_mult, decay=optim.restart_decay,
+        cooldown=cooldown_steps(optim, train, total=total, steps_per_epoch=steps_per_epoch),
+        end_ratio=optim.cooldown_end_lr / optim.lr, power=optim.cooldown_power,
+    )  # fmt: skip
+
+
 def restart_at(scheduler, schedule: LrSchedule, *, base_lr: float, step: int) -> None:
     """Put a ``LambdaLR`` over ``schedule`` and its optimizer at optimizer step ``step`` with peak ``base_lr``.
 

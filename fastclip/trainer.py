@@ -3,20 +3,19 @@
 A step reads top to bottom: fetch batch, forward, loss, backward, optimizer step, meters. Only logging,
 eval and checkpoint steps copy numbers to the host; every such place is marked ``note: host sync``. What a
 checkpoint holds and how it is written and resumed is fastclip/checkpoint.py's; the DeepSpeed settings are
-fastclip/engine.py's, read back from the engine; what stops a diverged run is fastclip/guard.py's. It runs past
-300 lines: its short methods share the run's state (engine, loaders, meters, step), and splitting them further
-would pass that state around rather than simplify it.
+fastclip/engine.py's, read back from the engine; what stops a diverged run is fastclip/guard.py's.
+
+Why one module: its short methods share the run's state (engine, loaders, meters, step); the pieces that do not
+(the start-up line, out-of-memory messages, compile wiring, checkpoint metadata) live with their owners, and
+splitting the loop further would pass that state around rather than simplify it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import random
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,24 +23,25 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from fastclip import console, precision
-from fastclip.accumulation import ContrastiveAccumulation, is_out_of_memory
-from fastclip.checkpoint import CheckpointManager, TrainState, changed_settings
-from fastclip.compile import compile_fn
+from fastclip.accumulation import ContrastiveAccumulation
+from fastclip.banner import accumulation_part, loss_part
+from fastclip.checkpoint import CheckpointManager, TrainState, changed_settings, data_identity, run_meta
+from fastclip.compile import compile_parts
 from fastclip.config import LOGITS_BACKENDS, Config, check_compile
 from fastclip.console import say
 from fastclip.data.batch import Batch, BatchCount, DataPosition
 from fastclip.data.build import build_loaders, with_threads
-from fastclip.data.shards import shard_list_digest
 from fastclip.data.tokenizer import build_tokenizer
-from fastclip.engine import apply_adamw_settings, build_engine
-from fastclip.errors import ConfigError, OutOfMemory
-from fastclip.eval import EarlyStopping, evaluate, read_zeroshot_list
+from fastclip.engine import apply_adamw_settings, build_engine, full_params, release
+from fastclip.errors import ConfigError
+from fastclip.eval import EarlyStopping, evaluate, zeroshot_lists
 from fastclip.guard import NonFiniteGuard
 from fastclip.loss import build_loss
-from fastclip.meters import Meters
-from fastclip.mfu import peak_flops, peak_memory_gb, train_flops_per_sample
-from fastclip.model import build_model, image_spec, loss_kind, loss_scalars, param_group_names, param_groups
-from fastclip.schedules import LrSchedule, cooldown_steps, epoch_source, restart_at, total_steps
+from fastclip.meters import Interval, Meters, due
+from fastclip.mfu import mfu, peak_flops, peak_memory_gb, train_flops_per_sample
+from fastclip.model import build_model, image_spec, loss_kind, loss_scalars, param_groups
+from fastclip.out_of_memory import said_in_one_line
+from fastclip.schedules import build_schedule, epoch_source, restart_at, total_steps
 from fastclip.sinks import MetricSinks, progress_bar, train_line
 from fastclip.world import World
 
@@ -52,49 +52,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def configure_matmuls(device: torch.device, *, tf32: bool) -> None:
-    """Faster fp32 matmuls on a GPU (what stays fp32 under bf16: the loss's reductions, eval, fp32 runs), and
-    cuDNN's autotuner for the patch-embedding conv, whose shapes never change. CPU numerics are left alone."""
-    if device.type != "cuda" or not tf32:
-        return
-    torch.set_float32_matmul_precision("high")
-    torch.backends.cudnn.allow_tf32 = True
-    torch.backends.cudnn.benchmark = True
-
-
-def due(step: int, every: int) -> bool:
-    """A cadence of ``every`` steps (0: never)."""
-    return every > 0 and step % every == 0
-
-
-@dataclass
-class Interval:
-    """The steps since the last log line: how many, since when, and the host time spent waiting for data."""
-
-    start: float = dataclasses.field(default_factory=time.perf_counter)
-    steps: int = 0
-    data_time: float = 0.0
-
-    def add(self, data_time: float) -> None:
-        self.steps, self.data_time = self.steps + 1, self.data_time + data_time
-
-
 class Trainer:
     def __init__(self, cfg: Config, world: World):
         console.setup(world.rank)
         cfg = self.cfg = dataclasses.replace(cfg, data=with_threads(cfg.data, world.cpu_sharers))
         self.world = world
         seed_everything(cfg.train.seed)
-        configure_matmuls(world.device, tf32=cfg.train.tf32)
+        precision.configure_matmuls(world.device, tf32=cfg.train.tf32)
         self.loss_kind = loss_kind(cfg.loss, cfg.model.name)  # 'clip' or 'siglip'
         self.clip = build_model(cfg.model, siglip=self.loss_kind == "siglip")
-        self.image = image_spec(self.clip)
-        self.tokenizer = build_tokenizer(cfg.model.name)
+        self.image, self.tokenizer = image_spec(self.clip), build_tokenizer(cfg.model.name)
         self.train_loader, self.val_loader = build_loaders(
             cfg, rank=world.rank, world_size=world.world_size, device=world.device, image=self.image,
             tokenizer=self.tokenizer,
         )  # fmt: skip
-        self.classnames, self.templates = self._zeroshot_lists()
+        self.classnames, self.templates = zeroshot_lists(cfg.data, enabled=cfg.eval.zeroshot)
         self.total_steps, self.steps_per_epoch = total_steps(
             self.train_loader.samples_per_epoch, batch_size=cfg.data.batch_size, grad_accum=cfg.train.grad_accum,
             world_size=world.world_size, steps=cfg.train.steps, epochs=cfg.train.epochs,
@@ -103,17 +75,14 @@ class Trainer:
         self.global_batch = cfg.data.batch_size * cfg.train.grad_accum * world.world_size
         contrastive = cfg.train.grad_accum > 1 and cfg.train.accum_mode == "contrastive"
         self.contrastive_batch = self.global_batch if contrastive else cfg.data.batch_size * world.world_size
-        self.engine, self.scheduler = self._build_engine()
+        self.schedule = build_schedule(
+            cfg.optim, cfg.train, total=self.total_steps, steps_per_epoch=self.steps_per_epoch
+        )
+        self.engine, self.scheduler, self.ds_config = self._engine()
+        self.own_schedule = "scheduler" not in self.ds_config  # else a user's DeepSpeed file schedules the lr
         self.stage, self.precision = self.engine.zero_optimization_stage(), precision.of_engine(self.engine)
         self.dtype = precision.input_dtype(self.precision)
-        self.loss_fn = build_loss(cfg.loss, rank=world.rank, world_size=world.world_size, kind=self.loss_kind)
-        self.compiled_forward, self.compiled_step = self._compile(contrastive)
-        self.accumulation = None
-        if contrastive:
-            self.accumulation = ContrastiveAccumulation(
-                self.forward, self._autocast_loss, device=world.device, model=self.engine.module,
-                keep_last_graph=cfg.loss.backend not in LOGITS_BACKENDS,  # those would hold the logits meanwhile
-            )  # fmt: skip
+        self.loss_fn, self.compiled_forward, self.compiled_step, self.accumulation = self._step_parts(contrastive)
         scalars = ["logit_scale", "logit_bias"] if self.loss_kind == "siglip" else ["logit_scale"]
         self.meters = Meters(["loss", *scalars, "grad_norm"], device=world.device)
         self.flops_per_sample = train_flops_per_sample(cfg.model)  # model FLOPs, for the logs' mfu
@@ -123,7 +92,9 @@ class Trainer:
         self.state = TrainState(EarlyStopping(cfg.eval.early_stop_patience, cfg.eval.early_stop_min_delta))
         self.checkpoints = CheckpointManager(
             cfg.checkpoint, engine=self.engine, rank=world.rank, world_size=world.world_size,
-            data_identity=self._data_identity(), meta=self._checkpoint_meta(), store=world.store,
+            data_identity=data_identity(cfg, world.world_size), store=world.store,
+            meta=run_meta(cfg, clip=self.clip, module=self.engine.module, world_size=world.world_size,
+                          stage=self.stage, precision=self.precision, loss_kind=self.loss_kind),
         )  # fmt: skip
         self.grad_norms_seen, self.lr = False, 0.0
         self.guard = NonFiniteGuard(cfg.optim, latest=lambda: self.checkpoints.latest)
@@ -135,55 +106,38 @@ class Trainer:
                 self.close()  # the caller never gets this trainer to close: stop the loaders' threads here
                 raise
 
-    def _data_identity(self) -> dict:
-        """What a saved train-stream position is valid for: another value of any starts the stream afresh. The
-        shard list's hash, not only its spec: a glob matching shards added since would replay other samples."""
-        data = self.cfg.data
-        return {"world_size": self.world.world_size, "train_shards": data.train_shards, "batch_size": data.batch_size,
-                "resampled": data.resampled, "seed": self.cfg.train.seed, "train_num_samples": data.train_num_samples,
-                "shard_list": shard_list_digest(data.train_shards, field="data.train_shards")[1]}  # fmt: skip
+    def _engine(self):
+        """(the DeepSpeed engine, its lr scheduler, the DeepSpeed config it was built with)."""
+        cfg, world = self.cfg, self.world
+        engine, scheduler, ds_config = build_engine(
+            self.clip, cfg=cfg, world_size=world.world_size, cuda=world.device.type == "cuda",
+            params=param_groups(self.clip, weight_decay=cfg.optim.weight_decay, rule=cfg.optim.decay_rule,
+                                align=cfg.train.align_params),
+            lr_scheduler=lambda opt: LambdaLR(opt, self.schedule),
+        )  # fmt: skip
+        return engine, scheduler, ds_config
 
-    def _checkpoint_meta(self) -> dict:
-        """What every checkpoint of this run records about itself (fastclip.json): a resume and the export read it."""
-        shapes = {n: list(getattr(p, "ds_shape", p.shape)) for n, p in self.engine.module.named_parameters()}
-        return {"world_size": self.world.world_size, "zero_stage": self.stage, "precision": self.precision,
-                "model": self.cfg.model.name, "force_image_size": self.cfg.model.force_image_size,
-                "loss_kind": self.loss_kind, "params": shapes,
-                "param_groups": param_group_names(self.clip, rule=self.cfg.optim.decay_rule,
-                                                  align=self.cfg.train.align_params)}  # fmt: skip
-
-    def _zeroshot_lists(self) -> tuple[list[str] | None, list[str] | None]:
-        data = self.cfg.data
-        if not (self.cfg.eval.zeroshot and data.zeroshot_classnames and data.zeroshot_templates):
-            return None, None
-        return (
-            read_zeroshot_list(data.zeroshot_classnames, field="data.zeroshot_classnames"),
-            read_zeroshot_list(data.zeroshot_templates, field="data.zeroshot_templates"),
-        )
+    def _step_parts(self, contrastive: bool):
+        """(the loss function, the compiled towers and compiled step where ``train.compile`` asks, the contrastive
+        accumulation or None)."""
+        cfg, world = self.cfg, self.world
+        loss_fn = build_loss(cfg.loss, rank=world.rank, world_size=world.world_size, kind=self.loss_kind)
+        check_compile(cfg.train.compile, stage=self.stage)  # a DeepSpeed file may have set another stage
+        towers, step, loss_fn = compile_parts(
+            cfg.train.compile, cfg.train.compile_backend, forward=self.engine.module.forward, loss_fn=loss_fn,
+            step_fn=self._module_and_loss, contrastive=contrastive,
+        )  # fmt: skip
+        if not contrastive:
+            return loss_fn, towers, step, None
+        accumulation = ContrastiveAccumulation(
+            self.forward, self._autocast_loss, device=world.device, model=self.engine.module,
+            keep_last_graph=cfg.loss.backend not in LOGITS_BACKENDS,  # those would hold the logits meanwhile
+        )  # fmt: skip
+        return loss_fn, towers, step, accumulation
 
     @property
     def step(self) -> int:
         return self.state.step
-
-    def _build_engine(self):
-        optim = self.cfg.optim
-        self.schedule = schedule = LrSchedule(
-            kind=optim.schedule, warmup=optim.warmup_steps, total=self.total_steps, min_ratio=optim.min_lr_ratio,
-            cycle=optim.restart_steps, mult=optim.restart_mult, decay=optim.restart_decay,
-            cooldown=cooldown_steps(optim, self.cfg.train, total=self.total_steps,
-                                    steps_per_epoch=self.steps_per_epoch),
-            end_ratio=optim.cooldown_end_lr / optim.lr, power=optim.cooldown_power,
-        )  # fmt: skip
-        engine, scheduler, ds_config = build_engine(
-            self.clip, cfg=self.cfg, world_size=self.world.world_size, cuda=self.world.device.type == "cuda",
-            params=param_groups(self.clip, weight_decay=optim.weight_decay, rule=optim.decay_rule,
-                                align=self.cfg.train.align_params),
-            lr_scheduler=lambda opt: LambdaLR(opt, schedule),
-        )  # fmt: skip
-        self.ds_config, self.own_schedule = ds_config, "scheduler" not in ds_config
-        if self.cfg.deepspeed_config:
-            say(f"deepspeed: {self.cfg.deepspeed_config} merged over the derived config: {ds_config}")
-        return engine, scheduler
 
     # ------------------------------------------------------------------------------------------ the step
 
@@ -191,22 +145,6 @@ class Trainer:
         batch = next(batches)
         self.data_position = batch.position  # host-side bookkeeping, saved with checkpoints
         return batch
-
-    def _compile(self, contrastive: bool):
-        """(compiled towers, compiled forward + loss) for ``train.compile`` (fastclip/compile.py); loss_fn is
-        compiled in place for a contrastive step's loss over its cached features."""
-        mode, backend = self.cfg.train.compile, self.cfg.train.compile_backend
-        check_compile(mode, stage=self.stage)
-        if mode == "none":
-            return None, None
-        # the module's forward, not its call: DeepSpeed's forward hooks (timers, ZeRO-3's parameter discovery: no work
-        # at ZeRO-1/2) read the engine's step counters, which a graph would guard on and recompile for every step
-        forward = self.engine.module.forward
-        towers = compile_fn(forward, backend=backend) if mode == "model" or contrastive else None
-        if mode == "step" and contrastive:
-            self.loss_fn = compile_fn(self.loss_fn, backend=backend)
-        step = compile_fn(self._module_and_loss, backend=backend) if mode == "step" and not contrastive else None
-        return towers, step
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         images = batch.images.to(self.dtype)
@@ -284,7 +222,7 @@ class Trainer:
             start = time.perf_counter()
             batch = self.fetch(batches)
             data_time += time.perf_counter() - start
-            with self._memory_said():
+            with self._oom_said():
                 loss, scalars = self.forward_and_loss(batch)
                 self.backward(loss)
                 self.optimizer_step()  # the first allocates the optimizer's state
@@ -301,7 +239,7 @@ class Trainer:
             self.data_position = position  # the batches fetched so far were not trained on
             raise
         data_time = time.perf_counter() - start
-        with self._memory_said():
+        with self._oom_said():
             cache = self.accumulation.cache(micro)
             for surrogate in self.accumulation.backward_passes(cache, micro):
                 self.engine.backward(surrogate, scale_wrt_gas=False)  # the loss is already the whole batch's mean
@@ -309,38 +247,12 @@ class Trainer:
         self.update_meters(cache.loss, cache.scalars)
         return data_time
 
-    @contextlib.contextmanager
-    def _memory_said(self):
-        """An out-of-memory error as one line naming the batch that did not fit and what to lower."""
-        try:
-            yield
-        except Exception as e:
-            if not is_out_of_memory(e):
-                raise
-            raise OutOfMemory(self._out_of_memory(e)) from e
-
-    def _logits_hint(self) -> str:
-        if self.cfg.loss.backend in LOGITS_BACKENDS:
-            return f"; loss.backend {self.cfg.loss.backend} holds the N x N logits, loss.backend auto does not"
-        return ""
+    def _oom_said(self):
+        return said_in_one_line(self.cfg, world_size=self.world.world_size, contrastive_batch=self.contrastive_batch,
+                                contrastive=self.accumulation is not None)  # fmt: skip
 
     def _held(self, batch: Batch) -> Batch:
         return dataclasses.replace(batch, images=batch.images.to(self.dtype))
-
-    def _out_of_memory(self, error: Exception) -> str:
-        micro, k = self.cfg.data.batch_size, self.cfg.train.grad_accum
-        first = " ".join(str(error).split())[:200]
-        if self.accumulation:
-            return (
-                f"out of memory in a step with a contrastive batch of {self.contrastive_batch} ({k} micro batches "
-                f"of {micro} per rank x {self.world.world_size} ranks): lower data.batch_size (the activations of "
-                f"one micro batch) or train.grad_accum (the inputs held for the replay)"
-                f"{self._logits_hint()}. ({first})"
-            )
-        return (
-            f"out of memory in a step with a micro batch of {micro} per rank: lower data.batch_size; "
-            f"train.grad_accum keeps the step's batch with smaller micro batches{self._logits_hint()}. ({first})"
-        )
 
     # ---------------------------------------------------------------------------------------- the loop
 
@@ -386,52 +298,21 @@ class Trainer:
         return metrics
 
     def _stop_early(self) -> None:
-        stop = self.state.early_stopping
-        record = {"step": self.step, "early_stop": True, f"val/best_{self.loss_kind}_loss": stop.best}
-        record["val/best_step"] = stop.best_step
-        self.sinks.write(
-            record,
-            console=(
-                f"early stop at step {self.step}: val {self.loss_kind} loss has not improved on {stop.best:.4f} (step "
-                f"{stop.best_step}) by more than {stop.min_delta} in {stop.patience} evaluations"
-            ),
-        )
+        record, line = self.state.early_stopping.stop_record(self.step, self.loss_kind)
+        self.sinks.write(record, console=line)
 
     def _announce(self) -> None:
         n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.clip.parameters())  # ZeRO-3: partitioned
+        replay_last = None if self.accumulation is None else not self.accumulation.keep_last_graph
+        accumulation = accumulation_part(self.cfg.train.grad_accum, self.cfg.data.batch_size, self.world.world_size,
+                                         contrastive_batch=self.contrastive_batch, replay_last=replay_last)  # fmt: skip
         say(
             f"fastclip: {self.cfg.model.name} ({n_params / 1e6:.1f}M params), {self.precision}, ZeRO-{self.stage}, "
             f"world: {self.world.layout()}; global batch {self.global_batch}, "
             f"{self.total_steps} steps ({self.steps_per_epoch}/epoch, {self.train_loader.samples_per_epoch} "
-            f"samples/epoch from {self.train_loader.epoch_from}); {self._loss_line()}; {self._accumulation_line()}"
+            f"samples/epoch from {self.train_loader.epoch_from}); {loss_part(self.cfg.loss, self.loss_kind)}; "
+            f"{accumulation}"
         )
-
-    def _loss_line(self) -> str:
-        """Which loss and which of the loss options are in effect (the other kind's are ignored)."""
-        loss = self.cfg.loss
-        if self.loss_kind == "siglip":
-            return f"loss siglip (texts to every rank by '{loss.siglip_dist_impl}'; backend {loss.backend})"
-        options = f"local_loss {loss.local_loss}, gather_with_grad {loss.gather_with_grad}"
-        return f"loss clip ({options}; backend {loss.backend})"
-
-    def _accumulation_line(self) -> str:
-        k, micro, ranks = self.cfg.train.grad_accum, self.cfg.data.batch_size, self.world.world_size
-        if k == 1:
-            return f"contrastive batch {self.contrastive_batch} ({micro} per rank)"
-        if self.accumulation:
-            return (
-                f"contrastive batch {self.contrastive_batch}: accumulation 'contrastive', one loss over {k} micro "
-                f"batches of {micro} per rank ({self._replayed(k)} forwarded twice)"
-            )
-        return (
-            f"contrastive batch {self.contrastive_batch}: accumulation 'independent', {k} micro batches of {micro} "
-            f"per rank, each its own loss over {micro * ranks} samples"
-        )
-
-    def _replayed(self, k: int) -> str:
-        if self.accumulation.keep_last_graph:  # the last keeps its graph from the first pass
-            return "the first one" if k == 2 else f"the first {k - 1}"
-        return "each"
 
     def log_train(self, interval: Interval, bar) -> Interval:
         """One log line for ``interval``'s steps; returns the next interval."""
@@ -450,8 +331,7 @@ class Trainer:
             "samples_per_second_per_gpu": samples_per_second / self.world.world_size,
             "data_time": interval.data_time / steps,
             "batch_time": elapsed / steps,
-            "mfu": (samples_per_second / self.world.world_size * self.flops_per_sample / self.peak_flops
-                    if self.peak_flops else None),
+            "mfu": mfu(samples_per_second / self.world.world_size, self.flops_per_sample, self.peak_flops),
             "peak_memory_gb": peak_memory_gb(self.world.device),  # since the last log line; null on a CPU
         }  # fmt: skip
         if self.grad_norms_seen:
@@ -466,19 +346,11 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- eval, checkpoints
 
-    def _full_params(self):
-        """Under ZeRO-3 the module's parameters are partitioned; gather them for whole-model work."""
-        if self.stage == 3:
-            import deepspeed
-
-            return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
-        return nullcontext()
-
     def evaluate(self) -> dict[str, float]:
         if self.val_loader is None:
             return {}
         start = time.perf_counter()
-        with self._full_params(), self.autocast():
+        with full_params(self.engine, self.stage), self.autocast():
             metrics = evaluate(
                 self.engine.module, self.val_loader, tokenizer=self.tokenizer, classnames=self.classnames,
                 templates=self.templates, device=self.world.device, dtype=self.dtype, loss_kind=self.loss_kind,
@@ -541,13 +413,4 @@ class Trainer:
                 self.val_loader.close()
             self.sinks.close()
         finally:
-            self._release_engine()
-
-    def _release_engine(self) -> None:
-        """ZeRO's gradient hooks live on autograd nodes, which Python's collector cannot see through: without their
-        removal the engine, its parameters and optimizer state outlive the trainer (a second trainer in the same
-        process, a sweep or a benchmark's batch probe, would run beside a dead one's memory)."""
-        try:
-            self.engine.destroy()  # it synchronizes the device
-        except Exception as e:  # a device that already failed (a sticky CUDA error): the error to see came first
-            say(f"fastclip: the DeepSpeed engine was not released cleanly ({type(e).__name__}: {e})")
+            release(self.engine)

@@ -11,6 +11,9 @@ local rank, device, its run config and versions) and waits ``dist.join_timeout_s
 the ranks that never came (a host of the hostfile that is down, a node whose launcher was not started), the
 settings on which ranks disagree, and two processes that claim one rank. The process group is then built on the
 same store, and DeepSpeed adopts it.
+
+Why one module: the launcher variables it reads, what each rank posts, the verdict and the process group built on
+the same store are one protocol, and a change to one side must be read with the other.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fastclip.config import DistConfig, differences
+from fastclip.config import DistConfig
+from fastclip.config_tree import differences
 from fastclip.console import say
 from fastclip.errors import ConfigError
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from fastclip.data import convert
+from fastclip.data import convert, convert_rows, shard_tool, shard_writer
 from fastclip.data.convert import ConvertResult, convert_csv, convert_folder
 from fastclip.data.tar_layout import member_groups, usable
 from fastclip.errors import ConfigError
@@ -84,13 +84,13 @@ def test_csv_tab_separated_with_bad_rows(tmp_path, monkeypatch):
     assert got[0][1]["jpg"] == (tmp_path / "img/a.jpg").read_bytes()  # the bytes as they are, not re-encoded
     assert result.written == 4 and result.rows == 10
     assert result.skipped_by_reason() == {
-        convert.IMAGE_NOT_FOUND: 1, convert.OTHER_FORMAT: 1, convert.EMPTY_CAPTION: 1, convert.DAMAGED_IMAGE: 1,
-        convert.NOT_AN_IMAGE: 1, convert.NO_IMAGE_PATH: 1,
+        convert_rows.IMAGE_NOT_FOUND: 1, convert_rows.OTHER_FORMAT: 1, convert_rows.EMPTY_CAPTION: 1,
+        convert_rows.DAMAGED_IMAGE: 1, convert_rows.NOT_AN_IMAGE: 1, convert_rows.NO_IMAGE_PATH: 1,
     }  # fmt: skip
     report = json.loads(convert.report_path(tmp_path / "out", "shard").read_text())
     assert [(s["row"], s["reason"]) for s in report["skipped"]] == [
-        (3, convert.IMAGE_NOT_FOUND), (6, convert.OTHER_FORMAT), (7, convert.EMPTY_CAPTION),
-        (8, convert.DAMAGED_IMAGE), (9, convert.NOT_AN_IMAGE), (10, convert.NO_IMAGE_PATH),
+        (3, convert_rows.IMAGE_NOT_FOUND), (6, convert_rows.OTHER_FORMAT), (7, convert_rows.EMPTY_CAPTION),
+        (8, convert_rows.DAMAGED_IMAGE), (9, convert_rows.NOT_AN_IMAGE), (10, convert_rows.NO_IMAGE_PATH),
     ]  # fmt: skip
     assert "--reencode" in report["skipped"][1]["detail"] and "GIF" in report["skipped"][1]["detail"]
     assert report["shards"] == {"shard-000000.tar": 4}
@@ -188,7 +188,7 @@ def test_folder_nested_upper_case_missing_caption_and_encodings(tmp_path):
     assert result.replaced == ["a/owl.jpeg"] and "not valid UTF-8" in result.summary()
     report = json.loads(convert.report_path(tmp_path / "out", "shard").read_text())
     assert [(s["path"], s["reason"]) for s in report["skipped"]] == [
-        ("a/blank.jpg", convert.EMPTY_CAPTION), ("a/nocap.jpg", convert.NO_CAPTION_FILE)]  # fmt: skip
+        ("a/blank.jpg", convert_rows.EMPTY_CAPTION), ("a/nocap.jpg", convert_rows.NO_CAPTION_FILE)]  # fmt: skip
     assert report["captions_not_utf8"] == ["a/owl.jpeg"]
 
 
@@ -255,7 +255,7 @@ def test_sets_of_other_prefixes_in_one_folder_keep_their_reports(tmp_path):
     assert (a.report, b.report) == (out / "a.convert_report.json", out / "b.convert_report.json")
     reports = {name: json.loads((out / f"{name}.convert_report.json").read_text()) for name in "ab"}
     assert reports["a"]["shards"] == {"a-000000.tar": 2} and reports["b"]["shards"] == {"b-000000.tar": 2}
-    assert [(s["path"], s["reason"]) for s in reports["a"]["skipped"]] == [("00.jpg", convert.NO_CAPTION_FILE)]
+    assert [(s["path"], s["reason"]) for s in reports["a"]["skipped"]] == [("00.jpg", convert_rows.NO_CAPTION_FILE)]
     assert reports["b"]["skipped"] == [] and str(a.report) in a.summary()
 
 
@@ -280,7 +280,7 @@ def test_overwrite_without_index_refused_where_sizes_json_counts_the_old_shards(
 
 def test_a_failure_mid_way_leaves_only_complete_shards(tmp_path, monkeypatch):
     out = tmp_path / "out"
-    real_add, calls = convert._add, []
+    real_add, calls = shard_writer._add, []
 
     def failing_add(tar, name, payload):
         calls.append(name)
@@ -290,7 +290,7 @@ def test_a_failure_mid_way_leaves_only_complete_shards(tmp_path, monkeypatch):
             raise OSError(28, "No space left on device")
         real_add(tar, name, payload)
 
-    monkeypatch.setattr(convert, "_add", failing_add)
+    monkeypatch.setattr(shard_writer, "_add", failing_add)
     with pytest.raises(OSError, match="No space"):
         convert_folder(folder_of(tmp_path, 25), out, shard_size=10, workers=2, index=False)
     assert tars(out) == ["shard-000000.tar"] and not list(out.glob("*.tmp"))
@@ -311,29 +311,33 @@ def test_shards_index_whole_with_fastclips_index(tmp_path):
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="convert")
-    convert.add_arguments(parser)
+    shard_tool._convert_arguments(parser)
     return parser.parse_args(argv)
 
 
 def test_cli(tmp_path, monkeypatch, capsys):
+    """Exit codes: 0 written; 1 when the data must change (no row makes a sample); 2 for the command itself."""
     monkeypatch.chdir(tmp_path)
     image(tmp_path / "a.jpg")
     write_csv(tmp_path / "t.csv", [("a.jpg", "a cat")])
     args = parse(["--csv", "t.csv", "--out", "out", "--csv-separator", "\\t", "--no-index", "--workers", "1"])
     assert args.csv_separator == "\t"
-    assert convert.run(args) == 0
+    convert = ["convert", "--no-index"]
+    assert (
+        shard_tool.main([*convert, "--csv", "t.csv", "--out", "out", "--csv-separator", "\\t", "--workers", "1"]) == 0
+    )
     assert "wrote 1 sample in 1 shard" in capsys.readouterr().out
 
     write_csv(tmp_path / "bad.csv", [("gone.jpg", "x")])
-    assert convert.run(parse(["--csv", "bad.csv", "--out", "out2", "--no-index"])) == 1
+    assert shard_tool.main([*convert, "--csv", "bad.csv", "--out", "out2"]) == 1  # the data
     err = capsys.readouterr().err
     assert "none of its 1 rows makes a sample" in err and "shard.convert_report.json" in err
-    assert convert.run(parse(["--csv", "t.csv", "--out", "out", "--no-index"])) == 1  # refuses to overwrite
+    assert shard_tool.main([*convert, "--csv", "t.csv", "--out", "out"]) == 2  # refuses to overwrite
     assert "--overwrite" in capsys.readouterr().err
-    assert convert.run(parse(["--folder", ".", "--root", "x", "--out", "o", "--no-index"])) == 1
+    assert shard_tool.main([*convert, "--folder", ".", "--root", "x", "--out", "o"]) == 2
 
     parser = argparse.ArgumentParser()
-    convert.add_arguments(parser)
+    shard_tool._convert_arguments(parser)
     assert "current directory" in parser.format_help()
     with pytest.raises(SystemExit):
         parse(["--csv", "t.csv", "--folder", ".", "--out", "o"])  # one source or the other

@@ -100,7 +100,7 @@ def test_meters_average_on_device_and_reset():
 
 
 def test_tf32_only_on_cuda():
-    from fastclip.trainer import configure_matmuls
+    from fastclip.precision import configure_matmuls
 
     before = (torch.get_float32_matmul_precision(), torch.backends.cudnn.benchmark)
     try:

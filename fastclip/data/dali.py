@@ -2,8 +2,10 @@
 and the tokenizer, run one batch ahead by a thread (fastclip/data/prefetch.py).
 
 The hand-over is where a corrupt image is cut out: DALI itself can only stop on one. The images reach the step
-on its device. (A little over 300 lines: the loader's steps and the samples they pass between them belong
-together.)
+on its device.
+
+Why one module: the loader's steps (read, check, recall and re-schedule after a skip, decode, hand over) and the
+samples they pass between them are one state machine; the pipelines themselves live apart.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ also holds ``sizes.json`` ({shard file name: samples}, the convention open_clip'
 and ``fastclip_index.json`` (each shard's size in bytes when indexed, and the samples left out, with why).
 Both are merged with what a place already holds, and every file is written atomically: an interrupted run
 leaves the previous files whole.
+
+Why one module: the check of a sample and the files it decides are one format; apart, what the index says and
+what the loaders are told a sample is could drift.
 """
 
 from __future__ import annotations
@@ -279,7 +282,8 @@ def index_files(paths: list[str], index_dir: str | None) -> dict[str, str]:
     return found
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path) -> dict:
+    """A JSON object file the index tool writes ({} when absent); ValueError naming it and the fix otherwise."""
     try:
         found = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -321,7 +325,7 @@ def update_summaries(found: Iterable[ShardIndex], index_dir: str | None) -> list
     written = []
     for place, shards in ((Path(place), shards) for place, shards in by_place.items()):
         with _locked(place):
-            sizes, report = _read_json(place / SIZES), _read_json(place / REPORT)
+            sizes, report = read_json_object(place / SIZES), read_json_object(place / REPORT)
             entries = report.setdefault("shards", {})
             for f in shards:
                 name = Path(f.path).name
@@ -405,8 +409,8 @@ def known_counts(paths: list[str], index_dir: str | None) -> Known:
     count: a wrong count would shift which samples each rank reads. ValueError names a summary that is not one."""
     sizes, reports = {}, {}
     for place in {place_of(p, index_dir) for p in paths}:
-        sizes[place] = _read_json(Path(place) / SIZES)
-        reports[place] = _read_json(Path(place) / REPORT).get("shards", {})
+        sizes[place] = read_json_object(Path(place) / SIZES)
+        reports[place] = read_json_object(Path(place) / REPORT).get("shards", {})
     indexed = index_files(paths, index_dir)
     known = Known({}, {}, {}, [], indexed)
     for p in paths:

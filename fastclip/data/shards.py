@@ -18,6 +18,7 @@ from pathlib import Path
 
 from braceexpand import braceexpand
 
+from fastclip.console import counted
 from fastclip.data.skips import log
 from fastclip.data.tar_layout import (
     IMAGE_EXTS,
@@ -222,14 +223,10 @@ def resolve_shards(
     _say_other_formats(field, other if walk_these else _probe_formats(good[0]), probed=not walk_these)
     samples = [counts[p] for p in good] if all(p in counts for p in good) else None
     walked = {p for p in walk_these if p in counts}
-    sources = [f"the index tool's counts ({_count(len(good) - len(walked), 'shard')})" if len(walked) < len(good)
-               else "", f"their tar headers ({_count(len(walked), 'shard')})" if walked else ""]  # fmt: skip
+    sources = [f"the index tool's counts ({counted(len(good) - len(walked), 'shard')})" if len(walked) < len(good)
+               else "", f"their tar headers ({counted(len(walked), 'shard')})" if walked else ""]  # fmt: skip
     counted_from = " and ".join(filter(None, sources)) if samples is not None else ""
     return Shards(good, samples, [indexed.get(p) for p in good], [known.bytes.get(p) for p in good], counted_from)
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def _walk_all(paths: list[str], damaged: dict[str, str], *, field: str, of: int) -> tuple[dict[str, int], list]:
