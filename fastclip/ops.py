@@ -1,6 +1,6 @@
 """The fused contrastive op, registered with torch.library so that torch.compile can trace it.
 
-``fastclip::contrastive_lse(q, k, scale, with_col, impl) -> (row_lse, col_lse)`` is the log-sum-exp over each row
+``fastclip::contrastive_lse(q, k, scale, with_col, backend) -> (row_lse, col_lse)`` is the log-sum-exp over each row
 (and, with ``with_col``, each column) of ``L = scale * q k^T``, without materializing L. Its backward is the
 op ``fastclip::contrastive_lse_backward``. CPU tensors run the C++ kernel (csrc/, ``fastclip._C``); CUDA
 tensors run the Triton kernels (kernels/, ``fastclip.kernels``). The contrastive loss built on it lives in
@@ -34,48 +34,50 @@ def _empty_f32(like: Tensor) -> Tensor:
     return torch.empty(0, device=like.device, dtype=torch.float32)
 
 
-# Each op takes the kernel by name, as its argument ``impl``: "auto" is the device's own (C++ on CPU, Triton on CUDA);
-# "cpp" and "triton" name one whatever the device (Triton on CPU tensors runs under TRITON_INTERPRET=1, for tests).
-# Named or not, the call goes through the registered op, so opcheck, the fake kernel and torch.compile cover what
-# users run. (Not ``kernel``: inductor's fallback for custom ops has an argument of that name, and an op argument
-# called so broke torch.compile's lowering.)
+# Each op takes its kernel by the name loss.backend gives it, as its argument ``backend``: "auto" is the device's own
+# (C++ on CPU, Triton on CUDA); "cpp" and "triton" name one whatever the device (Triton on CPU tensors runs under
+# TRITON_INTERPRET=1, for tests). Named or not, the call goes through the registered op, so opcheck, the fake kernel
+# and torch.compile cover what users run. (Not ``kernel``: inductor's fallback for custom ops has an argument of
+# that name, and an op argument called so broke torch.compile's lowering.)
 KERNELS = ("auto", "cpp", "triton")
 
 
-def _cpu_kernel(kernel: str):
-    if kernel not in KERNELS:
-        raise ValueError(f"contrastive_lse: kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
-    return _triton() if kernel == "triton" else _cpp()
+def _cpu_kernel(backend: str):
+    if backend not in KERNELS:
+        raise ValueError(f"contrastive_lse: backend must be one of {', '.join(KERNELS)}, got {backend!r}")
+    return _triton() if backend == "triton" else _cpp()
 
 
-def _cuda_kernel(kernel: str):
-    if kernel == "cpp":
+def _cuda_kernel(backend: str):
+    if backend == "cpp":
         raise ValueError("contrastive_lse: the C++ kernel runs on CPU tensors; these are on CUDA (use 'auto')")
-    if kernel not in KERNELS:
-        raise ValueError(f"contrastive_lse: kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    if backend not in KERNELS:
+        raise ValueError(f"contrastive_lse: backend must be one of {', '.join(KERNELS)}, got {backend!r}")
     return _triton()
 
 
-def _host_scale(scale: Tensor, kernel: str) -> Tensor | float:
+def _host_scale(scale: Tensor, backend: str) -> Tensor | float:
     """The C++ kernel takes the scale as a host float (a CPU tensor: reading it is no device sync); Triton takes
     the tensor, so that a CUDA scale never leaves the device."""
-    return scale if kernel == "triton" else float(scale)
+    return scale if backend == "triton" else float(scale)
 
 
 @torch.library.custom_op("fastclip::contrastive_lse", mutates_args=(), device_types="cpu")
-def contrastive_lse(q: Tensor, k: Tensor, scale: Tensor, with_col: bool, impl: str = "auto") -> tuple[Tensor, Tensor]:
+def contrastive_lse(
+    q: Tensor, k: Tensor, scale: Tensor, with_col: bool, backend: str = "auto"
+) -> tuple[Tensor, Tensor]:
     _check_scale(scale)
-    return _cpu_kernel(impl).lse_forward(q, k, _host_scale(scale, impl), with_col)
+    return _cpu_kernel(backend).lse_forward(q, k, _host_scale(scale, backend), with_col)
 
 
 @contrastive_lse.register_kernel("cuda")
-def _(q: Tensor, k: Tensor, scale: Tensor, with_col: bool, impl: str = "auto") -> tuple[Tensor, Tensor]:
+def _(q: Tensor, k: Tensor, scale: Tensor, with_col: bool, backend: str = "auto") -> tuple[Tensor, Tensor]:
     _check_scale(scale)
-    return _cuda_kernel(impl).lse_forward(q, k, scale, with_col)  # scale stays on the device: no host sync
+    return _cuda_kernel(backend).lse_forward(q, k, scale, with_col)  # scale stays on the device: no host sync
 
 
 @contrastive_lse.register_fake
-def _(q: Tensor, k: Tensor, scale: Tensor, with_col: bool, impl: str = "auto") -> tuple[Tensor, Tensor]:
+def _(q: Tensor, k: Tensor, scale: Tensor, with_col: bool, backend: str = "auto") -> tuple[Tensor, Tensor]:
     row = q.new_empty(q.shape[0], dtype=torch.float32)
     col = q.new_empty(k.shape[0] if with_col else 0, dtype=torch.float32)
     return row, col
@@ -84,37 +86,43 @@ def _(q: Tensor, k: Tensor, scale: Tensor, with_col: bool, impl: str = "auto") -
 @torch.library.custom_op("fastclip::contrastive_lse_backward", mutates_args=(), device_types="cpu")
 def contrastive_lse_backward(
     q: Tensor, k: Tensor, scale: Tensor, row_lse: Tensor, col_lse: Tensor, grad_row: Tensor, grad_col: Tensor,
-    impl: str = "auto",
+    backend: str = "auto",
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    dq, dk, ds = _cpu_kernel(impl).lse_backward(
-        q, k, _host_scale(scale, impl), row_lse, col_lse, grad_row.float().contiguous(), grad_col.float().contiguous()
+    dq, dk, ds = _cpu_kernel(backend).lse_backward(
+        q,
+        k,
+        _host_scale(scale, backend),
+        row_lse,
+        col_lse,
+        grad_row.float().contiguous(),
+        grad_col.float().contiguous(),
     )
     return dq, dk, ds.reshape(scale.shape).to(scale.dtype)
 
 
 @contrastive_lse_backward.register_kernel("cuda")
-def _(q, k, scale, row_lse, col_lse, grad_row, grad_col, impl="auto"):
-    dq, dk, ds = _cuda_kernel(impl).lse_backward(q, k, scale, row_lse, col_lse, grad_row, grad_col)
+def _(q, k, scale, row_lse, col_lse, grad_row, grad_col, backend="auto"):
+    dq, dk, ds = _cuda_kernel(backend).lse_backward(q, k, scale, row_lse, col_lse, grad_row, grad_col)
     return dq, dk, ds.reshape(scale.shape).to(scale.dtype)
 
 
 @contrastive_lse_backward.register_fake
-def _(q, k, scale, row_lse, col_lse, grad_row, grad_col, impl="auto"):
+def _(q, k, scale, row_lse, col_lse, grad_row, grad_col, backend="auto"):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(scale)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, scale, with_col, impl = inputs
+    q, k, scale, with_col, backend = inputs
     row_lse, col_lse = output
     ctx.save_for_backward(q, k, scale, row_lse, col_lse)
-    ctx.with_col, ctx.impl = with_col, impl
+    ctx.with_col, ctx.backend = with_col, backend
 
 
 def _backward(ctx, grad_row, grad_col):
     q, k, scale, row_lse, col_lse = ctx.saved_tensors
     grad_row = grad_row if grad_row is not None else _empty_f32(q)
     grad_col = grad_col if (grad_col is not None and ctx.with_col) else _empty_f32(q)
-    dq, dk, ds = contrastive_lse_backward(q, k, scale, row_lse, col_lse, grad_row, grad_col, ctx.impl)
+    dq, dk, ds = contrastive_lse_backward(q, k, scale, row_lse, col_lse, grad_row, grad_col, ctx.backend)
     return dq, dk, ds, None, None
 
 
@@ -134,7 +142,7 @@ def lse(q: Tensor, k: Tensor, scale: Tensor, with_col: bool, backend: str = "aut
 
 
 # ---- the sigmoid (SigLIP) loss: fastclip::sigmoid_loss ------------------------------------------------------------
-# ``fastclip::sigmoid_loss(q, k, scale, bias, offset, with_grad, impl) -> (loss_sum, dq, dk, dscale_dbias)``:
+# ``fastclip::sigmoid_loss(q, k, scale, bias, offset, with_grad, backend) -> (loss_sum, dq, dk, dscale_dbias)``:
 # loss_sum = sum_ij softplus(-y_ij (scale q_i . k_j + bias)), y = +1 at j = i + offset (none when offset >= N), -1
 # elsewhere. The loss is a scalar, so with ``with_grad`` the kernel returns the gradient of loss_sum from the same
 # pass over the logits (3 GEMMs instead of a forward and a recomputing backward's 4), and the backward scales it.
@@ -142,12 +150,12 @@ def lse(q: Tensor, k: Tensor, scale: Tensor, with_col: bool, backend: str = "aut
 # differentiate.
 
 
-def _sigmoid_kernel(q: Tensor, impl: str):
-    if impl not in KERNELS:
-        raise ValueError(f"sigmoid_loss: impl must be one of {', '.join(KERNELS)}, got {impl!r}")
-    if q.device.type == "cuda" and impl == "cpp":
+def _sigmoid_kernel(q: Tensor, backend: str):
+    if backend not in KERNELS:
+        raise ValueError(f"sigmoid_loss: backend must be one of {', '.join(KERNELS)}, got {backend!r}")
+    if q.device.type == "cuda" and backend == "cpp":
         raise ValueError("sigmoid_loss: the C++ kernel runs on CPU tensors; these are on CUDA (use 'auto')")
-    if impl == "triton" or q.device.type == "cuda":
+    if backend == "triton" or q.device.type == "cuda":
         from fastclip.kernels import sigmoid_loss as triton_sigmoid
 
         return triton_sigmoid.sigmoid_forward
@@ -156,17 +164,17 @@ def _sigmoid_kernel(q: Tensor, impl: str):
 
 @torch.library.custom_op("fastclip::sigmoid_loss", mutates_args=(), device_types=("cpu", "cuda"))
 def sigmoid_loss_op(
-    q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, offset: int, with_grad: bool, impl: str = "auto"
+    q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, offset: int, with_grad: bool, backend: str = "auto"
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     for name, t in (("scale", scale), ("bias", bias)):
         if t.numel() != 1:
             raise ValueError(f"sigmoid_loss: {name} must hold one value, got shape {tuple(t.shape)}")
     # C++ reads scale and bias as host floats (CPU tensors: no sync); Triton takes the tensors (CUDA: none either)
-    return _sigmoid_kernel(q, impl)(q, k, scale, bias, offset, with_grad)
+    return _sigmoid_kernel(q, backend)(q, k, scale, bias, offset, with_grad)
 
 
 @sigmoid_loss_op.register_fake
-def _(q, k, scale, bias, offset, with_grad, impl="auto"):
+def _(q, k, scale, bias, offset, with_grad, backend="auto"):
     def grad(*shape):
         return q.new_empty(shape if with_grad else (1,), dtype=torch.float32)
 
