@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 
 from bench_data import _shards
-from harness import Result, bench_once
+from harness import Result, bench_once, wait_or_kill
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "profile_worker.py"
@@ -86,14 +86,7 @@ def _run(name: str, root: Path, out: Path, spec: dict) -> dict:
         logs.append(out / f"node{n}.log")
         with open(logs[-1], "w") as log:
             procs.append(subprocess.Popen(cmd + args, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT))
-    try:
-        for proc in procs:
-            proc.wait(timeout=900)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    wait_or_kill(procs, timeout=900)
     if any(proc.returncode != 0 for proc in procs):
         tails = "\n".join(f"--- {log.name}:\n{log.read_text()[-2000:]}" for log in logs)
         raise RuntimeError(f"{name} run failed (exit {[p.returncode for p in procs]}):\n{tails}")

@@ -39,16 +39,10 @@ def time_fn(fn: Callable[[], Any], *, repeats: int, warmup: int = 1, cuda: bool 
     fastclip figure and its baseline's come from one clock."""
     for _ in range(warmup):
         fn()
-    if cuda:
-        torch.cuda.synchronize()
-    times = []
+    times: list[float] = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return Timing(statistics.median(times), min(times), max(times), len(times))
+        _timed(fn, times, cuda)
+    return _timing(times)
 
 
 def bench_time(benchmark, fn: Callable[[], Any], *, repeats: int, warmup: int = 1, cuda: bool = False) -> Timing:
@@ -60,14 +54,9 @@ def bench_time(benchmark, fn: Callable[[], Any], *, repeats: int, warmup: int = 
     if benchmark.disabled:
         return bench_once(benchmark, lambda: time_fn(fn, repeats=repeats, warmup=warmup, cuda=cuda))
 
-    def body() -> None:
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-
     if cuda:
         torch.cuda.synchronize()
-    benchmark.pedantic(body, rounds=repeats, warmup_rounds=warmup, iterations=1)
+    benchmark.pedantic(lambda: _timed(fn, [], cuda), rounds=repeats, warmup_rounds=warmup, iterations=1)
     stats = benchmark.stats.stats
     return Timing(stats.median, stats.min, stats.max, stats.rounds)
 
@@ -112,6 +101,18 @@ def bench_paired(
         lambda: _timed(ours, mine, cuda), setup=lambda: _timed(theirs, base, cuda), rounds=repeats, iterations=1
     )
     return _timing(mine), _timing(base)
+
+
+def wait_or_kill(procs: list[subprocess.Popen], timeout: float) -> None:
+    """Wait for every process; if one outlives ``timeout`` (or the wait is interrupted), kill all still running."""
+    try:
+        for proc in procs:
+            proc.wait(timeout=timeout)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def bench_once(benchmark, fn: Callable[[], Any]) -> Any:

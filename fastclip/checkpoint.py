@@ -113,13 +113,13 @@ def commit_latest(root: str | Path, tag: str) -> None:
     _fsync(root)
 
 
-def data_identity(cfg: Config, world_size: int) -> dict:
+def data_identity(cfg: Config, world_size: int, *, shard_list: str | None = None) -> dict:
     """What a saved train-stream position is valid for: another value of any starts the stream afresh. The
     shard list's hash, not only its spec: a glob matching shards added since would replay other samples."""
     data = cfg.data
     return {"world_size": world_size, "train_shards": data.train_shards, "batch_size": data.batch_size,
             "resampled": data.resampled, "seed": cfg.train.seed, "train_num_samples": data.train_num_samples,
-            "shard_list": shard_list_digest(data.train_shards, field="data.train_shards")[1]}  # fmt: skip
+            "shard_list": shard_list or shard_list_digest(data.train_shards, field="data.train_shards")[1]}  # fmt: skip
 
 
 def run_meta(cfg: Config, *, clip, module, world_size: int, stage: int, precision: str, loss_kind: str) -> dict:

@@ -63,24 +63,28 @@ def _peer_gone(error: BaseException) -> bool:
     )
 
 
-def _identity(cfg) -> dict:
-    """What every rank must agree on: its run config, and the train shards the spec matched on its node (a node
-    that mounts an older copy of the set would read other samples under the same glob)."""
+def _shard_list(cfg) -> tuple[int, str]:
+    """The train shards the spec matches on this node: how many, and their list's hash (listed once: the
+    rendezvous and the checkpoints' data identity both use it)."""
     from fastclip.data.shards import shard_list_digest
 
-    count, digest = (
-        shard_list_digest(cfg.data.train_shards, field="data.train_shards") if cfg.data.train_shards else (0, "")
-    )
+    return shard_list_digest(cfg.data.train_shards, field="data.train_shards") if cfg.data.train_shards else (0, "")
+
+
+def _identity(cfg, shard_list: tuple[int, str]) -> dict:
+    """What every rank must agree on: its run config, and the train shards the spec matched on its node (a node
+    that mounts an older copy of the set would read other samples under the same glob)."""
+    count, digest = shard_list
     return {**cfg.to_dict(), "train shards found": f"{count} files, sha1 {digest}"}
 
 
-def _join(cfg):
+def _join(cfg, shard_list: tuple[int, str]):
     """The world, and rank 0's hold on the run's folders: each refused in one line before any model."""
     from fastclip import run_folders
     from fastclip.world import RendezvousError, join_world
 
     try:
-        world = join_world(_identity(cfg), cfg.dist, deepspeed_file=cfg.deepspeed_config)
+        world = join_world(_identity(cfg, shard_list), cfg.dist, deepspeed_file=cfg.deepspeed_config)
     except RendezvousError as e:  # ranks missing or disagreeing, MASTER_PORT taken
         _fail(str(e), speaker=e.speaker)
     try:
@@ -120,14 +124,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from fastclip.trainer import Trainer
     from fastclip.world import close_distributed
 
-    world, lock = _join(cfg)
+    shard_list = _shard_list(cfg)
+    world, lock = _join(cfg, shard_list)
     run = SimpleNamespace(trainer=None, finished=False)
     watchdog = _watch(cfg, world, run)
     try:
         if cfg.train.benchmark_try:  # several settings, each its own trainer (fastclip/benchmark_sweep.py)
             metrics = benchmark_sweep.run(cfg, world, argv=args)
         else:
-            run.trainer = Trainer(cfg, world)
+            run.trainer = Trainer(cfg, world, shard_list=shard_list[1])
             metrics = benchmark.run(run.trainer) if cfg.train.benchmark else run.trainer.train()
         watchdog.finish()
         run.finished = True

@@ -53,7 +53,8 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, world: World):
+    def __init__(self, cfg: Config, world: World, *, shard_list: str | None = None):
+        """``shard_list``: the train shard list's hash where the caller has it (fastclip/train.py), else listed here."""
         console.setup(world.rank)
         cfg = self.cfg = dataclasses.replace(cfg, data=with_threads(cfg.data, world.cpu_sharers))
         self.world = world
@@ -92,7 +93,7 @@ class Trainer:
         self.state = TrainState(EarlyStopping(cfg.eval.early_stop_patience, cfg.eval.early_stop_min_delta))
         self.checkpoints = CheckpointManager(
             cfg.checkpoint, engine=self.engine, rank=world.rank, world_size=world.world_size,
-            data_identity=data_identity(cfg, world.world_size), store=world.store,
+            data_identity=data_identity(cfg, world.world_size, shard_list=shard_list), store=world.store,
             meta=run_meta(cfg, clip=self.clip, module=self.engine.module, world_size=world.world_size,
                           stage=self.stage, precision=self.precision, loss_kind=self.loss_kind),
         )  # fmt: skip

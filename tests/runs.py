@@ -12,6 +12,9 @@ import pytest
 from fastclip.data.build import dali_available
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmarks' harness: one wait-or-kill for both suites
+from harness import wait_or_kill  # noqa: E402
+
 # the GPU machines' image has no DALI unless benchmarks/gpu_dali.sh brought it; this machine and CI have it
 NEEDS_DALI = pytest.mark.skipif(not dali_available(), reason="needs nvidia-dali (benchmarks/gpu_dali.sh on a GPU)")
 
@@ -36,6 +39,18 @@ def shm_buffers(port: int | str = "*") -> list[str]:
     from fastclip.world import SHM_BUFFER_PREFIX
 
     return sorted(p.name for p in Path("/dev/shm").glob(f"{SHM_BUFFER_PREFIX}_{os.getuid()}_*_{port}_*"))
+
+
+def two_steps(trainer):
+    """Two optimizer steps on the trainer's first two batches, cycled: the first step allocates the optimizer's
+    state, the second is a steady one. Returns the cycle, for more steps on the same batches."""
+    import itertools
+
+    loaded = iter(trainer.train_loader)
+    batches = itertools.cycle([next(loaded), next(loaded)])
+    for _ in range(2):
+        trainer.train_step(batches)
+    return batches
 
 
 def deepspeed_cmd(num_ranks: int, port: int) -> list[str]:
@@ -103,12 +118,5 @@ def node_launch(
 
 def wait_all(procs: list[subprocess.Popen], timeout: float = 600) -> list[str]:
     """Wait for every launcher (killing all if one outlives ``timeout``); each one's output."""
-    try:
-        for proc in procs:
-            proc.wait(timeout=timeout)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+    wait_or_kill(procs, timeout)
     return [Path(proc.log_path).read_text() for proc in procs]

@@ -8,10 +8,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from loss_inputs import features
 
 from fastclip.loss import ClipLoss
 from fastclip.ops import contrastive_lse, lse
@@ -37,14 +39,6 @@ def contrastive_lse_reference(q, k, scale, with_col):
     row = torch.logsumexp(logits, dim=1)
     col = torch.logsumexp(logits, dim=0) if with_col else logits.new_empty(0)
     return row, col
-
-
-def _features(n, d, seed, *, rows=None):
-    g = torch.Generator().manual_seed(seed)
-    a = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
-    b = F.normalize(a + 0.7 * torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
-    s = torch.tensor(10.0 + 10 * torch.rand((), generator=g).item(), dtype=torch.float64)
-    return a, b, s
 
 
 def _grads(loss_fn, a, b, s, dtype, upstream=1.7):
@@ -86,7 +80,7 @@ DS = [64, 500, 512, 768]
 @pytest.mark.parametrize("n", NS)
 @pytest.mark.parametrize("d", DS)
 def test_cpp_fp32_matches_float64_and_open_clip(n, d):
-    a, b, s = _features(n, d, seed=n * 7 + d)
+    a, b, s = features(n, d, seed=n * 7 + d)
     ref = _grads(_open_clip_loss, a, b, s, torch.float64)
     ours = _grads(ClipLoss(backend="cpp"), a, b, s, torch.float32)
     theirs = _grads(_open_clip_loss, a, b, s, torch.float32)
@@ -99,7 +93,7 @@ def test_cpp_fp32_matches_float64_and_open_clip(n, d):
 @pytest.mark.parametrize("n", NS)
 @pytest.mark.parametrize("d", DS)
 def test_cpp_bf16_error_at_most_torch_bf16_error(n, d):
-    a, b, s = _features(n, d, seed=n * 11 + d)
+    a, b, s = features(n, d, seed=n * 11 + d)
     ref = _grads(_open_clip_loss, a, b, s, torch.float64)
     ours = _errors(_grads(ClipLoss(backend="cpp"), a, b, s, torch.bfloat16), ref)
     torch_bf16 = _errors(_grads(_open_clip_loss, a, b, s, torch.bfloat16), ref)
@@ -115,7 +109,7 @@ def _interpreter_cases() -> dict:
     dtype, and the guarded-rows case of :func:`test_triton_guarded_rows_and_columns_are_exact`."""
     cases = {}
     for n, d in INTERPRETER_SIZES:
-        a, b, s = _features(n, d, seed=5)
+        a, b, s = features(n, d, seed=5)
         ref = _grads(_open_clip_loss, a, b, s, torch.float64)
         for dtype in (torch.float32, torch.float16):
             ours = _errors(_grads(ClipLoss(backend="triton"), a, b, s, dtype), ref)
@@ -128,7 +122,7 @@ def _interpreter_cases() -> dict:
 def _guarded_case() -> list:
     from fastclip.kernels.contrastive_lse import bound
 
-    a, b, s = _features(37, 40, seed=9)
+    a, b, s = features(37, 40, seed=9)
     s = torch.tensor(100.0, dtype=torch.float64)
     a[5] = -F.normalize(b.mean(0), dim=0)  # every logit of row 5 near -s: 2^-(~190) below the bound
     b[7] = -F.normalize(a.mean(0), dim=0)  # and of column 7
@@ -143,8 +137,13 @@ def _guarded_case() -> list:
 
 @pytest.fixture(scope="module")
 def interpreted() -> dict:
-    code = "import json; from tests.test_fused_loss import _interpreter_cases; print(json.dumps(_interpreter_cases()))"
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    code = "import json; from test_fused_loss import _interpreter_cases; print(json.dumps(_interpreter_cases()))"
+    tests = str(Path(__file__).parent)  # the tests' own helpers (loss_inputs) import as pytest's rootdir puts them
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]),
+    }
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -159,7 +158,7 @@ def test_triton_interpreter(interpreted, n, d, dtype):
     if dtype == torch.float32:
         assert max(ours) < 2e-5, ours
     else:
-        _assert_error_rule(ours, plain, _floor(dtype, n, _features(n, d, seed=5)[2]))
+        _assert_error_rule(ours, plain, _floor(dtype, n, features(n, d, seed=5)[2]))
 
 
 @interpreter
@@ -173,7 +172,7 @@ def test_triton_guarded_rows_and_columns_are_exact(interpreted):
 
 
 def test_lse_op_values_and_column_mode():
-    a, b, s = _features(300, 96, seed=1)
+    a, b, s = features(300, 96, seed=1)
     for with_col in (True, False):
         row, col = contrastive_lse(a.float(), b[:200].float() if not with_col else b.float(), s.float(), with_col)
         ref_row, ref_col = contrastive_lse_reference(a, b[:200] if not with_col else b, s, with_col)
@@ -187,7 +186,7 @@ def test_lse_op_values_and_column_mode():
 def test_opcheck_and_compile(kernel):
     """Schema, fake (meta) kernel and autograd registration hold up, and torch.compile traces the op whole, for the
     device's kernel and a named one alike (ClipLoss(backend='cpp') runs through the same registered op)."""
-    a, b, s = (t.float() for t in _features(20, 16, seed=2))
+    a, b, s = (t.float() for t in features(20, 16, seed=2))
     args = (a.requires_grad_(), b.requires_grad_(), s.requires_grad_(), True, kernel)
     torch.library.opcheck(contrastive_lse, args)
 
@@ -205,7 +204,7 @@ def test_opcheck_and_compile(kernel):
 
 
 def test_non_contiguous_inputs_give_the_same_numbers():
-    a, b, s = _features(50, 64, seed=3)
+    a, b, s = features(50, 64, seed=3)
     wide = torch.cat([a, b], dim=1).float()
     ref = ClipLoss(backend="cpp")(a.float(), b.float(), s.float())
     got = ClipLoss(backend="cpp")(wide[:, :64], wide[:, 64:], s.float())
@@ -214,7 +213,7 @@ def test_non_contiguous_inputs_give_the_same_numbers():
 
 @pytest.mark.parametrize("backend", ["cpp", "auto"])
 def test_bad_input_is_a_clear_error(backend):
-    a, b, s = (t.float() for t in _features(8, 16, seed=4))
+    a, b, s = (t.float() for t in features(8, 16, seed=4))
     with pytest.raises((ValueError, RuntimeError), match=r"\[N, D\]"):
         ClipLoss(backend=backend)(a, b[:, :8], s)
     with pytest.raises((ValueError, RuntimeError), match="N=0"):
@@ -232,7 +231,7 @@ def test_bad_input_is_a_clear_error(backend):
 
 
 def test_nan_and_inf_propagate():
-    a, b, s = (t.float() for t in _features(16, 32, seed=5))
+    a, b, s = (t.float() for t in features(16, 32, seed=5))
     for bad in (float("nan"), float("inf")):
         x = a.clone()
         x[3, 7] = bad
@@ -244,7 +243,7 @@ def test_nan_and_inf_propagate():
 @pytest.mark.gpu
 @pytest.mark.parametrize("n, d", [(1, 64), (127, 500), (1000, 512), (4096, 768)])
 def test_triton_cuda_bf16_error_rule(n, d):
-    a, b, s = _features(n, d, seed=n + d)
+    a, b, s = features(n, d, seed=n + d)
     a, b, s = a.cuda(), b.cuda(), s.cuda()
     ref = _grads(_open_clip_loss, a, b, s, torch.float64)
 

@@ -10,7 +10,7 @@ import torch
 
 from fastclip.syncs import HostSyncAudit, optimizer_step_counters
 
-from runs import ROOT, run_cli, small_run_args
+from runs import ROOT, run_cli, small_run_args, two_steps
 
 
 def test_audit_counts_value_reads_and_spares_host_tensors():
@@ -190,7 +190,6 @@ def test_divergence_stops_the_run_and_keeps_the_last_checkpoint(world_dir, tmp_p
 def test_gpu_step_has_no_host_syncs(single_rank, world_dir, tmp_path, accum):
     """On CUDA, torch's own sync detector and the audit together: a ZeRO-2 bf16 step with the Triton loss,
     on batches already on the device (the loaders' threads are not part of the step)."""
-    import itertools
     import traceback
     import warnings
 
@@ -198,10 +197,7 @@ def test_gpu_step_has_no_host_syncs(single_rank, world_dir, tmp_path, accum):
     extra += ["--train.grad_accum", str(accum)]
     trainer = _trainer(single_rank, world_dir, tmp_path, extra)
     try:
-        loaded = iter(trainer.train_loader)
-        batches = itertools.cycle([next(loaded), next(loaded)])
-        for _ in range(2):
-            trainer.train_step(batches)
+        batches = two_steps(trainer)
         torch.cuda.synchronize()
         syncs = []  # (message, where): the Python stack at each synchronizing call, so a failure names the line
 

@@ -7,16 +7,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from loss_inputs import features
 
 from fastclip.loss import ClipLoss
 
 
 def _features(n: int, d: int, seed: int, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    a = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
-    b = F.normalize(a + 0.8 * torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
-    scale = torch.tensor(14.0 + 3 * torch.rand((), generator=g).item(), dtype=torch.float64)
-    return a.to(dtype), b.to(dtype), scale.to(dtype)
+    return tuple(t.to(dtype) for t in features(n, d, seed, noise=0.8, scale=(14.0, 17.0)))
 
 
 def _loss_and_grads(loss_fn, a, b, s):

@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -5,6 +8,8 @@ from fastclip.config import ModelConfig
 from fastclip.errors import ConfigError
 from fastclip.meters import Meters
 from fastclip.model import build_model, image_spec, open_clip_state_dict, param_groups
+
+from runs import ROOT
 
 
 def test_param_groups_decay_matrices_and_embeddings_not_biases_norms_or_the_logit_scale():
@@ -115,15 +120,23 @@ def test_tf32_only_on_cuda():
         torch.backends.cudnn.benchmark = before[1]
 
 
-def test_a_test_may_change_global_torch_flags():
-    torch.set_float32_matmul_precision("high")  # as a Trainer on CUDA does; not restored here, on purpose
-    torch.backends.cudnn.benchmark = True
-
-
-def test_global_torch_flags_are_restored_after_each_test():
-    """The root conftest's restore_torch_flags put back what the test before this one changed (pytest runs a
-    file's tests in order), so no test's numbers depend on which tests ran before it."""
-    assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.benchmark
+def test_global_torch_flags_are_restored_after_each_test(tmp_path):
+    """The root conftest's restore_torch_flags puts back what a test changed (a Trainer on CUDA turns TF32 and
+    cuDNN autotuning on), so no test's numbers depend on which tests ran before it: two tests in order, the
+    first changing the flags, under a copy of the root conftest, in a pytest of their own (run alone, as with -k,
+    the check would pass whether or not anything was restored)."""
+    (tmp_path / "conftest.py").write_text((ROOT / "conftest.py").read_text())
+    (tmp_path / "test_order.py").write_text(
+        "import torch\n\n"
+        "def test_1_changes_them():\n"
+        "    torch.set_float32_matmul_precision('high')\n"
+        "    torch.backends.cudnn.benchmark = True\n\n"
+        "def test_2_finds_them_restored():\n"
+        "    assert torch.get_float32_matmul_precision() == 'highest' and not torch.backends.cudnn.benchmark\n"
+    )
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0 and "2 passed" in proc.stdout, proc.stdout[-2000:]
 
 
 @pytest.mark.parametrize("name, gflops", [("ViT-B-32", 44.34), ("ViT-B-16", 123.27), ("ViT-L-14", 526.0)])

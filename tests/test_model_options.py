@@ -3,8 +3,6 @@ dropout (FLIP). Each does what open_clip's flag does, and the trainer honours it
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 
@@ -12,7 +10,7 @@ from fastclip.config import ModelConfig
 from fastclip.errors import ConfigError
 from fastclip.model import build_model, param_group_names
 
-from runs import small_run_args
+from runs import small_run_args, two_steps
 
 
 def _batch(clip, n=6, seed=0):
@@ -61,10 +59,7 @@ def test_locked_towers_get_no_updates_and_no_optimizer_state(single_rank, world_
     try:
         before = {n: p.detach().clone() for n, p in trainer.clip.named_parameters()}
         trainable = {n for _, names in param_group_names(trainer.clip) for n in names}
-        loaded = iter(trainer.train_loader)
-        batches = itertools.cycle([next(loaded), next(loaded)])
-        for _ in range(2):
-            trainer.train_step(batches)
+        two_steps(trainer)
         after = dict(trainer.clip.named_parameters())
         state_numel = sum(p.numel() for g in trainer.engine.optimizer.bit16_groups for p in g)
     finally:

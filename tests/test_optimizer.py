@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 
@@ -11,7 +9,7 @@ from fastclip.cli import parse_args
 from fastclip.engine import deepspeed_config
 from fastclip.errors import ConfigError
 
-from runs import small_run_args
+from runs import small_run_args, two_steps
 
 
 def _changes_after_two_steps(single_rank, world_dir, tmp_path, fused: str) -> tuple[dict, bool]:
@@ -22,10 +20,7 @@ def _changes_after_two_steps(single_rank, world_dir, tmp_path, fused: str) -> tu
     trainer = Trainer(parse_args(small_run_args(world_dir, tmp_path / fused, steps=4) + extra), single_rank)
     try:
         before = {n: p.detach().clone() for n, p in trainer.clip.named_parameters()}
-        loaded = iter(trainer.train_loader)
-        batches = itertools.cycle([next(loaded), next(loaded)])
-        for _ in range(2):
-            trainer.train_step(batches)
+        two_steps(trainer)
         base = trainer.engine.optimizer.optimizer  # ZeRO's wrapped torch optimizer
         after = {n: p.detach().clone() for n, p in trainer.clip.named_parameters()}
         return {n: after[n] - before[n] for n in after}, bool(base.defaults.get("fused"))

@@ -205,7 +205,7 @@ def _windows(levels: np.ndarray) -> np.ndarray:
     return np.stack([x_cut + 0.5, y_cut + 0.5, x_slope * CROP_SIZE, y_slope * CROP_SIZE], axis=1)
 
 
-def _features(windows: np.ndarray, height: int, width: int) -> dict[str, np.ndarray]:
+def _crop_statistics(windows: np.ndarray, height: int, width: int) -> dict[str, np.ndarray]:
     x, y, w, h = windows.T
     return {
         "area": w * h / (width * height),
@@ -258,10 +258,10 @@ def crop_distances() -> dict[tuple[str, tuple, tuple], dict[str, float]]:
     print(f"\ntrain: crop windows against open_clip's RandomResizedCrop ({CROPS} crops, {REFERENCE_CROPS} for it)")
     for shape in CROP_SHAPES:
         for scale in CROP_SCALES:
-            reference = _features(_reference_windows(shape, scale, REFERENCE_CROPS, seed=0), *shape)
+            reference = _crop_statistics(_reference_windows(shape, scale, REFERENCE_CROPS, seed=0), *shape)
             drawn = {"open_clip": reference}
             for loader in loaders:
-                drawn[loader] = _features(_loader_windows(loader, shape, scale, CROPS, seed=1), *shape)
+                drawn[loader] = _crop_statistics(_loader_windows(loader, shape, scale, CROPS, seed=1), *shape)
                 distances[loader, shape, scale] = {
                     k: _ks(drawn[loader][k], reference[k], FEATURE_TOLERANCE[k]) for k in reference
                 }

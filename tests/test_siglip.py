@@ -12,22 +12,13 @@ import sys
 import pytest
 import torch
 import torch.multiprocessing as mp
-import torch.nn.functional as F
+from loss_inputs import features
 from test_fused_loss import _assert_error_rule, _errors, interpreter
 from test_loss import _free_port
 
 from fastclip.loss import SigLipLoss, sigmoid_loss_local
 from fastclip.model import loss_kind
 from fastclip.ops import sigmoid_loss_op, sigmoid_pair_loss
-
-
-def _features(n, d, seed):
-    g = torch.Generator().manual_seed(seed)
-    a = F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
-    b = F.normalize(a + 0.7 * torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1)
-    s = torch.tensor(10.0 + 10 * torch.rand((), generator=g).item(), dtype=torch.float64)
-    bias = torch.tensor(-12.0 + 7 * torch.rand((), generator=g).item(), dtype=torch.float64)
-    return a, b, s, bias
 
 
 def _grads(loss_fn, a, b, s, bias, dtype, upstream=1.3):
@@ -57,7 +48,7 @@ NAMES = ("loss", "d_image", "d_text", "d_scale", "d_bias")
 
 @pytest.mark.parametrize("n, d", [(1, 64), (3, 500), (127, 512), (1000, 768), (1500, 33)])
 def test_cpp_matches_float64_and_open_clip_fp32_and_bf16(n, d):
-    a, b, s, bias = _features(n, d, seed=n + d)
+    a, b, s, bias = features(n, d, seed=n + d, bias=(-12.0, -5.0))
     ref = _grads(_open_clip, a, b, s, bias, torch.float64)
     ours = _grads(SigLipLoss(backend="cpp"), a, b, s, bias, torch.float32)
     theirs = _grads(_open_clip, a, b, s, bias, torch.float32)
@@ -71,7 +62,7 @@ def test_cpp_matches_float64_and_open_clip_fp32_and_bf16(n, d):
 
 def test_torch_backend_is_the_reference():
     """Plain logits in fp32 (the reference backend): open_clip's fp32 numbers."""
-    a, b, s, bias = _features(40, 24, seed=5)
+    a, b, s, bias = features(40, 24, seed=5, bias=(-12.0, -5.0))
     ref = _grads(_open_clip, a, b, s, bias, torch.float32)
     for got, want in zip(_grads(SigLipLoss(backend="torch"), a, b, s, bias, torch.float32), ref):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -82,13 +73,13 @@ def _interpreter_cases():
     float64 next to open_clip's at the same dtype, and its loss with offset positives and none, against the C++."""
     cases = []
     for n, d in ((1, 64), (3, 33), (37, 40), (100, 64)):
-        a, b, s, bias = _features(n, d, seed=n * 3 + d)
+        a, b, s, bias = features(n, d, seed=n * 3 + d, bias=(-12.0, -5.0))
         ref = _grads(_open_clip, a, b, s, bias, torch.float64)
         for dtype in (torch.float32, torch.float16):
             ours = _errors(_grads(SigLipLoss(backend="triton"), a, b, s, bias, dtype), ref)
             plain = _errors(_grads(_open_clip, a, b, s, bias, dtype), ref)
             cases.append([n, d, str(dtype), ours, plain, [float(r.abs().max()) for r in ref]])
-    a, b, s, bias = (t.float() for t in _features(48, 40, seed=9))
+    a, b, s, bias = (t.float() for t in features(48, 40, seed=9, bias=(-12.0, -5.0)))
     from fastclip.kernels import contrastive_lse
 
     contrastive_lse.DL_BUFFER_BYTES = 16 * 48 * 4  # dz in chunks of 16 rows: rows 16-47 go through row0 > 0
@@ -120,7 +111,7 @@ def test_triton_interpreter():
 
 
 def test_opcheck_compile_and_no_grad():
-    a, b, s, bias = (t.float() for t in _features(20, 16, seed=2))
+    a, b, s, bias = (t.float() for t in features(20, 16, seed=2, bias=(-12.0, -5.0)))
     args = (a.requires_grad_(), b.requires_grad_(), s.requires_grad_(), bias.requires_grad_())
     torch.library.opcheck(sigmoid_loss_op, (*args, 0, True, "auto"))
 
@@ -160,7 +151,7 @@ def test_opcheck_compile_and_no_grad():
 
 
 def test_bad_input_and_config_are_clear_errors():
-    a, b, s, bias = (t.float() for t in _features(8, 16, seed=4))
+    a, b, s, bias = (t.float() for t in features(8, 16, seed=4, bias=(-12.0, -5.0)))
     with pytest.raises(ValueError, match=r"\[N, D\]"):
         SigLipLoss()(a, b[:, :8], s, bias)
     with pytest.raises(ValueError, match="N >= 1"):
@@ -189,7 +180,7 @@ def test_bad_input_and_config_are_clear_errors():
 
 
 def test_nan_propagates_and_python_floats_are_taken():
-    a, b, s, bias = (t.float() for t in _features(16, 32, seed=5))
+    a, b, s, bias = (t.float() for t in features(16, 32, seed=5, bias=(-12.0, -5.0)))
     want = SigLipLoss()(a, b, s, bias)
     torch.testing.assert_close(SigLipLoss()(a, b, float(s), float(bias)), want)  # as open_clip takes them
     from fastclip.loss import ClipLoss
@@ -237,7 +228,7 @@ def _rank_worker(rank, world, port, a, b, s, bias, out):
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_ranks_match_open_clip_rank_by_rank_and_one_rank_on_the_global_batch(world):
-    a, b, s, bias = _features(5 * world, 33, seed=world)  # 5 rows a rank, D = 33
+    a, b, s, bias = features(5 * world, 33, seed=world, bias=(-12.0, -5.0))  # 5 rows a rank, D = 33
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = _free_port()
@@ -271,7 +262,7 @@ def test_ranks_match_open_clip_rank_by_rank_and_one_rank_on_the_global_batch(wor
 @pytest.mark.parametrize("n, d", [(1, 64), (127, 500), (1000, 512), (4096, 768)])
 def test_triton_cuda_bf16_error_rule(n, d):
     """The Triton kernel on the GPU, bf16, against float64, next to open_clip's SigLipLoss under bf16 autocast."""
-    a, b, s, bias = (t.cuda() for t in _features(n, d, seed=n + d))
+    a, b, s, bias = (t.cuda() for t in features(n, d, seed=n + d, bias=(-12.0, -5.0)))
     ref = _grads(_open_clip, a, b, s, bias, torch.float64)
 
     def open_clip_autocast(x, y, t, c):
