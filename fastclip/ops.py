@@ -182,7 +182,7 @@ def _(q, k, scale, bias, offset, with_grad, backend="auto"):
 
 
 def _sigmoid_setup_context(ctx, inputs, output):
-    q, k, scale, bias, _offset, with_grad, _impl = inputs
+    q, k, scale, bias, _offset, with_grad, _backend = inputs
     _loss, dq, dk, dsb = output
     ctx.save_for_backward(dq, dk, dsb)
     ctx.with_grad = with_grad
@@ -215,3 +215,22 @@ def sigmoid_pair_loss(q: Tensor, k: Tensor, scale: Tensor, bias: Tensor, offset:
         raise ValueError(f"sigmoid_pair_loss: offset must be >= 0 (k.shape[0] or more: no positives), got {offset}")
     with_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, scale, bias))
     return sigmoid_loss_op(q.contiguous(), k.contiguous(), scale, bias, offset, with_grad, backend)[0]
+
+
+def _tag_compile_cache() -> None:
+    """Make these ops' schemas part of torch.compile's cache key. Inductor keys a cached graph on the graph, not on
+    the schemas of the custom ops it calls: after an upgrade that renamed an op's argument (``impl`` became
+    ``backend``), a graph cached by the older fastclip was reused and failed with "Unknown keyword argument"."""
+    import hashlib
+
+    schemas = [str(op._schema) for op in (contrastive_lse._opoverload, contrastive_lse_backward._opoverload,
+                                          sigmoid_loss_op._opoverload)]  # fmt: skip
+    tag = "fastclip-ops-" + hashlib.sha1("\n".join(schemas).encode()).hexdigest()[:12]
+    config = torch.compiler.config
+    if not isinstance(getattr(config, "cache_key_tag", None), str):  # a torch without it: nothing to key
+        return
+    if tag not in config.cache_key_tag:
+        config.cache_key_tag = f"{config.cache_key_tag} {tag}".strip()
+
+
+_tag_compile_cache()

@@ -203,6 +203,16 @@ def test_opcheck_and_compile(kernel):
         torch.testing.assert_close(ga, torch.autograd.grad(loss(a, b, s), a)[0])
 
 
+def test_the_ops_schemas_key_torch_compiles_cache():
+    """A graph cached by a fastclip whose op had other argument names is not reused (it failed: 'Unknown keyword
+    argument'): the schemas' hash is in torch.compile's cache key, once however often it is added."""
+    from fastclip import ops
+
+    ops._tag_compile_cache()
+    tags = torch.compiler.config.cache_key_tag.split()
+    assert len([t for t in tags if t.startswith("fastclip-ops-")]) == 1
+
+
 def test_non_contiguous_inputs_give_the_same_numbers():
     a, b, s = features(50, 64, seed=3)
     wide = torch.cat([a, b], dim=1).float()
