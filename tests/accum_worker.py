@@ -20,6 +20,7 @@ import torch
 from fastclip.cli import parse_args
 from fastclip.data.batch import Batch
 from fastclip.data.tokenizer import build_tokenizer
+from fastclip.engine import full_params
 from fastclip.trainer import Trainer
 from fastclip.world import close_distributed, join_world
 
@@ -42,7 +43,7 @@ def _arg(argv, name, default=None):
 
 
 def _params(trainer: Trainer) -> dict[str, torch.Tensor]:
-    with trainer._full_params():
+    with full_params(trainer.engine, trainer.stage):
         return {name: p.detach().float().clone() for name, p in trainer.engine.module.named_parameters()}
 
 
