@@ -22,7 +22,7 @@ demo: setup
 test: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
-	$(BIN)/python -m pytest -q -p no:cacheprovider benchmarks --quick --benchmark-disable
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10 benchmarks --quick --benchmark-disable
 
 bench: setup  # the full CPU benchmark run (about 40 minutes); writes benchmarks/results/cpu-DATE.json
 	$(BIN)/python -m pytest -q -p no:cacheprovider benchmarks
