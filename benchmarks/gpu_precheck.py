@@ -55,7 +55,8 @@ def emit(kind: str, **fields) -> None:
 
 
 def to_results(rows: list[dict], info: dict) -> dict:
-    """Precheck rows as a benchmarks/results file (harness.Result records), for report.py's README table."""
+    """Precheck rows as a benchmarks/results file (harness.Result records), for report.py's tables in
+    docs/benchmarks.md."""
     from harness import Result
 
     results = []

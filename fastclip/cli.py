@@ -147,7 +147,7 @@ def parse_args(argv: list[str]) -> Config:
 
 
 def apply_option(tree: dict[str, Any], key: str, value: str) -> None:
-    """``--key value`` as typed, over a config tree (what :func:`fastclip.config.build_config` reads)."""
+    """``--key value`` as typed, over a config tree (what :func:`fastclip.config_tree.build_config` reads)."""
     if key in ("deepspeed_config", "deepspeed-config"):
         tree["deepspeed_config"] = value
         return

@@ -53,5 +53,5 @@ def say(message: str) -> None:
 
 
 def counted(n: int, noun: str) -> str:
-    """'1 shard', '3 shards': a count with its noun."""
-    return f"{n} {noun}{'' if n == 1 else 's'}"
+    """'1 shard', '41,407 shards': a count with its noun."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"

@@ -16,12 +16,16 @@ def no_shm_left():
     """Remove, at the end, the DeepSpeed shared-memory files this session's runs left: a run killed before it let go
     of them (fastclip.world unnames them once every rank has mapped them) would otherwise hold 66 MiB of memory a
     rank after the suite, on every machine that runs it."""
+    import time
+
     from runs import shm_buffers
 
     before = set(shm_buffers())
     yield
     for name in set(shm_buffers()) - before:
-        (Path("/dev/shm") / name).unlink(missing_ok=True)
+        path = Path("/dev/shm") / name
+        if time.time() - path.stat().st_mtime > 120:  # not a file another run is starting up with right now
+            path.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")

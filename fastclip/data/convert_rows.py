@@ -15,7 +15,7 @@ from pathlib import Path
 
 from fastclip.data.index import TAIL, image_damage, image_format
 from fastclip.data.tar_layout import IMAGE_EXTS, OTHER_IMAGE_EXTS
-from fastclip.errors import ConfigError
+from fastclip.errors import ConfigError, DataError
 
 SEPARATORS = ("\t", ",", ";", "|")  # what a header that parsed as one column is checked for
 READ_AHEAD = 4  # rows in flight per worker: enough to hide latency, bounded so that memory is
@@ -70,17 +70,16 @@ def read_header(csv_path: Path, separator: str) -> list[str]:
     try:
         return [str(c) for c in pd.read_csv(csv_path, sep=separator, nrows=0).columns]
     except pd.errors.EmptyDataError:
-        raise ConfigError(f"{csv_path}: the file is empty; it needs a header row naming its columns") from None
+        raise DataError(f"{csv_path}: the file is empty; it needs a header row naming its columns") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise _unreadable(csv_path, separator, e) from None
 
 
-def _unreadable(csv_path: Path, separator: str, e: Exception) -> ConfigError:
+def _unreadable(csv_path: Path, separator: str, e: Exception) -> DataError:
+    """The file's text is what must change (or, for a table, the separator it was read with: said too)."""
     if isinstance(e, UnicodeDecodeError):  # open_clip's read fails alike: pandas reads UTF-8 unless told
-        return ConfigError(
-            f"{csv_path}: is not UTF-8 text ({e.reason} in its first {e.end} bytes); re-save it as UTF-8"
-        )
-    return ConfigError(
+        return DataError(f"{csv_path}: is not UTF-8 text ({e.reason} in its first {e.end} bytes); re-save it as UTF-8")
+    return DataError(
         f"{csv_path}: does not parse as a table separated by {separator!r}: {str(e).strip()}. A field that holds the "
         'separator needs quotes ("..."); check --csv-separator'
     )

@@ -33,10 +33,14 @@ def check_out_dir(out_dir: Path, prefix: str, *, overwrite: bool, index: bool) -
             "--overwrite to replace them, or choose another --out or --prefix"
         )
     if old and not index:
-        try:
+        try:  # unreadable, it cannot say whether it counts them: refused, as a stale count would be worse
             sizes = read_json_object(out_dir / SIZES)
         except ValueError as e:
             raise ConfigError(f"--out {out_dir}: {e}") from None
+        except OSError as e:
+            raise ConfigError(
+                f"--out {out_dir}: cannot read its {SIZES} ({e.strerror or e}); fix or remove it"
+            ) from None
         counted_old = [p.name for p in old if p.name in sizes]
         if counted_old:
             raise ConfigError(
