@@ -39,7 +39,7 @@ from fastclip import reshard, run_folders
 from fastclip.config import CheckpointConfig, Config
 from fastclip.config_tree import differences
 from fastclip.console import log, say
-from fastclip.data.shards import shard_list_digest
+from fastclip.data.shard_specs import shard_list_digest
 from fastclip.distributed import any_rank
 from fastclip.errors import CheckpointError, ConfigError, TrainingDiverged
 from fastclip.eval import EarlyStopping

@@ -1,7 +1,7 @@
 """What every rank checks before any process group, model or pipeline exists: the files a run names, and what
 must fit in the run's length where the shards' counts give it.
 
-Each check lives with the code that owns the file (shards: fastclip/data/shards.py, a pretrained checkpoint:
+Each check lives with the code that owns the file (shards: fastclip/data/shard_specs.py, a pretrained checkpoint:
 fastclip/model.py, the DeepSpeed JSON: fastclip/engine.py, zero-shot lists: fastclip/eval.py, the folders it
 writes: fastclip/run_folders.py); this module only asks them all, so that a mistake costs seconds rather than a
 model build.

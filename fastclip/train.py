@@ -66,7 +66,7 @@ def _peer_gone(error: BaseException) -> bool:
 def _shard_list(cfg) -> tuple[int, str]:
     """The train shards the spec matches on this node: how many, and their list's hash (listed once: the
     rendezvous and the checkpoints' data identity both use it)."""
-    from fastclip.data.shards import shard_list_digest
+    from fastclip.data.shard_specs import shard_list_digest
 
     return shard_list_digest(cfg.data.train_shards, field="data.train_shards") if cfg.data.train_shards else (0, "")
 

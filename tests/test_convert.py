@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from fastclip.data import convert, convert_rows, shard_tool, shard_writer
+from fastclip.data import convert, convert_rows, shard_writer, shards
 from fastclip.data.convert import ConvertResult, convert_csv, convert_folder
 from fastclip.data.tar_layout import member_groups, usable
 from fastclip.errors import ConfigError
@@ -311,7 +311,7 @@ def test_shards_index_whole_with_fastclips_index(tmp_path):
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="convert")
-    shard_tool._convert_arguments(parser)
+    shards._convert_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -323,21 +323,19 @@ def test_cli(tmp_path, monkeypatch, capsys):
     args = parse(["--csv", "t.csv", "--out", "out", "--csv-separator", "\\t", "--no-index", "--workers", "1"])
     assert args.csv_separator == "\t"
     convert = ["convert", "--no-index"]
-    assert (
-        shard_tool.main([*convert, "--csv", "t.csv", "--out", "out", "--csv-separator", "\\t", "--workers", "1"]) == 0
-    )
+    assert shards.main([*convert, "--csv", "t.csv", "--out", "out", "--csv-separator", "\\t", "--workers", "1"]) == 0
     assert "wrote 1 sample in 1 shard" in capsys.readouterr().out
 
     write_csv(tmp_path / "bad.csv", [("gone.jpg", "x")])
-    assert shard_tool.main([*convert, "--csv", "bad.csv", "--out", "out2"]) == 1  # the data
+    assert shards.main([*convert, "--csv", "bad.csv", "--out", "out2"]) == 1  # the data
     err = capsys.readouterr().err
     assert "none of its 1 rows makes a sample" in err and "shard.convert_report.json" in err
-    assert shard_tool.main([*convert, "--csv", "t.csv", "--out", "out"]) == 2  # refuses to overwrite
+    assert shards.main([*convert, "--csv", "t.csv", "--out", "out"]) == 2  # refuses to overwrite
     assert "--overwrite" in capsys.readouterr().err
-    assert shard_tool.main([*convert, "--folder", ".", "--root", "x", "--out", "o"]) == 2
+    assert shards.main([*convert, "--folder", ".", "--root", "x", "--out", "o"]) == 2
 
     parser = argparse.ArgumentParser()
-    shard_tool._convert_arguments(parser)
+    shards._convert_arguments(parser)
     assert "current directory" in parser.format_help()
     with pytest.raises(SystemExit):
         parse(["--csv", "t.csv", "--folder", ".", "--out", "o"])  # one source or the other

@@ -9,7 +9,7 @@ import torch
 from test_data_integrity import LOADERS, SPEC, TOKENIZER, _captioned_shards, _ids, _image, _texts, _write_shard
 
 from fastclip.cli import parse_args
-from fastclip.data import shards, tar_layout
+from fastclip.data import shard_specs, tar_layout
 from fastclip.data.build import build_loaders
 from fastclip.data.index import index_shards
 from fastclip.data.loader import derive_seed
@@ -56,7 +56,7 @@ def test_each_epoch_every_indexed_sample_is_read_once_on_two_ranks(tmp_path, kin
 def test_train_num_samples_is_the_epoch_and_nothing_is_counted(tmp_path, kind, monkeypatch):
     spec, _ = _captioned_shards(tmp_path / "shards", [13, 17, 11])
     walked = []
-    for module in (shards, tar_layout):  # a header walk would count: none may, from either module
+    for module in (shard_specs, tar_layout):  # a header walk would count: none may, from either module
         monkeypatch.setattr(module, "walk", lambda path: walked.append(path))
     cfg = _args(spec, kind, "--data.batch_size", "4", "--data.train_num_samples", "30", "--train.epochs", "2")
     [(_, loader)] = list(_loaders(cfg, 1))
@@ -109,7 +109,7 @@ def test_dali_resampled_reads_its_ranks_draw(tmp_path):
     from fastclip.data.dali import _reader_shards
 
     spec, captions = _captioned_shards(tmp_path / "shards", [3, 5, 4, 6, 2, 7])
-    found = shards.resolve_shards(spec, field="data.train_shards")
+    found = shard_specs.resolve_shards(spec, field="data.train_shards")
     draws = {}
     for rank in range(2):
         paths, _ = _reader_shards(found, field="data.train_shards", resampled=True, seed=5, rank=rank)
@@ -135,7 +135,7 @@ def test_resampled_needs_train_num_samples():
 
 
 def test_a_shard_missing_when_first_read_is_skipped_and_named(tmp_path, warnings_log, monkeypatch):
-    monkeypatch.setattr(shards, "_said", set())
+    monkeypatch.setattr(shard_specs, "_said", set())
     spec, _ = _captioned_shards(tmp_path / "shards", [5] * 6)
     cfg = _args(spec, "torch", "--data.batch_size", "2", "--data.num_threads", "1", "--data.check_shards", "2",
                 "--data.train_num_samples", "30", "--data.max_bad_fraction", "0.2")  # fmt: skip

@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 from test_data_integrity import LOADERS, _data, _ids, _image, _loader, _texts, _write_shard
 
-from fastclip.data import shards
+from fastclip.data import shard_specs
 from fastclip.data.index import INDEX_VERSION, REPORT, SIZES, index_shards, known_counts, place_of, read_index
-from fastclip.data.shards import resolve_shards
+from fastclip.data.shard_specs import resolve_shards
 from fastclip.errors import ConfigError
 
 from runs import ROOT, clean_env
@@ -114,7 +114,7 @@ def test_every_bad_sample_and_shard_is_named_with_what_is_wrong(indexed):
 
 @pytest.mark.parametrize("kind", LOADERS)
 def test_training_on_the_indexed_set_meets_nothing_to_skip(indexed, kind, capfd, monkeypatch):
-    monkeypatch.setattr(shards, "_said", set())  # each case's own log lines
+    monkeypatch.setattr(shard_specs, "_said", set())  # each case's own log lines
     root, _ = indexed
     spec = str(root / "*.tar")
     data = _data("--data.val_shards", spec, "--data.loader", kind, "--data.max_bad_fraction", "0.5")
@@ -245,8 +245,8 @@ def test_start_up_opens_only_check_shards(tmp_path, monkeypatch, check):
     paths = [str(_write_shard(root / f"{i:02d}.tar", [_good(f"k{i}", i)])) for i in range(10)]
     index_shards(paths)
     opened = []
-    real = shards._check_opens
-    monkeypatch.setattr(shards, "_check_opens", lambda path, **kw: opened.append(path) or real(path, **kw))
+    real = shard_specs._check_opens
+    monkeypatch.setattr(shard_specs, "_check_opens", lambda path, **kw: opened.append(path) or real(path, **kw))
     found = resolve_shards(str(root / "*.tar"), field="data.train_shards", check=check, count=True)
     assert found.samples == [1] * 10
     assert opened == (paths[:1] if check == 1 else [paths[0], paths[-1]] if check == 2 else paths)

@@ -301,11 +301,11 @@ def test_start_up_on_10000_shards_is_within_2x_of_10(many_shards, single_rank, t
 
 
 def test_start_up_without_counts_says_why_it_is_slow_and_what_to_do(many_shards, capfd, monkeypatch):
-    from fastclip.data import shards
+    from fastclip.data import shard_specs
     from fastclip.data.dali import _reader_shards
 
-    monkeypatch.setattr(shards, "_said", set())
-    found = shards.resolve_shards(many_shards[10_000, "plain"], field="data.train_shards", count=True)
+    monkeypatch.setattr(shard_specs, "_said", set())
+    found = shard_specs.resolve_shards(many_shards[10_000, "plain"], field="data.train_shards", count=True)
     assert found.total == 10_000
     _reader_shards(found, field="data.train_shards", resampled=False, seed=0, rank=0)
     err = capfd.readouterr().err

@@ -19,24 +19,13 @@ def _module_name(path: Path, root: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _is_main_block(node: ast.AST) -> bool:
-    """``if __name__ == "__main__":``: what it imports runs only when the file is the program (a module named
-    ``__main__``, not this one), so it adds no edge between this module and the one it imports."""
-    return (
-        isinstance(node, ast.If) and isinstance(node.test, ast.Compare) and isinstance(node.test.left, ast.Name)
-        and node.test.left.id == "__name__"
-    )  # fmt: skip
-
-
 def _imported(tree: ast.AST, name: str, is_package: bool) -> list[str]:
-    """Every module name ``tree`` imports, at any depth (functions, TYPE_CHECKING blocks), but not in a main block;
+    """Every module name ``tree`` imports, at any depth (functions, TYPE_CHECKING blocks, main blocks);
     ``from a import b`` gives both 'a.b' and 'a' (b may be a module or a name in a)."""
     found: list[str] = []
     stack = [tree]
     while stack:
         node = stack.pop()
-        if _is_main_block(node):
-            continue
         if isinstance(node, ast.Import):
             found += [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -112,7 +101,7 @@ def test_fastclip_has_no_import_circle():
         ({"a.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from p.b import X",
           "b.py": "from .a import Y"}, [["p.a", "p.b"]]),  # TYPE_CHECKING, and a relative import
         ({"a.py": "from p import b", "b.py": "from p.c import Z", "c.py": "import p.a"}, [["p.a", "p.b", "p.c"]]),
-        ({"a.py": "import p.b", "b.py": 'if __name__ == "__main__":\n    from p.a import main'}, []),
+        ({"a.py": "import p.b", "b.py": 'if __name__ == "__main__":\n    from p.a import main'}, [["p.a", "p.b"]]),
         ({"a.py": "import p.b", "b.py": "import os"}, []),
     ],
 )  # fmt: skip

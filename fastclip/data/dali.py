@@ -33,7 +33,7 @@ from fastclip.data.dali_pipelines import (
 from fastclip.data.dali_pipelines import labels as labels_of
 from fastclip.data.loader import LoaderRequest, derive_seed
 from fastclip.data.prefetch import Prefetcher
-from fastclip.data.shards import SLOW_WALK, Shards, resolve_shards, say_once
+from fastclip.data.shard_specs import SLOW_WALK, Shards, resolve_shards, say_once
 from fastclip.data.skips import DataBroken, Skips
 from fastclip.errors import ConfigError
 

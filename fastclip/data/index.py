@@ -1,7 +1,7 @@
 """Index files: DALI's per-shard index, the webdataset ``sizes.json`` summary, and the check of every sample
 that decides what goes into them.
 
-``python -m fastclip.data.shards index SHARDS...`` (fastclip/data/shard_tool.py) runs :func:`index_shards`.
+``python -m fastclip.data.shards index SHARDS...`` (fastclip/data/shards.py) runs :func:`index_shards`.
 Each shard's samples are checked cheaply (the image's magic bytes and end marker, a caption present and UTF-8;
 ``deep`` decodes every image); the samples that pass are written to ``SHARD.idx`` in DALI's format (v1.2: a
 line ``v1.2 N``, then per sample ``ext offset size name`` for each of its files, offsets of the data, not of

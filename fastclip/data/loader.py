@@ -3,7 +3,7 @@
 
 A loader is built for one rank and one split (``train`` or val) by fastclip/data/build.py: DALI where it is
 installed (fastclip/data/dali.py), else a torch DataLoader (fastclip/data/torch_loader.py). Both read the same
-shards (fastclip/data/shards.py: which files, which samples) into the same :class:`~fastclip.data.batch.Batch`.
+shards (fastclip/data/shard_specs.py: which files, which samples) into the same :class:`~fastclip.data.batch.Batch`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 
 from fastclip.config import DataConfig
 from fastclip.data.batch import Batch
-from fastclip.data.shards import Shards, resolve_shards
+from fastclip.data.shard_specs import Shards, resolve_shards
 from fastclip.model import ImageSpec
 from fastclip.world import cpu_set
 

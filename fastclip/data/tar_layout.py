@@ -1,6 +1,6 @@
 """How a webdataset shard is laid out, read from its tar headers alone: which members make a sample, which
 images fastclip decodes, and what a damaged tar looks like (a truncated end, a header that does not parse). The
-lowest module of the data path: the shard resolution (shards.py), the index tool, convert and both loaders read
+lowest module of the data path: the shard resolution (shard_specs.py), the index tool, convert and both loaders read
 tars through it."""
 
 from __future__ import annotations

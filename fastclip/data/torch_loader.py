@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader
 
 from fastclip.data.batch import Batch, BatchCount, check_stream
 from fastclip.data.loader import LoaderRequest, derive_seed
+from fastclip.data.shard_specs import Shards
 from fastclip.data.shard_stream import BadShards, Shard, ShardStream, bounds
-from fastclip.data.shards import Shards
 from fastclip.data.skips import DataBroken, Skips, Undecodable
 from fastclip.data.tar_layout import IMAGE_EXTS, parse_label
 from fastclip.model import ImageSpec
