@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from fastclip.config import BACKENDS, LOGITS_BACKENDS
+
 
 def _cpp():
     try:
@@ -39,7 +41,7 @@ def _empty_f32(like: Tensor) -> Tensor:
 # TRITON_INTERPRET=1, for tests). Named or not, the call goes through the registered op, so opcheck, the fake kernel
 # and torch.compile cover what users run. (Not ``kernel``: inductor's fallback for custom ops has an argument of
 # that name, and an op argument called so broke torch.compile's lowering.)
-KERNELS = ("auto", "cpp", "triton")
+KERNELS = tuple(b for b in BACKENDS if b not in LOGITS_BACKENDS)  # auto, cpp, triton: the fused ones
 
 
 def _cpu_kernel(backend: str):
