@@ -349,12 +349,17 @@ class CheckpointManager:
     # ---------------------------------------------------------------------------------------------- resume
 
     def locate(self, where: str) -> Path | None:
-        """The folder ``checkpoint.resume`` names ('latest' or a step folder); None when 'latest' has none yet."""
-        if where == "latest":
+        """The folder ``checkpoint.resume`` names ('auto', 'latest' or a step folder); None when 'auto' finds none."""
+        if where in ("auto", "latest"):
+            if self.latest is None and where == "latest":
+                raise ConfigError(
+                    f"checkpoint.resume latest: {self.root} holds no checkpoint ('latest' file) to resume. Check "
+                    "--checkpoint.dir, or say --checkpoint.resume auto to start from step 0 when there is none"
+                )
             return self.latest
         path = Path(where)
         if not path.is_dir():
-            raise ConfigError(f"checkpoint.resume: {where!r} is not a checkpoint folder (or say 'latest')")
+            raise ConfigError(f"checkpoint.resume: {where!r} is not a checkpoint folder (or say 'auto' or 'latest')")
         return path
 
     def resume(self, folder: Path, state: TrainState, *, loader, load_scheduler: bool, stage: int) -> Resumed:

@@ -286,13 +286,16 @@ class LogConfig:
 class CheckpointConfig:
     dir: str = "runs/demo/checkpoints"  # DeepSpeed checkpoints (one folder per step) and open_clip.pt
     every: int = 0  # optimizer steps between checkpoints; 0 saves only at the end
-    resume: str | None = None  # 'latest' or a checkpoint folder to resume the engine from
+    resume: str | None = None  # 'auto' (latest if any, else step 0: a requeued job), 'latest' (must exist), a folder
     export_open_clip: bool = True  # at the end, write open_clip.pt that open_clip.create_model(pretrained=) loads
     keep: int = 0  # newest step folders to keep, older ones deleted after each save; 0 keeps all
+    signal_grace_s: float = 25.0  # after SIGTERM/SIGUSR1/SIGINT: seconds to save, then end without (0: no bound)
 
     def __post_init__(self):
         _require(self.every >= 0, "checkpoint.every", f"must be >= 0 (0 saves at the end only), got {self.every}")
         _require(self.keep >= 0, "checkpoint.keep", f"must be >= 0 (0 keeps every checkpoint), got {self.keep}")
+        _require(self.signal_grace_s >= 0, "checkpoint.signal_grace_s",
+                 f"must be >= 0 seconds (0: no bound), got {self.signal_grace_s:g}")  # fmt: skip
 
 
 @dataclass

@@ -15,6 +15,9 @@ The peak is dense bf16 tensor-core throughput from the vendor's datasheets for k
 
 from __future__ import annotations
 
+import functools
+import json
+
 import torch
 
 from fastclip.config import ModelConfig
@@ -41,14 +44,27 @@ PEAK_BF16_TFLOPS = (
 def train_flops_per_sample(model: ModelConfig) -> float:
     """Model FLOPs of one training sample (forward + backward, image and caption) of ``model``'s architecture."""
     import open_clip
+
+    from fastclip.model import resolve_model_name
+
+    name = resolve_model_name(model.name)
+    size = model.force_image_size
+    architecture = json.dumps(open_clip.get_model_config(name), sort_keys=True)  # a JSON file may change meanwhile
+    return _counted(name, architecture, tuple(size) if isinstance(size, list) else size, model.patch_dropout)
+
+
+@functools.lru_cache(maxsize=16)
+def _counted(name: str, _architecture: str, force_image_size, patch_dropout: float) -> float:
+    """Counted once a process per architecture (about 0.4 s for the tiny model: a sweep builds a trainer a setting)."""
+    import open_clip
     from torch.utils.flop_counter import FlopCounterMode
 
-    from fastclip.model import _quiet_random_init, resolve_model_name
+    from fastclip.model import _quiet_random_init
 
     with torch.device("meta"), _quiet_random_init():
         clip = open_clip.create_model(
-            resolve_model_name(model.name), force_image_size=model.force_image_size, device="meta",
-            force_patch_dropout=model.patch_dropout or None,  # in training mode: the tokens a step really sees
+            name, force_image_size=force_image_size, device="meta",
+            force_patch_dropout=patch_dropout or None,  # in training mode: the tokens a step really sees
         )  # fmt: skip
     size = clip.visual.image_size
     size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)

@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     from fastclip.checkpoint import CheckpointError
     from fastclip.data.skips import DataBroken
     from fastclip.errors import OutOfMemory, TrainingDiverged
+    from fastclip.preemption import EXIT_CODE, Preempted, StopRequests
     from fastclip.trainer import Trainer
     from fastclip.world import close_distributed
 
@@ -128,15 +129,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     world, lock = _join(cfg, shard_list)
     run = SimpleNamespace(trainer=None, finished=False)
     watchdog = _watch(cfg, world, run)
+    # from the first step on, a signal stops the ranks together with a checkpoint (before, there is none to save)
+    stop = StopRequests(rank=world.rank, world_size=world.world_size, store=world.store,
+                        grace_s=cfg.checkpoint.signal_grace_s)  # fmt: skip
     try:
         if cfg.train.benchmark_try:  # several settings, each its own trainer (fastclip/benchmark_sweep.py)
             metrics = benchmark_sweep.run(cfg, world, argv=args)
         else:
             run.trainer = Trainer(cfg, world, shard_list=shard_list[1])
-            metrics = benchmark.run(run.trainer) if cfg.train.benchmark else run.trainer.train()
+            metrics = benchmark.run(run.trainer) if cfg.train.benchmark else run.trainer.train(stop.install())
         watchdog.finish()
         run.finished = True
         return metrics
+    except Preempted as e:  # a requeued job goes on from its checkpoint
+        watchdog.finish()
+        run.finished = True
+        _fail(str(e), code=EXIT_CODE)
     except (CheckpointError, DataBroken, OutOfMemory) as e:  # one rank's files, data or memory: named
         watchdog.fail(str(e))
         _fail(str(e), code=2 if isinstance(e, CheckpointError) else 1, any_rank=True)
@@ -149,6 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         watchdog.fail(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
         raise
     finally:
+        stop.close()
         watchdog.stop()
         if run.trainer is not None:
             run.trainer.close()

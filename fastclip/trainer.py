@@ -41,6 +41,7 @@ from fastclip.meters import Interval, Meters, due
 from fastclip.mfu import mfu, peak_flops, peak_memory_gb, train_flops_per_sample
 from fastclip.model import build_model, image_spec, loss_kind, loss_scalars, param_groups
 from fastclip.out_of_memory import said_in_one_line
+from fastclip.preemption import Preempted, StopRequests
 from fastclip.schedules import build_schedule, epoch_source, restart_at, total_steps
 from fastclip.sinks import MetricSinks, progress_bar, train_line
 from fastclip.world import World
@@ -266,8 +267,10 @@ class Trainer:
     def should_checkpoint(self) -> bool:
         return due(self.step, self.cfg.checkpoint.every) and self.step < self.total_steps  # the end saves anyway
 
-    def train(self) -> dict[str, float]:
-        """Train to ``total_steps`` (or an early stop), then evaluate, save and export; the last eval's metrics."""
+    def train(self, stop: StopRequests | None = None) -> dict[str, float]:
+        """Train to ``total_steps`` (or an early stop), then evaluate, save and export; the last eval's metrics.
+        ``stop``: the signals' stop requests (fastclip/preemption.py); at the step the ranks agree on, one
+        checkpoint and :class:`Preempted`."""
         self.checkpoints.check_room(export=self.cfg.checkpoint.export_open_clip)  # not after hours of training
         self.engine.train()
         batches = iter(self.train_loader)
@@ -281,6 +284,8 @@ class Trainer:
                     bar.update(1)
                 if self.should_log():
                     interval = self.log_train(interval, bar)
+                if stop is not None and stop.stop_step(self.step) == self.step < self.total_steps:
+                    self._preempt(stop, interval, bar)  # the last step finishes as any run's end does
                 if self.should_evaluate():
                     metrics = self.evaluate()
                     if self.state.early_stopping.update(metrics.get(self.val_loss_key), self.step):
@@ -293,10 +298,20 @@ class Trainer:
                     self.save()
             metrics = self.evaluate() if metrics is None else metrics
             self.save(final=True)
+            if stop is not None:
+                stop.saved()
         finally:
             if bar is not None:
                 bar.close()
         return metrics
+
+    def _preempt(self, stop: StopRequests, interval: Interval, bar) -> None:
+        """Stop at the agreed step: its log line, one checkpoint (no eval: the grace is short), then out."""
+        if interval.steps:
+            self.log_train(interval, bar)
+        folder = self.save()
+        stop.saved()
+        raise Preempted(self.step, stop.cause, folder, latest=self.checkpoints.newest)
 
     def _stop_early(self) -> None:
         record, line = self.state.early_stopping.stop_record(self.step, self.loss_kind)
@@ -365,7 +380,7 @@ class Trainer:
         self.engine.train()
         return metrics
 
-    def save(self, *, final: bool = False) -> None:
+    def save(self, *, final: bool = False) -> Path | None:
         """A checkpoint of this step, unless the steps since the last log (or, when steps are skipped, the weights)
         are not finite. At the end, open_clip.pt first: a last save that fails (a full disk) leaves the weights."""
         pending = torch.stack([self.meters["loss"].total, self.meters["grad_norm"].total])
@@ -374,12 +389,12 @@ class Trainer:
             model, fallback = self.cfg.model, Path(self.cfg.log.dir)
             self.checkpoints.export_open_clip(step=self.step, model_name=model.name, fallback=fallback,
                                               force_image_size=model.force_image_size)  # fmt: skip
-        self.checkpoints.save(self.state, position=self.data_position, config=self.cfg.to_dict(), final=final)
+        return self.checkpoints.save(self.state, position=self.data_position, config=self.cfg.to_dict(), final=final)
 
     def resume(self, where: str) -> None:
         folder = self.checkpoints.locate(where)
         if folder is None:
-            say(f"checkpoint.resume=latest: no checkpoint in {self.cfg.checkpoint.dir} yet, starting from step 0")
+            say(f"checkpoint.resume auto: no checkpoint in {self.cfg.checkpoint.dir} yet, starting from step 0")
             return
         resumed = self.checkpoints.resume(
             folder, self.state, loader=self.train_loader, load_scheduler=not self.own_schedule, stage=self.stage

@@ -116,6 +116,22 @@ def node_launch(
     return proc
 
 
+def rank_pids(rank: int, *, workers: bool = False) -> list[int]:
+    """The trainer process holding RANK=rank first (an empty list when there is none), then, with ``workers``, its
+    loader workers (forked later: they inherit the variable and the command line)."""
+    found = []
+    for pid in os.listdir("/proc"):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if f"RANK={rank}".encode() in env and b"fastclip/train.py" in cmd and b"deepspeed.launcher" not in cmd:
+            found.append(int(pid))
+    found.sort()
+    return found if workers else found[:1]
+
+
 def wait_all(procs: list[subprocess.Popen], timeout: float = 600) -> list[str]:
     """Wait for every launcher (killing all if one outlives ``timeout``); each one's output."""
     wait_or_kill(procs, timeout)

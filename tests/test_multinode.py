@@ -19,7 +19,7 @@ import torch
 
 from fastclip.world import TORCHRUN_WAITS, free_port
 
-from runs import ROOT, clean_env, deepspeed_cmd, node_launch, run_cli, small_run_args, wait_all
+from runs import ROOT, clean_env, deepspeed_cmd, node_launch, rank_pids, run_cli, small_run_args, wait_all
 
 pytestmark = pytest.mark.slow
 
@@ -38,20 +38,6 @@ def _records(log_dir: Path) -> list[dict]:
 def _check(outputs: list[str], procs) -> None:
     for out, proc in zip(outputs, procs):
         assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-5000:]}"
-
-
-def _rank_pid(rank: int) -> int | None:
-    """The pid of the trainer process holding RANK=rank (not its loader workers, which inherit the variable)."""
-    found = []
-    for pid in os.listdir("/proc"):
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except (OSError, ValueError):
-            continue
-        if f"RANK={rank}".encode() in env and b"fastclip/train.py" in cmd and b"deepspeed.launcher" not in cmd:
-            found.append(int(pid))
-    return min(found) if found else None  # the workers are forked after it
 
 
 def _two_nodes(kind, port, args, tmp, **kw):
@@ -73,7 +59,7 @@ def killed_and_resumed(world_dir, tmp_path_factory):
     while time.time() < deadline and not (latest.exists() and latest.read_text().strip() >= "step_00000002"):
         assert all(p.poll() is None for p in procs), wait_all(procs)
         time.sleep(0.2)
-    pid = _rank_pid(3)
+    pid = rank_pids(3)[0]
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
     killed_at = time.monotonic()

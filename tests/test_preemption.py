@@ -1,0 +1,267 @@
+"""Preemption (fastclip/preemption.py): SIGTERM to one rank or to every process of a run stops the ranks at one
+step with one checkpoint and exit 75, and the same command with ``--checkpoint.resume auto`` goes on with the
+losses of a run never stopped; a second signal, or a save past ``checkpoint.signal_grace_s``, ends the run at
+once with ``latest`` untouched."""
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from fastclip.preemption import EXIT_CODE, SAME_SIGNAL_S, StopRequests
+from fastclip.world import free_port
+
+from runs import ROOT, clean_env, deepspeed_cmd, rank_pids, small_run_args, wait_all
+
+# fp32, whole-image crops and the torch loader: a resumed run's losses equal the uninterrupted run's
+EXACT = ["--train.precision", "fp32", "--data.loader", "torch", "--data.num_threads", "1",
+         "--data.crop_scale", "[1.0, 1.0]", "--data.val_shards", "null", "--checkpoint.export_open_clip", "false",
+         "--dist.heartbeat_s", "1", "--dist.lost_after_s", "8"]  # fmt: skip
+STEPS = 14
+
+
+def _losses(out: Path) -> dict[int, float]:
+    """The loss logged at each step; a step logged twice (before a stop and after the resume) must agree."""
+    losses: dict[int, float] = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            assert r["step"] not in losses or losses[r["step"]] == pytest.approx(r["loss"], rel=1e-5), r
+            losses[r["step"]] = r["loss"]
+    return losses
+
+
+def _launch(args: list[str], tmp: Path, name: str) -> subprocess.Popen:
+    path = tmp / f"{name}.log"
+    with open(path, "w") as log:
+        proc = subprocess.Popen(deepspeed_cmd(2, free_port()) + args, cwd=ROOT, env=clean_env(), stdout=log,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+    proc.log_path = path
+    return proc
+
+
+def _stopped(args, tmp, name, *, after: int, ranks: list[int]):
+    """Launch, wait for step ``after`` in the log, SIGTERM ``ranks``' processes (with their loader workers, as a
+    cluster signals every process of a job); the launcher's output and exit code."""
+    proc = _launch(args, tmp, name)
+    metrics, deadline = Path(args[args.index("--log.dir") + 1]) / "metrics.jsonl", time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and any(json.loads(line).get("step", 0) >= after for line in metrics.read_text().split(
+                "\n") if line.strip() and "loss" in line):  # fmt: skip
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, wait_all([proc])[0][-4000:]
+    for rank in ranks:
+        for pid in rank_pids(rank, workers=True):
+            os.kill(pid, signal.SIGTERM)
+    return wait_all([proc], timeout=180)[0], proc.returncode
+
+
+@pytest.fixture(scope="module")
+def preempted(world_dir, tmp_path_factory):
+    """One run never stopped, and one stopped twice and requeued with the same command: SIGTERM to rank 1 alone at a
+    random step, then to every process of both ranks at another."""
+    tmp = tmp_path_factory.mktemp("preempted")
+    common = EXACT + ["--checkpoint.every", "5", "--checkpoint.resume", "auto"]
+    reference = tmp / "reference"
+    ref = _launch(small_run_args(world_dir, reference, steps=STEPS, batch=8) + common, tmp, "reference")
+    ref_out = wait_all([ref])[0]
+    assert ref.returncode == 0, ref_out[-4000:]
+    out = tmp / "run"
+    args = small_run_args(world_dir, out, steps=STEPS, batch=8) + common
+    rng = random.Random(os.environ.get("PYTEST_XDIST_WORKER", "") + str(time.time_ns()))
+    first_at, second_after = rng.randint(2, 5), rng.randint(1, 3)
+    one = _stopped(args, tmp, "one", after=first_at, ranks=[1])
+    stopped_one = _latest_step(out)
+    every = _stopped(args, tmp, "every", after=stopped_one + second_after, ranks=[0, 1])
+    stopped_every = _latest_step(out)
+    last = _launch(args, tmp, "requeued")
+    last_out = wait_all([last])[0]
+    return SimpleNamespace(reference=reference, out=out, one=one, every=every, last=(last_out, last.returncode),
+                           stops=(stopped_one, stopped_every), asked=(first_at, second_after))  # fmt: skip
+
+
+def _latest_step(out: Path) -> int:
+    return int((out / "checkpoints" / "latest").read_text().strip().split("_")[1])
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_or_every_process_stops_together_and_the_requeued_run_goes_on_exactly(preempted):
+    run = preempted
+    (one_out, one_code), (every_out, every_code) = run.one, run.every
+    assert one_code == EXIT_CODE, one_out[-4000:]
+    assert every_code == EXIT_CODE, every_out[-4000:]
+    first, second = run.stops
+    # the signal lands within a step or two of the one seen in the log; the ranks stop at the one after
+    assert run.asked[0] <= first <= run.asked[0] + 4, (run.asked, first, one_out[-3000:])
+    assert first < second < STEPS, (run.stops, every_out[-3000:])
+    folder = run.out / "checkpoints" / f"step_{first:08d}"
+    assert (
+        f"stopped at step {first} on SIGTERM to rank 1; checkpoint {folder}. The same command with "
+        "--checkpoint.resume auto goes on from there (exit 75: requeue)" in one_out
+    )
+    assert "SIGTERM: finishing this step, then one checkpoint and exit 75" in one_out
+    assert f"resumed from {run.out / 'checkpoints'}/step_{first:08d} at step {first}" in every_out
+    assert re.search(rf"stopped at step {second} on SIGTERM to rank [01]; checkpoint", every_out)
+    for text in (one_out, every_out):
+        assert "Traceback" not in text and "worker" not in text.lower().replace("dataloader workers", ""), text[-3000:]
+    last_out, last_code = run.last
+    assert last_code == 0, last_out[-4000:]
+    # each stop wrote one whole checkpoint of every rank, at the agreed step
+    for step in (first, second):
+        folder = run.out / "checkpoints" / f"step_{step:08d}"
+        assert sorted(p.name for p in folder.glob("data_rank*.json")) == ["data_rank00000.json", "data_rank00001.json"]
+    ours, reference = _losses(run.out), _losses(run.reference)
+    assert sorted(ours) == sorted(reference) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert ours[step] == pytest.approx(reference[step], rel=1e-5), (step, ours, reference)
+
+
+# ------------------------------------------------------------------------------------- one rank, in detail
+
+SLOW_SAVE = """
+import sys, time
+from fastclip import checkpoint, train
+
+write = checkpoint.CheckpointManager._write
+def slow(self, folder, state, **kw):
+    if state.step > 2:  # the signal's checkpoint, not the periodic one at step 2
+        print("saving: slowly", flush=True)
+        time.sleep(5)
+    return write(self, folder, state, **kw)
+checkpoint.CheckpointManager._write = slow
+train.main(sys.argv[1:])
+"""
+
+
+def _one_rank(world_dir, tmp_path, extra: list[str]) -> subprocess.Popen:
+    out = tmp_path / "run"
+    args = small_run_args(world_dir, out, steps=1000, batch=8) + EXACT + ["--checkpoint.every", "2"] + extra
+    return subprocess.Popen([sys.executable, "-c", SLOW_SAVE, *args], cwd=ROOT, env=clean_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def _read_until(proc, marker: str, lines: list[str]) -> None:
+    for line in proc.stdout:
+        lines.append(line)
+        if marker in line:
+            return
+    raise AssertionError("".join(lines)[-3000:])
+
+
+def _exited(proc, start: float) -> float:
+    """Seconds from ``start`` to the process's exit (not to the end of its output: that its loader workers were
+    ended with it, the test's time says)."""
+    proc.wait(timeout=60)
+    return time.monotonic() - start
+
+
+def test_a_second_signal_during_the_save_ends_at_once_and_latest_keeps_the_previous(world_dir, tmp_path):
+    proc, lines = _one_rank(world_dir, tmp_path, []), []
+    try:
+        _read_until(proc, "checkpoint: ", lines)  # the periodic one at step 2
+        proc.send_signal(signal.SIGTERM)
+        _read_until(proc, "saving: slowly", lines)
+        time.sleep(SAME_SIGNAL_S)  # sooner, it would count as the first one reaching the process twice
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        took = _exited(proc, start)
+    finally:
+        proc.kill()
+    text = "".join(lines) + proc.stdout.read()
+    assert proc.returncode == 128 + signal.SIGTERM, text[-3000:]
+    assert took < 3, text[-3000:]  # the slow save had 5 s left
+    assert "a second signal (SIGTERM): ending now without a checkpoint" in text
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+
+
+def test_a_save_past_the_grace_ends_the_run_and_latest_keeps_the_previous(world_dir, tmp_path):
+    proc, lines = _one_rank(world_dir, tmp_path, ["--checkpoint.signal_grace_s", "2"]), []
+    try:
+        _read_until(proc, "checkpoint: ", lines)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGUSR1)
+        took = _exited(proc, start)
+    finally:
+        proc.kill()
+    text = "".join(lines) + proc.stdout.read()
+    assert proc.returncode == 128 + signal.SIGUSR1, text[-3000:]
+    assert 2 <= took < 4.5, text[-3000:]  # the slow save would take 5 s
+    assert "no checkpoint 2 s after SIGUSR1 (checkpoint.signal_grace_s): ending now without a checkpoint" in text
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+
+
+# ------------------------------------------------------------------------------ the agreement, without a run
+
+
+def _store():
+    import torch.distributed as dist
+
+    return dist.TCPStore("127.0.0.1", free_port(), None, True, timedelta(seconds=10))
+
+
+def test_the_first_posted_stop_step_wins_and_every_rank_reads_it(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    store = _store()
+    ranks = [StopRequests(rank=r, world_size=3, store=store, grace_s=0) for r in range(3)]
+    assert [r.stop_step(4) for r in ranks] == [None, None, None]  # no signal: each step one store read, no stop
+    ranks[2].signum = signal.SIGUSR1  # as its handler records it
+    ranks[0].signum = signal.SIGTERM
+    assert ranks[2].stop_step(5) == 6  # posted: the step after this rank's
+    assert ranks[0].stop_step(6) == 6  # its own signal came later: the first post stands
+    assert ranks[1].stop_step(5) == 6 and ranks[1].stop_step(6) == 6
+    assert ranks[1].signal_name == "another rank's signal" and ranks[2].signal_name == "SIGUSR1"
+    assert {r.cause for r in ranks} == {"SIGUSR1 to rank 2"}
+    late = StopRequests(rank=1, world_size=3, store=store, grace_s=0)
+    with pytest.raises(RuntimeError, match="past the agreed stop step 6"):
+        late.stop_step(7)
+
+
+def test_one_rank_stops_at_the_step_it_is_on_and_signals_together_count_once():
+    stop = StopRequests(rank=0, world_size=1, grace_s=0).install()
+    try:
+        assert stop.stop_step(3) is None
+        os.kill(os.getpid(), signal.SIGINT)  # a terminal's Ctrl-C: no KeyboardInterrupt
+        time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGTERM)  # its launcher forwarding it: the same request
+        time.sleep(0.05)
+        assert stop.stop_step(3) == 3 and stop.signal_name == "SIGINT"
+    finally:
+        stop.close()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_handlers_are_installed_from_the_main_thread_only():
+    stops = []
+    thread = threading.Thread(target=lambda: stops.append(StopRequests(rank=0, world_size=1, grace_s=0).install()))
+    thread.start()
+    thread.join()
+    assert stops[0]._previous == {}
+
+
+def test_resume_auto_starts_a_first_run_from_step_0_and_latest_insists_on_a_checkpoint(
+    single_rank, world_dir, tmp_path, capsys
+):
+    from fastclip.cli import parse_args
+    from fastclip.errors import ConfigError
+    from fastclip.trainer import Trainer
+
+    args = small_run_args(world_dir, tmp_path / "run", steps=2) + ["--data.val_shards", "null"]
+    with pytest.raises(ConfigError, match=r"resume latest: .* holds no checkpoint .* --checkpoint.resume auto"):
+        Trainer(parse_args(args + ["--checkpoint.resume", "latest"]), single_rank)
+    trainer = Trainer(parse_args(args + ["--checkpoint.resume", "auto"]), single_rank)
+    try:
+        assert trainer.step == 0
+    finally:
+        trainer.close()
+    assert f"checkpoint.resume auto: no checkpoint in {tmp_path / 'run' / 'checkpoints'} yet" in capsys.readouterr().out
