@@ -18,8 +18,10 @@ finishes its step and the ranks stop together:
   terminal's Ctrl-C reaches a rank and its launcher, which forwards it as SIGTERM; a cluster signals every
   process of a job. A save that is not done ``checkpoint.signal_grace_s`` after the signal ends the process the
   same way, with a line saying so, before the cluster's SIGKILL would end it without one.
-- Loader worker processes ignore the stop signals: a cluster signals every process, and a worker that died would
-  fail the step its rank is finishing. They end with their rank.
+- Loader worker processes ignore a stop signal while their rank stops (a cluster signals every process, and a
+  worker that died would fail the step its rank is finishing) and end with their rank. Any other SIGTERM ends
+  a worker as before: the DataLoader's own, for a worker that did not stop when told, and the interpreter's at
+  exit (a worker that ignored those would hold its rank's exit forever).
 """
 
 from __future__ import annotations
@@ -50,14 +52,43 @@ class Preempted(Exception):
         )
 
 
-def ignore_stop_signals(*_) -> None:
-    """In a loader worker process: its rank decides when it ends (usable as a DataLoader ``worker_init_fn``)."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
+RUNNING, STOPPING, ENDED = 0, 1, 2
+_state = None  # this process's stop state, in memory its forked loader workers share (set by install)
+
+
+def worker_signals(*_) -> None:
+    """In a loader worker process (a DataLoader ``worker_init_fn``): a stop signal while its rank finishes its
+    step is ignored (the rank ends its workers); any other SIGTERM (the DataLoader ending a worker that did not
+    stop, the interpreter's exit) ends it as before."""
+    if _state is not None:  # the rank takes stop signals (fastclip/train.py): else the defaults stand
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, _in_worker)
+
+
+def _in_worker(signum, _frame) -> None:
+    deadline = time.monotonic() + SAME_SIGNAL_S  # a cluster signals the rank and its workers at once: let it hear
+    while _state.value == RUNNING and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if _state.value != STOPPING:
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
 
 def _taken(_signum, _frame) -> None:
     """The Python-level handler of the stop signals: nothing (the listener thread acts), but no default action."""
+
+
+def _forget_wakeup() -> None:
+    """In a forked child: its signals are its own (the pipe the wakeup descriptor writes to is its parent's)."""
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:  # forked from a thread other than the main one: Python then keeps no descriptor to forget
+        pass
+
+
+def _set(state: int) -> None:
+    if _state is not None:
+        _state.value = state
 
 
 def _end_workers() -> None:
@@ -110,6 +141,10 @@ class StopRequests:
         own acts at once on the signal numbers Python's C handler writes to the wakeup descriptor."""
         if threading.current_thread() is not threading.main_thread():  # where signal handlers may be set
             return self
+        global _state
+        if _state is None:  # once a process: a forked child must not write its signals into this one's pipe
+            os.register_at_fork(after_in_child=_forget_wakeup)
+        _state = multiprocessing.RawValue("b", RUNNING)
         read, self._wakeup = os.pipe()
         os.set_blocking(self._wakeup, False)
         for signum in STOP_SIGNALS:
@@ -119,6 +154,7 @@ class StopRequests:
         return self
 
     def close(self) -> None:
+        _set(ENDED)
         if self._previous:
             signal.set_wakeup_fd(self._previous_wakeup)
             for signum, handler in self._previous.items():
@@ -139,6 +175,7 @@ class StopRequests:
         now = time.monotonic()
         if self.signum is None:
             self.signum, self.first_at = signum, now
+            _set(STOPPING)
             _write(
                 f"fastclip (rank {self.rank}): {signal.Signals(signum).name}: finishing this step, then one "
                 f"checkpoint and exit {EXIT_CODE} (a second signal ends the run at once)"
@@ -186,6 +223,8 @@ class StopRequests:
     def _read(self, posted: bytes) -> None:
         step, name, rank = posted.decode().split()
         self.stop_at, self.posted_by = int(step), f"{name} to rank {rank}"
+        _set(STOPPING)
 
     def saved(self) -> None:
         self._saved = True
+        _set(ENDED)

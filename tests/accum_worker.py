@@ -3,8 +3,8 @@ of the real Trainer on the same samples in three ways: K=1 micro batch of 4n, K=
 contrastively, and (first case only, to show the comparison tells them apart) K=4 independent, DeepSpeed's plain
 accumulation. Rank 0 saves each way's parameter change, logged loss, grad norm and samples_seen to ``--out FILE``.
 
-    deepspeed --num_gpus R tests/accum_worker.py --out FILE --world DIR --log DIR --cases 1/true/true,3/false/true
-        [--ways one,contrastive,independent]
+    torchrun --nproc-per-node R tests/accum_worker.py --out FILE --world DIR --log-folder DIR
+        --cases 1/true/true,3/false/true [--ways one,contrastive,independent]
 
 The step's 48 samples are the same on any number of ranks, so the K=1 way also compares world sizes and ZeRO stages.
 
@@ -71,7 +71,7 @@ def base_args(argv) -> list[str]:
     """One step whose parameter changes carry the gradient: AdamW's first update is lr * g / (|g| + eps), with eps
     1 it follows the gradient's size, not only its sign; a clip that never clips keeps that size (ZeRO 1-3 then
     still compute the pre-clip norm, which is compared)."""
-    base = small_run_args(Path(_arg(argv, "--world")), Path(_arg(argv, "--log")), steps=4)
+    base = small_run_args(Path(_arg(argv, "--world")), Path(_arg(argv, "--log-folder")), steps=4)
     return base + ["--train.precision", "fp32", "--data.val_shards", "null", "--data.loader", "torch",
                    "--optim.warmup_steps", "0", "--optim.weight_decay", "0", "--optim.eps", "1",
                    "--optim.lr", "1", "--optim.grad_clip", "1e6", "--checkpoint.export_open_clip", "false"]  # fmt: skip

@@ -65,6 +65,16 @@ def deepspeed_cmd(num_ranks: int, port: int) -> list[str]:
     ]
 
 
+def torchrun_cmd(num_ranks: int, port: int, script: Path) -> list[str]:
+    """``script`` on ``num_ranks`` ranks by torchrun: 4 s less start-up than the deepspeed launcher (one Python
+    process importing torch, not two importing DeepSpeed too), for tests that do not test the launcher itself. Its
+    exit status on a failed rank is 1 whatever the rank's; the script's own options must not abbreviate one of
+    torchrun's (its parser rejects ``--log`` as ambiguous even after the script)."""
+    launcher = Path(sys.executable).parent / "torchrun"
+    return [str(launcher), "--nproc-per-node", str(num_ranks), "--master-addr", "127.0.0.1", "--master-port",
+            str(port), str(script)]  # fmt: skip
+
+
 def small_run_args(world: Path, out: Path, *, steps: int, batch: int = 16) -> list[str]:
     """Overrides for a fast run on the ``world_dir`` fixture, with tiny images."""
     return [

@@ -11,7 +11,7 @@ import torch
 from fastclip.cli import parse_args
 from fastclip.world import free_port
 
-from runs import ROOT, deepspeed_cmd, run_cli, small_run_args
+from runs import ROOT, run_cli, small_run_args, torchrun_cmd
 
 
 def _check(proc):
@@ -48,9 +48,8 @@ def _run(world_dir, tmp_path_factory, ranks: int) -> dict:
     """The worker's results on ``ranks`` ranks (launched once per test session)."""
     if ranks not in _results:
         tmp = tmp_path_factory.mktemp(f"accum{ranks}")
-        cmd = deepspeed_cmd(ranks, free_port())  # a fixed port collides with another run's
-        cmd[-1] = str(ROOT / "tests" / "accum_worker.py")
-        args = ["--out", str(tmp / "result.pt"), "--world", str(world_dir), "--log", str(tmp / "log"),
+        cmd = torchrun_cmd(ranks, free_port(), ROOT / "tests" / "accum_worker.py")  # a fixed port collides
+        args = ["--out", str(tmp / "result.pt"), "--world", str(world_dir), "--log-folder", str(tmp / "log"),
                 "--cases", CASES[ranks]] + (["--ways", "one"] if ranks == 4 else [])  # fmt: skip
         _check(run_cli(cmd + args, cwd=ROOT, env={"PYTHONPATH": str(ROOT / "tests")}))
         _results[ranks] = torch.load(tmp / "result.pt")

@@ -22,7 +22,7 @@ from fastclip.config import ModelConfig
 from fastclip.model import param_group_names
 from fastclip.world import free_port
 
-from runs import ROOT, deepspeed_cmd, run_cli, small_run_args
+from runs import ROOT, run_cli, small_run_args, torchrun_cmd
 
 STAGES, PRECISIONS = (0, 1, 2, 3), ("bf16", "amp_bf16", "fp32")
 OLD = {"rule": "no_embeddings", "align": False}  # the layout before issue 28 (today's code then)
@@ -235,8 +235,7 @@ def _resumes_on_two_ranks(folder, world_dir, tmp_path, common: list[str]) -> Non
     out = tmp_path / "two"
     args = small_run_args(world_dir, out, steps=3) + common + ["--optim.decay_rule", "no_embeddings"]
     args += ["--checkpoint.dir", str(folder.parent), "--checkpoint.resume", str(folder), "--data.val_shards", "null"]
-    cmd = deepspeed_cmd(2, free_port())
-    cmd[-1] = str(ROOT / "tests" / "resume_worker.py")
+    cmd = torchrun_cmd(2, free_port(), ROOT / "tests" / "resume_worker.py")
     proc = run_cli([*cmd, "--out", str(tmp_path / "two.pt"), *args], cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "regrouped by parameter name" in proc.stdout and "was saved on 1 rank" in proc.stdout

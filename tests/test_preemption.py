@@ -265,3 +265,40 @@ def test_resume_auto_starts_a_first_run_from_step_0_and_latest_insists_on_a_chec
     finally:
         trainer.close()
     assert f"checkpoint.resume auto: no checkpoint in {tmp_path / 'run' / 'checkpoints'} yet" in capsys.readouterr().out
+
+
+def _worker() -> None:
+    """A loader worker's life: its init, then work until ended."""
+    from fastclip import preemption
+
+    preemption.worker_signals()
+    time.sleep(60)
+
+
+def test_a_worker_ignores_a_stop_signal_while_its_rank_stops_and_ends_on_any_other_sigterm():
+    import multiprocessing
+
+    from fastclip import preemption
+
+    stop = StopRequests(rank=0, world_size=1, grace_s=0).install()  # RUNNING: a SIGTERM is the DataLoader's own
+    fork = multiprocessing.get_context("fork")
+    first, second = fork.Process(target=_worker, daemon=True), fork.Process(target=_worker, daemon=True)
+    try:
+        first.start(), second.start()
+        time.sleep(0.5)  # both past their init
+        os.kill(first.pid, signal.SIGTERM)
+        first.join(timeout=10)
+        assert first.exitcode == -signal.SIGTERM  # after waiting SAME_SIGNAL_S for its rank to say it stops
+        assert stop.signum is None  # the worker's signal is not its rank's (no shared wakeup pipe)
+        preemption._set(preemption.STOPPING)
+        os.kill(second.pid, signal.SIGTERM)
+        second.join(timeout=2 * SAME_SIGNAL_S)
+        assert second.is_alive()  # the rank finishes its step with it
+        preemption._set(preemption.ENDED)
+        os.kill(second.pid, signal.SIGTERM)  # the rank's exit: the interpreter's terminate() must end it
+        second.join(timeout=10)
+        assert second.exitcode == -signal.SIGTERM
+    finally:
+        stop.close()
+        for proc in (first, second):
+            proc.kill()

@@ -23,7 +23,7 @@ from fastclip.data.shard_stream import BadShards, Shard, ShardStream, bounds
 from fastclip.data.skips import DataBroken, Skips, Undecodable
 from fastclip.data.tar_layout import IMAGE_EXTS, parse_label
 from fastclip.model import ImageSpec
-from fastclip.preemption import ignore_stop_signals
+from fastclip.preemption import worker_signals
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 
@@ -178,7 +178,7 @@ class TorchLoader:
             pin_memory=device.type == "cuda", drop_last=train, persistent_workers=train, prefetch_factor=4,
             # the workers' crops: drawn apart on each rank (the process-wide RNG is seeded alike on every rank)
             generator=torch.Generator().manual_seed(derive_seed(seed, "worker crops", rank)),
-            worker_init_fn=ignore_stop_signals,  # a cluster's SIGTERM reaches every process: the rank ends them
+            worker_init_fn=worker_signals,  # a cluster's SIGTERM reaches every process: the rank ends them
         )  # fmt: skip
 
     def _workers(self, asked: int, total: int, world_size: int) -> int:
