@@ -20,7 +20,7 @@ DIMS = [512, 768]
 SIGLIP_GPU_SIZES = {"full": [32768, 65536], "quick": [4096]}
 # one D in quick mode: each CPU case's two memory probes start a Python each (open_clip's import alone is ~3 s on
 # 2 cores), and make test runs the quick suite
-SIGLIP_CPU_DIMS = {"full": DIMS, "quick": [512]}
+CPU_DIMS = {"full": DIMS, "quick": [512]}
 
 _INPUTS = """
 import torch, torch.nn.functional as F
@@ -125,6 +125,8 @@ def _cpu_case(benchmark, record, quick, n: int, d: int, tensors: tuple, ours_ste
 @pytest.mark.parametrize("size_index", range(3))
 def test_loss_cpu_fp32(benchmark, record, quick, size_index, d):
     n = _size(CPU_SIZES, quick, size_index)
+    if d not in CPU_DIMS["quick" if quick else "full"]:
+        pytest.skip("no such D in this mode")
     tensors = inputs(n, d, torch.float32, "cpu")  # noqa: F821 (defined by exec above)
     _cpu_case(benchmark, record, quick, n, d, tensors, _fastclip_step, _open_clip_step, "ClipLoss")
 
@@ -133,7 +135,7 @@ def test_loss_cpu_fp32(benchmark, record, quick, size_index, d):
 @pytest.mark.parametrize("size_index", range(3))
 def test_siglip_loss_cpu_fp32(benchmark, record, quick, size_index, d):
     n = _size(CPU_SIZES, quick, size_index)
-    if d not in SIGLIP_CPU_DIMS["quick" if quick else "full"]:
+    if d not in CPU_DIMS["quick" if quick else "full"]:
         pytest.skip("no such D in this mode")
     tensors = siglip_inputs(n, d, torch.float32, "cpu")  # noqa: F821 (defined by exec above)
     _cpu_case(benchmark, record, quick, n, d, tensors, _fastclip_siglip_step, _open_clip_siglip_step, "SigLipLoss")
