@@ -6,10 +6,14 @@ finishes its step and the ranks stop together:
 
 - The signal may reach the ranks at different steps, or only some of them. A signalled rank posts a stop step on
   the rendezvous store (the first post wins: ``compare_set``) and every rank reads the store after each step.
-  The step posted is the one after the poster's: no rank can finish that step before the poster has begun it
-  (every step reduces gradients across all ranks), and a rank reads the store after every step, so every rank
-  reads the post before it has passed the step named. One store read a step is the price (host only, no device
-  sync; about 0.1 ms on a node's loopback).
+  The step posted is ``RUN_AHEAD + 2`` after the poster's. Why no rank has passed it when the post lands: every
+  step reduces gradients across all ranks, so no device finishes step a + 2 before the poster's host has begun
+  step a + 1, after its post; and no host runs more than ``RUN_AHEAD`` steps ahead of its own device (after each
+  step it waits for the device to finish the step ``RUN_AHEAD`` back: on a GPU whose steps sync nothing the host
+  would otherwise queue steps freely, and with NCCL's queued collectives a fast rank's host would read the store
+  steps ahead of a slow one's). So a host past the posted step has a device past step a + 2, and reads the
+  store after the post. The price: one store read a step (host only; 28 us on loopback here) and one CUDA event;
+  the wait for it is a sync only for a host already ``RUN_AHEAD`` steps ahead, which keeps the device busy.
 - At that step the ranks save one checkpoint together (``latest`` moves only once every rank has written), and
   exit with :data:`EXIT_CODE`, 75 (EX_TEMPFAIL, "try again"). ``--checkpoint.resume auto`` in the same command
   makes a requeued job continue from it, and a first run start from step 0.
@@ -26,17 +30,21 @@ finishes its step and the ranks stop together:
 
 from __future__ import annotations
 
+import collections
 import multiprocessing
 import os
 import signal
 import threading
 import time
 
+import torch
+
 from fastclip.world import _store_key
 
 EXIT_CODE = 75  # stopped on a signal with a checkpoint written: requeue the job, --checkpoint.resume auto goes on
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 SAME_SIGNAL_S = 1.0  # a signal this soon after the first is the same request reaching this process twice
+RUN_AHEAD = 3  # steps a host may queue ahead of its device while stop requests are taken (see the module doc)
 
 
 class Preempted(Exception):
@@ -79,9 +87,12 @@ def _taken(_signum, _frame) -> None:
 
 
 def _forget_wakeup() -> None:
-    """In a forked child: its signals are its own (the pipe the wakeup descriptor writes to is its parent's)."""
+    """In a forked child: its signals are its own (the pipe the wakeup descriptor writes to is its parent's), with
+    their default actions until it says otherwise (a loader worker: :func:`worker_signals`)."""
     try:
         signal.set_wakeup_fd(-1)
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL if signum != signal.SIGINT else signal.default_int_handler)
     except ValueError:  # forked from a thread other than the main one: Python then keeps no descriptor to forget
         pass
 
@@ -120,7 +131,8 @@ class StopRequests:
         self.stop_at: int | None = None
         self.posted_by: str | None = None
         self._posted = False
-        self._saved = False
+        self._saved: int | bool = False  # the exit code once saved (see saved())
+        self._steps: collections.deque = collections.deque()  # CUDA events of the last RUN_AHEAD steps
         self._previous: dict[int, object] = {}
         self._grace: threading.Timer | None = None
         self._wakeup, self._previous_wakeup = -1, -1
@@ -147,18 +159,19 @@ class StopRequests:
         _state = multiprocessing.RawValue("b", RUNNING)
         read, self._wakeup = os.pipe()
         os.set_blocking(self._wakeup, False)
+        threading.Thread(target=self._listen, args=(read,), name="fastclip-signals", daemon=True).start()
+        self._previous_wakeup = signal.set_wakeup_fd(self._wakeup, warn_on_full_buffer=False)  # before the handlers
         for signum in STOP_SIGNALS:
             self._previous[signum] = signal.signal(signum, _taken)
-        self._previous_wakeup = signal.set_wakeup_fd(self._wakeup, warn_on_full_buffer=False)
-        threading.Thread(target=self._listen, args=(read,), name="fastclip-signals", daemon=True).start()
         return self
 
     def close(self) -> None:
+        """After the trainer's close (its loader workers ended): the previous handlers back, last."""
         _set(ENDED)
         if self._previous:
-            signal.set_wakeup_fd(self._previous_wakeup)
             for signum, handler in self._previous.items():
                 signal.signal(signum, handler)
+            signal.set_wakeup_fd(self._previous_wakeup)  # after the handlers: no signal falls between the two
             os.close(self._wakeup)  # the listener reads the end of the pipe and returns
         self._previous = {}
         if self._grace is not None:
@@ -169,10 +182,15 @@ class StopRequests:
             while numbers := pipe.read(64):
                 for signum in numbers:
                     if signum in STOP_SIGNALS:  # the descriptor hears every signal with a Python handler
-                        self._on_signal(signum)
+                        try:
+                            self._on_signal(signum)
+                        except Exception as e:  # noqa: BLE001 - a listener gone would swallow every later signal
+                            _write(f"fastclip (rank {self.rank}): handling {signum}: {e!r}")
 
     def _on_signal(self, signum: int) -> None:
         now = time.monotonic()
+        if self._saved is not False:  # the stop (or the run) is done but for its exit
+            return self._end_now("", signum)
         if self.signum is None:
             self.signum, self.first_at = signum, now
             _set(STOPPING)
@@ -195,36 +213,51 @@ class StopRequests:
             self._grace.start()
 
     def _end_now(self, why: str, signum: int) -> None:
-        if self._saved:  # the checkpoint is whole and 'latest' names it: the stop is done but for the exit
+        """Exit at once: 75 once the stop's checkpoint is whole, 0 once the run's end is saved, else 128 + signum."""
+        code = 128 + signum if self._saved is False else self._saved
+        try:
+            if code > 128:
+                _write(
+                    f"fastclip (rank {self.rank}): {why}: ending now without a checkpoint; 'latest' still names the "
+                    "previous one, where --checkpoint.resume auto goes on"
+                )
             _end_workers()
-            os._exit(EXIT_CODE)
-        _write(
-            f"fastclip (rank {self.rank}): {why}: ending now without a checkpoint; 'latest' still names the "
-            "previous one, where --checkpoint.resume auto goes on"
-        )
-        _end_workers()
-        os._exit(128 + signum)
+        finally:
+            os._exit(code)
 
-    def stop_step(self, step: int) -> int | None:
+    def stop_step(self, step: int, device) -> int | None:
         """The step the ranks stop at, once one is known (this rank has done ``step`` steps); None otherwise."""
         if self.world_size == 1 or self.store is None:
             return step if self.signum is not None else self.stop_at
+        self._bound_run_ahead(device)
         key = _store_key("stop_at")
         if self.signum is not None and not self._posted:
             self._posted = True
             # the first post wins; compare_set answers with the value the key holds now (ours or the winner's)
-            self._read(self.store.compare_set(key, "", f"{step + 1} {self.signal_name} {self.rank}"))
+            posted = f"{step + RUN_AHEAD + 2} {self.signal_name} {self.rank}"
+            self._read(self.store.compare_set(key, "", posted))
         elif self.stop_at is None and self.store.check([key]):  # a store round trip, no device sync
             self._read(self.store.get(key))
         if self.stop_at is not None and self.stop_at < step:  # the argument in the module doc says it cannot be
             raise RuntimeError(f"rank {self.rank} is past the agreed stop step {self.stop_at} (at {step})")
         return self.stop_at
 
+    def _bound_run_ahead(self, device) -> None:
+        """Wait until the device has finished the step ``RUN_AHEAD`` back (at once, as a rule: see the module doc)."""
+        if device.type != "cuda":  # a CPU's collectives return when done: its host is its device
+            return
+        event = torch.cuda.Event()
+        event.record()
+        self._steps.append(event)
+        if len(self._steps) > RUN_AHEAD:
+            self._steps.popleft().synchronize()
+
     def _read(self, posted: bytes) -> None:
         step, name, rank = posted.decode().split()
         self.stop_at, self.posted_by = int(step), f"{name} to rank {rank}"
         _set(STOPPING)
 
-    def saved(self) -> None:
-        self._saved = True
-        _set(ENDED)
+    def saved(self, *, final: bool = False) -> None:
+        """The stop's checkpoint is whole on every rank and ``latest`` names it (or, ``final``, the run's end is
+        saved): a signal from here on ends the process at once with 75 (0)."""
+        self._saved = 0 if final else EXIT_CODE

@@ -129,15 +129,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     world, lock = _join(cfg, shard_list)
     run = SimpleNamespace(trainer=None, finished=False)
     watchdog = _watch(cfg, world, run)
-    # from the first step on, a signal stops the ranks together with a checkpoint (before, there is none to save)
+    # taken from here on (benchmarks aside: nothing to save): a signal during start-up stops the ranks a few steps in
     stop = StopRequests(rank=world.rank, world_size=world.world_size, store=world.store,
                         grace_s=cfg.checkpoint.signal_grace_s)  # fmt: skip
+    if not (cfg.train.benchmark or cfg.train.benchmark_try):
+        stop.install()
     try:
         if cfg.train.benchmark_try:  # several settings, each its own trainer (fastclip/benchmark_sweep.py)
             metrics = benchmark_sweep.run(cfg, world, argv=args)
         else:
             run.trainer = Trainer(cfg, world, shard_list=shard_list[1])
-            metrics = benchmark.run(run.trainer) if cfg.train.benchmark else run.trainer.train(stop.install())
+            metrics = benchmark.run(run.trainer) if cfg.train.benchmark else run.trainer.train(stop)
         watchdog.finish()
         run.finished = True
         return metrics
@@ -157,10 +159,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         watchdog.fail(f"{type(e).__name__}: {' '.join(str(e).split())[:300]}")
         raise
     finally:
-        stop.close()
         watchdog.stop()
         if run.trainer is not None:
             run.trainer.close()
+        stop.close()  # after the loader workers are gone, which ignore a stop signal until it
         if run.finished or world.world_size == 1:  # after a peer's loss the group cannot be torn down cleanly
             close_distributed()
         if lock is not None:

@@ -284,7 +284,7 @@ class Trainer:
                     bar.update(1)
                 if self.should_log():
                     interval = self.log_train(interval, bar)
-                if stop is not None and stop.stop_step(self.step) == self.step < self.total_steps:
+                if stop is not None and stop.stop_step(self.step, self.world.device) == self.step < self.total_steps:
                     self._preempt(stop, interval, bar)  # the last step finishes as any run's end does
                 if self.should_evaluate():
                     metrics = self.evaluate()
@@ -296,10 +296,10 @@ class Trainer:
                     metrics = None  # a later step ends the run: the end evaluates again
                 if self.should_checkpoint():
                     self.save()
-            metrics = self.evaluate() if metrics is None else metrics
+            metrics = self.evaluate() if metrics is None else metrics  # (a stop asked for now waits for both)
             self.save(final=True)
             if stop is not None:
-                stop.saved()
+                stop.saved(final=True)
         finally:
             if bar is not None:
                 bar.close()
@@ -310,6 +310,8 @@ class Trainer:
         if interval.steps:
             self.log_train(interval, bar)
         folder = self.save()
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # rank 0 has moved 'latest': from here a second signal exits 75 on any rank
         stop.saved()
         raise Preempted(self.step, stop.cause, folder, latest=self.checkpoints.newest)
 

@@ -18,8 +18,6 @@ captions past the context length.
 
 from __future__ import annotations
 
-import functools
-import json
 from collections.abc import Callable
 
 import numpy as np
@@ -110,19 +108,9 @@ def build_tokenizer(model_name: str) -> Callable[[list[str]], torch.Tensor]:
     """``texts -> LongTensor[len(texts), context_length]`` for the architecture ``model_name`` (name or JSON):
     open_clip's ids, from :class:`FastTokenizer` where it applies."""
     import open_clip
-
-    name = resolve_model_name(model_name)
-    return _built(name, json.dumps(open_clip.get_model_config(name), sort_keys=True))
-
-
-@functools.lru_cache(maxsize=8)
-def _built(name: str, _architecture: str) -> Callable[[list[str]], torch.Tensor]:
-    """Built once a process per architecture (reading the BPE vocabulary takes 0.2 s; a sweep builds a trainer a
-    setting). Trainers may share one: what it keeps between calls is a memo of words already split."""
-    import open_clip
     from open_clip.tokenizer import SimpleTokenizer, _clean_lower
 
-    tokenizer = open_clip.get_tokenizer(name)
+    tokenizer = open_clip.get_tokenizer(resolve_model_name(model_name))
     if (
         type(tokenizer) is SimpleTokenizer
         and tokenizer.clean_fn is _clean_lower
