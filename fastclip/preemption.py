@@ -133,6 +133,7 @@ class StopRequests:
         self._posted = False
         self._saved: int | bool = False  # the exit code once saved (see saved())
         self._steps: collections.deque = collections.deque()  # CUDA events of the last RUN_AHEAD steps
+        self._spare = None  # the event of the step the device has finished, to record again
         self._previous: dict[int, object] = {}
         self._grace: threading.Timer | None = None
         self._wakeup, self._previous_wakeup = -1, -1
@@ -246,11 +247,12 @@ class StopRequests:
         """Wait until the device has finished the step ``RUN_AHEAD`` back (at once, as a rule: see the module doc)."""
         if device.type != "cuda":  # a CPU's collectives return when done: its host is its device
             return
-        event = torch.cuda.Event()
+        event = self._spare or torch.cuda.Event()  # one event a step, reused: nothing allocated per step
         event.record()
         self._steps.append(event)
         if len(self._steps) > RUN_AHEAD:
-            self._steps.popleft().synchronize()
+            self._spare = self._steps.popleft()
+            self._spare.synchronize()
 
     def _read(self, posted: bytes) -> None:
         step, name, rank = posted.decode().split()

@@ -170,39 +170,47 @@ def _exited(proc, start: float) -> float:
     return time.monotonic() - start
 
 
-def test_a_second_signal_during_the_save_ends_at_once_and_latest_keeps_the_previous(world_dir, tmp_path):
-    proc, lines = _one_rank(world_dir, tmp_path, []), []
+def _ended(world_dir, tmp_path, extra: list[str], stop) -> tuple[int, float, str, str]:
+    """One rank run until its periodic checkpoint at step 2, then ``stop(proc, lines)`` signals it and returns when
+    the clock on its exit starts: its exit status, the seconds from then to its exit, its output, and the step
+    folder ``latest`` names."""
+    proc, lines = _one_rank(world_dir, tmp_path, extra), []
     try:
         _read_until(proc, "checkpoint: ", lines)  # the periodic one at step 2
+        took = _exited(proc, stop(proc, lines))
+    finally:
+        proc.kill()
+    latest = (tmp_path / "run" / "checkpoints" / "latest").read_text().strip()
+    return proc.returncode, took, "".join(lines) + proc.stdout.read(), latest
+
+
+def test_a_second_signal_during_the_save_ends_at_once_and_latest_keeps_the_previous(world_dir, tmp_path):
+    def twice(proc, lines):
         proc.send_signal(signal.SIGTERM)
         _read_until(proc, "saving: slowly", lines)
         time.sleep(SAME_SIGNAL_S)  # sooner, it would count as the first one reaching the process twice
         start = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        took = _exited(proc, start)
-    finally:
-        proc.kill()
-    text = "".join(lines) + proc.stdout.read()
-    assert proc.returncode == 128 + signal.SIGTERM, text[-3000:]
+        return start
+
+    code, took, text, latest = _ended(world_dir, tmp_path, [], twice)
+    assert code == 128 + signal.SIGTERM, text[-3000:]
     assert took < 3, text[-3000:]  # the slow save had 5 s left
     assert "a second signal (SIGTERM): ending now without a checkpoint" in text
-    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    assert latest == "step_00000002"
 
 
 def test_a_save_past_the_grace_ends_the_run_and_latest_keeps_the_previous(world_dir, tmp_path):
-    proc, lines = _one_rank(world_dir, tmp_path, ["--checkpoint.signal_grace_s", "2"]), []
-    try:
-        _read_until(proc, "checkpoint: ", lines)
+    def once(proc, lines):
         start = time.monotonic()
         proc.send_signal(signal.SIGUSR1)
-        took = _exited(proc, start)
-    finally:
-        proc.kill()
-    text = "".join(lines) + proc.stdout.read()
-    assert proc.returncode == 128 + signal.SIGUSR1, text[-3000:]
+        return start
+
+    code, took, text, latest = _ended(world_dir, tmp_path, ["--checkpoint.signal_grace_s", "2"], once)
+    assert code == 128 + signal.SIGUSR1, text[-3000:]
     assert 2 <= took < 4.5, text[-3000:]  # the slow save would take 5 s
     assert "no checkpoint 2 s after SIGUSR1 (checkpoint.signal_grace_s): ending now without a checkpoint" in text
-    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+    assert latest == "step_00000002"
 
 
 # ------------------------------------------------------------------------------ the agreement, without a run
