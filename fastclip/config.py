@@ -76,6 +76,8 @@ class DataConfig:
     resampled: bool = False  # draw train shards with replacement, per rank (open_clip's --dataset-resampled)
     index_dir: str | None = None  # folder of the index tool's files, when not beside the shards (read-only ones)
     check_shards: int = 64  # shards opened at start-up (the first, the last, evenly between); the rest when read
+    remote_retries: int = 5  # retries of a failed read of a remote shard (s3://, http(s)://, pipe:), with backoff
+    remote_timeout_s: float = 60.0  # a remote read that receives nothing for this long fails (and is retried)
 
     def __post_init__(self):
         _require(self.batch_size > 0, "data.batch_size", f"must be a positive integer, got {self.batch_size}")
@@ -98,6 +100,8 @@ class DataConfig:
             "draws shards with replacement, so an epoch has no natural end: set data.train_num_samples as well",
         )  # fmt: skip
         _require(self.check_shards > 0, "data.check_shards", f"must be positive, got {self.check_shards}")
+        _require(self.remote_retries >= 0, "data.remote_retries", f"must be >= 0, got {self.remote_retries}")
+        _require(self.remote_timeout_s > 0, "data.remote_timeout_s", f"must be positive, got {self.remote_timeout_s}")
         lo, hi = self.crop_scale
         _require(
             0 < lo <= hi <= 1, "data.crop_scale", f"must be [lo, hi] with 0 < lo <= hi <= 1, got {self.crop_scale}"

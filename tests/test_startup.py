@@ -326,7 +326,8 @@ def test_dali_start_up_on_10000_shards_opens_only_check_shards_tars(many_shards,
 
     opened = []
     real = tarfile.open
-    monkeypatch.setattr(tarfile, "open", lambda name=None, *a, **kw: opened.append(name) or real(name, *a, **kw))
+    monkeypatch.setattr(tarfile, "open", lambda name=None, *a, **kw: opened.append(name or kw["fileobj"].name) or
+                        real(name, *a, **kw))  # fmt: skip
     cfg = parse_args(["--data.train_shards", many_shards[10_000, "indexed"], "--data.val_shards", "null",
                       "--data.loader", "dali", "--data.batch_size", "8", "--data.shuffle_buffer", "8"])  # fmt: skip
     check_inputs(cfg)

@@ -32,6 +32,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fastclip.data.remote import display, download, is_remote
 from fastclip.data.tar_layout import (
     IMAGE_EXTS,
     OTHER_IMAGE_EXTS,
@@ -253,7 +254,7 @@ def place_of(shard: str, index_dir: str | None) -> str:
 def _subfolder(index_dir: str, folder: str) -> str:
     """``index_dir``'s subfolder for the shards of ``folder``: its name and a hash of its real path (the same
     whichever way the folder is spelled, from the index run to the training run)."""
-    real = os.path.realpath(folder)
+    real = folder if is_remote(folder) else os.path.realpath(folder)
     return f"{index_dir}/{os.path.basename(real) or 'root'}-{hashlib.sha1(real.encode()).hexdigest()[:12]}"
 
 
@@ -341,15 +342,30 @@ def update_summaries(found: Iterable[ShardIndex], index_dir: str | None) -> list
     return written
 
 
+def _index_remote(url: str, index_dir: str, deep: bool) -> ShardIndex:
+    """A remote shard, downloaded next to its index files (a file the local checks can seek in) and indexed."""
+    with tempfile.NamedTemporaryFile(dir=place_of(url, index_dir), suffix=".tar.part") as tmp:
+        try:
+            download(url, tmp)
+            tmp.flush()
+        except OSError as e:
+            return ShardIndex(url, error=f"unreadable: {e}")
+        found = index_shard(tmp.name, deep=deep)
+    found.path = url
+    if found.error and "not a readable tar" in found.error:
+        found.error = found.error.replace(tmp.name, display(url))
+    return found
+
+
 def _index_one(path: str, index_dir: str | None, deep: bool) -> ShardIndex:
-    found = index_shard(path, deep=deep)
+    found = _index_remote(path, index_dir, deep) if is_remote(path) else index_shard(path, deep=deep)
     idx, report = Path(index_path(path, index_dir)), Path(report_path(path, index_dir))
     if found.error is None:
         write_atomically(idx, index_text(found.samples))
     else:
         idx.unlink(missing_ok=True)  # an old index of a shard that is now unreadable would point into garbage
     if found.rejected or found.notes:
-        text = {"shard": path, "rejected": found.rejected, "notes": found.notes}
+        text = {"shard": display(path), "rejected": found.rejected, "notes": found.notes}
         write_atomically(report, json.dumps(text, indent=1) + "\n")
     else:
         report.unlink(missing_ok=True)
@@ -364,7 +380,13 @@ def index_shards(paths: list[str], *, index_dir: str | None = None, workers: int
                  progress=None) -> list[ShardIndex]:  # fmt: skip
     """Index ``paths`` (``workers`` processes), then update their places' summaries. ``progress(n)`` is called
     as shards finish. Returns what each shard held (offsets dropped)."""
+    remote = [p for p in paths if is_remote(p)]
+    if remote and not index_dir:
+        raise ValueError(f"{display(remote[0])} is a remote shard: its index files need a folder here, --index-dir "
+                         "DIR (then --data.index_dir DIR when training)")  # fmt: skip
     for path in paths:  # a shard that is not there is a mistake in the list, not a damaged shard
+        if is_remote(path):
+            continue  # a request each: one that fails is named in the report
         if os.path.isdir(path):
             raise ValueError(f"{path} is a folder: name its shards, e.g. '{path}/*.tar'")
         if not os.path.isfile(path):

@@ -17,6 +17,7 @@ import torch
 
 from fastclip.config import DataConfig
 from fastclip.data.batch import Batch
+from fastclip.data.remote import DEFAULT, RemotePolicy
 from fastclip.data.shard_specs import Shards, resolve_shards
 from fastclip.model import ImageSpec
 from fastclip.world import cpu_set
@@ -65,6 +66,7 @@ class LoaderOptions:
     resampled: bool = False  # training draws shards with replacement, per rank
     index_dir: str | None = None
     check_shards: int | None = None  # shards opened at start-up; the rest when first read (None: all)
+    remote: RemotePolicy = DEFAULT  # how reads of remote shards are retried
 
     @classmethod
     def of(cls, data: DataConfig) -> LoaderOptions:
@@ -75,13 +77,14 @@ class LoaderOptions:
             decode_device=data.decode_device, crop_scale=data.crop_scale, max_bad_fraction=data.max_bad_fraction,
             train_num_samples=data.train_num_samples, resampled=data.resampled, index_dir=data.index_dir,
             check_shards=data.check_shards,
+            remote=RemotePolicy(retries=data.remote_retries, timeout_s=data.remote_timeout_s),
         )  # fmt: skip
 
     def resolve(self, spec: str, *, field: str, train: bool, count: bool = True) -> Shards:
         """``spec``'s shards as this loader reads them. Training with ``train_num_samples`` counts nothing."""
         return resolve_shards(
             spec, field=field, max_bad_fraction=self.max_bad_fraction, index_dir=self.index_dir,
-            check=self.check_shards, count=count and not (train and self.train_num_samples),
+            check=self.check_shards, count=count and not (train and self.train_num_samples), policy=self.remote,
         )  # fmt: skip
 
 

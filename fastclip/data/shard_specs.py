@@ -4,6 +4,12 @@ A shard that does not exist, is not a tar or is empty is a mistake in the spec: 
 is damaged (truncated by an interrupted copy or download, a header that does not parse) is what a web-scale
 set always holds a few of: it is skipped, named in the log with what is wrong, and counted; past
 ``data.max_bad_fraction`` of the shards the run stops, since that many points at the data, not at a few files.
+Remote shards (fastclip/data/remote.py) are named by brace ranges and checked with a request each for the first
+and the last; they are counted only from the index tool's files, or downloaded when there are a few.
+
+Why one module: expanding a spec, checking its shards and counting them are one decision, which shards an epoch
+reads and how many samples they hold; each step depends on what the one before found (a damaged shard is not
+counted, a counted one need not be walked).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from pathlib import Path
 from braceexpand import braceexpand
 
 from fastclip.console import counted
+from fastclip.data.remote import DEFAULT, RemotePolicy, display, is_remote, list_glob, open_shard
 from fastclip.data.skips import log
 from fastclip.data.tar_layout import (
     IMAGE_EXTS,
@@ -37,12 +44,32 @@ def _matches(pattern: str, *, field: str, spec: str) -> list[str]:
     where = f" (part of {spec!r})" if pattern != spec else ""
     if not pattern:
         raise ConfigError(f"{field}: {spec!r} has an empty part (a '::' at its start or end, or two in a row)")
+    if is_remote(pattern):
+        return _remote_matches(pattern, field=field, where=where)
     # a plain path is checked when opened (a folder, a missing file): a stat each here would be 40,000 at scale
     matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
     if not matches:
         raise ConfigError(
             f"{field}: {pattern!r}{where} matches no file. Check the path, or quote the glob in the shell."
         )
+    return matches
+
+
+def _remote_matches(pattern: str, *, field: str, where: str) -> list[str]:
+    """A remote pattern as it is (brace ranges name remote shards without listing anything); an S3 glob is listed,
+    and the log says so, since listing a bucket of 40,000 objects takes a while."""
+    if pattern.startswith("pipe:") or not glob.has_magic(pattern):
+        return [pattern]
+    if not pattern.startswith("s3://"):
+        raise ConfigError(f"{field}: {display(pattern)}{where} is a glob over HTTP, which cannot be listed: name the "
+                          "shards with a brace range, e.g. https://host/shards/{00000..00099}.tar")  # fmt: skip
+    say_once(field, f"{field}: listing {display(pattern)} (a brace range names the shards without a listing)")
+    try:
+        matches = list_glob(pattern)
+    except OSError as e:
+        raise ConfigError(f"{field}: cannot list {display(pattern)}{where}: {e}") from None
+    if not matches:
+        raise ConfigError(f"{field}: {display(pattern)}{where} matches no object. Check the bucket and prefix.")
     return matches
 
 
@@ -65,6 +92,19 @@ def shard_list_digest(spec: str, *, field: str = "shards") -> tuple[int, str]:
 
     listed = expand(spec, field=field)
     return len(listed), hashlib.sha1("\n".join(listed).encode()).hexdigest()[:16]
+
+
+def _check_remote(path: str, *, field: str, spec: str, policy: RemotePolicy) -> None:
+    """A remote shard exists, can be read with the credentials found, and starts with a tar header."""
+    try:
+        with open_shard(path, policy) as f:
+            head = f.read(tarfile.BLOCKSIZE)
+        tarfile.TarInfo.frombuf(head, tarfile.ENCODING, "surrogateescape")
+    except tarfile.TarError:
+        raise ConfigError(f"{field}: shard {display(path)} (from {display(spec)}) does not start with a tar header"
+                          "; is it a webdataset tar?") from None  # fmt: skip
+    except OSError as e:
+        raise ConfigError(f"{field}: cannot read shard {display(path)} (from {display(spec)}): {e}") from None
 
 
 def _check_opens(path: str, *, field: str, spec: str) -> None:
@@ -125,9 +165,9 @@ def _say_other_formats(field: str, keys: list[tuple[str, str]], *, probed: bool)
 def _probe_formats(path: str, members: int = 128) -> list[tuple[str, str]]:
     """Samples among a shard's first ``members`` tar members whose image only comes in another format."""
     try:
-        with tarfile.open(path, "r:") as tar:
+        with open_shard(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
             groups = list(member_groups(itertools.islice(tar, members)))
-    except tarfile.TarError:  # a layout the loader's own read will name
+    except (tarfile.TarError, OSError):  # a layout or a read the loader's own read will name
         return []
     return [(path, f"{key}.{sorted(set(g) & set(OTHER_IMAGE_EXTS))[0]}") for key, g in groups
             if "txt" in g and set(g) & set(OTHER_IMAGE_EXTS) and not usable(g)]  # fmt: skip
@@ -191,7 +231,7 @@ def _known(paths: list[str], *, field: str, index_dir: str | None):
 
 def resolve_shards(
     spec: str, *, field: str, max_bad_fraction: float = 0.0, count: bool = False, index_dir: str | None = None,
-    check: int | None = STARTUP_CHECKS,
+    check: int | None = STARTUP_CHECKS, policy: RemotePolicy = DEFAULT,
 ) -> Shards:  # fmt: skip
     """The readable shards of ``spec``, and their sample counts where the index tool's files give them.
 
@@ -206,8 +246,16 @@ def resolve_shards(
     indexed = known.indexed
     walk_these = known.missing if count else []
     opened = set(_spread(paths, check)) | set(walk_these)  # a walk opens its tars anyway: check them first
+    remote = [p for p in paths if is_remote(p)]
+    if remote:  # a request (a command) each: the first and the last, the rest when read
+        opened = (opened - set(remote)) | set(_spread(remote, min(check or 2, 2))) | set(walk_these)
+        _uncounted_remote(walk_these, field=field)
     for path in paths:
         if path not in opened or path in damaged:
+            continue
+        if is_remote(path):
+            _check_remote(path, field=field, spec=spec, policy=policy)
+            _check_index_readable(indexed.get(path), field=field)
             continue
         _check_opens(path, field=field, spec=spec)
         _changed(path, known.bytes.get(path))
@@ -227,6 +275,26 @@ def resolve_shards(
                else "", f"their tar headers ({counted(len(walked), 'shard')})" if walked else ""]  # fmt: skip
     counted_from = " and ".join(filter(None, sources)) if samples is not None else ""
     return Shards(good, samples, [indexed.get(p) for p in good], [known.bytes.get(p) for p in good], counted_from)
+
+
+REMOTE_WALK = 16  # remote shards counted by downloading them, at most: more is a transfer, not a start-up
+
+
+def _uncounted_remote(paths: list[str], *, field: str) -> None:
+    """Remote shards to count from their tar headers: downloaded, which is fine for a val set and not for a
+    bucket of training data."""
+    remote = [p for p in paths if is_remote(p)]
+    if not remote:
+        return
+    how = (f"index them once (python -m fastclip.data.shards index '{display(remote[0])}' --index-dir DIR, then "
+           "--data.index_dir DIR)")  # fmt: skip
+    if len(remote) > REMOTE_WALK:
+        raise ConfigError(
+            f"{field}: {len(remote)} remote shards (e.g. {display(remote[0])}) have no sample counts here, and "
+            f"counting them would download them all at start-up. Set data.train_num_samples (training), or {how}."
+        )
+    say_once(field, f"{field}: counting the samples of {counted(len(remote), 'remote shard')} by downloading "
+             f"them (e.g. {display(remote[0])}); to start without, {how}")  # fmt: skip
 
 
 def _walk_all(paths: list[str], damaged: dict[str, str], *, field: str, of: int) -> tuple[dict[str, int], list]:

@@ -18,29 +18,34 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from fastclip.data.index import read_index
 from fastclip.data.loader import derive_seed
+from fastclip.data.remote import DEFAULT, RemotePolicy, display, is_remote, open_shard
 from fastclip.data.skips import DataBroken, Undecodable, log
 from fastclip.data.tar_layout import IMAGE_EXTS, member_groups, usable
 
 
-def _walked(path: str, start: int, stop: int | None) -> Iterator[dict]:
+def _walked(path: str, start: int, stop: int | None, policy: RemotePolicy = DEFAULT) -> Iterator[dict]:
     """A shard's usable samples ``start`` to ``stop`` as {extension: bytes}, from its tar headers; the payloads of
-    the samples before ``start`` are skipped, not read."""
-    with tarfile.open(path, "r:") as tar:  # seekable: a sample skipped costs one header read per file
+    the samples before ``start`` are skipped, not read (a remote shard's, where they span chunks: a range request
+    goes past them). A remote shard cut short fails its read (fastclip/data/remote.py), never passing for a
+    whole one with fewer samples."""
+    with open_shard(path, policy) as f, tarfile.open(fileobj=f, mode="r:") as tar:
         usable_samples = (item for item in member_groups(tar) if usable(item[1]))
         for key, group in itertools.islice(usable_samples, start, stop):
             sample = {ext: tar.extractfile(member).read() for ext, member in group.items()}
-            yield {**sample, "__key__": key, "__shard__": path}
+            yield {**sample, "__key__": key, "__shard__": display(path)}
 
 
-def _indexed(path: str, idx: str, start: int, stop: int | None, size: int | None) -> Iterator[dict]:
+def _indexed(
+    path: str, idx: str, start: int, stop: int | None, size: int | None, policy: RemotePolicy = DEFAULT
+) -> Iterator[dict]:
     """The same from the shard's index file: each sample's files read at their offsets, no header read. Samples
     without an image or a caption are passed over (an index DALI's wds2idx wrote lists every sample)."""
     samples = [(key, files) for key, files in read_index(idx) if usable(files)][start:stop]
-    with open(path, "rb") as f:
-        if size is not None and (now := os.fstat(f.fileno()).st_size) != size:
+    with open_shard(path, policy, expect_size=size) as f:
+        if size is not None and not is_remote(path) and (now := os.fstat(f.fileno()).st_size) != size:
             raise OSError(f"it is {now} bytes, {size} when it was indexed: re-run the index tool on it")
         for key, files in samples:
-            sample = {"__key__": key, "__shard__": path}
+            sample = {"__key__": key, "__shard__": display(path)}
             for ext, (offset, size) in files.items():
                 if ext in IMAGE_EXTS or ext in ("txt", "cls"):
                     f.seek(offset)
@@ -65,11 +70,12 @@ class Shard:
     samples: int | None  # usable samples, where known
     index: str | None  # its index file, where there is one
     size: int | None = None  # its bytes when it was indexed, where recorded
+    policy: RemotePolicy = DEFAULT  # how a remote shard's reads are retried
 
     def read(self, start: int = 0, stop: int | None = None) -> Iterator[dict]:
         if self.index:
-            return _indexed(self.path, self.index, start, stop, self.size)
-        return _walked(self.path, start, stop)
+            return _indexed(self.path, self.index, start, stop, self.size, self.policy)
+        return _walked(self.path, start, stop, self.policy)
 
 
 class BadShards:
@@ -88,7 +94,7 @@ class BadShards:
         self.tried.add(path)
         if error is not None:
             self.paths.add(path)
-            self.last[path] = str(error)
+            self.last[display(path)] = str(error)
         bad, tried, fraction = len(self.paths), len(self.tried), self.max_bad_fraction
         if bad > fraction * tried and tried >= min(self.shards, 1 / fraction if fraction else 1):
             last = ": ".join(next(reversed(self.last.items())))
@@ -98,8 +104,8 @@ class BadShards:
                 "--data.max_bad_fraction."
             )
         if error is not None:
-            log.warning("skipped shard %s: unreadable (%s); %d of %d shards skipped by this loader worker", path,
-                        error, bad, tried)  # fmt: skip
+            log.warning("skipped shard %s: unreadable (%s); %d of %d shards skipped by this loader worker",
+                        display(path), error, bad, tried)  # fmt: skip
 
     def read(self, shard: Shard, start: int = 0, stop: int | None = None) -> Iterator[dict]:
         """``shard``'s samples, none if it failed before; a failure is counted, logged or stops the run."""

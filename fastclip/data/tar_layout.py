@@ -5,6 +5,7 @@ tars through it."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -12,6 +13,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from fastclip.data.remote import is_remote, open_shard
 from fastclip.data.skips import log
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # what both loaders decode; img2dataset's encode_format choices
@@ -102,28 +104,29 @@ class ShardCount:
     other_format: list[str] = dataclasses.field(default_factory=list)  # keys whose image fastclip does not decode
 
 
-def check_only_zeros_after(path: str, offset: int) -> None:
+def check_only_zeros_after(path: str, offset: int, f=None) -> None:
     """tarfile ends a walk quietly at a header that does not parse, as if the archive ended there: only zeros
-    (the end blocks and their padding) may follow, or the rest of the shard would be lost without a word."""
-    with open(path, "rb") as f:
+    (the end blocks and their padding) may follow, or the rest of the shard would be lost without a word. ``f``:
+    the shard already open (a remote one)."""
+    with contextlib.nullcontext(f) if f else open(path, "rb") as f:
         f.seek(offset)
         while chunk := f.read(1 << 16):
             if any(chunk):
-                size = os.path.getsize(path)
-                raise tarfile.ReadError(f"the tar header at byte {offset} does not parse; {size - offset} bytes follow")
+                raise tarfile.ReadError(f"the tar header at byte {offset} does not parse; more bytes follow")
 
 
 def walk_headers(path: str) -> ShardCount:
     """Count a shard's samples from its tar headers; raises tarfile.TarError/OSError where the tar is damaged."""
     count = ShardCount()
-    with tarfile.open(path, "r:") as tar:
-        for key, group in member_groups(tar):
-            if usable(group):
-                count.usable += 1
-            elif "txt" in group and (other := sorted(set(group) & set(OTHER_IMAGE_EXTS))):
-                count.other_format.append(f"{key}.{other[0]}")
-        end = tar.offset  # where tarfile stopped: the end-of-archive blocks, or a header it could not parse
-    check_only_zeros_after(path, end)
+    with open_shard(path) as f:
+        with tarfile.open(fileobj=f, mode="r:") as tar:
+            for key, group in member_groups(tar):
+                if usable(group):
+                    count.usable += 1
+                elif "txt" in group and (other := sorted(set(group) & set(OTHER_IMAGE_EXTS))):
+                    count.other_format.append(f"{key}.{other[0]}")
+            end = tar.offset  # where tarfile stopped: the end-of-archive blocks, or a header it could not parse
+        check_only_zeros_after(path, end, f)
     return count
 
 
@@ -133,7 +136,10 @@ def _walk_cached(path: str, size: int, mtime_ns: int) -> ShardCount:
 
 
 def walk(path: str) -> ShardCount:
-    """:func:`walk_headers`, once per file version in a process: the start-up check and the loader share it."""
+    """:func:`walk_headers`, once per file version in a process: the start-up check and the loader share it (a
+    remote shard once per process: asking whether it changed would cost a request)."""
+    if is_remote(path):
+        return _walk_cached(path, 0, 0)
     stat = os.stat(path)
     return _walk_cached(path, stat.st_size, stat.st_mtime_ns)
 
@@ -152,7 +158,7 @@ def damage(path: str) -> str | None:
 
 
 def _walk_damage(path: str, error: Exception) -> str:
-    tail = _tail_damage(path)
+    tail = None if is_remote(path) else _tail_damage(path)
     return f"{tail}: truncated or damaged ({error})" if tail else f"damaged: {error}"
 
 

@@ -158,7 +158,8 @@ class TorchLoader:
         counts = shards.samples or [None] * len(shards.paths)
         bad = BadShards(options.max_bad_fraction, shards=len(shards.paths))
         self.stream = stream = ShardStream(
-            shards=[Shard(*s) for s in zip(shards.paths, counts, shards.index, shards.indexed_bytes)], train=train,
+            shards=[Shard(*s, policy=options.remote) for s in zip(shards.paths, counts, shards.index,
+                                                                  shards.indexed_bytes)], train=train,
             rank=rank,
             world_size=world_size, seed=seed, shuffle_buffer=options.shuffle_buffer, transform=transform,
             skips=self._skips, bad=bad, resampled=train and options.resampled,
