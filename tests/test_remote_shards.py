@@ -5,10 +5,12 @@ what a run writes."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import sys
 import threading
+import types
 from collections import Counter
 from pathlib import Path
 
@@ -229,3 +231,30 @@ def test_a_run_over_s3_trains_and_writes_no_credential(world_dir, tmp_path):
     for secret in (KEY, SECRET):
         assert secret not in proc.stdout + proc.stderr
         assert not [p for p in written if secret.encode() in p.read_bytes()], secret
+
+
+@pytest.mark.parametrize("local", [False, True])
+def test_a_resumed_stream_goes_on_with_the_same_samples_and_reads_only_what_it_hands_over(bucket, tmp_path, local):
+    root, captions = bucket
+    with http_server(root) as server:
+        spec = f"{root}/bucket/shard-{{000..004}}.tar" if local else _spec("http", root, server.url)
+        index_shards(expand(spec), index_dir=str(tmp_path / "index"))
+
+        def stream(resume_at: int | None = None) -> ShardStream:
+            s = _stream(spec, counts=True, index_dir=str(tmp_path / "index"))
+            s.shuffle_buffer, s.transform = 8, lambda sample: (sample["txt"].decode(),)
+            s.skips = types.SimpleNamespace(kept=lambda: None)
+            s.resume_reads = None if resume_at is None else [resume_at]
+            return s
+
+        whole = [caption for caption, _ in itertools.islice(stream(), 60)]
+        resuming = stream(resume_at=40)
+        server.requests.clear()
+        resumed = [caption for caption, _ in itertools.islice(resuming, 20)]
+    assert resumed == whole[40:]
+    if not local:  # the replay read no shard: the 8 samples still buffered, a request each, then the rest
+        ranges = [tuple(map(int, r[2][len("bytes=") :].split("-"))) for r in server.requests if r[0] == "GET"]
+        served = sum(hi + 1 - lo for lo, hi in ranges)
+        samples = [hi - lo < 4000 for lo, hi in ranges]  # one sample's range: its JPEG and caption
+        assert 0 < sum(samples) <= 8, ranges  # the buffer's replayed samples, each read once (7: one popped)
+        assert served < 0.6 * sum(p.stat().st_size for p in (root / "bucket").glob("*.tar")), ranges

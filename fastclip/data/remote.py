@@ -124,7 +124,7 @@ class _Fsspec:
     def fetch(self, start: int, end: int, size: int | None) -> bytes:
         end = end if size is None else min(end, size)
         data = self.fs.cat_file(self.path, start=start, end=end)
-        if size is not None and len(data) > end - start:
+        if len(data) > end - start:
             raise Permanent(f"the server sent {len(data)} bytes for a range of {end - start}: it ignores ranges")
         return data
 
@@ -309,19 +309,47 @@ class RemoteFile(io.RawIOBase):
         super().close()
 
     def _retrying(self, call, what: str):
-        for attempt in range(self.policy.retries + 1):
-            try:
-                return call()
-            except Exception as e:
-                if _permanent(e) or attempt == self.policy.retries:
-                    raise _named(self.url, e, what) from e
-                self._wait(attempt, f"{_what(e)} {what}")
+        return _retrying(self.url, self.policy, call, what)
 
     def _wait(self, attempt: int, what: str) -> None:
-        wait = self.policy.backoff(attempt)
-        log.warning("%s: %s; retrying in %.1f s (%d of %d)", display(self.url), what, wait, attempt + 1,
-                    self.policy.retries)  # fmt: skip
-        time.sleep(wait)
+        _wait(self.url, self.policy, attempt, what)
+
+
+def _retrying(url: str, policy: RemotePolicy, call, what: str):
+    """``call()``, retried on failures that may pass; a failure that cannot, or the last, named and raised."""
+    for attempt in range(policy.retries + 1):
+        try:
+            return call()
+        except Exception as e:
+            if _permanent(e) or attempt == policy.retries:
+                raise _named(url, e, what) from e
+            _wait(url, policy, attempt, f"{_what(e)} {what}")
+
+
+def _wait(url: str, policy: RemotePolicy, attempt: int, what: str) -> None:
+    wait = policy.backoff(attempt)
+    log.warning("%s: %s; retrying in %.1f s (%d of %d)", display(url), what, wait, attempt + 1, policy.retries)
+    time.sleep(wait)
+
+
+def read_range(path: str, offset: int, size: int, policy: RemotePolicy = DEFAULT) -> bytes:
+    """Bytes ``offset`` to ``offset + size`` of a shard: a file's by a seek, a remote one's by one range request
+    (a ``pipe:`` runs its command and reads up to them)."""
+    if not is_remote(path):
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+    else:
+        source = _Pipe(path) if path.startswith("pipe:") else _Fsspec(path, policy)
+        try:
+            data = _retrying(path, policy, lambda: source.fetch(offset, offset + size, None),
+                             f"reading bytes {offset} to {offset + size}")  # fmt: skip
+        finally:
+            source.close()
+    if len(data) != size:
+        raise OSError(f"{display(path)} ends at byte {offset + len(data)}, inside a sample at {offset} to "
+                      f"{offset + size}: truncated since it was indexed; re-run the index tool on it")  # fmt: skip
+    return data
 
 
 def _what(error: BaseException) -> str:

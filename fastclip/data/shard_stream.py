@@ -11,14 +11,14 @@ import itertools
 import os
 import random
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from torch.utils.data import IterableDataset, get_worker_info
 
 from fastclip.data.index import read_index
 from fastclip.data.loader import derive_seed
-from fastclip.data.remote import DEFAULT, RemotePolicy, display, is_remote, open_shard
+from fastclip.data.remote import DEFAULT, RemotePolicy, display, is_remote, open_shard, read_range
 from fastclip.data.skips import DataBroken, Undecodable, log
 from fastclip.data.tar_layout import IMAGE_EXTS, member_groups, usable
 
@@ -36,24 +36,52 @@ def _walked(path: str, start: int, stop: int | None, policy: RemotePolicy = DEFA
 
 
 def _indexed(
-    path: str, idx: str, start: int, stop: int | None, size: int | None, policy: RemotePolicy = DEFAULT
-) -> Iterator[dict]:
+    path: str, idx: str, start: int, stop: int | None, size: int | None, policy: RemotePolicy = DEFAULT,
+    deferred: Callable[[], bool] = lambda: False,
+) -> Iterator[dict]:  # fmt: skip
     """The same from the shard's index file: each sample's files read at their offsets, no header read. Samples
-    without an image or a caption are passed over (an index DALI's wds2idx wrote lists every sample)."""
+    without an image or a caption are passed over (an index DALI's wds2idx wrote lists every sample). While
+    ``deferred()`` (a resumed stream replaying its order) a sample comes without its bytes, and the shard is
+    opened at the first sample read: a remote one by a range request from there."""
     samples = [(key, files) for key, files in read_index(idx) if usable(files)][start:stop]
-    with open_shard(path, policy, expect_size=size) as f:
-        if size is not None and not is_remote(path) and (now := os.fstat(f.fileno()).st_size) != size:
-            raise OSError(f"it is {now} bytes, {size} when it was indexed: re-run the index tool on it")
+    f = None
+    try:
         for key, files in samples:
-            sample = {"__key__": key, "__shard__": display(path)}
-            for ext, (offset, size) in files.items():
-                if ext in IMAGE_EXTS or ext in ("txt", "cls"):
-                    f.seek(offset)
-                    if len(data := f.read(size)) != size:
-                        raise OSError(f"it ends inside {key}.{ext}, at byte {offset + len(data)}: truncated since it "
-                                      "was indexed; re-run the index tool on it")  # fmt: skip
-                    sample[ext] = data
-            yield sample
+            wanted = {ext: span for ext, span in files.items() if ext in IMAGE_EXTS or ext in ("txt", "cls")}
+            if deferred():
+                yield {"__key__": key, "__shard__": display(path), DEFERRED: (path, wanted, policy)}
+                continue
+            if f is None:
+                f = open_shard(path, policy, expect_size=size)
+                if size is not None and not is_remote(path) and (now := os.fstat(f.fileno()).st_size) != size:
+                    raise OSError(f"it is {now} bytes, {size} when it was indexed: re-run the index tool on it")
+            yield {"__key__": key, "__shard__": display(path), **_read_files(f, key, wanted)}
+    finally:
+        if f is not None:
+            f.close()
+
+
+def _read_files(f, key: str, files: dict[str, tuple[int, int]]) -> dict[str, bytes]:
+    sample = {}
+    for ext, (offset, size) in files.items():
+        f.seek(offset)
+        if len(data := f.read(size)) != size:
+            raise OSError(f"it ends inside {key}.{ext}, at byte {offset + len(data)}: truncated since it was "
+                          "indexed; re-run the index tool on it")  # fmt: skip
+        sample[ext] = data
+    return sample
+
+
+DEFERRED = "__deferred__"  # a replayed sample's (shard, {ext: (offset, size)}, policy): its bytes not yet read
+
+
+def fetch_deferred(sample: dict) -> dict:
+    """A replayed sample that outlasted the replay in the shuffle buffer, read now: one range request for its
+    files (adjacent in the tar)."""
+    path, files, policy = sample.pop(DEFERRED)
+    lo, hi = min(o for o, _ in files.values()), max(o + n for o, n in files.values())
+    data = read_range(path, lo, hi - lo, policy)
+    return {**sample, **{ext: data[o - lo : o - lo + n] for ext, (o, n) in files.items()}}
 
 
 def bounds(total: int, slot: int, slots: int) -> tuple[int, int]:
@@ -72,9 +100,9 @@ class Shard:
     size: int | None = None  # its bytes when it was indexed, where recorded
     policy: RemotePolicy = DEFAULT  # how a remote shard's reads are retried
 
-    def read(self, start: int = 0, stop: int | None = None) -> Iterator[dict]:
+    def read(self, start: int = 0, stop: int | None = None, deferred=lambda: False) -> Iterator[dict]:
         if self.index:
-            return _indexed(self.path, self.index, start, stop, self.size, self.policy)
+            return _indexed(self.path, self.index, start, stop, self.size, self.policy, deferred)
         return _walked(self.path, start, stop, self.policy)
 
 
@@ -107,12 +135,12 @@ class BadShards:
             log.warning("skipped shard %s: unreadable (%s); %d of %d shards skipped by this loader worker",
                         display(path), error, bad, tried)  # fmt: skip
 
-    def read(self, shard: Shard, start: int = 0, stop: int | None = None) -> Iterator[dict]:
+    def read(self, shard: Shard, start: int = 0, stop: int | None = None, deferred=lambda: False) -> Iterator[dict]:
         """``shard``'s samples, none if it failed before; a failure is counted, logged or stops the run."""
         if shard.path in self.paths:
             return
         try:
-            yield from shard.read(start, stop)
+            yield from shard.read(start, stop, deferred)
         except (tarfile.TarError, OSError, ValueError) as e:  # start-up did not open it, or it changed since
             self.check(shard.path, e)
             return
@@ -164,10 +192,10 @@ class ShardStream(IterableDataset):
             start += shard.samples
         return ranges
 
-    def _ordered(self, epoch: int, slot: int, slots: int) -> Iterator[dict]:
+    def _ordered(self, epoch: int, slot: int, slots: int, deferred=lambda: False) -> Iterator[dict]:
         ranges, empty = self.share(epoch, slot, slots), True
         for shard, start, stop in ranges:
-            for sample in self.bad.read(shard, start, stop):
+            for sample in self.bad.read(shard, start, stop, deferred):
                 empty = False
                 yield sample
         if empty and self.train:  # else the next epoch would find none either, forever
@@ -193,11 +221,14 @@ class ShardStream(IterableDataset):
         rng = random.Random(derive_seed(self.seed, "buffer shuffle", self.rank, worker))
         epoch, consumed = 0, self._consumed(worker, workers)
         read = consumed  # this stream's samples read since its start, each item carries it: the exact position
+        replaying = lambda: consumed > 0  # noqa: E731  (indexed shards' samples come without bytes until the end)
         while True:
-            samples = self._drawn(worker) if self.resampled else self._ordered(epoch, slot, slots)
+            samples = self._drawn(worker) if self.resampled else self._ordered(epoch, slot, slots, replaying)
             for sample in self._shuffled(samples, rng):
-                if consumed:  # replaying up to a restored position: the same order, nothing decoded
+                if consumed:  # replaying up to a restored position: the same order, nothing read or decoded
                     consumed -= 1
+                    continue
+                if DEFERRED in sample and (sample := self._fetch(sample)) is None:
                     continue
                 read += 1
                 try:  # a corrupt image is dropped before batching, so every batch stays full
@@ -211,6 +242,15 @@ class ShardStream(IterableDataset):
             if not self.train:
                 return
             epoch += 1
+
+    def _fetch(self, sample: dict) -> dict | None:
+        """A deferred sample's bytes; None (its shard counted as unreadable) when they cannot be read."""
+        path = sample[DEFERRED][0]
+        try:
+            return fetch_deferred(sample)
+        except OSError as e:
+            self.bad.check(path, e)
+            return None
 
     def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
         if not self.train:
