@@ -129,15 +129,15 @@ def _throughput(batches, n_batches: int, blocks: int = 3, timer=time_fn) -> floa
     return seen[0] / timing.median_s
 
 
-def _fastclip_batches(root: Path, size: int, loader: str = "dali"):
+def _fastclip_batches(root: Path, size: int, loader: str = "dali", *, spec: str | None = None, extra=()):
     from fastclip.cli import parse_args
     from fastclip.data.build import build_loader
     from fastclip.data.tokenizer import build_tokenizer
     from fastclip.model import ImageSpec
 
     data = parse_args(
-        ["--data.train_shards", str(root / "train" / "*.tar"), "--data.batch_size", str(BATCH),
-         "--data.num_threads", str(WORKERS), "--data.shuffle_buffer", "512", "--data.loader", loader]
+        ["--data.train_shards", spec or str(root / "train" / "*.tar"), "--data.batch_size", str(BATCH),
+         "--data.num_threads", str(WORKERS), "--data.shuffle_buffer", "512", "--data.loader", loader, *extra]
     ).data  # fmt: skip
     spec = ImageSpec(size=size, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
     loader = build_loader(
@@ -169,10 +169,10 @@ def open_clip_args(shards: str, n_samples: int, workers: int = WORKERS, batch: i
     return args
 
 
-def _open_clip_batches(root: Path, n_samples: int, workers: int = WORKERS):
+def _open_clip_batches(root: Path, n_samples: int, workers: int = WORKERS, *, shards: str | None = None):
     from open_clip_train.data import get_wds_dataset
 
-    shards = "::".join(sorted(str(p) for p in (root / "train").glob("*.tar")))
+    shards = shards or "::".join(sorted(str(p) for p in (root / "train").glob("*.tar")))
     preprocess_train, tokenizer = open_clip_preprocess()
     info = get_wds_dataset(open_clip_args(shards, n_samples, workers), preprocess_train, is_train=True,
                            tokenizer=tokenizer)  # fmt: skip

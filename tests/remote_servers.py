@@ -167,14 +167,10 @@ def s3_server(root: Path, *, port: int | None = None):
          "--config", "/dev/null", "--log-level", "ERROR"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
-    deadline = time.monotonic() + 20
-    while True:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            break
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"rclone serve s3 did not start: {proc.stderr.read().decode()[-2000:]}")
-        time.sleep(0.05)
+    try:
+        _wait_for(port, proc)
+    except RuntimeError:
+        raise RuntimeError(f"rclone serve s3 did not start: {proc.stderr.read().decode()[-2000:]}") from None
     env = {"AWS_ACCESS_KEY_ID": KEY, "AWS_SECRET_ACCESS_KEY": SECRET, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}  # fmt: skip
     try:
@@ -183,6 +179,31 @@ def s3_server(root: Path, *, port: int | None = None):
         proc.kill()
         proc.wait()
         proc.stderr.close()
+
+
+@contextlib.contextmanager
+def rclone_http(root: Path):
+    """``rclone serve http root`` (range requests answered), in its own process; yields its URL."""
+    port = free_port()
+    proc = subprocess.Popen([rclone(), "serve", "http", str(root), "--addr", f"127.0.0.1:{port}", "--config",
+                             "/dev/null", "--log-level", "ERROR"], stdout=subprocess.DEVNULL)  # fmt: skip
+    try:
+        _wait_for(port, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _wait_for(port: int, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"rclone did not start on port {port}")
+        time.sleep(0.05)
 
 
 @contextlib.contextmanager
