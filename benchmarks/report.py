@@ -19,7 +19,8 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 
 
 def _latest(kind: str) -> list[Path]:
-    """The newest full run's file; on a GPU every file of that day (the suite and its precheck are two files)."""
+    """The newest full run's file (on the CPU, with the files of single suites saved after it: their own tables);
+    on a GPU every file of that day (the suite and its precheck are two files)."""
     files = []
     for path in RESULTS.glob("*.json"):
         data = json.loads(path.read_text())
@@ -30,9 +31,11 @@ def _latest(kind: str) -> list[Path]:
             files.append((data["date"], path))
     if not files:
         return []
+    if kind == "cpu":  # the newest whole run, and the one-suite files saved since (bench_remote.py's, ...)
+        whole = [(d, p) for d, p in files if "-" not in p.stem.removeprefix("cpu-")[len("YYYY-MM-DD") :]]
+        newest = max(whole or files)
+        return [newest[1]] + [p for d, p in sorted(files) if d > newest[0] and p != newest[1]]
     newest = max(files)
-    if kind == "cpu":
-        return [newest[1]]
     return [p for d, p in sorted(files, reverse=True) if d[:10] == newest[0][:10]]
 
 
