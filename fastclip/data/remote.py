@@ -303,7 +303,7 @@ class RemoteFile(io.RawIOBase):
         if not self.closed:
             if self._ahead:
                 self._ahead[1].cancel()
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown(wait=False, cancel_futures=True)  # a chunk fetched ahead and never read: dropped
             self.source.close()
             self.chunks.clear()
         super().close()
