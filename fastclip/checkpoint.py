@@ -46,6 +46,7 @@ from fastclip.eval import EarlyStopping
 from fastclip.model import param_group_names, regroup_flags, saved_layout
 from fastclip.open_clip_file import how_to_load, write_export
 from fastclip.run_folders import human
+from fastclip.world import World, from_rank0
 
 LATEST = "latest"
 META = "fastclip.json"
@@ -82,6 +83,43 @@ def read_latest(root: str | Path) -> str | None:
     """The tag ``latest`` names in ``root``, or None when there is no checkpoint yet."""
     path = Path(root) / LATEST
     return path.read_text().strip() if path.is_file() else None
+
+
+def locate(root: Path, where: str, world: World) -> Path | None:
+    """The folder ``checkpoint.resume`` names ('auto', 'latest' or a step folder); None when 'auto' finds none.
+    'latest' is rank 0's reading on every rank: a shared filesystem may show a new 'latest' to some nodes
+    before others (NFS caches what it looked up), and ranks that resume different steps, or some none, hang
+    in the first collective."""
+    if where not in ("auto", "latest"):
+        return _step_folder(where)
+    said = ""
+    if world.is_main:
+        try:
+            folder = _latest_folder(root, where)
+            said = "none" if folder is None else f"folder {folder}"
+        except ConfigError as e:
+            said = f"error {e}"
+    kind, _, text = from_rank0(world, "checkpoint.resume", said).partition(" ")
+    if kind == "error":
+        raise ConfigError(text)
+    return Path(text) if kind == "folder" else None
+
+
+def _latest_folder(root: Path, where: str) -> Path | None:
+    tag = read_latest(root)
+    if tag is None and where == "latest":
+        raise ConfigError(
+            f"checkpoint.resume latest: {root} holds no checkpoint ('latest' file) to resume. Check "
+            "--checkpoint.dir, or say --checkpoint.resume auto to start from step 0 when there is none"
+        )
+    return root / tag if tag else None
+
+
+def _step_folder(where: str) -> Path:
+    path = Path(where)
+    if not path.is_dir():
+        raise ConfigError(f"checkpoint.resume: {where!r} is not a checkpoint folder (or say 'auto' or 'latest')")
+    return path
 
 
 def _fsync(path: Path) -> None:
@@ -347,20 +385,6 @@ class CheckpointManager:
         tmp.replace(self._position_path(folder))
 
     # ---------------------------------------------------------------------------------------------- resume
-
-    def locate(self, where: str) -> Path | None:
-        """The folder ``checkpoint.resume`` names ('auto', 'latest' or a step folder); None when 'auto' finds none."""
-        if where in ("auto", "latest"):
-            if self.latest is None and where == "latest":
-                raise ConfigError(
-                    f"checkpoint.resume latest: {self.root} holds no checkpoint ('latest' file) to resume. Check "
-                    "--checkpoint.dir, or say --checkpoint.resume auto to start from step 0 when there is none"
-                )
-            return self.latest
-        path = Path(where)
-        if not path.is_dir():
-            raise ConfigError(f"checkpoint.resume: {where!r} is not a checkpoint folder (or say 'auto' or 'latest')")
-        return path
 
     def resume(self, folder: Path, state: TrainState, *, loader, load_scheduler: bool, stage: int) -> Resumed:
         """Load the engine, ``state`` and this rank's data position (into ``loader``) from ``folder``."""

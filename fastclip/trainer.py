@@ -25,7 +25,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from fastclip import console, precision
 from fastclip.accumulation import ContrastiveAccumulation
 from fastclip.banner import accumulation_part, loss_part
-from fastclip.checkpoint import CheckpointManager, TrainState, changed_settings, data_identity, run_meta
+from fastclip.checkpoint import CheckpointManager, TrainState, changed_settings, data_identity, locate, run_meta
 from fastclip.compile import compile_parts
 from fastclip.config import LOGITS_BACKENDS, Config, check_compile
 from fastclip.console import say
@@ -394,7 +394,7 @@ class Trainer:
         return self.checkpoints.save(self.state, position=self.data_position, config=self.cfg.to_dict(), final=final)
 
     def resume(self, where: str) -> None:
-        folder = self.checkpoints.locate(where)
+        folder = locate(self.checkpoints.root, where, self.world)
         if folder is None:
             say(f"checkpoint.resume auto: no checkpoint in {self.cfg.checkpoint.dir} yet, starting from step 0")
             return

@@ -355,22 +355,34 @@ def _store_barrier(store, name: str, world_size: int, seconds: float) -> None:
         pass  # rank 0 has left with the store: everyone had arrived
 
 
-def agree(world: World, name: str, said: str) -> str:
-    """Rank 0's ``said`` (a refusal, or '' for none) on every rank, through the rendezvous store: so that all ranks
-    stop alike, before any collective, on what rank 0 alone can judge. Rank 0 waits until each rank has read it
-    (it hosts the store); a rank that finds the store gone reports that instead of a traceback."""
+def from_rank0(world: World, name: str, text: str) -> str:
+    """Rank 0's ``text`` on every rank, through the rendezvous store (before any collective, or where none is
+    wanted): for what every rank must take alike though each could read it itself. Rank 0 waits until each rank
+    has read it (it hosts the store). RendezvousError, from a rank whose store is gone."""
     if world.world_size == 1 or world.store is None:
-        return said
+        return text
     key = _store_key(name)
     try:
         if world.is_main:
-            world.store.set(key, said)
+            world.store.set(key, text)
         else:
-            said = world.store.get(key).decode()
+            text = world.store.get(key).decode()
     except (RuntimeError, OSError) as e:
-        return f"rank 0's verdict on {name} never came: its process or node is gone ({' '.join(str(e).split())[:120]})"
+        raise RendezvousError(
+            f"rank 0's {name} never came: its process or node is gone ({' '.join(str(e).split())[:120]})",
+            speaker=True,
+        ) from e
     _store_barrier(world.store, f"{name} read", world.world_size, 30)
-    return said
+    return text
+
+
+def agree(world: World, name: str, said: str) -> str:
+    """Rank 0's ``said`` (a refusal, or '' for none) on every rank: so that all ranks stop alike, before any
+    collective, on what rank 0 alone can judge; a rank that finds the store gone says so instead of a traceback."""
+    try:
+        return from_rank0(world, f"verdict on {name}", said)
+    except RendezvousError as e:
+        return str(e)
 
 
 def join_world(

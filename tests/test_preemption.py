@@ -324,3 +324,43 @@ def test_a_worker_ignores_a_stop_signal_while_its_rank_stops_and_ends_on_any_oth
         stop.close()
         for proc in (first, second):
             proc.kill()
+
+
+def test_every_rank_resumes_the_checkpoint_rank_0_reads_in_latest(monkeypatch, tmp_path):
+    """A node whose view of the shared checkpoint folder is stale (no 'latest' yet, or an older one) resumes
+    what rank 0 reads; each rank reading for itself would start one rank fresh and hang the first collective."""
+    from fastclip.checkpoint import locate
+    from fastclip.errors import ConfigError
+    from fastclip.world import World
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    import torch.distributed as dist
+
+    cpu = torch.device("cpu")
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / "latest").write_text("global_step8")
+    (tmp_path / "stale").mkdir()  # rank 1's view: the same folder before 'latest' reached this node
+
+    def both(where: str) -> list:
+        roots = {0: tmp_path / "fresh", 1: tmp_path / "stale"}
+        host = _store()  # a run's: one resume
+        stores = [host, dist.TCPStore("127.0.0.1", host.port, None, False, timedelta(seconds=10))]  # a client each
+        got: list = [None, None]
+
+        def rank(r: int) -> None:
+            try:
+                got[r] = locate(roots[r], where, World(r, 2, r, cpu, store=stores[r]))
+            except ConfigError as e:
+                got[r] = e
+
+        threads = [threading.Thread(target=rank, args=(r,)) for r in (1, 0)]
+        [t.start() for t in threads]
+        [t.join(20) for t in threads]
+        return got
+
+    assert both("auto") == [tmp_path / "fresh" / "global_step8"] * 2
+    (tmp_path / "fresh" / "latest").unlink()
+    (tmp_path / "stale" / "latest").write_text("global_step4")  # a node showing an older one
+    assert both("auto") == [None, None]
+    errors = both("latest")
+    assert all(isinstance(e, ConfigError) and "holds no checkpoint" in str(e) for e in errors), errors
