@@ -329,6 +329,18 @@ def test_upper_case_extensions_are_read(tmp_path, kind):
     assert Counter(texts) == Counter(_ids([f"upper {i}" for i in range(8)]))
 
 
+def test_torch_loader_workers_are_forked_not_the_default_start_method(tmp_path):
+    """Named, not left to Python (3.14 makes forkserver the default on Linux): no re-import, no pickled stream."""
+    spec, _ = _captioned_shards(tmp_path / "shards", [8])
+    data = _data("--data.val_shards", spec, "--data.loader", "torch", "--data.num_threads", "1")
+    loader = _loader(data, train=False, kind="torch")
+    try:
+        assert loader.workers == 1 and loader.loader.multiprocessing_context.get_start_method() == "fork"
+        assert sum(len(b.texts) for b in loader) == 8
+    finally:
+        loader.close()
+
+
 def test_shard_spec_mistakes_are_named(world_dir, capfd):
     train = world_dir / "train"
     with pytest.raises(ConfigError, match=r"is a folder; name its shards, e.g. '.*train/\*\.tar'"):

@@ -10,6 +10,7 @@ on the GPU (torchvision.io.decode_jpeg(device='cuda'), nvJPEG), then crops.
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -36,6 +37,9 @@ def _decode(data: torch.Tensor) -> torch.Tensor:
         return decode_image(data, mode=ImageReadMode.RGB)
     except (RuntimeError, ValueError, OSError) as e:  # what torchvision's decoders raise for bad bytes
         raise Undecodable(str(e)) from None
+
+
+_FORK = "fork" if "fork" in multiprocessing.get_all_start_methods() else None  # not on Windows
 
 
 class _Transform:
@@ -180,6 +184,9 @@ class TorchLoader:
             # the workers' crops: drawn apart on each rank (the process-wide RNG is seeded alike on every rank)
             generator=torch.Generator().manual_seed(derive_seed(seed, "worker crops", rank)),
             worker_init_fn=worker_signals,  # a cluster's SIGTERM reaches every process: the rank ends them
+            # Python 3.14 makes forkserver Linux's default: each worker would import torch and fastclip again (the
+            # val loader's in every eval: its workers do not persist) and get the stream pickled
+            multiprocessing_context=_FORK if self.workers else None,
         )  # fmt: skip
 
     def _workers(self, asked: int, total: int, world_size: int) -> int:
