@@ -36,6 +36,8 @@ from pathlib import Path
 
 import pytest
 
+from fastclip.world import free_port
+
 from bench_data import _shards
 from harness import Result, bench_once, wait_or_kill
 
@@ -44,8 +46,8 @@ WORKER = Path(__file__).resolve().parent / "profile_worker.py"
 # steps: S timed steps (the log line of the second half); profile: P more under the profiler (P <= S/2, so that
 # no log line falls among them); batch: per rank
 SPECS = {"full": dict(steps=30, profile=5, batch=64), "quick": dict(steps=1, profile=1, batch=16)}
-# name: (ranks, nodes, port); ports 29850-29899
-CONFIGS = {"1 rank": (1, 1, 29861), "2 ranks": (2, 1, 29862), "4 ranks": (4, 1, 29864), "2 nodes x 2": (4, 2, 29866)}
+# name: (ranks, nodes)
+CONFIGS = {"1 rank": (1, 1), "2 ranks": (2, 1), "4 ranks": (4, 1), "2 nodes x 2": (4, 2)}
 QUICK = ("1 rank", "2 ranks")  # two launchers as nodes: tests/test_multinode.py, and the full run
 COMMS = ("loss_allgather_ms", "deepspeed_reduce_ms", "deepspeed_allgather_ms")
 
@@ -71,7 +73,7 @@ def _launchers(ranks: int, nodes: int, port: int, out: Path) -> list[list[str]]:
 
 def _run(name: str, root: Path, out: Path, spec: dict) -> dict:
     """One configuration's run: samples/s/GPU of the second half of its timed steps, and every rank's profile."""
-    ranks, nodes, port = CONFIGS[name]
+    (ranks, nodes), port = CONFIGS[name], free_port()  # a fixed one collides with another run on the machine
     steps, profiled = spec["steps"], spec["profile"]
     out.mkdir(parents=True, exist_ok=True)
     args = [
@@ -135,7 +137,7 @@ def test_rank_scaling_cpu(benchmark, record, mode, name, tmp_path, request):
         pytest.skip(f"{name}: full mode only (quick mode keeps CI short)")
     # after the skip: a skipped case does not start the baseline; quick mode keeps no figures, so it starts none
     one_rank = request.getfixturevalue("one_rank") if mode == "full" else {"per_gpu": None, "step_ms": None}
-    ranks, nodes, _ = CONFIGS[name]
+    ranks, nodes = CONFIGS[name]
     spec = SPECS[mode]
     run = bench_once(benchmark, lambda: _run(name, _shards(mode), tmp_path, spec))
     comms = _comms(run)

@@ -16,11 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from fastclip.world import free_port
 
 
 class _Handler(http.server.SimpleHTTPRequestHandler):

@@ -15,7 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from remote_servers import KEY, SECRET, CuttingProxy, environment, free_port, http_server, rclone, s3_server
+from remote_servers import KEY, SECRET, CuttingProxy, environment, http_server, rclone, s3_server
 from test_data_integrity import _captioned_shards, _ids, _texts
 from test_sampling import _args, _loaders
 
@@ -26,6 +26,7 @@ from fastclip.data.shard_specs import expand, resolve_shards
 from fastclip.data.shard_stream import BadShards, Shard, ShardStream
 from fastclip.data.skips import DataBroken
 from fastclip.errors import ConfigError
+from fastclip.world import free_port
 
 from runs import ROOT, run_cli, small_run_args
 
