@@ -294,6 +294,8 @@ class CheckpointManager:
         """Write ``step_XXXXXXXX``: each rank's data position, then DeepSpeed's files; then move ``latest``. With no
         room on some rank, nothing is written: a warning, or at the end of the run a :class:`CheckpointError`."""
         tag = f"step_{state.step:08d}"
+        if self.newest is not None and self.newest.resolve() == (self.root / tag).resolve():  # resumed, not trained
+            return self.newest  # (a requeued job's end): on disk already, and deleting it first would risk it
         if not self._room_for(state.step, final=final):
             return None
         if self.rank == 0:  # a folder of this tag from an abandoned run (resumed from an older step) goes first

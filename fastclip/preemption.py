@@ -39,6 +39,7 @@ import time
 
 import torch
 
+from fastclip.distributed import any_rank
 from fastclip.world import _store_key
 
 EXIT_CODE = 75  # stopped on a signal with a checkpoint written: requeue the job, --checkpoint.resume auto goes on
@@ -242,6 +243,15 @@ class StopRequests:
         if self.stop_at is not None and self.stop_at < step:  # the argument in the module doc says it cannot be
             raise RuntimeError(f"rank {self.rank} is past the agreed stop step {self.stop_at} (at {step})")
         return self.stop_at
+
+    def asked(self, device) -> bool:
+        """At the run's end, where no stop step was reached: whether any rank has a stop request (its own signal,
+        or one posted), agreed by a collective. Then the end's eval and export wait for the requeued job, and the
+        checkpoint is written within the grace."""
+        mine = self.signum is not None or self.stop_at is not None
+        if not mine and self.world_size > 1 and self.store is not None:
+            mine = self.store.check([_store_key("stop_at")])
+        return any_rank(torch.tensor(mine, device=device))
 
     def _bound_run_ahead(self, device) -> None:
         """Wait until the device has finished the step ``RUN_AHEAD`` back (at once, as a rule: see the module doc)."""

@@ -290,12 +290,14 @@ class Trainer:
                     metrics = self.evaluate()
                     if self.state.early_stopping.update(metrics.get(self.val_loss_key), self.step):
                         if interval.steps:  # the steps since the last log line
-                            self.log_train(interval, bar)
+                            interval = self.log_train(interval, bar)
                         self._stop_early()
                         break
                     metrics = None  # a later step ends the run: the end evaluates again
                 if self.should_checkpoint():
                     self.save()
+            if stop is not None and stop.asked(self.world.device):  # a signal in the last steps, or the end's eval
+                self._preempt(stop, interval, bar)  # the requeued job evaluates and exports (see resume)
             metrics = self.evaluate() if metrics is None else metrics  # (a stop asked for now waits for both)
             self.save(final=True)
             if stop is not None:
@@ -403,7 +405,9 @@ class Trainer:
         )
         self.guard.skipped_before = self.engine.skipped_steps
         changed = changed_settings(resumed.saved_config, self.cfg.to_dict())
-        if self.own_schedule:
+        if self.step == self.total_steps and where == "auto":  # a job stopped at its end, requeued
+            say(f"checkpoint.resume auto: {folder} is this run's last step; what is left is its end (eval, export)")
+        elif self.own_schedule:
             self._restart_schedule(where)
         changes = f"; changed since the checkpoint: {'; '.join(changed)}" if changed else ""
         # a record in metrics.jsonl too: the steps after it may repeat ones logged before a kill

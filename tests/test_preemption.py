@@ -364,3 +364,46 @@ def test_every_rank_resumes_the_checkpoint_rank_0_reads_in_latest(monkeypatch, t
     assert both("auto") == [None, None]
     errors = both("latest")
     assert all(isinstance(e, ConfigError) and "holds no checkpoint" in str(e) for e in errors), errors
+
+
+def test_a_signal_in_the_last_step_saves_without_the_end_and_the_requeued_job_does_the_end(
+    single_rank, world_dir, tmp_path, capsys
+):
+    """The end's eval and export could outlast the grace: a signal that lands in the last step stops the run as
+    any other (one checkpoint, exit 75); the requeued job, at the last step already, evaluates and exports and
+    leaves that checkpoint as it found it."""
+    from fastclip.cli import parse_args
+    from fastclip.preemption import Preempted
+    from fastclip.trainer import Trainer
+
+    out = tmp_path / "run"
+    args = small_run_args(world_dir, out, steps=3) + ["--checkpoint.resume", "auto", "--eval.every", "1000"]
+    trainer = Trainer(parse_args(args), single_rank)
+    stop = StopRequests(rank=0, world_size=1, grace_s=0)
+    asked = stop.stop_step
+
+    def landing_in_the_last_step(step, device):
+        if step == trainer.total_steps:
+            stop.signum = signal.SIGTERM  # after the loop's last look at the requests
+        return asked(step, device)
+
+    stop.stop_step = landing_in_the_last_step
+    try:
+        with pytest.raises(Preempted, match="stopped at step 3 on SIGTERM"):
+            trainer.train(stop)
+    finally:
+        trainer.close()
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3] and not any("val/samples" in r for r in records)
+    assert _latest_step(out) == 3 and not list(out.rglob("open_clip.pt"))
+    saved = {p: p.stat().st_mtime_ns for p in (out / "checkpoints" / "step_00000003").rglob("*") if p.is_file()}
+
+    requeued = Trainer(parse_args(args), single_rank)
+    try:
+        assert requeued.step == 3
+        metrics = requeued.train()
+    finally:
+        requeued.close()
+    assert "val/samples" in metrics and list(out.rglob("open_clip.pt"))
+    assert "is this run's last step; what is left is its end (eval, export)" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in saved} == saved and _latest_step(out) == 3
