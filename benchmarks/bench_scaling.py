@@ -80,6 +80,7 @@ def _run(name: str, root: Path, out: Path, spec: dict) -> dict:
         "--profile-after", str(steps), "--profile-steps", str(profiled), "--profile-out", str(out / "profile"),
         "--data.train_shards", str(root / "train" / "*.tar"), "--data.val_shards", "null",
         "--data.batch_size", str(spec["batch"]), "--data.shuffle_buffer", "256", "--train.steps", str(steps + profiled),
+        "--train.precision", "bf16",
         "--log.every", str(max(steps // 2, profiled)), "--log.progress", "false", "--log.dir", str(out),
         "--checkpoint.dir", str(out / "ckpt"), "--checkpoint.export_open_clip", "false",
     ]  # fmt: skip

@@ -125,6 +125,7 @@ def _fastclip_trainer(world, root, steps: int, extra: tuple = ()):
     cfg = parse_args(
         ["--data.train_shards", str(root / "train" / "*.tar"), "--data.batch_size", str(BATCH),
          "--data.shuffle_buffer", "256", "--train.steps", str(steps + 2), "--log.progress", "false",
+         "--train.precision", "bf16",  # the figures' precision on any CPU (auto is fp32 where bf16 is emulated)
          "--log.dir", str(root / "runs"), "--checkpoint.dir", str(root / "runs" / "ckpt"), *extra]
     )  # fmt: skip
     cfg = dataclasses.replace(cfg, log=dataclasses.replace(cfg.log, every=10_000))

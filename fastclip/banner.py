@@ -6,6 +6,13 @@ from __future__ import annotations
 from fastclip.config import LossConfig
 
 
+def precision_part(asked: str, runs: str, device: str) -> str:
+    """The precision the engine runs; where 'auto' chose fp32, why and how to force bf16."""
+    if asked == "auto" and runs == "fp32":
+        return f"fp32 (train.precision auto: no native bf16 on this {device}; --train.precision bf16 forces it)"
+    return runs
+
+
 def loss_part(loss: LossConfig, kind: str) -> str:
     """Which loss and which of the loss options are in effect (the other kind's are ignored)."""
     if kind == "siglip":

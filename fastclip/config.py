@@ -227,6 +227,7 @@ def check_compile(mode: str, *, stage: int) -> None:
 
 # train.precision
 PRECISIONS = {
+    "auto": "bf16 where the device computes it natively (a GPU from Ampere on, a CPU with AVX-512 or AMX), else fp32",
     "bf16": "bf16 weights and activations, fp32 masters in the optimizer (DeepSpeed's bf16)",
     "amp_bf16": "fp32 weights under torch autocast to bf16: open_clip's amp_bf16 (DeepSpeed's torch_autocast)",
     "fp32": "fp32 throughout (TF32 matmuls on CUDA unless train.tf32 false)",
@@ -240,7 +241,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro batches per optimizer step: the step's contrastive batch is K x batch x ranks
     accum_mode: str = "contrastive"  # with grad_accum > 1: 'contrastive' (one loss over the step) or 'independent'
     zero_stage: int = 2  # DeepSpeed ZeRO stage, 0 to 3 (1 and 2 in bf16 step without host syncs; 0 and 3 sync)
-    precision: str = "bf16"  # 'bf16', 'amp_bf16' (open_clip's: fp32 weights under autocast) or 'fp32' (PRECISIONS)
+    precision: str = "auto"  # 'auto', 'bf16', 'amp_bf16' (open_clip's: fp32 weights, autocast) or 'fp32' (PRECISIONS)
     # false: the layout before 2026-12, to resume its checkpoints at ZeRO-0/3 or to measure what alignment buys
     align_params: bool = True  # every parameter 16-byte aligned in DeepSpeed's flat buffers (odd sizes last)
     tf32: bool = True  # on CUDA: TF32 tensor cores for fp32 matmuls and convs, cuDNN autotuning

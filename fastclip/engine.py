@@ -20,7 +20,7 @@ from typing import Any
 from fastclip.config import Config, OptimConfig
 from fastclip.console import say
 from fastclip.errors import ConfigError
-from fastclip.precision import deepspeed_sections
+from fastclip.precision import deepspeed_sections, resolve
 
 
 def derived_config(cfg: Config, *, world_size: int, cuda: bool) -> dict[str, Any]:
@@ -40,7 +40,7 @@ def derived_config(cfg: Config, *, world_size: int, cuda: bool) -> dict[str, Any
         # benchmark, another setting of a sweep) would run its Linears through DeepSpeed's autograd Function. torch's
         # own linear keeps the same tensors for the backward: ZeRO-3 releases and re-gathers the weight it saved.
         "zero_optimization": {"stage": cfg.train.zero_stage, "memory_efficient_linear": False},
-        **deepspeed_sections(cfg.train.precision, check_overflow=cfg.optim.skip_nonfinite),
+        **deepspeed_sections(resolve(cfg.train.precision, cuda=cuda), check_overflow=cfg.optim.skip_nonfinite),
         "optimizer": {
             "type": "AdamW",
             "params": {
@@ -120,10 +120,11 @@ def _contradictions(given: dict, derived: dict, cfg: Config, world_size: int) ->
     ]
     if hint := _accumulation_hint(given, cfg, world_size):
         found.append(hint)
+    precision = "train.precision" + (" auto (on this device)" if cfg.train.precision == "auto" else "")
     found += _differ(given, derived, {
         "zero_optimization.stage": "train.zero_stage",
-        "bf16.enabled": "train.precision",
-        "torch_autocast.enabled": "train.precision",
+        "bf16.enabled": precision,
+        "torch_autocast.enabled": precision,
         "bf16.check_grad_overflow": "optim.skip_nonfinite",
         "gradient_clipping": "optim.grad_clip",
     })  # fmt: skip

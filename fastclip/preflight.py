@@ -16,6 +16,8 @@ from fastclip.errors import ConfigError
 def check_inputs(cfg: Config, *, world_size: int = 1) -> None:
     """Raise :class:`ConfigError` for the first file of ``cfg`` that is missing or unreadable, or for a run too short
     for what it must hold (fastclip/schedules.py's check_run_length)."""
+    import torch
+
     from fastclip.data.build import loader_kind
     from fastclip.data.loader import LoaderOptions
     from fastclip.engine import deepspeed_config
@@ -40,7 +42,8 @@ def check_inputs(cfg: Config, *, world_size: int = 1) -> None:
         check_pretrained_file(cfg.model.pretrained)
     if cfg.eval.early_stop_patience and not (cfg.data.val_shards or cfg.data.demo):
         raise ConfigError("eval.early_stop_patience: needs a validation set; set data.val_shards")
-    deepspeed_config(cfg, world_size=world_size, cuda=False)  # a --deepspeed_config that disagrees fails here
+    # a --deepspeed_config that disagrees fails here (on this machine's device: train.precision auto depends on it)
+    deepspeed_config(cfg, world_size=world_size, cuda=torch.cuda.is_available())
     for field, folder in written_folders(cfg).items():  # a read-only mount found now, not at the first save
         check_writable(folder, field)
     samples, counted_from = _epoch_samples(cfg, train, kind)

@@ -24,7 +24,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from fastclip import console, precision
 from fastclip.accumulation import ContrastiveAccumulation
-from fastclip.banner import accumulation_part, loss_part
+from fastclip.banner import accumulation_part, loss_part, precision_part
 from fastclip.checkpoint import CheckpointManager, TrainState, changed_settings, data_identity, locate, run_meta
 from fastclip.compile import compile_parts
 from fastclip.config import LOGITS_BACKENDS, Config, check_compile
@@ -326,8 +326,9 @@ class Trainer:
         replay_last = None if self.accumulation is None else not self.accumulation.keep_last_graph
         accumulation = accumulation_part(self.cfg.train.grad_accum, self.cfg.data.batch_size, self.world.world_size,
                                          contrastive_batch=self.contrastive_batch, replay_last=replay_last)  # fmt: skip
+        precision_said = precision_part(self.cfg.train.precision, self.precision, self.world.device.type.upper())
         say(
-            f"fastclip: {self.cfg.model.name} ({n_params / 1e6:.1f}M params), {self.precision}, ZeRO-{self.stage}, "
+            f"fastclip: {self.cfg.model.name} ({n_params / 1e6:.1f}M params), {precision_said}, ZeRO-{self.stage}, "
             f"world: {self.world.layout()}; global batch {self.global_batch}, "
             f"{self.total_steps} steps ({self.steps_per_epoch}/epoch, {self.train_loader.samples_per_epoch} "
             f"samples/epoch from {self.train_loader.epoch_from}); {loss_part(self.cfg.loss, self.loss_kind)}; "

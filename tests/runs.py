@@ -85,6 +85,7 @@ def small_run_args(world: Path, out: Path, *, steps: int, batch: int = 16) -> li
         "--data.batch_size", str(batch),
         "--data.shuffle_buffer", "64",
         "--model.force_image_size", "32",
+        "--train.precision", "bf16",  # what GPUs run, on any machine (auto gives fp32 on a CPU without AVX-512)
         "--train.steps", str(steps),
         "--optim.warmup_steps", "2",
         "--log.every", "1",

@@ -2,6 +2,7 @@ import json
 import re
 import sys
 import tarfile
+from unittest import mock
 
 import pytest
 
@@ -17,7 +18,7 @@ from runs import ROOT, run_cli, small_run_args
 
 def test_defaults_are_the_demo():
     cfg = parse_args([])
-    assert cfg.data.demo and cfg.model.name == "fastclip-tiny" and cfg.train.precision == "bf16"
+    assert cfg.data.demo and cfg.model.name == "fastclip-tiny" and cfg.train.precision == "auto"
 
 
 def test_overrides_and_yaml(tmp_path):
@@ -157,7 +158,8 @@ def test_zeroshot_files_are_checked(tmp_path):
 
 
 def test_derived_deepspeed_config():
-    cfg = parse_args(["--data.batch_size", "32", "--train.grad_accum", "2", "--train.zero_stage", "3"])
+    cfg = parse_args(["--data.batch_size", "32", "--train.grad_accum", "2", "--train.zero_stage", "3",
+                      "--train.precision", "bf16"])  # fmt: skip
     ds = deepspeed_config(cfg, world_size=4, cuda=False)
     assert ds["train_batch_size"] == 32 * 2 * 4
     assert ds["train_micro_batch_size_per_gpu"] == 32 and ds["gradient_accumulation_steps"] == 2
@@ -165,6 +167,22 @@ def test_derived_deepspeed_config():
     assert ds["optimizer"]["type"] == "AdamW" and ds["gradient_clipping"] == cfg.optim.grad_clip
     assert "scheduler" not in ds  # fastclip's own LambdaLR (fastclip/schedules.py), passed to deepspeed.initialize
     assert ds["timers"]["throughput"]["enabled"] is False and ds["bf16"]["check_grad_overflow"] is False
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_auto_is_bf16_where_the_device_runs_it_natively(monkeypatch, native):
+    from fastclip import precision
+    from fastclip.banner import precision_part
+
+    monkeypatch.setattr(precision, "native_bf16", lambda cuda: native)
+    ds = deepspeed_config(parse_args([]), world_size=1, cuda=False)
+    assert ds["bf16"]["enabled"] is native and "torch_autocast" not in ds
+    runs = precision.resolve("auto", cuda=False)
+    assert runs == ("bf16" if native else "fp32") and precision.resolve("amp_bf16", cuda=False) == "amp_bf16"
+    said = precision_part("auto", runs, "CPU")
+    assert said == "bf16" if native else "no native bf16 on this CPU; --train.precision bf16 forces it" in said
+    ds = deepspeed_config(parse_args(["--train.precision", "bf16"]), world_size=1, cuda=False)
+    assert ds["bf16"]["enabled"] is True  # asked for: whatever the device
 
 
 def test_a_deepspeed_config_file_is_merged_over_the_derived_one(tmp_path):
@@ -175,7 +193,11 @@ def test_a_deepspeed_config_file_is_merged_over_the_derived_one(tmp_path):
     assert ds["prescale_gradients"] is False
     assert ds["timers"]["throughput"]["enabled"] is False and ds["bf16"]["check_grad_overflow"] is False  # kept
     path.write_text(json.dumps({"optimizer": {"type": "Lamb", "params": {"lr": 1e-3}}, "bfloat16": {"enabled": True}}))
-    ds = deepspeed_config(parse_args(["--deepspeed_config", str(path)]), world_size=2, cuda=False)
+    with pytest.raises(ConfigError, match=r"bf16.enabled=true where train.precision auto \(on this device\) gives"):
+        with mock.patch("fastclip.precision.native_bf16", lambda cuda: False):
+            deepspeed_config(parse_args(["--deepspeed_config", str(path)]), world_size=2, cuda=False)
+    ds = deepspeed_config(parse_args(["--deepspeed_config", str(path), "--train.precision", "bf16"]), world_size=2,
+                          cuda=False)  # fmt: skip
     assert ds["optimizer"] == {"type": "Lamb", "params": {"lr": 1e-3}}  # another optimizer: whole, not merged
     assert "bfloat16" not in ds and ds["bf16"]["enabled"] is True  # DeepSpeed's older name for the section
     path.write_text(json.dumps({"optimizer": {"params": {"torch_adam": True}}}))
@@ -188,7 +210,7 @@ def test_a_deepspeed_config_file_is_merged_over_the_derived_one(tmp_path):
     [
         ({"train_micro_batch_size_per_gpu": 16}, ["--data.batch_size", "8"], "train_micro_batch_size_per_gpu=16 where"),
         ({"zero_optimization": {"stage": 1}}, [], "zero_optimization.stage=1 where train.zero_stage gives 2"),
-        ({"bf16": {"enabled": False}}, [], "bf16.enabled=false where train.precision gives true"),
+        ({"bf16": {"enabled": False}}, ["--train.precision", "bf16"], "bf16.enabled=false where train.precision gives"),
         ({"fp16": {"enabled": True}}, ["--train.precision", "fp32"], "fp16.enabled=true: fastclip trains in bf16 or"),
         ({"bf16": {"check_grad_overflow": True}}, [], "bf16.check_grad_overflow=true where optim.skip_nonfinite"),
         ({"gradient_clipping": 0.5}, [], "gradient_clipping=0.5 where optim.grad_clip gives 1.0"),
