@@ -6,6 +6,7 @@ With no arguments it trains the small demo model on the synthetic world (generat
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from types import SimpleNamespace
@@ -170,4 +171,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        # the interpreter's collections at exit would walk every object torch, DeepSpeed and open_clip made: seconds
+        # (4.8 of a 5.9 s stop on this CPU) out of a preempted job's grace, to free memory the exit frees anyway
+        gc.freeze()
