@@ -296,8 +296,10 @@ class Trainer:
                     metrics = None  # a later step ends the run: the end evaluates again
                 if self.should_checkpoint():
                     self.save()
-            if stop is not None and stop.asked(self.world.device):  # a signal in the last steps, or the end's eval
-                self._preempt(stop, interval, bar)  # the requeued job evaluates and exports (see resume)
+            # a signal in the last steps: the requeued job evaluates and exports (see resume); after an early stop
+            # (metrics: its eval) the end goes on, as a requeued job would train on from a stop saved there
+            if stop is not None and metrics is None and stop.asked(self.world.device):
+                self._preempt(stop, interval, bar)
             metrics = self.evaluate() if metrics is None else metrics  # (a stop asked for now waits for both)
             self.save(final=True)
             if stop is not None:
