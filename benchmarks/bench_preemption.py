@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +37,9 @@ import torch
 from harness import Result, bench_once, wait_or_kill
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from runs import clean_env  # noqa: E402
+
 WARM = 3  # steps logged before the signal
 MODELS = {"quick": ("fastclip-tiny",), "full": ("fastclip-tiny", "ViT-B-32")}
 BATCH = {"fastclip-tiny": 16, "ViT-B-32": 4}
@@ -59,7 +62,8 @@ def _stop_a_run(model: str, out: Path) -> dict:
             "--train.steps", "100000", "--log.every", "1", "--log.progress", "false", "--log.dir", str(out),
             "--checkpoint.dir", str(out / "checkpoints"), "--checkpoint.every", "100000",
             "--checkpoint.export_open_clip", "false"]  # fmt: skip
-    env = {**os.environ, "FASTCLIP_DEMO_DIR": str(ROOT / ".cache" / "fastclip-demo")}
+    # without the rank variables an earlier benchmark of this session set (its MASTER_PORT may still be held)
+    env = clean_env({"FASTCLIP_DEMO_DIR": str(ROOT / ".cache" / "fastclip-demo")})
     with open(out / "run.log", "w") as log:
         proc = subprocess.Popen([sys.executable, str(ROOT / "fastclip" / "train.py"), *args], cwd=ROOT, env=env,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
@@ -107,14 +111,15 @@ def _open_clip_save(model: str, folder: Path) -> tuple[float, int]:
 
 
 @pytest.mark.parametrize("model", MODELS["full"])
-def test_preemption_sigterm_to_exit_cpu(benchmark, record, quick, model):
+def test_preemption_sigterm_to_exit_cpu(benchmark, record, quick, model, tmp_path):
     if quick and model not in MODELS["quick"]:
         pytest.skip("full mode only: a ViT-B-32 engine on the CPU")
     params = {"model": model, "batch": BATCH[model], "ranks": 1}
-    with tempfile.TemporaryDirectory(dir=ROOT / ".cache") as tmp:
-        stopped = bench_once(benchmark, lambda: _stop_a_run(model, Path(tmp)))
-    with tempfile.TemporaryDirectory(dir=ROOT / ".cache") as tmp:
-        baseline, baseline_bytes = _open_clip_save(model, Path(tmp))
+    (tmp_path / "fastclip").mkdir()
+    (tmp_path / "open_clip").mkdir()  # the same disk as fastclip's checkpoint
+    stopped = bench_once(benchmark, lambda: _stop_a_run(model, tmp_path / "fastclip"))
+    shutil.rmtree(tmp_path / "fastclip")  # ViT-B-32's is 2.4 GB
+    baseline, baseline_bytes = _open_clip_save(model, tmp_path / "open_clip")
     extra = {"to_latest_s": stopped["saved_s"], "checkpoint_bytes": stopped["bytes"], "open_clip_bytes": baseline_bytes,
              "signal_at_step": stopped["signal_at"], "saved": stopped["saved"],
              "precision": stopped["precision"]}  # fmt: skip
