@@ -45,6 +45,7 @@ from fastclip.world import _store_key
 EXIT_CODE = 75  # stopped on a signal with a checkpoint written: requeue the job, --checkpoint.resume auto goes on
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 SAME_SIGNAL_S = 1.0  # a signal this soon after the first is the same request reaching this process twice
+STOP_AT = "stop_at"  # the store key a signalled rank posts its stop step on
 RUN_AHEAD = 3  # steps a host may queue ahead of its device while stop requests are taken (see the module doc)
 
 
@@ -232,7 +233,7 @@ class StopRequests:
         if self.world_size == 1 or self.store is None:
             return step if self.signum is not None else self.stop_at
         self._bound_run_ahead(device)
-        key = _store_key("stop_at")
+        key = _store_key(STOP_AT)
         if self.signum is not None and not self._posted:
             self._posted = True
             # the first post wins; compare_set answers with the value the key holds now (ours or the winner's)
@@ -250,7 +251,7 @@ class StopRequests:
         checkpoint is written within the grace."""
         mine = self.signum is not None or self.stop_at is not None
         if not mine and self.world_size > 1 and self.store is not None:
-            mine = self.store.check([_store_key("stop_at")])
+            mine = self.store.check([_store_key(STOP_AT)])
         return any_rank(torch.tensor(mine, device=device))
 
     def _bound_run_ahead(self, device) -> None:
