@@ -247,57 +247,15 @@ def _tiny_shards(root, n: int, per_shard: int) -> str:
 
 @pytest.fixture(scope="module")
 def many_shards(tmp_path_factory):
-    """10 and 10,000 tiny shards, each set once with the index tool's files and once without."""
+    """10,000 tiny shards of one sample, once with the index tool's files and once without."""
     from fastclip.data.index import index_shards
 
     root = tmp_path_factory.mktemp("many")
-    sets = {}
-    for n in (10, 10_000):  # 100 samples in the small set: a few batches
-        sets[n, "plain"] = _tiny_shards(root / f"plain{n}", n, max(100 // n, 1))
-        sets[n, "indexed"] = _tiny_shards(root / f"indexed{n}", n, max(100 // n, 1))
-        index_shards(sorted(str(p) for p in (root / f"indexed{n}").glob("*.tar")), workers=2)
+    n, sets = 10_000, {}
+    sets[n, "plain"] = _tiny_shards(root / "plain", n, 1)
+    sets[n, "indexed"] = _tiny_shards(root / "indexed", n, 1)
+    index_shards(sorted(str(p) for p in (root / "indexed").glob("*.tar")), workers=2)
     return sets
-
-
-def _time_to_first_step(spec: str, world, tmp_path, extra: list[str]) -> float:
-    """Seconds from the start-up check to the end of the first optimizer step, in this process."""
-    import time
-
-    from fastclip.cli import parse_args
-    from fastclip.preflight import check_inputs
-    from fastclip.trainer import Trainer
-
-    args = ["--data.train_shards", spec, "--data.val_shards", "null", "--data.batch_size", "32", "--train.steps", "2",
-            "--log.progress", "false", "--log.dir", str(tmp_path),
-            "--checkpoint.dir", str(tmp_path / "ck"), "--data.shuffle_buffer", "8", *extra]  # fmt: skip
-    cfg = parse_args(args)
-    start = time.perf_counter()
-    check_inputs(cfg)
-    trainer = Trainer(cfg, world)
-    try:
-        trainer.train_step(iter(trainer.train_loader))
-    finally:
-        trainer.close()
-    return time.perf_counter() - start
-
-
-@pytest.mark.parametrize("kind, counts", [("torch", "indexed"), ("torch", "train_num_samples")])
-def test_start_up_on_10000_shards_is_within_2x_of_10(many_shards, single_rank, tmp_path, kind, counts):
-    """The loader 'auto' picks here. DALI's own reader reads every index file (20-80 us a shard on this machine,
-    0.86x open_clip's start-up at 10,000 shards in benchmarks/bench_data_scale.py): its time is measured there,
-    and what fastclip itself opens, below."""
-    extra = ["--data.loader", kind, "--data.num_threads", "1"]
-    if counts == "train_num_samples":
-        extra += ["--data.train_num_samples", "10000"]
-    times = {10: [], 10_000: []}
-    for i, n in enumerate((10, 10, 10_000, 10, 10_000)):  # the first run warms this process up: not counted
-        spec = many_shards[n, "indexed" if counts == "indexed" else "plain"]
-        times[n] += [_time_to_first_step(spec, single_rank, tmp_path / f"{i}", extra)] if i else []
-    times = {n: min(t) for n, t in times.items()}  # the quickest of two: the machine's noise, not the shards'
-    ratio = times[10_000] / times[10]
-    print(f"time to the first step, {kind} loader with {counts}: {times[10]:.2f} s on 10 shards, "
-          f"{times[10_000]:.2f} s on 10,000 ({ratio:.2f}x)")  # fmt: skip
-    assert ratio < 2, times
 
 
 def test_start_up_without_counts_says_why_it_is_slow_and_what_to_do(many_shards, capfd, monkeypatch):
@@ -314,22 +272,38 @@ def test_start_up_without_counts_says_why_it_is_slow_and_what_to_do(many_shards,
     assert err.count("python -m fastclip.data.shards index") == 2 and "data.train_num_samples" in err
 
 
-def test_dali_start_up_on_10000_shards_opens_only_check_shards_tars(many_shards, monkeypatch):
-    """fastclip's part of a DALI start-up on 10,000 indexed shards: the start-up check and the loader open the
-    data.check_shards tars (and the first one's members for the format probe), however many shards there are."""
+@pytest.mark.parametrize("kind, counts", [("dali", "indexed"), ("torch", "indexed"), ("torch", "train_num_samples")])
+def test_start_up_on_10000_shards_opens_only_what_it_reads(many_shards, monkeypatch, tmp_path, kind, counts):
+    """fastclip's start-up on 10,000 shards, counted in the tars it opens (its time against open_clip's is a
+    benchmark's: benchmarks/bench_data_scale.py): the start-up check opens the data.check_shards tars (and the first
+    one's members for the format probe) and the first batch the shards it reads, however many shards there are.
+    Counts come from the index tool's files or data.train_num_samples; DALI's own reader is not counted here."""
     import torch
 
     from fastclip.cli import parse_args
+    from fastclip.data import shard_specs, shard_stream, tar_layout
     from fastclip.data.build import build_loader
     from fastclip.model import ImageSpec
     from fastclip.preflight import check_inputs
 
-    opened = []
-    real = tarfile.open
-    monkeypatch.setattr(tarfile, "open", lambda name=None, *a, **kw: opened.append(name or kw["fileobj"].name) or
-                        real(name, *a, **kw))  # fmt: skip
-    cfg = parse_args(["--data.train_shards", many_shards[10_000, "indexed"], "--data.val_shards", "null",
-                      "--data.loader", "dali", "--data.batch_size", "8", "--data.shuffle_buffer", "8"])  # fmt: skip
+    log = tmp_path / "opened.txt"
+
+    def logged(real):
+        def opener(name=None, *args, **kwargs):
+            with open(log, "a", encoding="utf-8") as f:  # one append a line: the torch loader's worker writes too
+                f.write(f"{name or kwargs['fileobj'].name}\n")
+            return real(name, *args, **kwargs)
+
+        return opener
+
+    monkeypatch.setattr(tarfile, "open", logged(tarfile.open))
+    for module in (shard_specs, shard_stream, tar_layout):  # fastclip's one opener of shards, where it is imported
+        monkeypatch.setattr(module, "open_shard", logged(module.open_shard))
+    spec = many_shards[10_000, "indexed" if counts == "indexed" else "plain"]
+    extra = ["--data.train_num_samples", "10000"] if counts == "train_num_samples" else []
+    cfg = parse_args(["--data.train_shards", spec, "--data.val_shards", "null", "--data.loader", kind,
+                      "--data.batch_size", "8", "--data.shuffle_buffer", "8", "--data.num_threads", "1",
+                      *extra])  # fmt: skip
     check_inputs(cfg)
     image = ImageSpec(size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
     loader = build_loader(data=cfg.data, image=image, tokenizer=lambda texts: torch.zeros(len(texts), 77).long(),
@@ -338,4 +312,9 @@ def test_dali_start_up_on_10000_shards_opens_only_check_shards_tars(many_shards,
         next(iter(loader))
     finally:
         loader.close()
-    assert len(set(opened)) == cfg.data.check_shards and len(opened) <= 4 * cfg.data.check_shards
+    opened = log.read_text(encoding="utf-8").splitlines()
+    checked = cfg.data.check_shards
+    if kind == "dali":
+        assert len(set(opened)) == checked and len(opened) <= 4 * checked, len(opened)
+    else:  # one sample a shard: the worker reads a shard per sample it buffers or prefetches (a few batches)
+        assert checked < len(set(opened)) <= checked + 64, len(set(opened))
