@@ -30,7 +30,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bench_data import _shards  # noqa: E402
-from bench_train_step import _fastclip_trainer, _fits, _fixed_batches, _open_clip_run, _paired_fixed  # noqa: E402
+from bench_train_step import (  # noqa: E402
+    CPU_PRECISION,
+    _fastclip_trainer,
+    _fits,
+    _fixed_batches,
+    _open_clip_run,
+    _paired_fixed,
+)
 from harness import Result, bench_time  # noqa: E402
 
 MICRO, K = 64, 4
@@ -58,16 +65,19 @@ def test_accumulation_throughput_cpu(benchmark, record, quick, single_rank):
 
     mode = "quick" if quick else "full"
     steps, repeats = STEPS[mode], 1 if quick else 5
-    trainer = _fastclip_trainer(single_rank, _shards(mode), steps * (repeats + 1), ("--train.grad_accum", str(K)))
+    precision, open_clip_precision = CPU_PRECISION[mode]
+    trainer = _fastclip_trainer(single_rank, _shards(mode), steps * (repeats + 1), ("--train.grad_accum", str(K)),
+                                precision=precision)  # fmt: skip
     try:
         size, tokenizer = trainer.image.size, trainer.tokenizer
         fixed = _fixed_batches(2 * K, size, tokenizer)
         cycle = (Batch(images=img, texts=txt) for _ in range(10**6) for img, txt in fixed)
-        ours, base = _paired_fixed(trainer, cycle, fixed, steps, repeats, accum_freq=K, benchmark=benchmark)
+        ours, base = _paired_fixed(trainer, cycle, fixed, steps, repeats, accum_freq=K, benchmark=benchmark,
+                                   precision=open_clip_precision)  # fmt: skip
     finally:
         trainer.close()
     params = {"model": "fastclip-tiny", "image_px": size, "micro_batch": MICRO, "grad_accum": K,
-              "contrastive_batch": K * MICRO, "ranks": 1, "precision": "bf16", "device": "cpu"}  # fmt: skip
+              "contrastive_batch": K * MICRO, "ranks": 1, "precision": precision, "device": "cpu"}  # fmt: skip
     record(Result("accumulation", f"samples/s, grad_accum {K}, data excluded", params, "samples_per_second",
                   K * MICRO * steps / ours.median_s, K * MICRO * steps / base.median_s,
                   extra={"fastclip_spread": ours.spread, "open_clip_spread": base.spread, "rounds": repeats},
@@ -90,12 +100,12 @@ def _rss(pid: int) -> int:
     return 0
 
 
-def _rung(side: str, n: int, micro: int, root: Path) -> tuple[bool, int, str]:
+def _rung(side: str, n: int, micro: int, root: Path, mode: str) -> tuple[bool, int, str]:
     """One training step at contrastive batch ``n`` in a fresh process, watched every 20 ms and killed past
     RSS_LIMIT: (fits, peak RSS in bytes, why not)."""
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     with tempfile.TemporaryFile("w+") as log:
-        cmd = [sys.executable, __file__, side, str(n), str(micro), str(root)]
+        cmd = [sys.executable, __file__, side, str(n), str(micro), str(root), mode]
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
         peak, killed = 0, False
         while proc.poll() is None:
@@ -116,11 +126,13 @@ def _rung(side: str, n: int, micro: int, root: Path) -> tuple[bool, int, str]:
     return True, max(peak, json.loads(text.strip().splitlines()[-1])["peak_rss"]), ""
 
 
-def _largest_within_limit(side: str, ladder: tuple[int, ...], micro: int, root: Path) -> tuple[int | None, dict]:
+def _largest_within_limit(
+    side: str, ladder: tuple[int, ...], micro: int, root: Path, mode: str
+) -> tuple[int | None, dict]:
     """The largest rung that fits, climbing until one does not; and each rung's outcome."""
     best, seen = None, {}
     for n in ladder:
-        fits, peak, why = _rung(side, n, micro, root)
+        fits, peak, why = _rung(side, n, micro, root, mode)
         seen[n] = {"peak_rss_gib": round(peak / 2**30, 2), **({"stopped": why} if why else {})}
         if not fits:
             break
@@ -133,20 +145,20 @@ def test_largest_contrastive_batch_within_8gib_cpu(benchmark, record, quick):
 
     mode = "quick" if quick else "full"
     ladder, micro, root = LADDER[mode], PROBE_MICRO[mode], _shards(mode)
-    ours, ours_seen = bench_once(benchmark, lambda: _largest_within_limit("fastclip", ladder, micro, root))
-    theirs, theirs_seen = _largest_within_limit("open_clip", ladder, micro, root)
+    ours, ours_seen = bench_once(benchmark, lambda: _largest_within_limit("fastclip", ladder, micro, root, mode))
+    theirs, theirs_seen = _largest_within_limit("open_clip", ladder, micro, root, mode)
     top = "" if ours != ladder[-1] else f"; fastclip fit the ladder's top rung ({ladder[-1]}): its limit is higher"
     params = {"model": "fastclip-tiny", "image_px": PROBE_PX, "micro_batch": micro, "rss_limit_gib": 8,
-              "ladder": list(ladder), "precision": "bf16", "device": "cpu"}  # fmt: skip
+              "ladder": list(ladder), "precision": CPU_PRECISION[mode][0], "device": "cpu"}  # fmt: skip
     record(Result("accumulation", "largest contrastive batch within 8 GiB RSS", params, "contrastive_batch",
                   ours, theirs, extra={"fastclip_rungs": ours_seen, "open_clip_rungs": theirs_seen},
                   note=f"one step per rung in a fresh process; open_clip --accum-freq{top}"))  # fmt: skip
     assert ours is not None, ours_seen
 
 
-def _child(side: str, n: int, micro: int, root: Path) -> None:
+def _child(side: str, n: int, micro: int, root: Path, mode: str) -> None:
     """One rung: a training step at contrastive batch ``n``; prints the process's peak RSS as JSON."""
-    k = n // micro
+    k, (precision, open_clip_precision) = n // micro, CPU_PRECISION[mode]
     if side == "fastclip":
         import fastclip.trainer
         from fastclip.world import join_world
@@ -157,7 +169,7 @@ def _child(side: str, n: int, micro: int, root: Path) -> None:
 
         extra = ("--model.force_image_size", str(PROBE_PX), "--data.batch_size", str(micro), "--train.grad_accum",
                  str(k), "--data.loader", "torch", "--data.shuffle_buffer", "8")  # fmt: skip
-        trainer = _fastclip_trainer(join_world(), root, 1, extra)
+        trainer = _fastclip_trainer(join_world(), root, 1, extra, precision=precision)
         trainer.train_step(_micro_batches(k, micro, trainer.image.size, trainer.tokenizer))
         trainer.meters.collect()
         trainer.close()
@@ -165,7 +177,8 @@ def _child(side: str, n: int, micro: int, root: Path) -> None:
         from fastclip.data.tokenizer import build_tokenizer
 
         batches = ((b.images, b.texts) for b in _micro_batches(k, micro, PROBE_PX, build_tokenizer("fastclip-tiny")))
-        _open_clip_run(batches, 1, repeats=1, batch=micro, accum_freq=k, warmup=False, image_px=PROBE_PX)
+        _open_clip_run(batches, 1, repeats=1, batch=micro, accum_freq=k, warmup=False, image_px=PROBE_PX,
+                       precision=open_clip_precision)  # fmt: skip
     with open("/proc/self/status") as f:
         peak = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
     print(json.dumps({"peak_rss": peak}))
@@ -225,4 +238,4 @@ def test_contrastive_batch_65536_on_one_gpu(benchmark, record, quick, single_ran
 
 
 if __name__ == "__main__":
-    _child(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))
+    _child(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]), sys.argv[5])
