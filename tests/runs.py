@@ -85,7 +85,9 @@ def small_run_args(world: Path, out: Path, *, steps: int, batch: int = 16) -> li
         "--data.batch_size", str(batch),
         "--data.shuffle_buffer", "64",
         "--model.force_image_size", "32",
-        "--train.precision", "bf16",  # what GPUs run, on any machine (auto gives fp32 on a CPU without AVX-512)
+        # the default: bf16 on a GPU or an AVX-512 CPU, fp32 where torch emulates bf16 (26x slower matmuls on this
+        # AVX2 machine); the bf16 paths have their own tests (accumulation, compile, precision, param layout)
+        "--train.precision", "auto",
         "--train.steps", str(steps),
         "--optim.warmup_steps", "2",
         "--log.every", "1",

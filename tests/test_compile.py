@@ -76,7 +76,8 @@ def test_compiled_steps_train_as_eager_without_recompiles(single_rank, world_dir
 def test_compiled_bf16_steps_have_no_host_syncs_and_evaluate(single_rank, world_dir, tmp_path, accum):
     """bf16 ZeRO-2 with train.compile step, one micro batch (towers and loss one graph) and contrastive accumulation
     (towers and loss apart): no recompiles and no host syncs after the first steps; eval runs eager."""
-    extra = ["--train.compile", "step", "--train.compile_backend", "aot_eager", "--train.grad_accum", str(accum)]
+    extra = ["--train.compile", "step", "--train.compile_backend", "aot_eager", "--train.grad_accum", str(accum),
+             "--train.precision", "bf16"]  # fmt: skip
     trainer = _trainer(single_rank, world_dir, tmp_path, extra)
     try:
         batches = iter(trainer.train_loader)

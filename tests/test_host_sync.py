@@ -55,15 +55,16 @@ def _trainer(world, world_dir, tmp_path, extra):
     from fastclip.cli import parse_args
     from fastclip.trainer import Trainer
 
-    cfg = parse_args(small_run_args(world_dir, tmp_path, steps=20) + ["--log.every", "1000", *extra])
-    return Trainer(cfg, world)
+    # bf16 unless a case says otherwise: what GPUs run, whose steps must not sync (fp32 ZeRO-1/2 do, by design)
+    args = small_run_args(world_dir, tmp_path, steps=20) + ["--log.every", "1000", "--train.precision", "bf16"]
+    return Trainer(parse_args(args + extra), world)
 
 
 def _config_with_timers(world_dir, tmp_path, extra):
     from fastclip.cli import parse_args
     from fastclip.engine import deepspeed_config
 
-    cfg = parse_args(small_run_args(world_dir, tmp_path, steps=20) + extra)
+    cfg = parse_args(small_run_args(world_dir, tmp_path, steps=20) + ["--train.precision", "bf16", *extra])
     ds = deepspeed_config(cfg, world_size=1, cuda=False)
     assert ds["timers"]["throughput"]["enabled"] is False
     ds["timers"]["throughput"]["enabled"] = True
