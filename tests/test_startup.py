@@ -180,7 +180,7 @@ def test_a_partial_deepspeed_config_trains_with_fastclips_other_settings(single_
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 1, "reduce_bucket_size": 5 * 10**7}}))
     args = small_run_args(world_dir, tmp_path, steps=2) + ["--deepspeed_config", str(ds), "--log.every", "1000"]
-    trainer = Trainer(parse_args(args + ["--train.zero_stage", "1"]), single_rank)
+    trainer = Trainer(parse_args(args + ["--train.zero_stage", "1", "--train.precision", "bf16"]), single_rank)
     try:
         trainer.train_step(iter(trainer.train_loader))
         assert trainer.stage == 1 and trainer.engine.zero_reduce_bucket_size() == 5 * 10**7

@@ -179,8 +179,8 @@ def _fastclip_step(world, world_dir, tmp_path, extra: tuple[str, ...] = ()):
     from fastclip.data.batch import Batch
     from fastclip.trainer import Trainer
 
-    cfg = parse_args(small_run_args(world_dir, tmp_path, steps=10) + ["--log.every", "1000", *extra])
-    trainer = Trainer(cfg, world)
+    args = small_run_args(world_dir, tmp_path, steps=10) + ["--log.every", "1000", "--train.precision", "bf16"]
+    trainer = Trainer(parse_args(args + list(extra)), world)
     batch = next(iter(trainer.train_loader))
     fixed = itertools.repeat(Batch(images=batch.images, texts=batch.texts))
     trainer.train_step(fixed)  # the first step allocates the optimizer's state
