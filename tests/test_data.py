@@ -297,7 +297,8 @@ def test_gpu_decode_batches_travel_as_one_tensor_of_bytes():
     back in place."""
     import pickle
 
-    from fastclip.data.torch_loader import PackedImages, _collate
+    from fastclip.data.torch_loader import _collate
+    from fastclip.data.workers import PackedImages
 
     g = torch.Generator().manual_seed(0)
     jpegs = [torch.randint(0, 256, (int(n),), dtype=torch.uint8, generator=g) for n in (300, 17, 4096, 5)]

@@ -335,7 +335,7 @@ def test_torch_loader_workers_are_forked_not_the_default_start_method(tmp_path):
     data = _data("--data.val_shards", spec, "--data.loader", "torch", "--data.num_threads", "1")
     loader = _loader(data, train=False, kind="torch")
     try:
-        assert loader.workers == 1 and loader.loader.multiprocessing_context.get_start_method() == "fork"
+        assert loader.workers == 1 and loader.streams.loader.multiprocessing_context.get_start_method() == "fork"
         assert sum(len(b.texts) for b in loader) == 8
     finally:
         loader.close()
