@@ -20,20 +20,23 @@ def check_inputs(cfg: Config, *, world_size: int = 1) -> None:
 
     from fastclip.data.build import loader_kind
     from fastclip.data.loader import LoaderOptions
+    from fastclip.data.remote import names_remote
     from fastclip.engine import deepspeed_config
     from fastclip.eval import read_zeroshot_list
     from fastclip.model import check_pretrained_file
     from fastclip.run_folders import check_writable, written_folders
     from fastclip.schedules import check_run_length
 
-    # the torch loader counts samples by walking tar headers where no index file counts them: walk them here,
-    # before any model (it reuses the walk), so that the run's length is known; DALI counts them itself
+    # DataLoader workers (the torch loader's; DALI's for remote shards) count samples by walking tar headers where no
+    # index file counts them: walk them here, before any model (the loader reuses the walk), so that the run's length
+    # is known; DALI's own reader counts local shards itself
     kind = loader_kind(cfg.data)
     options = LoaderOptions.of(cfg.data)
     train = None
     for name in ("train_shards", "val_shards"):
         if spec := getattr(cfg.data, name):
-            shards = options.resolve(spec, field=f"data.{name}", train=name == "train_shards", count=kind == "torch")
+            count = kind == "torch" or names_remote(spec)
+            shards = options.resolve(spec, field=f"data.{name}", train=name == "train_shards", count=count)
             train = shards if name == "train_shards" else train
     for name in ("zeroshot_classnames", "zeroshot_templates"):
         if path := getattr(cfg.data, name):
@@ -54,10 +57,12 @@ def _epoch_samples(cfg: Config, train, kind: str) -> tuple[int | None, str]:
     """An epoch's samples as the train loader will count them (``train``: its resolved shards) and where from, where
     that is known before it is built: data.train_num_samples, the torch loader's counts, DALI's where every shard has
     an index file (DALI reads their counts; without them it walks the tar headers itself, after the model is built)."""
+    from fastclip.data.remote import names_remote
     from fastclip.schedules import epoch_source
 
     if cfg.data.train_num_samples:
         return cfg.data.train_num_samples, "data.train_num_samples"
-    if train is None or train.total is None or (kind == "dali" and None in train.index):
+    dali_counts = kind == "dali" and not names_remote(cfg.data.train_shards)  # after the model, from the tar headers
+    if train is None or train.total is None or (dali_counts and None in train.index):
         return None, ""
     return train.total, epoch_source(train.counted_from)

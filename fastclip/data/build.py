@@ -13,7 +13,6 @@ import torch
 from fastclip.config import Config, DataConfig
 from fastclip.console import say
 from fastclip.data.loader import Loader, LoaderOptions, LoaderRequest, auto_threads
-from fastclip.data.remote import display, is_remote
 from fastclip.errors import ConfigError
 from fastclip.model import ImageSpec
 
@@ -35,18 +34,12 @@ def dali_available() -> bool:
 
 def loader_kind(data: DataConfig) -> str:
     """'dali' or 'torch', as ``data.loader`` says; 'auto' is DALI where it is installed and there is a GPU to
-    decode on, and the shards are files (remote shards stream through the torch loader, fastclip/data/remote.py).
-    On CPUs the torch loader is faster: DALI's CPU resize costs about 4 ms an image of a real photo's
-    size, torchvision's under 0.5 (benchmarks/bench_data.py, photos: 1.08x open_clip's loader against 1.82x)."""
-    remote = next((s for s in (data.train_shards, data.val_shards) if s and any(map(is_remote, s.split("::")))), None)
-    if remote and data.loader == "dali":
-        raise ConfigError(
-            f"data.loader: DALI's webdataset reader opens local files only, and {display(remote)} is remote. Use "
-            "--data.loader auto (the torch loader for remote shards: it still decodes JPEGs on the GPU, nvJPEG)."
-        )
+    decode on (remote shards reach DALI's decoder from DataLoader workers, fastclip/data/dali_stream.py). On CPUs
+    the torch loader is faster: DALI's CPU resize costs about 4 ms an image of a real photo's size, torchvision's
+    under 0.5 (benchmarks/bench_data.py, photos: 1.08x open_clip's loader against 1.82x)."""
     if data.loader != "auto":
         return data.loader
-    return "dali" if dali_available() and torch.cuda.is_available() and not remote else "torch"
+    return "dali" if dali_available() and torch.cuda.is_available() else "torch"
 
 
 def build_loader(

@@ -31,8 +31,10 @@ from fastclip.data.dali_pipelines import (
     to_torch,
 )
 from fastclip.data.dali_pipelines import labels as labels_of
+from fastclip.data.dali_stream import StreamReader
 from fastclip.data.loader import LoaderRequest, derive_seed
 from fastclip.data.prefetch import Prefetcher
+from fastclip.data.remote import names_remote
 from fastclip.data.shard_specs import SLOW_WALK, Shards, resolve_shards, say_once
 from fastclip.data.skips import DataBroken, Skips
 from fastclip.errors import ConfigError
@@ -125,10 +127,10 @@ class DaliLoader:
         self.rebuilds = 0
         self.decoders, self.checker = [make_decoder(i) for i in range(self.IN_FLIGHT)], None
         self.skips = Skips(rank=rank)
-        self.samples_per_epoch = self.reader.reader_meta("reader")["epoch_size"]
-        total = self.samples_per_epoch
-        # DALI gives shard i the samples [total * i // n, total * (i + 1) // n)
-        self.local_samples = total * (rank + 1) // world_size - total * rank // world_size
+        self.samples_per_epoch = total = self.reader.reader_meta("reader")["epoch_size"]
+        # a stream reader knows its share (its workers' slots); DALI gives shard i [total*i//n, total*(i+1)//n)
+        formula = total * (rank + 1) // world_size - total * rank // world_size
+        self.local_samples = getattr(self.reader, "local_samples", formula)
         self.batch_size = self.reader.max_batch_size
         self.image_device = device if is_gpu_pipe(self.decoders[0]) else torch.device("cpu")
 
@@ -279,6 +281,7 @@ class DaliLoader:
     def close(self) -> None:
         """Stop the prefetch thread, then free the pipelines (their C++ threads must not outlive the process)."""
         self._close_prefetcher()
+        getattr(self.reader, "close", lambda: None)()  # a stream reader's DataLoader workers
         self.reader, self.decoders, self.checker = None, [], None
 
 
@@ -296,19 +299,15 @@ def _reader_stopped(error: RuntimeError) -> str:
 
 def build_dali_loader(request: LoaderRequest) -> DaliLoader:
     """The DALI loader over ``spec``'s readable shards. DALI splits the samples among ranks by position whatever
-    the shuffle, so each rank shuffles and crops with its own seed; resampled, each rank reads its own draw."""
+    the shuffle, so each rank shuffles and crops with its own seed; resampled, each rank reads its own draw. Remote
+    shards reach DALI's decoder from DataLoader workers (fastclip/data/dali_stream.py), counted as the torch loader
+    counts them."""
     options, field, train, image, seed = request.options, request.field, request.train, request.image, request.seed
     rank, world_size = request.rank, request.world_size
-    shards = request.shards(count=False)  # DALI counts the samples itself
 
-    def build(shards: Shards) -> DaliLoader:
-        paths, index = _reader_shards(shards, field=field, resampled=train and options.resampled, seed=seed, rank=rank)
-        ranks = (0, 1) if train and options.resampled else (rank, world_size)
-        loader = DaliLoader(
-            make_reader=lambda checkpoint: reader_pipeline(
-                options=options, paths=paths, index=index, train=train, rank=ranks[0], world_size=ranks[1],
-                seed=derive_seed(seed, "reader shuffle", rank), checkpoint=checkpoint,
-            ),
+    def loader(make_reader: Callable[[bytes | None], Any], epoch_from: str) -> DaliLoader:
+        built = DaliLoader(
+            make_reader=make_reader,
             # decoder i: the i-th built (the first ones, then each rebuild), so a rebuilt one draws other crops
             make_decoder=lambda i: decode_pipeline(
                 options=options, image=image, train=train, seed=derive_seed(seed, "decoder crops", rank, i)
@@ -316,10 +315,26 @@ def build_dali_loader(request: LoaderRequest) -> DaliLoader:
             make_checker=lambda: decode_pipeline(options=options, image=image, train=False, seed=0, batch_size=1),
             tokenizer=request.tokenizer, train=train, rank=rank, world_size=world_size, device=request.device,
         )  # fmt: skip
-        loader.epoch_from = f"DALI's count, from {'the index files' if index else 'the tar headers'}"
+        built.epoch_from = epoch_from
         if train and options.train_num_samples:  # the epoch's length; the reader goes on through its own pass
-            loader.samples_per_epoch, loader.epoch_from = options.train_num_samples, "data.train_num_samples"
-        return loader
+            built.samples_per_epoch, built.epoch_from = options.train_num_samples, "data.train_num_samples"
+        return built
+
+    if names_remote(request.spec):
+        shards = request.shards()
+        return loader(lambda checkpoint: StreamReader(shards, request, checkpoint), shards.counted_from)
+    shards = request.shards(count=False)  # DALI counts the samples itself
+
+    def build(shards: Shards) -> DaliLoader:
+        paths, index = _reader_shards(shards, field=field, resampled=train and options.resampled, seed=seed, rank=rank)
+        ranks = (0, 1) if train and options.resampled else (rank, world_size)
+        return loader(
+            lambda checkpoint: reader_pipeline(
+                options=options, paths=paths, index=index, train=train, rank=ranks[0], world_size=ranks[1],
+                seed=derive_seed(seed, "reader shuffle", rank), checkpoint=checkpoint,
+            ),
+            f"DALI's count, from {'the index files' if index else 'the tar headers'}",
+        )  # fmt: skip
 
     try:
         return build(shards)

@@ -43,6 +43,12 @@ def is_remote(path: str) -> bool:
     return path.startswith(SCHEMES)
 
 
+def names_remote(spec: str) -> bool:
+    """Whether a shard spec (``::``-joined parts) names remote shards: DataLoader workers read them, counted first,
+    under either loader (DALI's own reader opens local files only)."""
+    return any(is_remote(part.strip()) for part in spec.split("::"))
+
+
 def display(path: str) -> str:
     """``path`` as messages name it: a URL without its user, password and query (a presigned URL's signature)."""
     if path.startswith("pipe:"):
