@@ -62,7 +62,7 @@ def _epoch_samples(cfg: Config, train, kind: str) -> tuple[int | None, str]:
 
     if cfg.data.train_num_samples:
         return cfg.data.train_num_samples, "data.train_num_samples"
-    dali_counts = kind == "dali" and not names_remote(cfg.data.train_shards)  # after the model, from the tar headers
+    dali_counts = kind == "dali" and not names_remote(cfg.data.train_shards or "")  # after the model, from tars
     if train is None or train.total is None or (dali_counts and None in train.index):
         return None, ""
     return train.total, epoch_source(train.counted_from)

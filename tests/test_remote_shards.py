@@ -249,6 +249,24 @@ def test_dali_decodes_remote_shards_every_sample_once_and_resumes_exactly(bucket
                 assert [_texts(next(batches)) for _ in range(4)] == [_texts(b) for b in run[k + 1 : k + 5]], k
             finally:
                 again.close()
+        # the torch loader runs the same worker streams: its position (a run that read these shards with it)
+        # goes on exactly under DALI
+        torch_data = _args(spec, "torch", "--data.batch_size", "4", "--data.num_threads", "2", "--data.index_dir",
+                           index).data  # fmt: skip
+        torch_loader = build_loader(data=torch_data, image=SPEC, tokenizer=TOKENIZER, train=True, rank=0,
+                                    world_size=1, seed=5, device=torch.device("cpu"))  # fmt: skip
+        try:
+            batches = iter(torch_loader)
+            position = [next(batches) for _ in range(6)][-1].position.state()
+        finally:
+            torch_loader.close()
+        again = train_loader()
+        try:
+            assert again.restore(position) is None
+            batches = iter(again)
+            assert [_texts(next(batches)) for _ in range(3)] == [_texts(b) for b in run[6:9]]
+        finally:
+            again.close()
 
         val = dataclasses.replace(cfg.data, val_shards=spec)
         evaluated = build_loader(data=val, image=SPEC, tokenizer=TOKENIZER, train=False, rank=1, world_size=2, seed=5,
@@ -281,6 +299,34 @@ def test_dali_skips_a_corrupt_remote_image_naming_its_url_and_key(tmp_path, warn
             loader.close()
     assert loader.skipped == 1 and len(set(seen)) == 20 and _ids(["caption 5"])[0] not in seen
     assert f"skipped sample 00005 in shard {url}: its image does not decode" in warnings_log()
+
+
+@NEEDS_DALI
+def test_a_dali_eval_pass_short_of_a_failed_remote_shard_ends_and_the_next_reads_alike(bucket, tmp_path):
+    """A val shard that fails when read (cut short on the server after it was indexed) is skipped by the workers'
+    stream: the DALI eval pass ends short of its count, without a repeated sample or a hang, and so does the next."""
+    from test_data_integrity import SPEC, TOKENIZER
+
+    from fastclip.data.build import build_loader
+
+    root, _ = bucket
+    shutil.copytree(root / "bucket", tmp_path / "bucket")
+    with http_server(tmp_path) as server:
+        spec = _spec("http", tmp_path, server.url)
+        index_shards(expand(spec), index_dir=str(tmp_path / "index"))
+        cut = tmp_path / "bucket" / "shard-002.tar"
+        cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+        data = _args(spec, "dali", "--data.batch_size", "4", "--data.num_threads", "1", "--data.index_dir",
+                     str(tmp_path / "index"), "--data.max_bad_fraction", "0.5").data  # fmt: skip
+        val = dataclasses.replace(data, val_shards=spec)
+        evaluated = build_loader(data=val, image=SPEC, tokenizer=TOKENIZER, train=False, rank=0, world_size=1, seed=5,
+                                 device=torch.device("cpu"))  # fmt: skip
+        try:
+            passes = [[t for b in evaluated for t in _texts(b)] for _ in range(2)]
+        finally:
+            evaluated.close()
+    assert evaluated.local_samples == sum(SIZES)
+    assert passes[0] == passes[1] and len(set(passes[0])) == len(passes[0]) == sum(SIZES) - SIZES[2]
 
 
 def test_the_index_tool_needs_a_local_folder_for_remote_shards():

@@ -11,6 +11,7 @@ samples they pass between them are one state machine; the pipelines themselves l
 from __future__ import annotations
 
 import base64
+import json
 import random
 import re
 from collections import deque
@@ -144,6 +145,8 @@ class DaliLoader:
         checkpoint = self.reader.checkpoint() if self.train else b""  # ~0.06 ms
         try:
             out = self.reader.run()
+        except DataBroken:  # a stream reader's workers: they skipped what they could, and say why they stopped
+            raise
         except RuntimeError as e:
             raise DataBroken(_reader_stopped(e)) from None
         n = len(out[1]) if limit is None else min(len(out[1]), limit)  # eval: the reader's padding cut off
@@ -158,13 +161,19 @@ class DaliLoader:
             read, self._consumed_on_restore = read.split(self._consumed_on_restore)[1], 0
         return read, n
 
-    def restore(self, state: dict[str, Any]) -> None:
+    def restore(self, state: dict[str, Any]) -> str | None:
         """Go on from a train batch's position (``DataPosition.state()``): the reader from its checkpoint, the
-        samples it had consumed of that read dropped. Exact, so nothing to say (None)."""
+        samples it had consumed of that read dropped. Returns how the stream differs from an uninterrupted one
+        (None: exactly the same). A stream reader also takes the torch loader's position on the same shards: both
+        run the same worker streams (a run that read remote shards with the torch loader, resumed with DALI)."""
+        if state.get("loader") == "torch" and isinstance(self.reader, StreamReader):
+            state = DataPosition(json.dumps(state).encode(), 0).state()
         check_stream(state, "dali")
         self._close_prefetcher()
-        self.reader = self.make_reader(base64.b64decode(state["reader"]))
+        old, self.reader = self.reader, self.make_reader(base64.b64decode(state["reader"]))
+        getattr(old, "close", lambda: None)()
         self._consumed_on_restore = int(state["consumed"])
+        return getattr(self.reader, "differs", None)
 
     def _undecodable(self, batch: _Encoded) -> dict[int, str]:
         """Which of ``batch``'s images DALI cannot decode, one image at a time, and why."""
@@ -220,7 +229,8 @@ class DaliLoader:
         while flow.free:
             while len(flow.carry) < self.batch_size and (flow.left is None or flow.left > 0):
                 read, n = self._read(flow.left)
-                flow.left = None if flow.left is None else flow.left - n
+                # eval: a stream reader's pass that ended short (an empty read) ends here
+                flow.left = None if flow.left is None else (flow.left - n if n else 0)
                 flow.carry = flow.carry + read
             if not len(flow.carry):
                 return

@@ -49,9 +49,9 @@ class StreamReader:
         self.streams = WorkerStreams(shards, request, transform=_encoded, collate=_collate, skips=self.skips,
                                      pin_memory=False)  # fmt: skip
         self.local_samples = self.streams.local_samples
-        if checkpoint is not None:
-            self.streams.restore(_position(checkpoint))
-        self._batches = None
+        # how a restored stream differs from an uninterrupted one (None: it goes on exactly)
+        self.differs = None if checkpoint is None else self.streams.restore(_position(checkpoint))
+        self._batches, self._given = None, 0  # this pass's iterator, and the samples it gave (eval)
 
     def reader_meta(self, name: str) -> dict:
         return {"epoch_size": self.streams.samples_per_epoch}
@@ -60,19 +60,31 @@ class StreamReader:
         return json.dumps(self.streams.position().state()).encode()
 
     def run(self) -> tuple:
+        """The next batch read; an empty one where an eval pass ended short of ``local_samples`` (a shard that
+        failed mid-read, skipped and logged by the stream), which ends that pass."""
         if self._batches is None:
-            self._batches = iter(self.streams)
+            self._batches, self._given = iter(self.streams), 0
         try:
             packed, captions, classes, sources, _ = next(self._batches)
-        except StopIteration:  # an eval pass is over: the next begins
-            self._batches = iter(self.streams)
-            packed, captions, classes, sources, _ = next(self._batches)
+        except StopIteration:
+            if self.train:  # a training stream is endless: its workers ended
+                raise RuntimeError("the DataLoader workers' training stream ended") from None
+            self._end_pass()
+            return [], [], [], []
+        self._given += len(captions)
+        if not self.train and self._given >= self.local_samples:
+            self._end_pass()  # its workers exit now, not at the next eval
         images = [t.numpy() for t in packed.unpack()]
         return images, _arrays(captions), *([] if self.train else [_arrays(classes)]), _arrays(sources)
 
+    def _end_pass(self) -> None:
+        if self._batches is not None:
+            self._batches.close()  # the generator lets go of its DataLoader iterator, which ends the workers
+        self._batches = None
+
     def close(self) -> None:
         """Stop the workers (a training stream's persist)."""
-        self._batches = None
+        self._end_pass()
         self.streams.close()
 
 

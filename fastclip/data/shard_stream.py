@@ -164,7 +164,7 @@ class ShardStream(IterableDataset):
         self.seed, self.shuffle_buffer, self.transform, self.skips = seed, shuffle_buffer, transform, skips
         self.bad, self.resampled = bad, resampled
         self.counted = all(s.samples is not None for s in shards)
-        # set by TorchLoader.restore before the workers start: the batches taken, and each stream's samples read
+        # set by WorkerStreams.restore before the workers start: the batches taken, and each stream's samples read
         self.resume_batches, self.batch_size, self.resume_reads = 0, 1, None
 
     def _consumed(self, worker: int, workers: int) -> int:
