@@ -16,9 +16,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
 from remote_servers import KEY, SECRET, CuttingProxy, environment, http_server, rclone, s3_server
-from test_data_integrity import _captioned_shards, _ids, _texts
+from test_data_integrity import _captioned_shards, _ids, _loader, _texts
 from test_sampling import _args, _loaders
 
 from fastclip.data import remote
@@ -208,9 +207,7 @@ def test_dali_decodes_remote_shards_every_sample_once_and_resumes_exactly(bucket
     """data.loader dali on HTTP shards: DataLoader workers stream the encoded samples to DALI's decoder
     (fastclip/data/dali_stream.py). Each epoch reads every sample once across 2 ranks and their workers; a
     restored position goes on with the same batches; eval passes read this rank's samples once each, alike."""
-    from test_data_integrity import SPEC, TOKENIZER
 
-    from fastclip.data.build import build_loader
     from fastclip.data.dali import DaliLoader
 
     root, captions = bucket
@@ -230,8 +227,7 @@ def test_dali_decodes_remote_shards_every_sample_once_and_resumes_exactly(bucket
         assert len(seen) == len(set(seen)) == 4 * (33 // 4 + 34 // 4)  # whole batches of each rank's 33 and 34
 
         def train_loader():
-            return build_loader(data=cfg.data, image=SPEC, tokenizer=TOKENIZER, train=True, rank=0, world_size=1,
-                                seed=5, device=torch.device("cpu"))  # fmt: skip
+            return _loader(cfg.data, train=True, kind="dali")
 
         loader = train_loader()
         try:
@@ -253,8 +249,7 @@ def test_dali_decodes_remote_shards_every_sample_once_and_resumes_exactly(bucket
         # goes on exactly under DALI
         torch_data = _args(spec, "torch", "--data.batch_size", "4", "--data.num_threads", "2", "--data.index_dir",
                            index).data  # fmt: skip
-        torch_loader = build_loader(data=torch_data, image=SPEC, tokenizer=TOKENIZER, train=True, rank=0,
-                                    world_size=1, seed=5, device=torch.device("cpu"))  # fmt: skip
+        torch_loader = _loader(torch_data, train=True, kind="torch", rank=0, world_size=1)
         try:
             batches = iter(torch_loader)
             position = [next(batches) for _ in range(6)][-1].position.state()
@@ -269,8 +264,7 @@ def test_dali_decodes_remote_shards_every_sample_once_and_resumes_exactly(bucket
             again.close()
 
         val = dataclasses.replace(cfg.data, val_shards=spec)
-        evaluated = build_loader(data=val, image=SPEC, tokenizer=TOKENIZER, train=False, rank=1, world_size=2, seed=5,
-                                 device=torch.device("cpu"))  # fmt: skip
+        evaluated = _loader(val, train=False, kind="dali", rank=1, world_size=2)
         try:
             passes = [[t for b in evaluated for t in _texts(b)] for _ in range(2)]
         finally:
@@ -280,9 +274,7 @@ def test_dali_decodes_remote_shards_every_sample_once_and_resumes_exactly(bucket
 
 @NEEDS_DALI
 def test_dali_skips_a_corrupt_remote_image_naming_its_url_and_key(tmp_path, warnings_log):
-    from test_data_integrity import SPEC, TOKENIZER, _corrupt, _image, _write_shard
-
-    from fastclip.data.build import build_loader
+    from test_data_integrity import _corrupt, _image, _write_shard
 
     samples = [(f"{i:05d}", {"jpg": _image("JPEG", i), "txt": f"caption {i}".encode()}) for i in range(24)]
     samples[5][1]["jpg"] = _corrupt(samples[5][1]["jpg"])
@@ -290,8 +282,7 @@ def test_dali_skips_a_corrupt_remote_image_naming_its_url_and_key(tmp_path, warn
     with http_server(tmp_path) as server:
         url = f"{server.url}/bad-000.tar"
         data = _args(url, "dali", "--data.batch_size", "4", "--data.num_threads", "1").data
-        loader = build_loader(data=data, image=SPEC, tokenizer=TOKENIZER, train=True, rank=0, world_size=1, seed=5,
-                              device=torch.device("cpu"))  # fmt: skip
+        loader = _loader(data, train=True, kind="dali", rank=0, world_size=1)
         try:
             batches = iter(loader)
             seen = [t for _ in range(5) for t in _texts(next(batches))]  # 20 of the 23 good ones, in full batches
@@ -305,9 +296,6 @@ def test_dali_skips_a_corrupt_remote_image_naming_its_url_and_key(tmp_path, warn
 def test_a_dali_eval_pass_short_of_a_failed_remote_shard_ends_and_the_next_reads_alike(bucket, tmp_path):
     """A val shard that fails when read (cut short on the server after it was indexed) is skipped by the workers'
     stream: the DALI eval pass ends short of its count, without a repeated sample or a hang, and so does the next."""
-    from test_data_integrity import SPEC, TOKENIZER
-
-    from fastclip.data.build import build_loader
 
     root, _ = bucket
     shutil.copytree(root / "bucket", tmp_path / "bucket")
@@ -319,8 +307,7 @@ def test_a_dali_eval_pass_short_of_a_failed_remote_shard_ends_and_the_next_reads
         data = _args(spec, "dali", "--data.batch_size", "4", "--data.num_threads", "1", "--data.index_dir",
                      str(tmp_path / "index"), "--data.max_bad_fraction", "0.5").data  # fmt: skip
         val = dataclasses.replace(data, val_shards=spec)
-        evaluated = build_loader(data=val, image=SPEC, tokenizer=TOKENIZER, train=False, rank=0, world_size=1, seed=5,
-                                 device=torch.device("cpu"))  # fmt: skip
+        evaluated = _loader(val, train=False, kind="dali", rank=0, world_size=1)
         try:
             passes = [[t for b in evaluated for t in _texts(b)] for _ in range(2)]
         finally:
