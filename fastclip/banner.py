@@ -3,7 +3,7 @@ comes from, which loss with which options, and what the step's contrastive batch
 
 from __future__ import annotations
 
-from fastclip.config import LossConfig
+from fastclip.config import Config, LossConfig
 
 
 def precision_part(asked: str, runs: str, device: str) -> str:
@@ -35,4 +35,18 @@ def accumulation_part(k: int, micro: int, ranks: int, *, contrastive_batch: int,
     return (
         f"contrastive batch {contrastive_batch}: accumulation 'contrastive', one loss over {k} micro "
         f"batches of {micro} per rank ({replayed} forwarded twice)"
+    )
+
+
+def start_line(cfg: Config, *, params: int, runs: str, stage: int, device: str, world: str, ranks: int,
+               steps: tuple[int, int], epoch: tuple[int, str], contrastive_batch: int, replay_last: bool | None,
+               loss_kind: str) -> str:  # fmt: skip
+    """The whole line. ``runs``: the precision the engine runs; ``world``: the ranks' layout; ``steps``: (total,
+    per epoch); ``epoch``: (samples per epoch, where that count comes from); the rest as in the parts above."""
+    k, micro = cfg.train.grad_accum, cfg.data.batch_size
+    accumulation = accumulation_part(k, micro, ranks, contrastive_batch=contrastive_batch, replay_last=replay_last)
+    return (
+        f"fastclip: {cfg.model.name} ({params / 1e6:.1f}M params), {precision_part(cfg.train.precision, runs, device)}"
+        f", ZeRO-{stage}, world: {world}; global batch {k * micro * ranks}, {steps[0]} steps ({steps[1]}/epoch, "
+        f"{epoch[0]} samples/epoch from {epoch[1]}); {loss_part(cfg.loss, loss_kind)}; {accumulation}"
     )

@@ -74,3 +74,11 @@ class Interval:
 
     def add(self, data_time: float) -> None:
         self.steps, self.data_time = self.steps + 1, self.data_time + data_time
+
+    def rates(self, global_batch: int, world_size: int) -> dict[str, float]:
+        """Throughput and time per step over these steps, as logged: samples/s (all ranks and per GPU), host
+        seconds waiting for data and wall seconds per step."""
+        elapsed = time.perf_counter() - self.start
+        per_second = self.steps * global_batch / elapsed
+        return {"samples_per_second": per_second, "samples_per_second_per_gpu": per_second / world_size,
+                "data_time": self.data_time / self.steps, "batch_time": elapsed / self.steps}  # fmt: skip

@@ -69,13 +69,21 @@ def build_schedule(optim, train, *, total: int, steps_per_epoch: int) -> LrSched
     )  # fmt: skip
 
 
-def restart_at(scheduler, schedule: LrSchedule, *, base_lr: float, step: int) -> None:
-    """Put a ``LambdaLR`` over ``schedule`` and its optimizer at optimizer step ``step`` with peak ``base_lr``.
+def restart_at(scheduler, schedule: LrSchedule, *, base_lr: float, step: int, where: str) -> None:
+    """Put a ``LambdaLR`` over ``schedule`` and its optimizer at optimizer step ``step`` with peak ``base_lr``, for
+    a resume from checkpoint ``where``.
 
     On resume the schedule comes from the run's config, not from the checkpoint: a saved ``LambdaLR`` state
     carries the old run's peak lr and its callable's fields (total steps among them), so a resume with a new
-    ``optim.lr`` or ``train.steps`` would otherwise train on the old schedule (or at lr 0 past its end).
+    ``optim.lr`` or ``train.steps`` would otherwise train on the old schedule (or at lr 0 past its end). Every
+    schedule gives a positive lr before its last step, so the one resume that cannot learn is one with no step
+    left: refused.
     """
+    if step >= schedule.total:
+        raise ConfigError(
+            f"checkpoint.resume: {where!r} is at step {step} and this run ends at step {schedule.total} "
+            "(train.steps, or train.epochs): nothing is left to train. Raise --train.steps to train further."
+        )
     groups = scheduler.optimizer.param_groups
     lr = base_lr * schedule(step)
     scheduler.base_lrs = [base_lr] * len(groups)

@@ -89,6 +89,12 @@ def train_line(record: dict[str, Any], *, total_steps: int) -> str:
     )
 
 
+def eval_line(step: int, metrics: dict[str, float]) -> str:
+    """An eval's metrics as its console line (the sample count in front, the time left to the record)."""
+    parts = [f"{k[4:]} {v:.4f}" for k, v in metrics.items() if k not in ("val/samples", "val/time")]
+    return f"eval step {step} ({int(metrics['val/samples'])} samples): " + " | ".join(parts)
+
+
 def progress_bar(*, enabled: bool, total: int, done: int):
     """A tqdm bar on a terminal (rank 0, log.progress); None where output goes to a file, which gets the log
     lines rather than carriage-return redraws."""

@@ -24,7 +24,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from fastclip import console, precision
 from fastclip.accumulation import ContrastiveAccumulation
-from fastclip.banner import accumulation_part, loss_part, precision_part
+from fastclip.banner import start_line
 from fastclip.checkpoint import CheckpointManager, TrainState, changed_settings, data_identity, locate, run_meta
 from fastclip.compile import compile_parts
 from fastclip.config import LOGITS_BACKENDS, Config, check_compile
@@ -33,7 +33,6 @@ from fastclip.data.batch import Batch, BatchCount, DataPosition
 from fastclip.data.build import build_loaders, with_threads
 from fastclip.data.tokenizer import build_tokenizer
 from fastclip.engine import apply_adamw_settings, build_engine, full_params, release
-from fastclip.errors import ConfigError
 from fastclip.eval import EarlyStopping, evaluate, zeroshot_lists
 from fastclip.guard import NonFiniteGuard
 from fastclip.loss import build_loss
@@ -43,7 +42,7 @@ from fastclip.model import build_model, image_spec, loss_kind, loss_scalars, par
 from fastclip.out_of_memory import said_in_one_line
 from fastclip.preemption import Preempted, StopRequests
 from fastclip.schedules import build_schedule, epoch_source, restart_at, total_steps
-from fastclip.sinks import MetricSinks, progress_bar, train_line
+from fastclip.sinks import MetricSinks, eval_line, progress_bar, train_line
 from fastclip.world import World
 
 
@@ -80,7 +79,12 @@ class Trainer:
         self.schedule = build_schedule(
             cfg.optim, cfg.train, total=self.total_steps, steps_per_epoch=self.steps_per_epoch
         )
-        self.engine, self.scheduler, self.ds_config = self._engine()
+        self.engine, self.scheduler, self.ds_config = build_engine(
+            self.clip, cfg=cfg, world_size=world.world_size, cuda=world.device.type == "cuda",
+            params=param_groups(self.clip, weight_decay=cfg.optim.weight_decay, rule=cfg.optim.decay_rule,
+                                align=cfg.train.align_params),
+            lr_scheduler=lambda opt: LambdaLR(opt, self.schedule),
+        )  # fmt: skip
         self.own_schedule = "scheduler" not in self.ds_config  # else a user's DeepSpeed file schedules the lr
         self.stage, self.precision = self.engine.zero_optimization_stage(), precision.of_engine(self.engine)
         self.dtype = precision.input_dtype(self.precision)
@@ -107,17 +111,6 @@ class Trainer:
             except BaseException:
                 self.close()  # the caller never gets this trainer to close: stop the loaders' threads here
                 raise
-
-    def _engine(self):
-        """(the DeepSpeed engine, its lr scheduler, the DeepSpeed config it was built with)."""
-        cfg, world = self.cfg, self.world
-        engine, scheduler, ds_config = build_engine(
-            self.clip, cfg=cfg, world_size=world.world_size, cuda=world.device.type == "cuda",
-            params=param_groups(self.clip, weight_decay=cfg.optim.weight_decay, rule=cfg.optim.decay_rule,
-                                align=cfg.train.align_params),
-            lr_scheduler=lambda opt: LambdaLR(opt, self.schedule),
-        )  # fmt: skip
-        return engine, scheduler, ds_config
 
     def _step_parts(self, contrastive: bool):
         """(the loss function, the compiled towers and compiled step where ``train.compile`` asks, the contrastive
@@ -182,11 +175,6 @@ class Trainer:
         """The loss and its scalar inputs (logit scale; and bias, for SigLIP), for the meters."""
         scalars = loss_scalars(out)
         return self.loss_fn(out["image_features"], out["text_features"], *scalars.values()), scalars
-
-    @property
-    def val_loss_key(self) -> str:
-        """The val loss early stopping watches: the run's own loss on the val set."""
-        return f"val/{self.loss_kind}_loss"
 
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss)
@@ -288,7 +276,7 @@ class Trainer:
                     self._preempt(stop, interval, bar)  # the last step finishes as any run's end does
                 if self.should_evaluate():
                     metrics = self.evaluate()
-                    if self.state.early_stopping.update(metrics.get(self.val_loss_key), self.step):
+                    if self.state.early_stopping.update(metrics.get(f"val/{self.loss_kind}_loss"), self.step):
                         if interval.steps:  # the steps since the last log line
                             interval = self.log_train(interval, bar)
                         self._stop_early()
@@ -324,37 +312,24 @@ class Trainer:
         self.sinks.write(record, console=line)
 
     def _announce(self) -> None:
-        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.clip.parameters())  # ZeRO-3: partitioned
-        replay_last = None if self.accumulation is None else not self.accumulation.keep_last_graph
-        accumulation = accumulation_part(self.cfg.train.grad_accum, self.cfg.data.batch_size, self.world.world_size,
-                                         contrastive_batch=self.contrastive_batch, replay_last=replay_last)  # fmt: skip
-        precision_said = precision_part(self.cfg.train.precision, self.precision, self.world.device.type.upper())
-        say(
-            f"fastclip: {self.cfg.model.name} ({n_params / 1e6:.1f}M params), {precision_said}, ZeRO-{self.stage}, "
-            f"world: {self.world.layout()}; global batch {self.global_batch}, "
-            f"{self.total_steps} steps ({self.steps_per_epoch}/epoch, {self.train_loader.samples_per_epoch} "
-            f"samples/epoch from {self.train_loader.epoch_from}); {loss_part(self.cfg.loss, self.loss_kind)}; "
-            f"{accumulation}"
-        )
+        say(start_line(
+            self.cfg, params=sum(getattr(p, "ds_numel", p.numel()) for p in self.clip.parameters()),  # ZeRO-3 too
+            runs=self.precision, stage=self.stage, device=self.world.device.type.upper(), world=self.world.layout(),
+            ranks=self.world.world_size, steps=(self.total_steps, self.steps_per_epoch),
+            epoch=(self.train_loader.samples_per_epoch, self.train_loader.epoch_from),
+            contrastive_batch=self.contrastive_batch, loss_kind=self.loss_kind,
+            replay_last=None if self.accumulation is None else not self.accumulation.keep_last_graph,
+        ))  # fmt: skip
 
     def log_train(self, interval: Interval, bar) -> Interval:
         """One log line for ``interval``'s steps; returns the next interval."""
         means = self.meters.collect()  # note: the host sync of a logging step (one all-reduce, one copy)
-        elapsed, steps = time.perf_counter() - interval.start, interval.steps
-        samples_per_second = steps * self.global_batch / elapsed
+        rates = interval.rates(self.global_batch, self.world.world_size)
         record = {
-            "step": self.step,
-            "epoch": round(self.step / self.steps_per_epoch, 4),
-            "samples_seen": self.state.samples_seen,
-            "loss": means["loss"],
-            "lr": float(self.lr),
-            "logit_scale": means["logit_scale"],
-            **({"logit_bias": means["logit_bias"]} if "logit_bias" in means else {}),
-            "samples_per_second": samples_per_second,
-            "samples_per_second_per_gpu": samples_per_second / self.world.world_size,
-            "data_time": interval.data_time / steps,
-            "batch_time": elapsed / steps,
-            "mfu": mfu(samples_per_second / self.world.world_size, self.flops_per_sample, self.peak_flops),
+            "step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4),
+            "samples_seen": self.state.samples_seen, "loss": means["loss"], "lr": float(self.lr),
+            **{name: means[name] for name in ("logit_scale", "logit_bias") if name in means},
+            **rates, "mfu": mfu(rates["samples_per_second_per_gpu"], self.flops_per_sample, self.peak_flops),
             "peak_memory_gb": peak_memory_gb(self.world.device),  # since the last log line; null on a CPU
         }  # fmt: skip
         if self.grad_norms_seen:
@@ -362,7 +337,7 @@ class Trainer:
         if self.cfg.optim.skip_nonfinite:
             record["skipped_steps"] = self.engine.skipped_steps
         if bar is not None:
-            bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{samples_per_second:.0f}", refresh=False)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", sps=f"{rates['samples_per_second']:.0f}", refresh=False)
         self.sinks.write(record, console=train_line(record, total_steps=self.total_steps))
         self.guard.check_logged(self.step, record["loss"], record.get("grad_norm"))
         return Interval()
@@ -380,10 +355,7 @@ class Trainer:
             )  # fmt: skip
         metrics["val/time"] = time.perf_counter() - start
         record = {"step": self.step, "epoch": round(self.step / self.steps_per_epoch, 4), **metrics}
-        parts = [f"{k[4:]} {v:.4f}" for k, v in metrics.items() if k not in ("val/samples", "val/time")]
-        self.sinks.write(
-            record, console=f"eval step {self.step} ({int(metrics['val/samples'])} samples): " + " | ".join(parts)
-        )
+        self.sinks.write(record, console=eval_line(self.step, metrics))
         self.engine.train()
         return metrics
 
@@ -420,15 +392,9 @@ class Trainer:
         )
 
     def _restart_schedule(self, where: str) -> None:
-        """The learning rate at the restored step from this run's config (lr, schedule, steps), and its AdamW
-        settings; the optimizer's moments stay the checkpoint's. Every schedule gives a positive lr before its last
-        step, so the one resume that cannot learn is one with no step left: refused."""
-        if self.step >= self.total_steps:
-            raise ConfigError(
-                f"checkpoint.resume: {where!r} is at step {self.step} and this run ends at step {self.total_steps} "
-                "(train.steps, or train.epochs): nothing is left to train. Raise --train.steps to train further."
-            )
-        restart_at(self.scheduler, self.schedule, base_lr=self.cfg.optim.lr, step=self.step)
+        """The learning rate at the restored step from this run's config (fastclip/schedules.py), and its AdamW
+        settings; the optimizer's moments stay the checkpoint's."""
+        restart_at(self.scheduler, self.schedule, base_lr=self.cfg.optim.lr, step=self.step, where=where)
         apply_adamw_settings(self.engine.optimizer.param_groups, self.cfg.optim)
 
     def close(self) -> None:

@@ -40,6 +40,23 @@ def test_const_cooldown_matches_open_clip(power, end):
         assert 3e-4 * ours(step) == pytest.approx(theirs(step), rel=1e-12, abs=1e-18)
 
 
+def test_restart_at_puts_a_new_schedule_at_the_resumed_step_and_refuses_a_run_with_no_step_left():
+    from torch.optim.lr_scheduler import LambdaLR
+
+    from fastclip.schedules import restart_at
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    longer = LrSchedule(kind="cosine", warmup=2, total=20)  # this run's config; the optimizer's state is the old run's
+    scheduler = LambdaLR(opt, longer)
+    opt.param_groups[0].update(lr=0.1 * 0.3, initial_lr=0.1)  # the checkpoint's peak 0.1, part way down its cosine
+    restart_at(scheduler, longer, base_lr=0.5, step=4, where="latest")
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * longer(4)) and scheduler.get_last_lr() == [0.5 * longer(4)]
+    opt.step(), scheduler.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * longer(5))  # on from step 4, at the new peak
+    with pytest.raises(ConfigError, match=r"'latest' is at step 20 and this run ends at step 20 .*--train.steps"):
+        restart_at(scheduler, longer, base_lr=0.5, step=20, where="latest")
+
+
 def test_const_cooldown_length_from_steps_or_epochs_and_its_errors():
     from fastclip.config import OptimConfig, TrainConfig
     from fastclip.schedules import cooldown_steps
