@@ -129,18 +129,21 @@ def node_launch(
     return proc
 
 
-def rank_pids(rank: int, *, workers: bool = False) -> list[int]:
-    """The trainer process holding RANK=rank first (an empty list when there is none), then, with ``workers``, its
-    loader workers (forked later: they inherit the variable and the command line)."""
-    found = []
+def rank_pids(rank: int, log_dir: Path, *, workers: bool = False) -> list[int]:
+    """The trainer process holding RANK=rank of the run logging to ``log_dir`` first (an empty list when there is
+    none), then, with ``workers``, its loader workers (forked later: they inherit the variable and the command line).
+    The run's own folder tells its processes from another run's on this machine (a second suite, a parallel worker),
+    which a signal meant for this one must not reach."""
+    found, folder = [], b"\0" + str(log_dir).encode() + b"\0"
     for pid in os.listdir("/proc"):
         try:
             env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            cmd = b"\0" + Path(f"/proc/{pid}/cmdline").read_bytes()
         except (OSError, ValueError):
             continue
         if f"RANK={rank}".encode() in env and b"fastclip/train.py" in cmd and b"deepspeed.launcher" not in cmd:
-            found.append(int(pid))
+            if folder in cmd:
+                found.append(int(pid))
     found.sort()
     return found if workers else found[:1]
 

@@ -59,7 +59,7 @@ def killed_and_resumed(world_dir, tmp_path_factory):
     while time.time() < deadline and not (latest.exists() and latest.read_text().strip() >= "step_00000002"):
         assert all(p.poll() is None for p in procs), wait_all(procs)
         time.sleep(0.2)
-    pid = rank_pids(3)[0]
+    pid = rank_pids(3, out)[0]
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
     killed_at = time.monotonic()
@@ -217,7 +217,7 @@ def test_two_nodes_by_torchrun_train_evaluate_checkpoint_and_resume(world_dir, t
     assert "resumed from" in resumed[0] and "at step 3" in resumed[0]
     assert [r["step"] for r in _records(out) if "loss" in r] == [1, 2, 3, 4]
     assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000004"
-    _resumes_on_one_rank(out, world_dir, single_rank, stage=1)  # saved by 4 ranks at ZeRO-2 (bf16)
+    _resumes_on_one_rank(out, world_dir, single_rank, stage=1)  # saved by 4 ranks at ZeRO-2
 
 
 def _resumes_on_one_rank(out, world_dir, world, *, stage: int) -> None:

@@ -57,7 +57,8 @@ def _stopped(args, tmp, name, *, after: int, ranks: list[int]):
     """Launch, wait for step ``after`` in the log, SIGTERM ``ranks``' processes (with their loader workers, as a
     cluster signals every process of a job); the launcher's output and exit code."""
     proc = _launch(args, tmp, name)
-    metrics, deadline = Path(args[args.index("--log.dir") + 1]) / "metrics.jsonl", time.time() + 300
+    log_dir = Path(args[args.index("--log.dir") + 1])
+    metrics, deadline = log_dir / "metrics.jsonl", time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if metrics.exists() and any(json.loads(line).get("step", 0) >= after for line in metrics.read_text().split(
                 "\n") if line.strip() and "loss" in line):  # fmt: skip
@@ -65,7 +66,7 @@ def _stopped(args, tmp, name, *, after: int, ranks: list[int]):
         time.sleep(0.05)
     assert proc.poll() is None, wait_all([proc])[0][-4000:]
     for rank in ranks:
-        for pid in rank_pids(rank, workers=True):
+        for pid in rank_pids(rank, log_dir, workers=True):
             os.kill(pid, signal.SIGTERM)
     return wait_all([proc], timeout=180)[0], proc.returncode
 
