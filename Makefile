@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # test processes for make test: two keep a 2-core machine busy while one waits on a subprocess's start-up; each takes a
-# whole test file (--dist loadfile), so a file's shared runs (module fixtures) are made once
+# whole test file (--dist loadfile), so a file's shared runs (module fixtures) are made once, longest files first
+# (tests/conftest.py; xdist would reorder them by test count)
 TEST_WORKERS ?= 2
 # ranks for the demo: every GPU when there are some, two CPU ranks (gloo) otherwise
 NUM_GPUS ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | grep -c GPU); [ "$$n" -gt 0 ] && echo $$n || echo 2)
@@ -24,7 +25,7 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10 benchmarks --quick --benchmark-disable
 
 bench: setup  # the full CPU benchmark run (about 40 minutes); writes benchmarks/results/cpu-DATE.json

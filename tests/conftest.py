@@ -33,9 +33,9 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session", autouse=True)
 def no_shm_left():
-    """Remove, at the end, the DeepSpeed shared-memory files this session's runs left: a run killed before it let go
-    of them (fastclip.world unnames them once every rank has mapped them) would otherwise hold 66 MiB of memory a
-    rank after the suite, on every machine that runs it."""
+    """Remove, at the end, the DeepSpeed shared-memory files this session's runs (both workers') left: a run killed
+    before it let go of them (fastclip.world unnames them once every rank has mapped them) would otherwise hold 66 MiB
+    of memory a rank after the suite, on every machine that runs it."""
     import contextlib
     import time
 

@@ -5,9 +5,11 @@ checkpoint resumed on 2 and 1 ranks, the standalone export of a 4-rank ZeRO-3 ch
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -59,9 +61,9 @@ def killed_and_resumed(world_dir, tmp_path_factory):
     while time.time() < deadline and not (latest.exists() and latest.read_text().strip() >= "step_00000002"):
         assert all(p.poll() is None for p in procs), wait_all(procs)
         time.sleep(0.2)
-    pid = rank_pids(3, out)[0]
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
+    pids = rank_pids(3, out)
+    assert pids, f"no rank 3 process with --log.dir {out}"
+    os.kill(pids[0], signal.SIGKILL)
     killed_at = time.monotonic()
     killed = wait_all(procs, timeout=120)
     gone = time.monotonic() - killed_at
@@ -275,12 +277,26 @@ main()
 """
 
 
+def _slurm_job_id() -> str:
+    """A job id whose port (fastclip.world derives MASTER_PORT from it, as on a cluster) is free now: a fixed one
+    collides with a second suite on this machine."""
+    while True:
+        job = random.randrange(1, 10**6)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("", 20000 + job * 16 % 12000))
+            except OSError:
+                continue
+        return str(job)
+
+
 def _slurm(world_dir, tmp_path, args_by_rank, *, timeout=300, steps=2, code=None):
     """One process per rank, started as srun starts tasks: no launcher, only SLURM's variables."""
     procs, run = [], small_run_args(world_dir, tmp_path / "run", steps=steps) + ["--eval.zeroshot", "false"]
+    job = _slurm_job_id()
     for rank, extra in enumerate(args_by_rank):
         env = {"SLURM_PROCID": str(rank), "SLURM_STEP_NUM_TASKS": str(len(args_by_rank)), "SLURM_LOCALID": str(rank),
-               "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": "4242",
+               "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": job,
                }  # fmt: skip
         entry = ["-c", code] if code else [str(ROOT / "fastclip" / "train.py")]
         cmd = [sys.executable, *entry, *run, *extra]

@@ -53,8 +53,10 @@ def test_restart_at_puts_a_new_schedule_at_the_resumed_step_and_refuses_a_run_wi
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * longer(4)) and scheduler.get_last_lr() == [0.5 * longer(4)]
     opt.step(), scheduler.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * longer(5))  # on from step 4, at the new peak
+    restart_at(scheduler, longer, base_lr=0.5, step=19, where="latest")  # one step left: it trains
     with pytest.raises(ConfigError, match=r"'latest' is at step 20 and this run ends at step 20 .*--train.steps"):
         restart_at(scheduler, longer, base_lr=0.5, step=20, where="latest")
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5 * longer(19))  # refused before anything moved
 
 
 def test_const_cooldown_length_from_steps_or_epochs_and_its_errors():
