@@ -141,9 +141,9 @@ def rank_pids(rank: int, log_dir: Path, *, workers: bool = False) -> list[int]:
             cmd = b"\0" + Path(f"/proc/{pid}/cmdline").read_bytes()
         except (OSError, ValueError):
             continue
-        if f"RANK={rank}".encode() in env and b"fastclip/train.py" in cmd and b"deepspeed.launcher" not in cmd:
-            if folder in cmd:
-                found.append(int(pid))
+        launcher = b"deepspeed.launcher" in cmd
+        if f"RANK={rank}".encode() in env and folder in cmd and b"fastclip/train.py" in cmd and not launcher:
+            found.append(int(pid))
     found.sort()
     return found if workers else found[:1]
 

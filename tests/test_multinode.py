@@ -280,14 +280,17 @@ main()
 def _slurm_job_id() -> str:
     """A job id whose port (fastclip.world derives MASTER_PORT from it, as on a cluster) is free now: a fixed one
     collides with a second suite on this machine."""
+    from fastclip.world import slurm_environment
+
     while True:
-        job = random.randrange(1, 10**6)
+        job = str(random.randrange(1, 10**6))
+        env = {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": job}
         with socket.socket() as sock:
             try:
-                sock.bind(("", 20000 + job * 16 % 12000))
+                sock.bind(("", int(slurm_environment(env)["MASTER_PORT"])))
             except OSError:
                 continue
-        return str(job)
+        return job
 
 
 def _slurm(world_dir, tmp_path, args_by_rank, *, timeout=300, steps=2, code=None):
