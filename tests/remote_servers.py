@@ -109,7 +109,11 @@ class CuttingProxy:
             threading.Thread(target=self._relay, args=(client, n), daemon=True).start()
 
     def _relay(self, client: socket.socket, n: int):
-        upstream = socket.create_connection(("127.0.0.1", self.upstream))
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.upstream))
+        except OSError:  # the server behind is restarting (a test restarts it mid-epoch): the client sees a reset
+            client.close()
+            return
         cut = n < self.cut
         stall = self.cut <= n < self.cut + self.stall
 

@@ -305,7 +305,10 @@ if __name__ == "__main__":
         pool.submit(time.sleep, 60)
         time.sleep(60)
 """
-_CONVERT = "import sys; from pathlib import Path; from fastclip.reshard import to_universal; " \
+# the rank: Ctrl-C's handler first, which a process started in the background by a shell without job control (a CI
+# script's `cmd &`) would not have, SIGINT being ignored there from the start
+_CONVERT = "import signal, sys; from pathlib import Path; from fastclip.reshard import to_universal; " \
+    "signal.signal(signal.SIGINT, signal.default_int_handler); " \
     "to_universal(Path(sys.argv[1]), Path(sys.argv[2]))"  # fmt: skip
 
 
