@@ -4,9 +4,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # test processes for make test: two keep a 2-core machine busy while one waits on a subprocess's start-up; each takes a
-# whole test file (--dist loadfile), so a file's shared runs (module fixtures) are made once, longest files first
-# (tests/conftest.py; xdist would reorder them by test count)
+# whole file (--dist loadfile), so a file's shared runs (module fixtures) are made once, longest files first
+# (tests/conftest.py; xdist would reorder them by test count). The benchmarks run in the same session, in quick mode
+# (their figures are not kept), so neither suite waits for the other's last file
 TEST_WORKERS ?= 2
+TEST_PATHS ?= tests benchmarks
 # ranks for the demo: every GPU when there are some, two CPU ranks (gloo) otherwise
 NUM_GPUS ?= $(shell n=$$(nvidia-smi -L 2>/dev/null | grep -c GPU); [ "$$n" -gt 0 ] && echo $$n || echo 2)
 
@@ -25,8 +27,8 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=10 benchmarks --quick --benchmark-disable
+	$(BIN)/python -m pytest -q --durations=25 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder \
+		--quick --benchmark-disable $(TEST_PATHS) $(PYTEST_ARGS)
 
 bench: setup  # the full CPU benchmark run (about 40 minutes); writes benchmarks/results/cpu-DATE.json
 	$(BIN)/python -m pytest -q -p no:cacheprovider benchmarks

@@ -1,18 +1,45 @@
-"""Shared by tests/ and benchmarks/: the ``gpu`` marker, whose items skip cleanly without CUDA.
+"""Shared by tests/ and benchmarks/: the ``gpu`` marker, whose items skip cleanly without CUDA; the benchmarks'
+options (here, so that one session holds both suites, as make test runs them); how make test's two workers share
+the machine.
 
 Nothing here touches the device at import time, so both suites collect on a CPU-only machine.
 """
 
+import os
+
 import pytest
+
+# The files that take longest, first (seconds in one process on 2 cores: 270-90, 90-80, 80-65, 60-50, 45-35 by line):
+# make test's two workers take a whole file each (--dist loadfile), and a long file taken last leaves the other
+# worker idle to the end
+LONGEST_FIRST = ["test_multinode.py", "test_accumulation.py", "test_preemption.py", "test_host_sync.py",
+                 "test_gpu_suite.py", "test_param_layout.py", "test_checkpoints.py", "test_compile.py",
+                 "test_train.py", "test_resume.py", "test_remote_shards.py", "test_benchmark_mode.py",
+                 "test_startup.py", "bench_step_parity.py", "bench_train_step.py", "bench_accumulation.py",
+                 "test_fused_loss.py", "bench_scaling.py", "test_siglip.py", "test_data_integrity.py"]  # fmt: skip
+
+
+def pytest_addoption(parser):
+    parser.addoption("--quick", action="store_true", help="benchmarks: small sizes and one run per case (CI)")
+    parser.addoption("--results", default=None, help="benchmarks: where to write the results JSON")
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it")
+    if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
+        # two test processes share the cores: one intra-op thread each, and each rank they start one too (as torchrun
+        # gives its ranks); a second thread per process only contends (a third of the suite: 13% slower, measured)
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
     import torch
 
+    first = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the rest keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")

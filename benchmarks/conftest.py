@@ -1,5 +1,6 @@
 """Benchmark session: ``--quick`` (small sizes, one run: what CI does so the suites cannot rot) and the results
-file (``--results PATH``; the full run defaults to benchmarks/results/<device>-<date>.json)."""
+file (``--results PATH``; the full run defaults to benchmarks/results/<device>-<date>.json); both options are
+registered in the root conftest.py, so that one session can hold the tests and the benchmarks."""
 
 from __future__ import annotations
 
@@ -15,11 +16,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from harness import Result, machine  # noqa: E402
 
 RESULTS_DIR = Path(__file__).parent / "results"
-
-
-def pytest_addoption(parser):
-    parser.addoption("--quick", action="store_true", help="small sizes and one run per case (CI)")
-    parser.addoption("--results", default=None, help="where to write the results JSON")
 
 
 @pytest.fixture(scope="session")

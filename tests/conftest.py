@@ -1,34 +1,14 @@
-"""Shared fixtures: a small synthetic world, generated once per session (helpers to run the trainer: runs.py); how
-make test's two workers share the machine."""
+"""Shared fixtures: a small synthetic world, generated once per session (helpers to run the trainer: runs.py)."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-# The files that take longest (seconds, one process, 2 cores), first: make test's two workers take a whole file each
-# (--dist loadfile), and a long file taken last leaves the other worker idle to the end
-LONGEST_FIRST = ["test_multinode.py", "test_accumulation.py", "test_host_sync.py", "test_preemption.py",  # 330-120
-                 "test_fused_loss.py", "test_gpu_suite.py", "test_param_layout.py", "test_checkpoints.py",  # 100-80
-                 "test_compile.py", "test_train.py", "test_resume.py", "test_remote_shards.py"]  # 80-70  # fmt: skip
-
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: multi-process runs of the trainer")
-    if os.environ.get("PYTEST_XDIST_WORKER") and "OMP_NUM_THREADS" not in os.environ:
-        # two test processes share the cores: one intra-op thread each, and each rank they start one too (as torchrun
-        # gives its ranks); a second thread per process only contends (a third of the suite: 13% slower, measured)
-        os.environ["OMP_NUM_THREADS"] = "1"
-        import torch
-
-        torch.set_num_threads(1)
-
-
-def pytest_collection_modifyitems(items):
-    first = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the rest keep their order
 
 
 @pytest.fixture(scope="session", autouse=True)
