@@ -16,12 +16,12 @@ from fastclip.syncs import HostSyncAudit, optimizer_step_counters
 from runs import small_run_args
 
 
-def _trainer(world, world_dir, tmp_path, extra):
+def _trainer(world, world_dir, tmp_path, extra, batch=16):
     from fastclip.cli import parse_args
     from fastclip.trainer import Trainer
 
     torch._dynamo.reset()
-    cfg = parse_args(small_run_args(world_dir, tmp_path, steps=20) + ["--log.every", "1000", *extra])
+    cfg = parse_args(small_run_args(world_dir, tmp_path, steps=20, batch=batch) + ["--log.every", "1000", *extra])
     return Trainer(cfg, world)
 
 
@@ -75,10 +75,11 @@ def test_compiled_steps_train_as_eager_without_recompiles(single_rank, world_dir
 @pytest.mark.parametrize("accum", [1, 2])
 def test_compiled_bf16_steps_have_no_host_syncs_and_evaluate(single_rank, world_dir, tmp_path, accum):
     """bf16 ZeRO-2 with train.compile step, one micro batch (towers and loss one graph) and contrastive accumulation
-    (towers and loss apart): no recompiles and no host syncs after the first steps; eval runs eager."""
+    (towers and loss apart): no recompiles and no host syncs after the first steps; eval runs eager. Batches of 8:
+    neither depends on the batch's size, and bf16 is emulated here (the eval's last batch holds the other 4)."""
     extra = ["--train.compile", "step", "--train.compile_backend", "aot_eager", "--train.grad_accum", str(accum),
              "--train.precision", "bf16"]  # fmt: skip
-    trainer = _trainer(single_rank, world_dir, tmp_path, extra)
+    trainer = _trainer(single_rank, world_dir, tmp_path, extra, batch=8)
     try:
         batches = iter(trainer.train_loader)
         for _ in range(2):
