@@ -12,6 +12,7 @@ import pytest
 from fastclip.data.build import dali_available
 
 ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "fastclip" / "train.py"
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the benchmarks' harness: one wait-or-kill for both suites
 from harness import wait_or_kill  # noqa: E402
 
@@ -61,7 +62,7 @@ def deepspeed_cmd(num_ranks: int, port: int) -> list[str]:
         str(num_ranks),
         "--master_port",
         str(port),
-        str(ROOT / "fastclip" / "train.py"),
+        str(TRAIN),
     ]
 
 
@@ -111,7 +112,7 @@ def node_launch(
 ) -> subprocess.Popen:
     """One simulated node of a multi-node run on this machine: its own launcher process, as each node of a cluster
     starts one (``kind``: 'deepspeed' with --no_ssh and a hostfile, or 'torchrun' with a static rendezvous)."""
-    script = script or ROOT / "fastclip" / "train.py"
+    script = script or TRAIN
     bin_dir = Path(sys.executable).parent
     if kind == "deepspeed":
         hostfile = tmp / "hostfile"

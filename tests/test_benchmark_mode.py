@@ -19,7 +19,7 @@ from fastclip.cli import parse_args
 from fastclip.errors import ConfigError
 from fastclip.world import free_port
 
-from runs import ROOT, deepspeed_cmd, run_cli, shm_buffers, small_run_args
+from runs import ROOT, TRAIN, deepspeed_cmd, run_cli, shm_buffers, small_run_args
 
 
 def check_report(out, proc, *, ranks: int, steps: int, mfu: bool = False) -> dict:
@@ -186,7 +186,7 @@ def test_sweep_on_two_ranks(world_dir, tmp_path):  # (one rank: the same code, n
 
 def test_sweep_refuses_a_setting_before_any_model(world_dir, tmp_path):
     args = _sweep_args(world_dir, tmp_path / "refused", "train.zero_stage=2,3 train.compile=step")
-    proc = run_cli([sys.executable, str(ROOT / "fastclip" / "train.py"), *args], cwd=ROOT, timeout=120)
+    proc = run_cli([sys.executable, str(TRAIN), *args], cwd=ROOT, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "the setting 'train.zero_stage=3 train.compile=step' is refused: train.compile step needs ZeRO-1" in (
         proc.stderr

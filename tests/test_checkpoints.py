@@ -12,7 +12,7 @@ import torch
 
 from fastclip.world import free_port
 
-from runs import ROOT, clean_env, deepspeed_cmd, run_cli, small_run_args
+from runs import ROOT, TRAIN, clean_env, run_cli, small_run_args, torchrun_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -57,7 +57,7 @@ def test_latest_never_names_a_checkpoint_a_slow_rank_is_still_writing(world_dir,
         }
     )
     proc = subprocess.Popen(
-        deepspeed_cmd(2, free_port()) + args, cwd=ROOT, env=env, start_new_session=True,
+        torchrun_cmd(2, free_port(), TRAIN) + args, cwd=ROOT, env=env, start_new_session=True,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
     latest = out / "checkpoints" / "latest"
@@ -69,7 +69,7 @@ def test_latest_never_names_a_checkpoint_a_slow_rank_is_still_writing(world_dir,
         os.killpg(proc.pid, signal.SIGKILL)
         log = proc.communicate()[0].decode()
     assert latest.read_text().strip() == "step_00000002", log[-3000:]
-    resumed = run_cli(deepspeed_cmd(2, free_port()) + args + ["--checkpoint.resume", "latest"], cwd=ROOT)
+    resumed = run_cli(torchrun_cmd(2, free_port(), TRAIN) + args + ["--checkpoint.resume", "latest"], cwd=ROOT)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "at step 2" in resumed.stdout and latest.read_text().strip() == "step_00000006"
 

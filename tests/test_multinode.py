@@ -21,7 +21,7 @@ import torch
 
 from fastclip.world import TORCHRUN_WAITS, free_port
 
-from runs import ROOT, clean_env, deepspeed_cmd, node_launch, rank_pids, run_cli, small_run_args, wait_all
+from runs import ROOT, TRAIN, clean_env, node_launch, rank_pids, run_cli, small_run_args, torchrun_cmd, wait_all
 
 pytestmark = pytest.mark.slow
 
@@ -156,8 +156,7 @@ def test_four_rank_checkpoint_resumes_on_two_ranks_and_on_one(killed_and_resumed
         "--train.precision", "fp32", "--checkpoint.resume", "latest", "--eval.zeroshot", "false",
         "--checkpoint.export_open_clip", "false",
     ]  # fmt: skip
-    cmd = deepspeed_cmd(2, free_port())
-    cmd[-1] = str(ROOT / "tests" / "resume_worker.py")
+    cmd = torchrun_cmd(2, free_port(), ROOT / "tests" / "resume_worker.py")
     proc = run_cli(cmd + ["--out", str(tmp_path / "two.pt"), *args, "--train.zero_stage", "3"], cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "to DeepSpeed's universal format in" in proc.stdout and "was saved on 4 ranks, ZeRO-3, fp32" in proc.stdout
@@ -296,7 +295,7 @@ def _slurm(world_dir, tmp_path, args_by_rank, *, timeout=300, steps=2, code=None
         env = {"SLURM_PROCID": str(rank), "SLURM_STEP_NUM_TASKS": str(len(args_by_rank)), "SLURM_LOCALID": str(rank),
                "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_ID": job,
                }  # fmt: skip
-        entry = ["-c", code] if code else [str(ROOT / "fastclip" / "train.py")]
+        entry = ["-c", code] if code else [str(TRAIN)]
         cmd = [sys.executable, *entry, *run, *extra]
         pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=clean_env(env), **pipes))

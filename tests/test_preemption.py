@@ -23,14 +23,13 @@ from fastclip import preemption
 from fastclip.preemption import EXIT_CODE, RUN_AHEAD, SAME_SIGNAL_S, StopRequests
 from fastclip.world import free_port
 
-from runs import ROOT, clean_env, deepspeed_cmd, rank_pids, small_run_args, torchrun_cmd, wait_all
+from runs import ROOT, TRAIN, clean_env, deepspeed_cmd, rank_pids, small_run_args, torchrun_cmd, wait_all
 
 # fp32, whole-image crops and the torch loader: a resumed run's losses equal the uninterrupted run's
 EXACT = ["--train.precision", "fp32", "--data.loader", "torch", "--data.num_threads", "1",
          "--data.crop_scale", "[1.0, 1.0]", "--data.val_shards", "null", "--checkpoint.export_open_clip", "false",
          "--dist.heartbeat_s", "1", "--dist.lost_after_s", "8"]  # fmt: skip
 STEPS = 26  # past the latest second stop the random steps allow (13 + 3 + 3 + RUN_AHEAD + 2)
-TRAIN = ROOT / "fastclip" / "train.py"
 
 
 def _losses(out: Path) -> dict[int, float]:
