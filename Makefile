@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # test processes for make test: two keep a 2-core machine busy while one waits on a subprocess's start-up; each takes a
 # whole file (--dist loadfile), so a file's shared runs (module fixtures) are made once, longest files first
-# (tests/conftest.py; xdist would reorder them by test count). The benchmarks run in the same session, in quick mode
+# (LONGEST_FIRST in conftest.py; xdist would reorder them by test count). The benchmarks run in the same session, in quick mode
 # (their figures are not kept), so neither suite waits for the other's last file
 TEST_WORKERS ?= 2
 TEST_PATHS ?= tests benchmarks

@@ -38,8 +38,9 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     import torch
 
-    first = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the rest keep their order
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # not in one process: make bench writes its figures in run order
+        first = {name: i for i, name in enumerate(LONGEST_FIRST)}
+        items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: the rest keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")

@@ -61,6 +61,7 @@ def test_launches_match_the_plan_and_the_header(monkeypatch, n, N, D, dtype):
     gemm_flops: list[int] = []
 
     def mm(a, b, out):
+        assert a.dtype == b.dtype and a.shape[1] == b.shape[0] and out.shape == (a.shape[0], b.shape[1])
         gemm_flops.append(2 * a.shape[0] * a.shape[1] * b.shape[1])
         return out
 
@@ -87,6 +88,19 @@ def test_launches_match_the_plan_and_the_header(monkeypatch, n, N, D, dtype):
         assert plan["forward_flops"] + plan["backward_flops"] == plan["useful_flops"] == 8 * n * N * D
     assert plan["dl_buffer_bytes"] <= max(8 << 20, bb[0] * N * 4)
     assert plan["backward_chunks"] == sum(1 for *_, m in launches if not m["EXACT"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_accumulate_adds_the_product_into_the_fp32_gradient(dtype):
+    """dk += dL^T q, the backward GEMM the plan test counts without running: into the fp32 accumulator, within the
+    operands' dtype's rounding of the product (a CPU has no addmm with out_dtype: the product is rounded first)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, 96, generator=g).to(dtype), torch.randn(96, 40, generator=g).to(dtype)
+    acc = torch.randn(64, 40, generator=g)
+    want = acc.double() + a.double() @ b.double()
+    got = K._accumulate(acc.clone(), a, b)
+    assert got.dtype == torch.float32 and got.shape == acc.shape
+    assert float((got.double() - want).abs().max() / want.abs().max()) <= 4 * torch.finfo(dtype).eps
 
 
 def test_h100_shapes_are_exact_and_fill_the_card():

@@ -49,8 +49,7 @@ def _two_nodes(kind, port, args, tmp, **kw):
 @pytest.fixture(scope="module")
 def killed_and_resumed(world_dir, tmp_path_factory):
     """A 4-rank ZeRO-3 fp32 run as two deepspeed --no_ssh nodes: rank 3 killed after the first checkpoint, then
-    resumed from latest for two more steps by two torchrun nodes (a checkpoint does not depend on the launcher that
-    wrote it), evaluating with zero-shot, checkpointing and exporting at the end."""
+    resumed from latest for two more steps (evaluating with zero-shot, checkpointing and exporting at the end)."""
     tmp = tmp_path_factory.mktemp("two-nodes")
     out = tmp / "run"
     args = small_run_args(world_dir, out, steps=10_000, batch=8) + [
@@ -72,7 +71,7 @@ def killed_and_resumed(world_dir, tmp_path_factory):
     resume = small_run_args(world_dir, out, steps=saved + 2, batch=8) + [
         "--train.zero_stage", "3", "--train.precision", "fp32", "--checkpoint.resume", "latest",
     ]  # fmt: skip
-    again = _two_nodes("torchrun", free_port(), resume, tmp)
+    again = _two_nodes("deepspeed", free_port(), resume, tmp)
     resumed = wait_all(again)
     _check(resumed, again)
     return SimpleNamespace(out=out, killed=killed, procs=procs, gone=gone, saved=saved, resumed=resumed)
@@ -200,7 +199,7 @@ def test_checkpoint_of_another_model_is_refused_before_any_step(killed_and_resum
 
 def test_two_nodes_by_torchrun_train_evaluate_checkpoint_and_resume_on_one_rank(world_dir, tmp_path, single_rank):
     """Two torchrun nodes train, evaluate and save (ZeRO-2); one rank resumes at ZeRO-1 with the weights they saved and
-    trains the next step. (A resume on four ranks again: the killed run's, above.)"""
+    trains the next step. (A resume on four ranks: the killed run's, above, by the deepspeed launcher.)"""
     from fastclip.cli import parse_args
     from fastclip.export import fp32_weights, step_folder
     from fastclip.trainer import Trainer
