@@ -5,8 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # test processes for make test: two keep a 2-core machine busy while one waits on a subprocess's start-up; each takes a
 # whole file (--dist loadfile), so a file's shared runs (module fixtures) are made once, longest files first
-# (LONGEST_FIRST in conftest.py; xdist would reorder them by test count). The benchmarks run in the same session, in quick mode
-# (their figures are not kept), so neither suite waits for the other's last file
+# (LONGEST_FIRST in conftest.py; xdist would reorder them by test count). The benchmarks run in the same session, in
+# quick mode (their figures are not kept), so neither suite waits for the other's last file
 TEST_WORKERS ?= 2
 TEST_PATHS ?= tests benchmarks
 # ranks for the demo: every GPU when there are some, two CPU ranks (gloo) otherwise
